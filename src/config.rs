@@ -1,0 +1,390 @@
+//! The run configuration: one typed, documented set of knobs (nanoGPT's lesson), read from TOML,
+//! overridden by `--set key=value`, validated, and saved resolved into every checkpoint.
+//!
+//! Resolution order: built-in defaults <- config file <- `--set` overrides. Every key in a file or an
+//! override must exist in the defaults and keep its type (an integer is accepted for a float);
+//! otherwise the error names the key.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Seeds parameter init, batches, Gumbel noise, dropout and sampling (all Philox streams).
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// 0: taken from the tokenizer.
+    pub vocab_size: usize,
+    /// Context length (nanoGPT's block_size).
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub dropout: f64,
+    /// Biases in Linear layers and LayerNorms, like GPT-2.
+    pub bias: bool,
+    /// "learned" (nanoGPT's absolute position table) or "rotary" (RoPE on q and k).
+    pub positions: String,
+    pub rope_theta: f64,
+    /// "layer" (LayerNorm) or "rms" (RMSNorm).
+    pub norm: String,
+    /// MoE feed-forward in every n-th block (1 = every block); other blocks get a dense MLP.
+    /// 0 = no MoE at all: the dense twin of the same active compute.
+    pub moe_every: usize,
+    pub moe: MoeConfig,
+    pub router: RouterConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Hidden width of each expert; 0 = 4 x n_embd (nanoGPT's MLP).
+    pub expert_hidden: usize,
+    /// "gelu" (GPT-2 MLP) or "swiglu".
+    pub activation: String,
+    /// Expert capacity = ceil(capacity_factor * tokens * m / E); 0 = dropless.
+    pub capacity_factor: f64,
+    /// Switch load-balance loss coefficient (E * sum f_i P_i).
+    pub balance_coef: f64,
+    /// ST-MoE router z-loss coefficient (mean logsumexp^2).
+    pub z_coef: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// "gumbel", "softmax_topk" or "dense".
+    pub kind: String,
+    /// Experts used per token (m).
+    pub top_m: usize,
+    /// Gumbel: keep the K best logits as candidates before adding noise (K <= E, K >= m).
+    pub prefilter: usize,
+    /// Gumbel: straight-through hard routing (discrete forward, softmax gradient backward).
+    pub hard: bool,
+    /// Temperature schedule tau = max(tau_min, tau0 * exp(-tau_decay * step)).
+    pub tau0: f64,
+    pub tau_min: f64,
+    pub tau_decay: f64,
+    /// Gumbel at eval/generation: "argmax" (no noise) or "sample" (noise, as in training).
+    pub eval_mode: String,
+    /// "reference" (plain tensor ops). The fused custom ops plug in here.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Std of the router weight init (nanoGPT's 0.02 by default).
+    pub init_std: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A local text file, or hf://OWNER/NAME/FILE (a dataset repo on the Hugging Face hub).
+    pub source: String,
+    /// "char" or "bpe" (byte-level BPE trained on the training split).
+    pub tokenizer: String,
+    pub bpe_vocab_size: usize,
+    /// Share of the characters used for training; the rest is validation (nanoGPT: 0.9).
+    pub train_fraction: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    pub max_iters: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_iters: usize,
+    pub lr_decay_iters: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global-norm gradient clipping; 0 = off.
+    pub grad_clip: f64,
+    pub eval_interval: usize,
+    pub eval_iters: usize,
+    pub log_interval: usize,
+    /// Checkpoint every N steps (and at the end); 0 = only at the end.
+    pub ckpt_interval: usize,
+    /// How many periodic checkpoints to keep (the best by validation loss is kept apart).
+    pub keep_last: usize,
+    /// Final validation loss over the whole validation split (true) or eval_iters batches (false).
+    pub final_full_eval: bool,
+    /// "cpu", "cuda", "cuda:N" or "metal".
+    pub device: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 1337,
+            model: ModelConfig {
+                vocab_size: 0,
+                block_size: 64,
+                n_layer: 4,
+                n_head: 4,
+                n_embd: 128,
+                dropout: 0.0,
+                bias: true,
+                positions: "learned".into(),
+                rope_theta: 10000.0,
+                norm: "layer".into(),
+                moe_every: 1,
+                moe: MoeConfig {
+                    num_experts: 8,
+                    expert_hidden: 0,
+                    activation: "gelu".into(),
+                    capacity_factor: 0.0,
+                    balance_coef: 0.01,
+                    z_coef: 0.001,
+                },
+                router: RouterConfig {
+                    kind: "gumbel".into(),
+                    top_m: 1,
+                    prefilter: 4,
+                    hard: true,
+                    tau0: 1.0,
+                    tau_min: 0.5,
+                    tau_decay: 1e-3,
+                    eval_mode: "argmax".into(),
+                    implementation: "reference".into(),
+                    init_std: 0.02,
+                },
+            },
+            data: DataConfig {
+                source: "hf://SamPIngram/tinyshakespeare/input.txt".into(),
+                tokenizer: "char".into(),
+                bpe_vocab_size: 1024,
+                train_fraction: 0.9,
+            },
+            train: TrainConfig {
+                batch_size: 12,
+                grad_accum: 1,
+                max_iters: 2000,
+                lr: 1e-3,
+                min_lr: 1e-4,
+                warmup_iters: 100,
+                lr_decay_iters: 2000,
+                weight_decay: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                grad_clip: 1.0,
+                eval_interval: 250,
+                eval_iters: 20,
+                log_interval: 10,
+                ckpt_interval: 500,
+                keep_last: 2,
+                final_full_eval: true,
+                device: "cpu".into(),
+            },
+        }
+    }
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    v.type_str()
+}
+
+/// Merges `src` into `dst` (both tables). Keys must exist in `dst` with the same type.
+fn merge(dst: &mut toml::Table, src: &toml::Table, prefix: &str, origin: &str) -> Result<()> {
+    for (k, v) in src {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let Some(slot) = dst.get_mut(k) else {
+            bail!("{origin}: unknown config key `{key}`");
+        };
+        match (slot, v) {
+            (toml::Value::Table(d), toml::Value::Table(s)) => merge(d, s, &key, origin)?,
+            (slot @ toml::Value::Float(_), toml::Value::Integer(i)) => *slot = toml::Value::Float(*i as f64),
+            (slot, v) if std::mem::discriminant(slot) == std::mem::discriminant(v) => {
+                if matches!(v, toml::Value::Table(_)) {
+                    unreachable!()
+                }
+                *slot = v.clone()
+            }
+            (slot, v) => bail!(
+                "{origin}: config key `{key}` expects a {}, got a {} ({v})",
+                type_name(slot),
+                type_name(v)
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Parses one `key=value` override into a nested table. The value is read as a TOML value;
+/// a bare word that is not valid TOML (e.g. `gumbel`) is taken as a string.
+fn parse_override(s: &str) -> Result<toml::Table> {
+    let Some((key, raw)) = s.split_once('=') else {
+        bail!("override `{s}` is not of the form key=value");
+    };
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        bail!("override `{s}` has an empty key part");
+    }
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut table = toml::Table::new();
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = &mut table;
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("fresh table");
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(table)
+}
+
+impl Config {
+    /// Defaults, then the TOML text (named `origin` in errors), then overrides; then validation.
+    pub fn resolve(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut tree = toml::Table::try_from(Config::default()).context("serializing defaults")?;
+        let file: toml::Table = toml::from_str(text).with_context(|| format!("{origin}: invalid TOML"))?;
+        merge(&mut tree, &file, "", origin)?;
+        for o in overrides {
+            merge(&mut tree, &parse_override(o)?, "", "--set")?;
+        }
+        let cfg: Config = toml::Value::Table(tree)
+            .try_into()
+            .with_context(|| format!("{origin}: config does not match the schema"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and resolves a config file.
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::resolve(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The resolved config as pretty JSON (saved as config.json in checkpoints).
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    pub fn from_json(text: &str, origin: &str) -> Result<Config> {
+        let cfg: Config =
+            serde_json::from_str(text).with_context(|| format!("{origin}: not a valid gumbel-moe config"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks; each error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let r = &m.router;
+        let e = m.moe.num_experts;
+        let one_of = |key: &str, v: &str, allowed: &[&str]| -> Result<()> {
+            if !allowed.contains(&v) {
+                bail!("config key `{key}` = \"{v}\" must be one of {allowed:?}");
+            }
+            Ok(())
+        };
+        one_of("model.positions", &m.positions, &["learned", "rotary"])?;
+        one_of("model.norm", &m.norm, &["layer", "rms"])?;
+        one_of("model.moe.activation", &m.moe.activation, &["gelu", "swiglu"])?;
+        one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
+        one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
+        one_of("model.router.impl", &r.implementation, &["reference"])?;
+        one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe"])?;
+        for (k, v) in [
+            ("model.block_size", m.block_size),
+            ("model.n_layer", m.n_layer),
+            ("model.n_head", m.n_head),
+            ("model.n_embd", m.n_embd),
+            ("train.batch_size", self.train.batch_size),
+            ("train.grad_accum", self.train.grad_accum),
+        ] {
+            if v == 0 {
+                bail!("config key `{k}` must be > 0");
+            }
+        }
+        if m.n_embd % m.n_head != 0 {
+            bail!("model.n_embd = {} must be divisible by model.n_head = {}", m.n_embd, m.n_head);
+        }
+        if m.positions == "rotary" && (m.n_embd / m.n_head) % 2 != 0 {
+            bail!("model.positions = \"rotary\" needs an even head size, got {}", m.n_embd / m.n_head);
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            bail!("model.dropout = {} must be in [0, 1)", m.dropout);
+        }
+        if m.moe_every > 0 {
+            if e == 0 {
+                bail!("model.moe.num_experts must be > 0");
+            }
+            if r.top_m == 0 || r.top_m > e {
+                bail!("model.router.top_m = {} must be in 1..=num_experts ({e})", r.top_m);
+            }
+            if r.kind == "gumbel" {
+                if r.prefilter > e {
+                    bail!("model.router.prefilter K = {} exceeds model.moe.num_experts E = {e}", r.prefilter);
+                }
+                if r.prefilter < r.top_m {
+                    bail!("model.router.prefilter K = {} is below model.router.top_m m = {}", r.prefilter, r.top_m);
+                }
+            }
+            if !(r.tau0 > 0.0) || !r.tau0.is_finite() {
+                bail!("model.router.tau0 = {} must be > 0", r.tau0);
+            }
+            if !(r.tau_min > 0.0) || !r.tau_min.is_finite() {
+                bail!("model.router.tau_min = {} must be > 0", r.tau_min);
+            }
+            if r.tau_decay < 0.0 {
+                bail!("model.router.tau_decay = {} must be >= 0", r.tau_decay);
+            }
+            if m.moe.capacity_factor < 0.0 {
+                bail!("model.moe.capacity_factor = {} must be >= 0 (0 = dropless)", m.moe.capacity_factor);
+            }
+        }
+        if !(self.data.train_fraction > 0.0 && self.data.train_fraction < 1.0) {
+            bail!("data.train_fraction = {} must be in (0, 1)", self.data.train_fraction);
+        }
+        if self.data.tokenizer == "bpe" && self.data.bpe_vocab_size < 258 {
+            bail!("data.bpe_vocab_size = {} must be >= 258 (256 bytes + specials)", self.data.bpe_vocab_size);
+        }
+        let t = &self.train;
+        if !(t.lr > 0.0) || t.min_lr < 0.0 {
+            bail!("train.lr = {} must be > 0 and train.min_lr = {} >= 0", t.lr, t.min_lr);
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            bail!("train.beta1 = {} and train.beta2 = {} must be in [0, 1)", t.beta1, t.beta2);
+        }
+        if t.eval_interval == 0 || t.log_interval == 0 || t.eval_iters == 0 {
+            bail!("train.eval_interval, train.log_interval and train.eval_iters must be > 0");
+        }
+        Ok(())
+    }
+
+    /// Expert hidden width after applying the 0 = 4 x n_embd default.
+    pub fn expert_hidden(&self) -> usize {
+        match self.model.moe.expert_hidden {
+            0 => 4 * self.model.n_embd,
+            h => h,
+        }
+    }
+
+    /// Whether block `layer` has an MoE feed-forward.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        let n = self.model.moe_every;
+        n > 0 && (layer + 1) % n == 0
+    }
+}

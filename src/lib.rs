@@ -1,0 +1,18 @@
+//! gumbel-moe: train sparse mixture-of-experts language models with a Gumbel-Softmax router,
+//! on Candle, from Rust.
+//!
+//! Layout: [`config`] (the run configuration), [`nn`] (differentiable layers), [`moe`] (routers,
+//! dispatch, the MoE layer), [`model`] (the decoder), [`data`] (text sources, tokenizers, batches),
+//! [`train`] (optimizer, schedules, checkpoints, the training loop), [`generate`] (sampling),
+//! [`rng`] (the Philox generator every backend shares).
+pub mod config;
+pub mod data;
+pub mod generate;
+pub mod model;
+pub mod moe;
+pub mod nn;
+pub mod rng;
+pub mod train;
+
+pub use config::Config;
+pub use model::Gpt;

@@ -1,0 +1,140 @@
+//! The decoder: nanoGPT's GPT with an MoE feed-forward. Token embeddings (+ learned positions or
+//! rotary), pre-norm blocks of causal self-attention and a feed-forward that is an MoE layer in
+//! every `moe_every`-th block and a dense MLP elsewhere, a final norm and an LM head tied to the
+//! token embedding (as GPT-2/nanoGPT).
+//!
+//! Parameter names (stable; the checkpoint format):
+//! `wte.weight`, `wpe.weight` (learned positions), `h.{i}.ln_1.{weight,bias}`,
+//! `h.{i}.attn.c_attn.{weight,bias}`, `h.{i}.attn.c_proj.*`, `h.{i}.ln_2.*`,
+//! dense blocks: `h.{i}.mlp.c_fc.*`, `h.{i}.mlp.c_proj.*` (`c_gate` for SwiGLU),
+//! MoE blocks: `h.{i}.moe.router.weight` (E, C), `h.{i}.moe.experts.{e}.c_fc.*`, `...c_proj.*`,
+//! `ln_f.*`. Linear weights are (out, in) as in PyTorch.
+
+use crate::config::Config;
+use crate::moe::{build_router, MoeLayer, RouterFactory};
+use crate::moe::layer::MoeStats;
+use crate::nn::{ops, CausalSelfAttention, Ctx, Mlp, Norm};
+use candle_core::{Result, Tensor};
+use candle_nn::{Embedding, Init, Module, VarBuilder};
+
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeLayer),
+}
+
+struct Block {
+    ln_1: Norm,
+    attn: CausalSelfAttention,
+    ln_2: Norm,
+    ffn: Ffn,
+}
+
+pub struct Gpt {
+    wte: Embedding,
+    wpe: Option<Embedding>,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    dropout: f64,
+    block_size: usize,
+    vocab_size: usize,
+}
+
+/// What one forward pass returns.
+pub struct GptOutput {
+    /// (B, T, V)
+    pub logits: Tensor,
+    /// Scalar: the sum over MoE layers of their aux losses (zero without MoE).
+    pub aux_loss: Tensor,
+    /// One entry per MoE layer.
+    pub moe_stats: Vec<MoeStats>,
+}
+
+impl Gpt {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_router(cfg, vb, &build_router)
+    }
+
+    /// Builds the model with routers from `router` (the hook for user-defined routers).
+    pub fn new_with_router(cfg: &Config, vb: VarBuilder, router: &RouterFactory) -> Result<Self> {
+        let m = &cfg.model;
+        if m.vocab_size == 0 {
+            candle_core::bail!("model.vocab_size is 0: set it from the tokenizer before building the model");
+        }
+        let emb = |n: usize, name: &str| -> Result<Embedding> {
+            let w = vb.get_with_hints((n, m.n_embd), &format!("{name}.weight"), Init::Randn { mean: 0.0, stdev: 0.02 })?;
+            Ok(Embedding::new(w, m.n_embd))
+        };
+        let wte = emb(m.vocab_size, "wte")?;
+        let wpe = if m.positions == "learned" { Some(emb(m.block_size, "wpe")?) } else { None };
+        let mut blocks = Vec::with_capacity(m.n_layer);
+        for i in 0..m.n_layer {
+            let vb = vb.pp("h").pp(i);
+            let ffn = if cfg.is_moe_layer(i) {
+                Ffn::Moe(MoeLayer::new(cfg, i, vb.pp("moe"), router)?)
+            } else {
+                Ffn::Dense(Mlp::new(cfg, 4 * m.n_embd, vb.pp("mlp"))?)
+            };
+            blocks.push(Block {
+                ln_1: Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_1"))?,
+                attn: CausalSelfAttention::new(cfg, i, vb.pp("attn"))?,
+                ln_2: Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_2"))?,
+                ffn,
+            });
+        }
+        let ln_f = Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_f"))?;
+        Ok(Self { wte, wpe, blocks, ln_f, dropout: m.dropout, block_size: m.block_size, vocab_size: m.vocab_size })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// idx: (B, T) u32 token ids, T <= block_size -> logits (B, T, V) and aux losses.
+    pub fn forward(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
+        let (_b, t) = idx.dims2()?;
+        if t > self.block_size {
+            candle_core::bail!("sequence length {t} exceeds model.block_size {}", self.block_size);
+        }
+        let dev = idx.device();
+        let mut x = self.wte.forward(idx)?; // (B, T, C)
+        if let Some(wpe) = &self.wpe {
+            let pos = Tensor::arange(0u32, t as u32, dev)?;
+            x = x.broadcast_add(&wpe.forward(&pos)?)?; // + (T, C)
+        }
+        x = ops::dropout(&x, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, 0xffff)?;
+        let mask = ops::causal_mask(t, x.dtype(), dev)?; // (T, T)
+        let mut aux = Tensor::zeros((), x.dtype(), dev)?;
+        let mut moe_stats = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = (&x + block.attn.forward(&block.ln_1.forward(&x)?, &mask, ctx)?)?;
+            let h = block.ln_2.forward(&x)?;
+            let f = match &block.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&h)?,
+                Ffn::Moe(moe) => {
+                    let out = moe.forward(&h, ctx)?;
+                    aux = (aux + out.aux_loss)?;
+                    moe_stats.push(out.stats);
+                    out.y
+                }
+            };
+            let f = ops::dropout(&f, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, 4 * i as u32 + 2)?;
+            x = (x + f)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // LM head tied to the token embedding: (B, T, C) x (C, V).
+        let logits = x.broadcast_matmul(&self.wte.embeddings().t()?)?;
+        Ok(GptOutput { logits, aux_loss: aux, moe_stats })
+    }
+}
+
+/// Mean cross-entropy of logits (B, T, V) against targets (B, T), differentiable.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?; // (N, V)
+    let tgt = targets.reshape((b * t, 1))?;
+    logp.gather(&tgt, 1)?.neg()?.mean_all()
+}

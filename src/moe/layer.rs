@@ -1,0 +1,117 @@
+//! The MoE feed-forward layer: router -> dispatch (group tokens by expert) -> experts -> weighted
+//! combine, plus the auxiliary losses and routing statistics of the call.
+
+use super::dispatch::{capacity, plan};
+use super::losses::{load_balance, z_loss};
+use super::{RouteCtx, Router, RouterFactory};
+use crate::config::Config;
+use crate::nn::{Ctx, Mlp};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+pub struct MoeLayer {
+    router: Box<dyn Router>,
+    experts: Vec<Mlp>,
+    capacity_factor: f64,
+    balance_coef: f64,
+    z_coef: f64,
+    layer: u32,
+}
+
+/// Routing statistics of one call (host values, cheap to log).
+#[derive(Clone, Debug, Default)]
+pub struct MoeStats {
+    pub tokens_per_expert: Vec<u32>,
+    pub dropped: usize,
+    /// Token-slots routed (T * m).
+    pub routed: usize,
+    /// Scalar tensors, detached: load-balance loss, z-loss, mean router entropy (nats).
+    pub balance: Option<Tensor>,
+    pub z: Option<Tensor>,
+    pub entropy: Option<Tensor>,
+}
+
+pub struct MoeOutput {
+    /// (B, T, C)
+    pub y: Tensor,
+    /// Scalar: balance_coef * load_balance + z_coef * z_loss.
+    pub aux_loss: Tensor,
+    pub stats: MoeStats,
+}
+
+impl MoeLayer {
+    pub fn new(cfg: &Config, layer: usize, vb: VarBuilder, router: &RouterFactory) -> Result<Self> {
+        let m = &cfg.model.moe;
+        let router = router(cfg, layer, vb.pp("router"))?;
+        if router.num_experts() != m.num_experts {
+            candle_core::bail!(
+                "router of layer {layer} has {} experts, model.moe.num_experts = {}",
+                router.num_experts(),
+                m.num_experts
+            );
+        }
+        let experts = (0..m.num_experts)
+            .map(|e| Mlp::new(cfg, cfg.expert_hidden(), vb.pp("experts").pp(e)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            router,
+            experts,
+            capacity_factor: m.capacity_factor,
+            balance_coef: m.balance_coef,
+            z_coef: m.z_coef,
+            layer: layer as u32,
+        })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// x: (B, T, C) -> y: (B, T, C) and the aux loss.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<MoeOutput> {
+        let (b, t, c) = x.dims3()?;
+        let n = b * t;
+        let xf = x.reshape((n, c))?; // (N, C)
+        let r = self.router.route(&xf, &RouteCtx { ctx: *ctx, layer: self.layer })?;
+        let e = self.experts.len();
+        let cap = capacity(self.capacity_factor, n * r.m, e);
+        let p = plan(&r.indices, n, r.m, e, cap);
+        let w_flat = r.weights.flatten_all()?; // (N * m)
+        let mut outs = Vec::with_capacity(e);
+        let mut rows = Vec::with_capacity(n * r.m);
+        for (ex, expert) in self.experts.iter().enumerate() {
+            if p.tokens[ex].is_empty() {
+                continue;
+            }
+            let tok = Tensor::new(p.tokens[ex].as_slice(), x.device())?;
+            let slots = Tensor::new(p.slots[ex].as_slice(), x.device())?;
+            let xe = xf.index_select(&tok, 0)?; // (n_e, C)
+            let we = w_flat.index_select(&slots, 0)?.unsqueeze(1)?; // (n_e, 1)
+            outs.push(expert.forward(&xe)?.broadcast_mul(&we)?); // (n_e, C)
+            rows.extend_from_slice(&p.tokens[ex]);
+        }
+        let y = if outs.is_empty() {
+            xf.zeros_like()?
+        } else {
+            // One deterministic scatter-add of every expert's rows back to their tokens.
+            let rows = Tensor::new(rows.as_slice(), x.device())?;
+            xf.zeros_like()?.index_add(&rows, &Tensor::cat(&outs, 0)?, 0)?
+        };
+        let balance = load_balance(&r.probs, &r.indices)?;
+        let z = z_loss(&r.logits)?;
+        let aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
+        let ent = {
+            let pd = r.probs.detach();
+            (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?
+        };
+        let stats = MoeStats {
+            tokens_per_expert: p.tokens.iter().map(|v| v.len() as u32).collect(),
+            dropped: p.dropped,
+            routed: n * r.m,
+            balance: Some(balance.detach().to_dtype(DType::F32)?),
+            z: Some(z.detach().to_dtype(DType::F32)?),
+            entropy: Some(ent.to_dtype(DType::F32)?),
+        };
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats })
+    }
+}

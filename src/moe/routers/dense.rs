@@ -1,0 +1,35 @@
+//! Dense routing: every token uses every expert, weighted by the softmax over all E. This is exact
+//! marginalisation over the expert choice, the baseline the Gumbel-Softmax estimator approximates.
+
+use super::{host_logits, router_linear};
+use crate::config::Config;
+use crate::moe::{RouteCtx, Router, Routing};
+use crate::nn::ops::softmax;
+use candle_core::{Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+
+pub struct DenseRouter {
+    gate: Linear,
+    e: usize,
+}
+
+impl DenseRouter {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let e = cfg.model.moe.num_experts;
+        Ok(Self { gate: router_linear(cfg.model.n_embd, e, cfg.model.router.init_std, vb)?, e })
+    }
+}
+
+impl Router for DenseRouter {
+    fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
+        let logits = self.gate.forward(x)?; // (T, E)
+        let t = host_logits(&logits, rc)?.len();
+        let probs = softmax(&logits)?; // (T, E)
+        let indices = (0..t).flat_map(|_| 0..self.e as u32).collect();
+        Ok(Routing { indices, m: self.e, weights: probs.clone(), logits, probs })
+    }
+
+    fn num_experts(&self) -> usize {
+        self.e
+    }
+}

@@ -1,0 +1,62 @@
+//! Causal multi-head self-attention (nanoGPT's CausalSelfAttention), with learned or rotary positions.
+
+use super::{linear, ops, rotary::Rotary, Ctx};
+use crate::config::Config;
+use candle_core::{Result, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+
+#[derive(Clone, Debug)]
+pub struct CausalSelfAttention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    rotary: Option<Rotary>,
+    dropout: f64,
+    layer: u32,
+}
+
+impl CausalSelfAttention {
+    pub fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let m = &cfg.model;
+        let c = m.n_embd;
+        // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
+        let rotary = if m.positions == "rotary" {
+            Some(Rotary::new(c / m.n_head, m.block_size, m.rope_theta, vb.dtype(), vb.device())?)
+        } else {
+            None
+        };
+        Ok(Self {
+            c_attn: linear(c, 3 * c, m.bias, 0.02, vb.pp("c_attn"))?,
+            c_proj: linear(c, c, m.bias, proj_std, vb.pp("c_proj"))?,
+            n_head: m.n_head,
+            rotary,
+            dropout: m.dropout,
+            layer: layer as u32,
+        })
+    }
+
+    /// x: (B, T, C), mask: (T, T) additive -> (B, T, C)
+    pub fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hs = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous()
+        }; // (B, nh, T, hs)
+        let (mut q, mut k, v) = (split(0)?, split(1)?, split(2)?);
+        if let Some(r) = &self.rotary {
+            q = r.apply(&q)?;
+            k = r.apply(&k)?;
+        }
+        let scale = 1.0 / (hs as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, nh, T, T)
+        let att = ops::softmax(&att)?;
+        let site = self.layer * 4;
+        let att = ops::dropout(&att, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, site)?;
+        let y = att.matmul(&v)?; // (B, nh, T, hs)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
+        let y = self.c_proj.forward(&y)?;
+        ops::dropout(&y, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, site + 1)
+    }
+}

@@ -1,0 +1,3 @@
+//! Counter-based random numbers shared by every backend (see `philox`).
+pub mod philox;
+pub use philox::*;

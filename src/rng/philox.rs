@@ -1,0 +1,136 @@
+//! Philox4x32-10, the counter-based generator of Salmon et al. (SC'11, "Random123").
+//!
+//! A counter-based generator is a pure function `(key, counter) -> 4 x u32`: there is no state to
+//! carry, so the same (seed, step, layer, token, expert) gives the same number on every backend and
+//! a backward pass can regenerate the noise its forward used instead of storing it. This file is the
+//! CPU definition; the CUDA/Metal kernels implement the same rounds.
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+#[inline]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = (a as u64) * (b as u64);
+    ((p >> 32) as u32, p as u32)
+}
+
+/// Ten Philox rounds over `ctr` with `key`.
+#[inline]
+pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let mut c = ctr;
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k[0] = k[0].wrapping_add(W0);
+            k[1] = k[1].wrapping_add(W1);
+        }
+        let (hi0, lo0) = mulhilo(M0, c[0]);
+        let (hi1, lo1) = mulhilo(M1, c[2]);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+    }
+    c
+}
+
+/// Splits a 64-bit seed into a Philox key.
+#[inline]
+pub fn key_from_seed(seed: u64) -> [u32; 2] {
+    [seed as u32, (seed >> 32) as u32]
+}
+
+/// A u32 in [0, 2^32) to a uniform f32 strictly inside (0, 1): the top 24 bits, centred in their
+/// bucket, so that `-ln(-ln u)` is always finite (PyTorch's `exponential_` returned 0 on CUDA once).
+#[inline]
+pub fn u32_to_open_unit(x: u32) -> f32 {
+    ((x >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+/// Standard Gumbel(0, 1) from one uniform: g = -ln(-ln u).
+#[inline]
+pub fn gumbel_from_u32(x: u32) -> f32 {
+    let u = u32_to_open_unit(x);
+    -(-u.ln()).ln()
+}
+
+/// Domains keep the streams of different uses apart (noise, batches, init, dropout, sampling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stream {
+    Gumbel = 1,
+    Batch = 2,
+    Init = 3,
+    Dropout = 4,
+    Sample = 5,
+}
+
+/// The Gumbel noise of the router: keyed by (seed, step, layer, token, expert). The expert index is
+/// the global one, so the noise of an expert does not depend on which candidates the pre-filter kept.
+#[inline]
+pub fn gumbel_noise(seed: u64, step: u32, layer: u32, token: u32, expert: u32) -> f32 {
+    let key = key_from_seed(seed);
+    let r = philox4x32_10([token, expert, step, (Stream::Gumbel as u32) << 16 | (layer & 0xffff)], key);
+    gumbel_from_u32(r[0])
+}
+
+/// Four uniform u32 words for (stream, a, b, c): the general-purpose draw.
+#[inline]
+pub fn draw(seed: u64, stream: Stream, a: u32, b: u32, c: u32) -> [u32; 4] {
+    philox4x32_10([a, b, c, (stream as u32) << 16], key_from_seed(seed))
+}
+
+/// Standard normals by Box-Muller from a Philox stream, `n` of them, keyed by (seed, stream, tag).
+pub fn normals(seed: u64, stream: Stream, tag: u32, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0u32;
+    while out.len() < n {
+        let r = draw(seed, stream, tag, i, 0);
+        for pair in [(r[0], r[1]), (r[2], r[3])] {
+            let u1 = u32_to_open_unit(pair.0) as f64;
+            let u2 = u32_to_open_unit(pair.1) as f64;
+            let rad = (-2.0 * u1.ln()).sqrt();
+            let th = 2.0 * std::f64::consts::PI * u2;
+            out.push((rad * th.cos()) as f32);
+            out.push((rad * th.sin()) as f32);
+        }
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+/// FNV-1a of a string: a stable 32-bit tag for a parameter name.
+pub fn fnv1a(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Known-answer vectors from Random123's kat_vectors for philox4x32_10.
+    #[test]
+    fn known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn open_unit_interval() {
+        assert!(u32_to_open_unit(0) > 0.0);
+        assert!(u32_to_open_unit(u32::MAX) < 1.0);
+        assert!(gumbel_from_u32(0).is_finite() && gumbel_from_u32(u32::MAX).is_finite());
+    }
+}

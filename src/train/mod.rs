@@ -1,0 +1,10 @@
+//! Training: the optimizer with named state, LR and temperature schedules, checkpoints, metrics
+//! and the loop that ties them together.
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use optim::AdamW;
+pub use trainer::{device_from_str, Trainer};

@@ -1,0 +1,411 @@
+//! The training loop: nanoGPT's train.py for the MoE model. Seeded and deterministic on the CPU:
+//! batches, Gumbel noise and dropout are Philox draws keyed by the step, so a run resumed from a
+//! checkpoint continues bit for bit where it stopped.
+
+use super::checkpoint::{self, TrainerState};
+use super::metrics::{self, MetricsWriter};
+use super::optim::{AdamW, AdamWConfig};
+use super::schedule::{lr_at, tau_at};
+use crate::config::Config;
+use crate::data::{load_text, split_text, Batcher, Tokenizer};
+use crate::model::{cross_entropy, Gpt};
+use crate::moe::RouterFactory;
+use crate::nn::{Ctx, Params};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Batches for evaluation are keyed far from any training step.
+const EVAL_KEY: u64 = 1 << 40;
+
+/// "cpu", "cuda", "cuda:N" or "metal".
+pub fn device_from_str(s: &str) -> Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        s if s.starts_with("cuda:") => {
+            let n = s[5..].parse().with_context(|| format!("bad device `{s}`: expected cuda:N"))?;
+            Device::new_cuda(n)?
+        }
+        s => bail!("unknown device `{s}`: expected cpu, cuda, cuda:N or metal"),
+    })
+}
+
+/// A model with its parameters, tokenizer and data, ready to train, evaluate or sample.
+pub struct Trainer {
+    pub cfg: Config,
+    pub device: Device,
+    pub params: Params,
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub tokenizer: Tokenizer,
+    pub train: Option<Batcher>,
+    pub val: Batcher,
+    pub state: TrainerState,
+    pub out_dir: PathBuf,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// Outcome of `Trainer::fit`.
+#[derive(Clone, Debug)]
+pub struct FitSummary {
+    pub step: u64,
+    pub val_loss: f64,
+    pub wall_s: f64,
+    pub tok_per_s: f64,
+}
+
+impl Trainer {
+    /// A fresh run from `cfg`, writing to `out_dir`.
+    pub fn new(cfg: Config, out_dir: &Path) -> Result<Self> {
+        Self::build(cfg, out_dir, None, &crate::moe::build_router)
+    }
+
+    /// A fresh run with user-defined routers.
+    pub fn new_with_router(cfg: Config, out_dir: &Path, router: &RouterFactory) -> Result<Self> {
+        Self::build(cfg, out_dir, None, router)
+    }
+
+    /// Continues from the checkpoint at (or newest under) `ckpt`; `overrides` (`key=value`) may
+    /// change anything that does not change parameter shapes (e.g. train.max_iters).
+    pub fn resume(ckpt: &Path, overrides: &[String], out_dir: Option<&Path>) -> Result<Self> {
+        let loaded = checkpoint::load(ckpt)?;
+        let text = toml::to_string(&loaded.cfg)?;
+        let mut cfg = Config::resolve(&text, &loaded.dir.join("config.json").display().to_string(), overrides)?;
+        cfg.model.vocab_size = loaded.tokenizer.vocab_size();
+        if cfg.model != loaded.cfg.model && shape_changed(&cfg, &loaded.cfg) {
+            bail!("--set may not change the model's shape on resume (checkpoint {})", loaded.dir.display());
+        }
+        let out = match out_dir {
+            Some(o) => o.to_path_buf(),
+            None => loaded.dir.parent().context("checkpoint has no parent dir")?.to_path_buf(),
+        };
+        let mut t = Self::build(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router)?;
+        checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
+        t.opt.load(&loaded.dir.join(checkpoint::OPTIMIZER_FILE))?;
+        if t.opt.step_count() != loaded.state.step {
+            bail!("checkpoint {}: optimizer step {} != trainer step {}", loaded.dir.display(), t.opt.step_count(), loaded.state.step);
+        }
+        t.state = loaded.state;
+        metrics::truncate_after(&t.out_dir, t.state.step)?;
+        Ok(t)
+    }
+
+    /// Loads a checkpoint for evaluation or generation (no training data needed beyond validation).
+    pub fn for_inference(ckpt: &Path, device: Option<&str>) -> Result<Self> {
+        let loaded = checkpoint::load(ckpt)?;
+        let mut cfg = loaded.cfg.clone();
+        if let Some(d) = device {
+            cfg.train.device = d.to_string();
+        }
+        let out = loaded.dir.clone();
+        let mut t = Self::build_inner(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router, false)?;
+        checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
+        t.state = loaded.state;
+        Ok(t)
+    }
+
+    fn build(cfg: Config, out_dir: &Path, tok: Option<Tokenizer>, router: &RouterFactory) -> Result<Self> {
+        Self::build_inner(cfg, out_dir, tok, router, true)
+    }
+
+    fn build_inner(
+        mut cfg: Config,
+        out_dir: &Path,
+        tok: Option<Tokenizer>,
+        router: &RouterFactory,
+        with_train: bool,
+    ) -> Result<Self> {
+        let device = device_from_str(&cfg.train.device)?;
+        let text = load_text(&cfg.data.source)?;
+        let (train_text, val_text) = split_text(&text, cfg.data.train_fraction);
+        let tokenizer = match tok {
+            Some(t) => t,
+            None => Tokenizer::train(&checkpoint::tokenizer_kind(&cfg), train_text)
+                .with_context(|| format!("training the tokenizer on {}", cfg.data.source))?,
+        };
+        if cfg.model.vocab_size == 0 {
+            cfg.model.vocab_size = tokenizer.vocab_size();
+        } else if cfg.model.vocab_size < tokenizer.vocab_size() {
+            bail!("model.vocab_size = {} is below the tokenizer's {}", cfg.model.vocab_size, tokenizer.vocab_size());
+        }
+        let (bs, bsz) = (cfg.model.block_size, cfg.train.batch_size);
+        let val = Batcher::new(tokenizer.encode(val_text)?, bs, bsz, cfg.seed ^ 0x5a5a)
+            .context("validation split too small")?;
+        let train = if with_train {
+            Some(Batcher::new(tokenizer.encode(train_text)?, bs, bsz, cfg.seed).context("training split too small")?)
+        } else {
+            None
+        };
+        let params = Params::new();
+        let vb = params.var_builder(cfg.seed, DType::F32, &device);
+        let model = Gpt::new_with_router(&cfg, vb, router)?;
+        let t = &cfg.train;
+        let opt = AdamW::new(
+            params.named(),
+            AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+        )?;
+        let state = TrainerState {
+            step: 0,
+            best_val_loss: None,
+            rng_seed: cfg.seed,
+            rng_next_step: 0,
+            tokens_seen: 0,
+            wall_s: 0.0,
+        };
+        Ok(Self {
+            cfg,
+            device,
+            params,
+            model,
+            opt,
+            tokenizer,
+            train,
+            val,
+            state,
+            out_dir: out_dir.to_path_buf(),
+            progress: true,
+        })
+    }
+
+    fn to_tensor(&self, ids: &[u32], rows: usize) -> Result<Tensor> {
+        Ok(Tensor::from_slice(ids, (rows, ids.len() / rows), &self.device)?)
+    }
+
+    /// Mean loss (cross-entropy only) over `n` random batches of `b` keyed by EVAL_KEY.
+    pub fn estimate_loss(&self, b: &Batcher, n: usize) -> Result<f64> {
+        let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
+        let ctx = Ctx::eval(self.cfg.seed, tau);
+        let mut sum = 0.0;
+        for i in 0..n {
+            let (x, y) = b.random_batch(EVAL_KEY + i as u64, 0);
+            let rows = b.batch_size();
+            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
+            sum += cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(sum / n as f64)
+    }
+
+    /// Exact mean loss over every token of the validation split (non-overlapping windows).
+    pub fn full_val_loss(&self) -> Result<f64> {
+        let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
+        let ctx = Ctx::eval(self.cfg.seed, tau);
+        let (mut sum, mut count) = (0.0, 0usize);
+        for (x, y, rows) in self.val.sequential_batches() {
+            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
+            let l = cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sum += l * y.len() as f64;
+            count += y.len();
+        }
+        Ok(sum / count.max(1) as f64)
+    }
+
+    /// One optimizer step (all micro-batches). Returns (mean loss, mean aux loss, grad norm, stats json).
+    fn train_step(&mut self) -> Result<(f64, f64, f64, serde_json::Value)> {
+        let step = self.state.step;
+        let train = self.train.as_ref().context("trainer built without training data")?;
+        let accum = self.cfg.train.grad_accum;
+        let tau = tau_at(&self.cfg.model.router, step as usize);
+        let named = self.params.named();
+        let mut grads: Vec<Option<Tensor>> = vec![None; named.len()];
+        let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
+        let e = self.cfg.model.moe.num_experts;
+        let mut load = vec![vec![0u64; e]; 0];
+        let (mut dropped, mut routed) = (0usize, 0usize);
+        let mut entropy = Vec::new();
+        for micro in 0..accum as u32 {
+            let (x, y) = train.random_batch(step, micro);
+            let rows = train.batch_size();
+            let ctx = Ctx { train: true, step, tau, seed: self.cfg.seed, micro };
+            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
+            let ce = cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?;
+            let loss = (&ce + &out.aux_loss)?;
+            let lv = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let av = out.aux_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() || !av.is_finite() {
+                bail!("non-finite loss at step {step} (cross-entropy {lv}, aux {av}): training stopped; the last checkpoint is kept");
+            }
+            loss_sum += lv;
+            aux_sum += av;
+            let gs = (loss / accum as f64)?.backward()?;
+            for (i, (_, v)) in named.iter().enumerate() {
+                if let Some(g) = gs.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            if load.is_empty() {
+                load = vec![vec![0u64; e]; out.moe_stats.len()];
+                entropy = vec![0.0; out.moe_stats.len()];
+            }
+            for (l, s) in out.moe_stats.iter().enumerate() {
+                for (j, &c) in s.tokens_per_expert.iter().enumerate() {
+                    load[l][j] += c as u64;
+                }
+                dropped += s.dropped;
+                routed += s.routed;
+                if let Some(h) = &s.entropy {
+                    entropy[l] += h.to_scalar::<f32>()? as f64 / accum as f64;
+                }
+            }
+        }
+        let norm = clip_grads(&mut grads, self.cfg.train.grad_clip)?;
+        let lr = lr_at(&self.cfg.train, step as usize);
+        self.opt.step(&grads, lr)?;
+        self.state.step += 1;
+        self.state.rng_next_step = self.state.step;
+        let stats = json!({
+            "tokens_per_expert": load,
+            "router_entropy": entropy,
+            "dropped_frac": if routed > 0 { dropped as f64 / routed as f64 } else { 0.0 },
+        });
+        Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, stats))
+    }
+
+    fn tokens_per_step(&self) -> u64 {
+        let t = &self.cfg.train;
+        (t.batch_size * t.grad_accum * self.cfg.model.block_size) as u64
+    }
+
+    fn save_checkpoint(&self, name: &str) -> Result<()> {
+        checkpoint::save(&self.out_dir.join(name), &self.params, &self.opt, &self.cfg, &self.tokenizer, &self.state)
+    }
+
+    /// Removes all but the newest `keep_last` periodic checkpoints.
+    fn prune_checkpoints(&self) -> Result<()> {
+        let mut ckpts: Vec<PathBuf> = std::fs::read_dir(&self.out_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")))
+            .collect();
+        ckpts.sort();
+        let keep = self.cfg.train.keep_last.max(1);
+        for old in ckpts.iter().take(ckpts.len().saturating_sub(keep)) {
+            std::fs::remove_dir_all(old)?;
+        }
+        Ok(())
+    }
+
+    /// Trains until `train.max_iters`, logging, evaluating and checkpointing as configured.
+    pub fn fit(&mut self) -> Result<FitSummary> {
+        std::fs::create_dir_all(&self.out_dir).with_context(|| format!("cannot create {}", self.out_dir.display()))?;
+        std::fs::write(self.out_dir.join("config.json"), self.cfg.to_json()?)?;
+        let mut metrics = MetricsWriter::open(&self.out_dir)?;
+        let t = self.cfg.train.clone();
+        let max = t.max_iters as u64;
+        let pb = if self.progress { ProgressBar::new(max) } else { ProgressBar::hidden() };
+        pb.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                .expect("static template"),
+        );
+        pb.set_position(self.state.step);
+        let run_start = Instant::now();
+        let wall0 = self.state.wall_s;
+        let mut last_log = (Instant::now(), self.state.step);
+        let mut last_val = f64::NAN;
+        while self.state.step < max {
+            let step = self.state.step;
+            let (loss, aux, norm, stats) = self.train_step()?;
+            self.state.tokens_seen += self.tokens_per_step();
+            let done = self.state.step;
+            pb.set_position(done);
+            let mut line = serde_json::Map::new();
+            if done % t.log_interval as u64 == 0 || done == max || step == 0 {
+                let dt = last_log.0.elapsed().as_secs_f64();
+                let tok_s = (done - last_log.1) as f64 * self.tokens_per_step() as f64 / dt.max(1e-9);
+                last_log = (Instant::now(), done);
+                let tau = tau_at(&self.cfg.model.router, step as usize);
+                let lr = lr_at(&t, step as usize);
+                pb.set_message(format!("loss {loss:.4} tok/s {tok_s:.0} tau {tau:.3}"));
+                line.insert("step".into(), json!(done));
+                line.insert("train_loss".into(), json!(loss));
+                line.insert("lr".into(), json!(lr));
+                line.insert("tau".into(), json!(tau));
+                line.insert("aux_loss".into(), json!(aux));
+                line.insert("grad_norm".into(), json!(norm));
+                line.insert("tok_per_s".into(), json!(tok_s));
+                if let serde_json::Value::Object(s) = stats {
+                    line.extend(s);
+                }
+            }
+            if done % t.eval_interval as u64 == 0 || done == max {
+                let val = self.estimate_loss(&self.val, t.eval_iters)?;
+                let tr = match &self.train {
+                    Some(b) => self.estimate_loss(b, t.eval_iters)?,
+                    None => f64::NAN,
+                };
+                last_val = val;
+                line.insert("step".into(), json!(done));
+                line.insert("val_loss".into(), json!(val));
+                line.insert("train_eval_loss".into(), json!(tr));
+                let msg = format!("step {done}: train {tr:.4}, val {val:.4}");
+                if pb.is_hidden() {
+                    eprintln!("{msg}");
+                } else {
+                    pb.println(msg);
+                }
+                if self.state.best_val_loss.is_none_or(|b| val < b) {
+                    self.state.best_val_loss = Some(val);
+                    self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
+                    self.save_checkpoint("best")?;
+                }
+            }
+            if !line.is_empty() {
+                metrics.write(&serde_json::Value::Object(line))?;
+            }
+            if (t.ckpt_interval > 0 && done % t.ckpt_interval as u64 == 0) || done == max {
+                self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
+                self.save_checkpoint(&format!("ckpt-{done:07}"))?;
+                self.prune_checkpoints()?;
+            }
+        }
+        pb.finish_and_clear();
+        let val_loss = if t.final_full_eval {
+            self.full_val_loss()?
+        } else if last_val.is_finite() {
+            last_val
+        } else {
+            self.estimate_loss(&self.val, t.eval_iters)?
+        };
+        let wall_s = wall0 + run_start.elapsed().as_secs_f64();
+        let tok_per_s = self.state.tokens_seen as f64 / wall_s.max(1e-9);
+        metrics.write(&json!({"event": "done", "step": self.state.step, "val_loss": val_loss,
+            "val_loss_kind": if t.final_full_eval { "full_split" } else { "eval_iters" },
+            "wall_s": wall_s, "tok_per_s": tok_per_s}))?;
+        Ok(FitSummary { step: self.state.step, val_loss, wall_s, tok_per_s })
+    }
+}
+
+/// Scales the gradients so their global L2 norm is at most `max_norm` (0 = no clipping); returns
+/// the norm before clipping.
+pub fn clip_grads(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut sq = Vec::new();
+    for g in grads.iter().flatten() {
+        sq.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
+    }
+    if sq.is_empty() {
+        return Ok(0.0);
+    }
+    let norm = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
+}
+
+fn shape_changed(a: &Config, b: &Config) -> bool {
+    let (x, y) = (&a.model, &b.model);
+    (x.vocab_size, x.block_size, x.n_layer, x.n_head, x.n_embd, x.bias, &x.positions, &x.norm, x.moe_every)
+        != (y.vocab_size, y.block_size, y.n_layer, y.n_head, y.n_embd, y.bias, &y.positions, &y.norm, y.moe_every)
+        || (x.moe.num_experts, x.moe.expert_hidden, &x.moe.activation, &x.router.kind)
+            != (y.moe.num_experts, y.moe.expert_hidden, &y.moe.activation, &y.router.kind)
+}
