@@ -125,8 +125,9 @@ impl Gpt {
             x = (x + f)?;
         }
         let x = self.ln_f.forward(&x)?;
-        // LM head tied to the token embedding: (B, T, C) x (C, V).
-        let logits = x.broadcast_matmul(&self.wte.embeddings().t()?)?;
+        // LM head tied to the token embedding: (B*T, C) x (C, V) -> (B, T, V).
+        let (b, t, c) = x.dims3()?;
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.embeddings().t()?)?.reshape((b, t, self.vocab_size))?;
         Ok(GptOutput { logits, aux_loss: aux, moe_stats })
     }
 }

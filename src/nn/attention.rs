@@ -3,7 +3,8 @@
 use super::{linear, ops, rotary::Rotary, Ctx};
 use crate::config::Config;
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use super::Linear;
+use candle_nn::{Module, VarBuilder};
 
 #[derive(Clone, Debug)]
 pub struct CausalSelfAttention {

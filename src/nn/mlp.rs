@@ -4,7 +4,8 @@
 use super::linear;
 use crate::config::Config;
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use super::Linear;
+use candle_nn::{Module, VarBuilder};
 
 #[derive(Clone, Debug)]
 pub struct Mlp {

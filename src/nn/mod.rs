@@ -9,7 +9,7 @@ pub mod params;
 pub mod rotary;
 
 pub use attention::CausalSelfAttention;
-pub use linear::linear;
+pub use linear::{linear, Linear};
 pub use mlp::Mlp;
 pub use norm::Norm;
 pub use params::Params;

@@ -16,7 +16,8 @@ use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use crate::nn::Linear;
+use candle_nn::{Module, VarBuilder};
 
 pub struct GumbelRouter {
     gate: Linear,

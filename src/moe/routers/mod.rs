@@ -5,7 +5,8 @@ pub mod softmax_topk;
 
 use super::RouteCtx;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use crate::nn::Linear;
+use candle_nn::{Init, VarBuilder};
 
 /// The router projection d -> E (no bias), weight ~ N(0, std).
 pub fn router_linear(d: usize, e: usize, std: f64, vb: VarBuilder) -> Result<Linear> {

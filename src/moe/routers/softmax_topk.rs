@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use crate::nn::Linear;
+use candle_nn::{Module, VarBuilder};
 
 pub struct SoftmaxTopkRouter {
     gate: Linear,
