@@ -39,11 +39,12 @@ pub fn key_from_seed(seed: u64) -> [u32; 2] {
     [seed as u32, (seed >> 32) as u32]
 }
 
-/// A u32 in [0, 2^32) to a uniform f32 strictly inside (0, 1): the top 24 bits, centred in their
+/// A u32 in [0, 2^32) to a uniform f32 strictly inside (0, 1): the top 23 bits, centred in their
 /// bucket, so that `-ln(-ln u)` is always finite (PyTorch's `exponential_` returned 0 on CUDA once).
+/// 23 bits, not 24: (2^24 - 1) + 0.5 is not representable in f32 and would round u up to exactly 1.
 #[inline]
 pub fn u32_to_open_unit(x: u32) -> f32 {
-    ((x >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+    ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
 }
 
 /// Standard Gumbel(0, 1) from one uniform: g = -ln(-ln u).
