@@ -77,7 +77,8 @@ pub struct RouterConfig {
     pub tau_decay: f64,
     /// Gumbel at eval/generation: "argmax" (no noise) or "sample" (noise, as in training).
     pub eval_mode: String,
-    /// "reference" (plain tensor ops). The fused custom ops plug in here.
+    /// "fused" (the router as custom ops with CPU/CUDA/Metal kernels, src/ops) or "reference"
+    /// (plain tensor ops, the twin the tests compare against). Same numbers on the CPU.
     #[serde(rename = "impl")]
     pub implementation: String,
     /// Std of the router weight init (nanoGPT's 0.02 by default).
@@ -159,7 +160,7 @@ impl Default for Config {
                     tau_min: 0.5,
                     tau_decay: 1e-3,
                     eval_mode: "argmax".into(),
-                    implementation: "reference".into(),
+                    implementation: "fused".into(),
                     init_std: 0.02,
                 },
             },
@@ -304,7 +305,10 @@ impl Config {
         one_of("model.moe.activation", &m.moe.activation, &["gelu", "swiglu"])?;
         one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
         one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
-        one_of("model.router.impl", &r.implementation, &["reference"])?;
+        one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
+        if r.implementation == "fused" && r.kind == "gumbel" && r.prefilter > crate::ops::gumbel_router::MAX_K {
+            bail!("model.router.impl = \"fused\" supports prefilter K <= {}, got {}", crate::ops::gumbel_router::MAX_K, r.prefilter);
+        }
         one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe"])?;
         for (k, v) in [
             ("model.block_size", m.block_size),

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod ops;
 pub mod rng;
 pub mod train;
 

@@ -14,6 +14,7 @@ use super::{host_logits, index_tensor, router_linear, top_k};
 use crate::config::{Config, RouterConfig};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
+use crate::ops::{gumbel_route, GumbelParams};
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor};
 use crate::nn::Linear;
@@ -58,7 +59,8 @@ pub fn noise(cands: &[Vec<usize>], seed: u64, step: u64, layer: u32, token_base:
 
 /// The relaxed sample y = softmax((cand + g) / tau): (T, K) -> (T, K), differentiable in `cand`.
 pub fn relaxed(cand: &Tensor, g: &Tensor, tau: f64) -> Result<Tensor> {
-    softmax(&((cand + g)? / tau)?)
+    // Multiply by 1/tau (not divide) so the fused kernels, which do the same, match bit for bit.
+    softmax(&((cand + g)? * (1.0 / tau))?)
 }
 
 /// Straight-through weights of the selected positions: forward exactly 1/m, backward d y.
@@ -75,10 +77,30 @@ impl Router for GumbelRouter {
         let logits = self.gate.forward(x)?; // (T, E)
         let host = host_logits(&logits, rc)?;
         let probs = softmax(&logits)?; // (T, E)
+        let tau = rc.ctx.tau;
+        if !(tau > 0.0) {
+            candle_core::bail!("gumbel router: temperature tau = {tau} must be > 0");
+        }
         let t = host.len();
         let k = r.prefilter;
-        let cands = prefilter(&host, k); // (T, K)
         let noisy = rc.ctx.train || r.eval_mode == "sample";
+        if r.implementation == "fused" {
+            // The same math as below in three custom ops (src/ops/gumbel_router.rs): bit-identical
+            // on the CPU, and the path with CUDA and Metal kernels.
+            let p = GumbelParams {
+                k,
+                m: r.top_m,
+                tau: rc.ctx.tau,
+                seed: rc.ctx.seed,
+                step: rc.ctx.step as u32,
+                layer: rc.layer,
+                token_base: rc.ctx.micro * t as u32,
+                noisy,
+            };
+            let f = gumbel_route(&logits, &p, r.hard)?;
+            return Ok(Routing { indices: f.indices, m: f.m, weights: f.weights, logits, probs });
+        }
+        let cands = prefilter(&host, k); // (T, K)
         let g = if noisy {
             noise(&cands, rc.ctx.seed, rc.ctx.step, rc.layer, rc.ctx.micro * t as u32)
         } else {
@@ -89,10 +111,6 @@ impl Router for GumbelRouter {
         let cand = logits.gather(&cand_t, 1)?; // (T, K)
         let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), x.device())?
             .to_dtype(x.dtype())?;
-        let tau = rc.ctx.tau;
-        if !(tau > 0.0) {
-            candle_core::bail!("gumbel router: temperature tau = {tau} must be > 0");
-        }
         let y = relaxed(&cand, &g_t, tau)?; // (T, K)
         if !r.hard {
             return Ok(Routing { indices: cand_idx, m: k, weights: y, logits, probs });

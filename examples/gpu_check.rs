@@ -1,0 +1,159 @@
+//! The Gumbel router ops on CUDA against the CPU, then timed: built by scripts/gpu_check.sh
+//! (`--features cuda`) and run on the GPU machine.
+//!
+//! For each shape and op: CUDA vs CPU candidates and selections (identical, up to near-exact ties
+//! of two perturbed values, where the GPU's `logf` may round differently from the host libm), max
+//! relative error of y and dlogits, then the median time of each op and of the whole router
+//! forward / forward+backward, fused vs the plain-tensor reference on the same GPU.
+//! Exit status 1 when a check fails. Without the `cuda` feature it only says so.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("gpu_check: built without the `cuda` feature; run scripts/gpu_check.sh");
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> candle_core::Result<()> {
+    gpu::main()
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::{DType, Device, Result, Tensor, Var};
+    use gumbel_moe::moe::routers::gumbel::{noise, prefilter, relaxed, straight_through};
+    use gumbel_moe::moe::routers::top_k;
+    use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams, GumbelWeightsBwd};
+    use std::time::Instant;
+
+    /// The reference router after its gate matmul (as in examples/bench_router.rs).
+    fn reference(logits: &Tensor, p: &GumbelParams) -> Result<(Vec<u32>, Tensor, Tensor)> {
+        let (t, _) = logits.dims2()?;
+        let (k, m) = (p.k, p.m);
+        let host = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let cands = prefilter(&host, k);
+        let g = noise(&cands, p.seed, p.step as u64, p.layer, p.token_base);
+        let cand_idx: Vec<u32> = cands.iter().flatten().map(|&e| e as u32).collect();
+        let cand_t = Tensor::from_vec(cand_idx, (t, k), logits.device())?;
+        let cand = logits.gather(&cand_t, 1)?;
+        let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), logits.device())?
+            .to_dtype(logits.dtype())?;
+        let y = relaxed(&cand, &g_t, p.tau)?;
+        let (mut sel, mut indices) = (Vec::with_capacity(t * m), Vec::with_capacity(t * m));
+        for (tok, c) in cands.iter().enumerate() {
+            let pert: Vec<f64> = c.iter().zip(&g[tok]).map(|(&e, gi)| host[tok][e] + gi).collect();
+            for q in top_k(&pert, m) {
+                sel.push(q as u32);
+                indices.push(c[q] as u32);
+            }
+        }
+        let sel = Tensor::from_vec(sel, (t, m), logits.device())?;
+        Ok((indices, straight_through(&y, &sel, m)?, y))
+    }
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let d = a.sub(&b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1e-30);
+        Ok(d / s)
+    }
+
+    fn median_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        dev.synchronize()?;
+        let mut v = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            f()?;
+            dev.synchronize()?;
+            v.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok(v[v.len() / 2])
+    }
+
+    pub fn main() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let cpu = Device::Cpu;
+        let mut ok = true;
+        println!("== correctness: CUDA vs CPU (f32) ==");
+        println!(
+            "| {:>6} | {:>4} | {:>3} | {:>2} | {:>13} | {:>13} | {:>10} | {:>10} | {:>10} |",
+            "T", "E", "K", "m", "cand mismatch", "sel mismatch", "y relerr", "bwd relerr", "dx relerr"
+        );
+        for &(t, e, k, m) in &[(1usize, 8usize, 1usize, 1usize), (4096, 37, 5, 2), (1000, 100, 16, 2), (65_536, 64, 8, 1), (2048, 256, 32, 4)] {
+            let p = GumbelParams { k, m, tau: 0.7, seed: 0xfeed_beef_1234, step: 9, layer: 2, token_base: 77, noisy: true };
+            let xc = Tensor::randn(0f32, 1.0, (t, e), &cpu)?;
+            let xg = xc.to_device(&gpu)?;
+            // select
+            let sc = gumbel_select(&xc, &p)?.to_vec2::<u32>()?;
+            let sg = gumbel_select(&xg, &p)?.to_vec2::<u32>()?;
+            let cand_mis = sc.iter().zip(&sg).filter(|(a, b)| a[..k] != b[..k]).count();
+            let sel_mis = sc.iter().zip(&sg).filter(|(a, b)| a[k..] != b[k..]).count();
+            // weights on the same (CPU) candidates
+            let cs = Tensor::new(sc.clone(), &cpu)?;
+            let yc = gumbel_weights(&xc, &cs, &p)?;
+            let yg = gumbel_weights(&xg, &cs.to_device(&gpu)?, &p)?;
+            let y_err = rel_err(&yg, &yc)?;
+            // the backward op on the same inputs
+            let dy = Tensor::randn(0f32, 1.0, (t, k), &cpu)?;
+            let op = GumbelWeightsBwd { p, e };
+            let bc = yc.apply_op3_no_bwd(&dy, &cs, &op)?;
+            let bg = yc.to_device(&gpu)?.apply_op3_no_bwd(&dy.to_device(&gpu)?, &cs.to_device(&gpu)?, &op)?;
+            let b_err = rel_err(&bg, &bc)?;
+            // the whole router, forward and backward through autograd
+            let r = Tensor::randn(0f32, 1.0, (t, m), &cpu)?;
+            let grad = |x: &Tensor, r: &Tensor| -> Result<Tensor> {
+                let v = Var::from_tensor(x)?;
+                let f = gumbel_route(v.as_tensor(), &p, true)?;
+                let loss = ((f.weights * r)?.sum_all()? + f.y.sqr()?.sum_all()?)?;
+                Ok(loss.backward()?.get(v.as_tensor()).expect("grad").clone())
+            };
+            let dx_err = rel_err(&grad(&xg, &r.to_device(&gpu)?)?, &grad(&xc, &r)?)?;
+            // A mismatch in the selection is only tolerated at near ties (<= 1e-4 of the rows).
+            let pass = cand_mis == 0 && sel_mis * 10_000 <= t && y_err < 1e-5 && b_err < 1e-5 && dx_err < 1e-4;
+            ok &= pass;
+            println!(
+                "| {t:>6} | {e:>4} | {k:>3} | {m:>2} | {cand_mis:>13} | {sel_mis:>13} | {y_err:>10.2e} | {b_err:>10.2e} | {dx_err:>10.2e} | {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+
+        let (t, e, k, m) = (65_536usize, 64usize, 8usize, 1usize);
+        let iters = 50;
+        let p = GumbelParams { k, m, tau: 1.0, seed: 42, step: 3, layer: 1, token_base: 0, noisy: true };
+        println!("\n== timing on the GPU: T={t} E={e} K={k} m={m} f32, median of {iters} ==");
+        let x = Tensor::randn(0f32, 1.0, (t, e), &gpu)?;
+        let xv = Var::from_tensor(&x)?;
+        let r = Tensor::randn(0f32, 1.0, (t, m), &gpu)?;
+        let s = Tensor::randn(0f32, 1.0, (t, k), &gpu)?;
+        let cs = gumbel_select(&x, &p)?;
+        let y = gumbel_weights(&x, &cs, &p)?;
+        let op = GumbelWeightsBwd { p, e };
+        let t_sel = median_ms(&gpu, iters, || gumbel_select(&x, &p).map(|_| ()))?;
+        let t_w = median_ms(&gpu, iters, || gumbel_weights(&x, &cs, &p).map(|_| ()))?;
+        let t_b = median_ms(&gpu, iters, || y.apply_op3_no_bwd(&s, &cs, &op).map(|_| ()))?;
+        println!("ops: select {t_sel:.3} ms, weights {t_w:.3} ms, weights_bwd {t_b:.3} ms");
+        let ref_f = median_ms(&gpu, 5, || reference(&x, &p).map(|_| ()))?;
+        let fus_f = median_ms(&gpu, iters, || gumbel_route(&x, &p, true).map(|_| ()))?;
+        let ref_fb = median_ms(&gpu, 5, || {
+            let (_, w, y) = reference(xv.as_tensor(), &p)?;
+            ((w * &r)?.sum_all()? + (y * &s)?.sum_all()?)?.backward().map(|_| ())
+        })?;
+        let fus_fb = median_ms(&gpu, iters, || {
+            let f = gumbel_route(xv.as_tensor(), &p, true)?;
+            ((f.weights * &r)?.sum_all()? + (f.y * &s)?.sum_all()?)?.backward().map(|_| ())
+        })?;
+        println!("| {:<18} | {:>13} | {:>10} | {:>7} |", "router path", "reference ms", "fused ms", "ratio");
+        println!("|{:-<20}|{:->15}|{:->12}|{:->9}|", "", "", "", "");
+        for (name, a, b) in [("forward", ref_f, fus_f), ("forward+backward", ref_fb, fus_fb)] {
+            println!("| {name:<18} | {a:>13.3} | {b:>10.3} | {:>6.1}x |", a / b);
+        }
+        println!("(fused forward includes the device-to-host copy of the (T, K + m) indices)");
+        println!("\nRESULT: {}", if ok { "PASS" } else { "FAIL" });
+        if !ok {
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}

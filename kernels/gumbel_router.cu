@@ -1,0 +1,40 @@
+// CUDA entry points of the Gumbel router ops; the row logic is in gumbel_router.cuh.
+// Compiled to PTX by build.rs (feature `cuda`), loaded by src/ops/gumbel_router.rs.
+#include <stdint.h>
+
+typedef uint32_t gm_u32;
+#define GM_FN __device__ __forceinline__
+#define GM_GLOBAL
+#define GM_MULHI(a, b) __umulhi((a), (b))
+#define GM_LOGF(x) logf(x)
+#define GM_EXPF(x) expf(x)
+#define GM_NAN __int_as_float(0x7fffffff)
+
+#include "gumbel_router.cuh"
+
+extern "C" __global__ void gumbel_select_f32(const float* logits, gm_u32* out, GmParams p) {
+    gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) {
+        return;
+    }
+    gm_select_row(logits + (size_t)row * p.logits_stride, out + (size_t)row * p.y_stride, p, row);
+}
+
+extern "C" __global__ void gumbel_weights_f32(const float* logits, const gm_u32* cand, float* y, GmParams p) {
+    gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) {
+        return;
+    }
+    gm_weights_row(logits + (size_t)row * p.logits_stride, cand + (size_t)row * p.idx_stride,
+                   y + (size_t)row * p.y_stride, p, row);
+}
+
+extern "C" __global__ void gumbel_weights_bwd_f32(const float* y, const float* dy, const gm_u32* cand, float* dl,
+                                                  GmParams p) {
+    gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) {
+        return;
+    }
+    gm_weights_bwd_row(y + (size_t)row * p.y_stride, dy + (size_t)row * p.dy_stride,
+                       cand + (size_t)row * p.idx_stride, dl + (size_t)row * p.logits_stride, p);
+}

@@ -1,0 +1,11 @@
+//! Candle custom ops with their own CPU, CUDA and Metal kernels.
+//!
+//! [`gumbel_router`]: the Gumbel-Softmax router's math (top-K pre-filter, Philox noise, relaxed
+//! softmax, Gumbel-top-m selection) and its backward, fused per token row. Kernel sources live in
+//! `kernels/` (one row body in `gumbel_router.cuh`, shared by the `.cu` and the `.metal` files).
+pub mod gumbel_router;
+
+pub use gumbel_router::{
+    gumbel_route, gumbel_select, gumbel_weights, FusedRouting, GumbelParams, GumbelSelect, GumbelWeights,
+    GumbelWeightsBwd,
+};
