@@ -5,7 +5,7 @@
 #     row bodies (gumbel_router.cuh, philox.h) on the host: Philox known answers, noise constants
 #     shared with tests/ops.rs, select / weights / bwd invariants.
 #  2. kernels/gumbel_router.cu to PTX with nvcc (the pinned pip CUDA 13.0 from
-#     /work/shared/gpu/setup_cuda_pip.sh when present, else nvcc on PATH; skipped without one),
+#     $ROOT/../shared/gpu/setup_cuda_pip.sh when present, else nvcc on PATH; skipped without one),
 #     checking that every entry point is in the PTX.
 # Usage: bash scripts/check_kernels.sh        (from anywhere; exit status 1 on a failure)
 set -euo pipefail
@@ -41,6 +41,6 @@ if command -v "${NVCC:-nvcc}" >/dev/null 2>&1; then
     | grep -E "Compiling entry|registers|spill" || true
   echo "gumbel_router.cu: PTX ok ($(wc -l < "$TMP/gumbel_router.ptx") lines)"
 else
-  echo "nvcc not found: CUDA check skipped (bash /work/shared/gpu/setup_cuda_pip.sh installs one)"
+  echo "nvcc not found: CUDA check skipped (bash ../shared/gpu/setup_cuda_pip.sh installs one)"
 fi
 echo "check_kernels: ok"
