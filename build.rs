@@ -24,7 +24,9 @@ fn main() {
             .args(["-O3", "-std=c++17", "--ptx", "-Ikernels", &arch, &src, "-o"])
             .arg(&ptx)
             .status()
-            .unwrap_or_else(|e| panic!("failed to spawn {nvcc}: {e} (feature `cuda` needs nvcc: put it on PATH or set NVCC)"));
+            .unwrap_or_else(|e| {
+                panic!("failed to spawn {nvcc}: {e} (feature `cuda` needs nvcc: put it on PATH or set NVCC)")
+            });
         assert!(st.success(), "nvcc failed on {src}");
     }
 }

@@ -89,7 +89,10 @@ fn main() -> Result<()> {
         (y * &s)?.sum_all()?.backward().map(|_| ())
     })?;
 
-    println!("gumbel router, CPU f32, T={t} E={e} K={k} m={m}, {} rayon threads, median of {iters}", rayon::current_num_threads());
+    println!(
+        "gumbel router, CPU f32, T={t} E={e} K={k} m={m}, {} rayon threads, median of {iters}",
+        rayon::current_num_threads()
+    );
     println!("check: indices identical {same}/{}, max |dy| {dy:.2e}, max |dweights| {dw:.2e}", ri.len());
     println!("| {:<22} | {:>14} | {:>10} | {:>8} |", "path", "reference ms", "fused ms", "ratio");
     println!("|{:-<24}|{:->16}|{:->12}|{:->10}|", "", "", "", "");

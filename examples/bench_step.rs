@@ -68,7 +68,14 @@ fn main() -> Result<()> {
         let n = steps as f64;
         let step_s = (tm.fwd + tm.bwd + tm.opt) / n;
         let tok_s = tm.tokens as f64 / (tm.fwd + tm.bwd + tm.opt);
-        println!("| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |", tm.fwd / n * 1e3, tm.bwd / n * 1e3, tm.opt / n * 1e3, step_s * 1e3, tok_s);
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            tm.fwd / n * 1e3,
+            tm.bwd / n * 1e3,
+            tm.opt / n * 1e3,
+            step_s * 1e3,
+            tok_s
+        );
         rows.push(tok_s);
     }
     println!("\nMoE / dense-twin throughput ratio: {:.2}", rows[0] / rows[1]);

@@ -81,8 +81,15 @@ mod gpu {
             "| {:>6} | {:>4} | {:>3} | {:>2} | {:>13} | {:>13} | {:>10} | {:>10} | {:>10} |",
             "T", "E", "K", "m", "cand mismatch", "sel mismatch", "y relerr", "bwd relerr", "dx relerr"
         );
-        for &(t, e, k, m) in &[(1usize, 8usize, 1usize, 1usize), (4096, 37, 5, 2), (1000, 100, 16, 2), (65_536, 64, 8, 1), (2048, 256, 32, 4)] {
-            let p = GumbelParams { k, m, tau: 0.7, seed: 0xfeed_beef_1234, step: 9, layer: 2, token_base: 77, noisy: true };
+        for &(t, e, k, m) in &[
+            (1usize, 8usize, 1usize, 1usize),
+            (4096, 37, 5, 2),
+            (1000, 100, 16, 2),
+            (65_536, 64, 8, 1),
+            (2048, 256, 32, 4),
+        ] {
+            let p =
+                GumbelParams { k, m, tau: 0.7, seed: 0xfeed_beef_1234, step: 9, layer: 2, token_base: 77, noisy: true };
             let xc = Tensor::randn(0f32, 1.0, (t, e), &cpu)?;
             let xg = xc.to_device(&gpu)?;
             // select

@@ -215,11 +215,9 @@ fn merge(dst: &mut toml::Table, src: &toml::Table, prefix: &str, origin: &str) -
                 }
                 *slot = v.clone()
             }
-            (slot, v) => bail!(
-                "{origin}: config key `{key}` expects a {}, got a {} ({v})",
-                type_name(slot),
-                type_name(v)
-            ),
+            (slot, v) => {
+                bail!("{origin}: config key `{key}` expects a {}, got a {} ({v})", type_name(slot), type_name(v))
+            }
         }
     }
     Ok(())
@@ -272,8 +270,8 @@ impl Config {
 
     /// Reads and resolves a config file.
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::resolve(&text, &path.display().to_string(), overrides)
     }
 
@@ -307,7 +305,11 @@ impl Config {
         one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
         one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
         if r.implementation == "fused" && r.kind == "gumbel" && r.prefilter > crate::ops::gumbel_router::MAX_K {
-            bail!("model.router.impl = \"fused\" supports prefilter K <= {}, got {}", crate::ops::gumbel_router::MAX_K, r.prefilter);
+            bail!(
+                "model.router.impl = \"fused\" supports prefilter K <= {}, got {}",
+                crate::ops::gumbel_router::MAX_K,
+                r.prefilter
+            );
         }
         one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe"])?;
         for (k, v) in [

@@ -20,9 +20,7 @@ pub struct SampleConfig {
 
 /// Picks a token from `logits` (V) with the sampling settings; `pos` keys the random draw.
 pub fn sample_token(logits: &[f64], s: &SampleConfig, pos: u64) -> usize {
-    let argmax = || {
-        logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best })
-    };
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best });
     if s.temperature <= 0.0 {
         return argmax();
     }
@@ -49,7 +47,14 @@ pub fn sample_token(logits: &[f64], s: &SampleConfig, pos: u64) -> usize {
 }
 
 /// Continues `prompt` by `max_new_tokens` tokens; returns prompt + continuation.
-pub fn generate(model: &Gpt, tok: &Tokenizer, prompt: &str, s: &SampleConfig, device: &Device, ctx: Ctx) -> Result<String> {
+pub fn generate(
+    model: &Gpt,
+    tok: &Tokenizer,
+    prompt: &str,
+    s: &SampleConfig,
+    device: &Device,
+    ctx: Ctx,
+) -> Result<String> {
     let mut ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one character");
@@ -91,7 +96,8 @@ mod tests {
         for pos in 0..n {
             c[sample_token(&l, &s, pos)] += 1.0;
         }
-        let chi2: f64 = [1.0, 2.0, 3.0].iter().zip(c).map(|(p, o)| (o - n as f64 * p / 6.0).powi(2) / (n as f64 * p / 6.0)).sum();
+        let chi2: f64 =
+            [1.0, 2.0, 3.0].iter().zip(c).map(|(p, o)| (o - n as f64 * p / 6.0).powi(2) / (n as f64 * p / 6.0)).sum();
         assert!(chi2 < 13.8, "chi2 = {chi2} (df 2, p = 0.001 threshold 13.8)");
     }
 }

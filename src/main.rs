@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use gumbel_moe::generate::{generate, SampleConfig};
 use gumbel_moe::nn::Ctx;
 use gumbel_moe::train::schedule::tau_at;
-use gumbel_moe::{Config, train::Trainer};
+use gumbel_moe::{train::Trainer, Config};
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -11,8 +11,8 @@
 //! `ln_f.*`. Linear weights are (out, in) as in PyTorch.
 
 use crate::config::Config;
-use crate::moe::{build_router, MoeLayer, RouterFactory};
 use crate::moe::layer::MoeStats;
+use crate::moe::{build_router, MoeLayer, RouterFactory};
 use crate::nn::{ops, CausalSelfAttention, Ctx, Mlp, Norm};
 use candle_core::{Result, Tensor};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
@@ -61,7 +61,8 @@ impl Gpt {
             candle_core::bail!("model.vocab_size is 0: set it from the tokenizer before building the model");
         }
         let emb = |n: usize, name: &str| -> Result<Embedding> {
-            let w = vb.get_with_hints((n, m.n_embd), &format!("{name}.weight"), Init::Randn { mean: 0.0, stdev: 0.02 })?;
+            let w =
+                vb.get_with_hints((n, m.n_embd), &format!("{name}.weight"), Init::Randn { mean: 0.0, stdev: 0.02 })?;
             Ok(Embedding::new(w, m.n_embd))
         };
         let wte = emb(m.vocab_size, "wte")?;

@@ -50,7 +50,12 @@ fn overrides_apply_with_types() {
     let c = Config::resolve(
         "",
         "t",
-        &["model.router.tau_min=0.3".into(), "model.router.kind=dense".into(), "train.lr=1".into(), "model.router.hard=false".into()],
+        &[
+            "model.router.tau_min=0.3".into(),
+            "model.router.kind=dense".into(),
+            "train.lr=1".into(),
+            "model.router.hard=false".into(),
+        ],
     )
     .unwrap();
     assert_eq!(c.model.router.tau_min, 0.3);

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 static ENV: Mutex<()> = Mutex::new(());
 
 fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
 }
 
 fn shakespeare() -> String {
@@ -44,12 +42,7 @@ fn local_file_loads_with_known_size() {
 #[test]
 fn hub_offline() {
     let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let _restore = RestoreEnv::save(&[
-        "HF_HOME",
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-    ]);
+    let _restore = RestoreEnv::save(&["HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE"]);
     let home = shared("hf-cache");
     std::env::remove_var("HF_HUB_CACHE");
     std::env::remove_var("HUGGINGFACE_HUB_CACHE");
@@ -63,30 +56,14 @@ fn hub_offline() {
 
     // A file the cache lacks fails fast, naming the repo, the file and that it was offline.
     let t0 = Instant::now();
-    let err = load_text("hf://SamPIngram/tinyshakespeare/no/such.txt")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t0.elapsed()
-    );
-    for part in [
-        "SamPIngram/tinyshakespeare",
-        "no/such.txt",
-        "offline",
-        "hf-cache",
-    ] {
+    let err = load_text("hf://SamPIngram/tinyshakespeare/no/such.txt").unwrap_err().to_string();
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    for part in ["SamPIngram/tinyshakespeare", "no/such.txt", "offline", "hf-cache"] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
     // So does a repo the cache lacks.
-    let err = load_text("hf://nobody/nothing/input.txt")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("nobody/nothing") && err.contains("offline"),
-        "{err}"
-    );
+    let err = load_text("hf://nobody/nothing/input.txt").unwrap_err().to_string();
+    assert!(err.contains("nobody/nothing") && err.contains("offline"), "{err}");
 
     // "true" works as well as "1".
     std::env::set_var("HF_HUB_OFFLINE", "true");
@@ -117,17 +94,9 @@ impl Drop for RestoreEnv {
 
 #[test]
 fn malformed_hub_spec_names_spec_and_form() {
-    for spec in [
-        "hf://SamPIngram/tinyshakespeare",
-        "hf://onlyowner",
-        "hf:/a/b/c",
-        "hf://a//c",
-    ] {
+    for spec in ["hf://SamPIngram/tinyshakespeare", "hf://onlyowner", "hf:/a/b/c", "hf://a//c"] {
         let err = load_text(spec).unwrap_err().to_string();
-        assert!(
-            err.contains(spec) && err.contains("hf://OWNER/NAME/FILE"),
-            "{spec}: {err}"
-        );
+        assert!(err.contains(spec) && err.contains("hf://OWNER/NAME/FILE"), "{spec}: {err}");
     }
 }
 
@@ -136,10 +105,7 @@ fn missing_local_file_names_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nope.txt");
     let err = format!("{:#}", load_text(path.to_str().unwrap()).unwrap_err());
-    assert!(
-        err.contains(path.to_str().unwrap()) && err.contains("No such file"),
-        "{err}"
-    );
+    assert!(err.contains(path.to_str().unwrap()) && err.contains("No such file"), "{err}");
 }
 
 #[test]
@@ -148,10 +114,7 @@ fn empty_file_is_an_error() {
     let path = dir.path().join("empty.txt");
     std::fs::write(&path, b"").unwrap();
     let err = load_text(path.to_str().unwrap()).unwrap_err().to_string();
-    assert!(
-        err.contains("is empty") && err.contains("empty.txt"),
-        "{err}"
-    );
+    assert!(err.contains("is empty") && err.contains("empty.txt"), "{err}");
 }
 
 #[test]
@@ -161,10 +124,7 @@ fn non_utf8_names_file_and_offset() {
     // "café" in Latin-1: the é (0xe9) is byte 3 and not valid UTF-8 there.
     std::fs::write(&path, b"caf\xe9 au lait").unwrap();
     let err = load_text(path.to_str().unwrap()).unwrap_err().to_string();
-    assert!(
-        err.contains("latin1.txt") && err.contains("byte offset 3") && err.contains("0xe9"),
-        "{err}"
-    );
+    assert!(err.contains("latin1.txt") && err.contains("byte offset 3") && err.contains("0xe9"), "{err}");
     // Valid multi-byte chars before it count in bytes: "é" is 2 bytes, so the bad byte is at 2.
     std::fs::write(&path, "é".bytes().chain([0xff]).collect::<Vec<u8>>()).unwrap();
     let err = load_text(path.to_str().unwrap()).unwrap_err().to_string();
@@ -185,10 +145,7 @@ fn char_tokenizer_on_shakespeare() {
     let t0 = Instant::now();
     let ids = tok.encode(&text).unwrap();
     let took = t0.elapsed();
-    assert!(
-        took < Duration::from_secs(1),
-        "char encode of 1 MB took {took:?}"
-    );
+    assert!(took < Duration::from_secs(1), "char encode of 1 MB took {took:?}");
     assert_eq!(ids.len(), text.chars().count());
     assert!(tok.decode(&ids).unwrap() == text);
 
@@ -211,10 +168,7 @@ fn char_tokenizer_on_shakespeare() {
     let enc = hf.encode(sample, false).unwrap();
     assert_eq!(enc.get_ids(), &ours[..]);
     assert_eq!(hf.decode(&ours, false).unwrap(), sample);
-    assert!(
-        hf.encode("ab€c", false).is_err(),
-        "HF pipeline must reject an unknown char too"
-    );
+    assert!(hf.encode("ab€c", false).is_err(), "HF pipeline must reject an unknown char too");
 }
 
 #[test]
@@ -235,29 +189,17 @@ fn char_tokenizer_non_ascii() {
 fn load_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.json");
-    let err = Tokenizer::load(&missing, &TokenizerKind::Char)
-        .unwrap_err()
-        .to_string();
+    let err = Tokenizer::load(&missing, &TokenizerKind::Char).unwrap_err().to_string();
     assert!(err.contains("missing.json"), "{err}");
 
     let path = dir.path().join("char.json");
-    Tokenizer::train(&TokenizerKind::Char, "abc")
-        .unwrap()
-        .save(&path)
-        .unwrap();
-    let err = Tokenizer::load(&path, &TokenizerKind::Bpe { vocab_size: 512 })
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("char.json") && err.contains("WordLevel"),
-        "{err}"
-    );
+    Tokenizer::train(&TokenizerKind::Char, "abc").unwrap().save(&path).unwrap();
+    let err = Tokenizer::load(&path, &TokenizerKind::Bpe { vocab_size: 512 }).unwrap_err().to_string();
+    assert!(err.contains("char.json") && err.contains("WordLevel"), "{err}");
 
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "{not json").unwrap();
-    let err = Tokenizer::load(&garbage, &TokenizerKind::Char)
-        .unwrap_err()
-        .to_string();
+    let err = Tokenizer::load(&garbage, &TokenizerKind::Char).unwrap_err().to_string();
     assert!(err.contains("garbage.json"), "{err}");
 }
 
@@ -272,24 +214,16 @@ fn bpe_tokenizer_on_shakespeare() {
     let t0 = Instant::now();
     let tok = Tokenizer::train(&kind, slice).unwrap();
     let train_time = t0.elapsed();
-    assert!(
-        tok.vocab_size() <= 512 && tok.vocab_size() > 400,
-        "vocab {}",
-        tok.vocab_size()
-    );
+    assert!(tok.vocab_size() <= 512 && tok.vocab_size() > 400, "vocab {}", tok.vocab_size());
     assert_eq!(tok.kind(), kind);
 
     // Deterministic: a second training gives the same ids.
     let again = Tokenizer::train(&kind, slice).unwrap();
-    let sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak!  -- 'tis \"so\"; ok?\n";
+    let sample =
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak!  -- 'tis \"so\"; ok?\n";
     let ids = tok.encode(sample).unwrap();
     assert_eq!(again.encode(sample).unwrap(), ids);
-    assert!(
-        ids.len() < sample.len(),
-        "BPE must compress: {} ids for {} bytes",
-        ids.len(),
-        sample.len()
-    );
+    assert!(ids.len() < sample.len(), "BPE must compress: {} ids for {} bytes", ids.len(), sample.len());
     assert_eq!(tok.decode(&ids).unwrap(), sample);
     // Bytes never seen in training still encode (all 256 byte symbols are in the vocabulary).
     let unseen = "naïve café — 😀\ttab";
@@ -301,10 +235,7 @@ fn bpe_tokenizer_on_shakespeare() {
     let t0 = Instant::now();
     let all = tok.encode(&text).unwrap();
     let encode_time = t0.elapsed();
-    assert!(
-        encode_time < Duration::from_secs(10),
-        "BPE encode of 1 MB took {encode_time:?}"
-    );
+    assert!(encode_time < Duration::from_secs(10), "BPE encode of 1 MB took {encode_time:?}");
     assert_eq!(tok.decode(&all).unwrap(), text);
     eprintln!(
         "BPE 512: train on {} bytes {train_time:?}, encode {} bytes -> {} ids {encode_time:?}",
@@ -354,13 +285,9 @@ fn bpe_tokenizer_on_shakespeare() {
     let back = Tokenizer::load(&path, &kind).unwrap();
     assert_eq!(back.vocab_size(), tok.vocab_size());
     assert_eq!(back.encode(whole).unwrap(), ours);
-    let err = Tokenizer::load(&path, &TokenizerKind::Char)
-        .unwrap_err()
-        .to_string();
+    let err = Tokenizer::load(&path, &TokenizerKind::Char).unwrap_err().to_string();
     assert!(err.contains("BPE"), "{err}");
-    let err = Tokenizer::load(&path, &TokenizerKind::Bpe { vocab_size: 300 })
-        .unwrap_err()
-        .to_string();
+    let err = Tokenizer::load(&path, &TokenizerKind::Bpe { vocab_size: 300 }).unwrap_err().to_string();
     assert!(err.contains("300"), "{err}");
 }
 
@@ -411,26 +338,10 @@ fn random_batches_are_deterministic_windows() {
     assert_eq!((x.len(), y.len()), (batch * block, batch * block));
     assert_eq!(b.random_batch(3, 1), (x.clone(), y.clone()));
     assert_eq!(b.clone().random_batch(3, 1).0, x);
-    assert_ne!(
-        b.random_batch(4, 1).0,
-        x,
-        "another step must give another batch"
-    );
-    assert_ne!(
-        b.random_batch(3, 0).0,
-        x,
-        "another micro-batch must give another batch"
-    );
-    assert_ne!(
-        identity(len, block, batch, 43).random_batch(3, 1).0,
-        x,
-        "another seed"
-    );
-    assert_ne!(
-        b.random_batch(3 + (1 << 32), 1).0,
-        x,
-        "steps past 2^32 must not wrap"
-    );
+    assert_ne!(b.random_batch(4, 1).0, x, "another step must give another batch");
+    assert_ne!(b.random_batch(3, 0).0, x, "another micro-batch must give another batch");
+    assert_ne!(identity(len, block, batch, 43).random_batch(3, 1).0, x, "another seed");
+    assert_ne!(b.random_batch(3 + (1 << 32), 1).0, x, "steps past 2^32 must not wrap");
     for row in 0..batch {
         let xr = &x[row * block..(row + 1) * block];
         let yr = &y[row * block..(row + 1) * block];
@@ -458,10 +369,7 @@ fn random_offsets_cover_the_range_uniformly() {
         }
     }
     // 4000 draws over 4 offsets: each near 1000 (6 sigma is about 164).
-    assert!(
-        counts.iter().all(|&c| (850..1150).contains(&c)),
-        "{counts:?}"
-    );
+    assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
 }
 
 #[test]
@@ -473,14 +381,8 @@ fn sequential_batches_cover_the_split() {
     assert_eq!(batches.iter().map(|(_, _, r)| r).sum::<usize>(), windows);
     assert_eq!(batches.len(), windows.div_ceil(batch));
     assert_eq!(batches.last().unwrap().2, windows % batch);
-    let xs: Vec<u32> = batches
-        .iter()
-        .flat_map(|(x, _, _)| x.iter().copied())
-        .collect();
-    let ys: Vec<u32> = batches
-        .iter()
-        .flat_map(|(_, y, _)| y.iter().copied())
-        .collect();
+    let xs: Vec<u32> = batches.iter().flat_map(|(x, _, _)| x.iter().copied()).collect();
+    let ys: Vec<u32> = batches.iter().flat_map(|(_, y, _)| y.iter().copied()).collect();
     assert_eq!(xs, (0..(windows * block) as u32).collect::<Vec<_>>());
     assert_eq!(ys, (1..=(windows * block) as u32).collect::<Vec<_>>());
     for (x, y, rows) in &batches {
@@ -489,21 +391,13 @@ fn sequential_batches_cover_the_split() {
     // Exactly one window when len - 1 == block.
     let b = identity(block as u32 + 2, block, batch, 0);
     assert_eq!(b.sequential_batches().len(), 1);
-    assert_eq!(
-        (b.num_tokens(), b.block_size(), b.batch_size()),
-        (block + 2, block, batch)
-    );
+    assert_eq!((b.num_tokens(), b.block_size(), b.batch_size()), (block + 2, block, batch));
 }
 
 #[test]
 fn too_short_split_is_an_error() {
-    let err = Batcher::new((0..65).collect(), 64, 4, 0)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("split has 65 tokens") && err.contains("block_size+2 = 66"),
-        "{err}"
-    );
+    let err = Batcher::new((0..65).collect(), 64, 4, 0).unwrap_err().to_string();
+    assert!(err.contains("split has 65 tokens") && err.contains("block_size+2 = 66"), "{err}");
     assert!(Batcher::new((0..66).collect(), 64, 4, 0).is_ok());
     assert!(Batcher::new((0..66).collect(), 0, 4, 0).is_err());
     assert!(Batcher::new((0..66).collect(), 8, 0, 0).is_err());

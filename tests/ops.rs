@@ -36,11 +36,7 @@ fn reference(logits: &Tensor, p: &GumbelParams) -> Result<Reference> {
     let k = p.k;
     let host = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let cands = prefilter(&host, k);
-    let g = if p.noisy {
-        noise(&cands, p.seed, p.step as u64, p.layer, p.token_base)
-    } else {
-        vec![vec![0.0; k]; t]
-    };
+    let g = if p.noisy { noise(&cands, p.seed, p.step as u64, p.layer, p.token_base) } else { vec![vec![0.0; k]; t] };
     let cand_idx: Vec<u32> = cands.iter().flatten().map(|&e| e as u32).collect();
     let cand_t = Tensor::from_vec(cand_idx.clone(), (t, k), &Device::Cpu)?;
     let cand = logits.gather(&cand_t, 1)?;
@@ -101,8 +97,10 @@ fn forward_matches_reference() -> Result<()> {
                 assert_eq!(f.weights.dims2()?, (t, m));
                 let d = max_abs_diff(&f.weights, &r.w)?;
                 assert!(d == 0.0, "straight-through weights differ by {d}");
-                let want: Vec<u32> =
-                    (0..t).flat_map(|tok| (0..m).map(move |j| (tok, j))).map(|(tok, j)| r.cands[tok * k + r.sel[tok * m + j] as usize]).collect();
+                let want: Vec<u32> = (0..t)
+                    .flat_map(|tok| (0..m).map(move |j| (tok, j)))
+                    .map(|(tok, j)| r.cands[tok * k + r.sel[tok * m + j] as usize])
+                    .collect();
                 assert_eq!(f.indices, want);
             }
         }
@@ -119,7 +117,8 @@ fn backward_matches_reference() -> Result<()> {
             let p = params(k, m, 0.7);
             let rw = logits(t, m, 200 + i as u32, 1.0, dtype)?;
             let ry = logits(t, k, 300 + i as u32, 1.0, dtype)?;
-            let loss = |w: &Tensor, y: &Tensor| -> Result<Tensor> { (w * &rw)?.sum_all()? + (y * &ry)?.sum_all()?.sqr()? };
+            let loss =
+                |w: &Tensor, y: &Tensor| -> Result<Tensor> { (w * &rw)?.sum_all()? + (y * &ry)?.sum_all()?.sqr()? };
 
             let xv = Var::from_tensor(&x0)?;
             let r = reference(xv.as_tensor(), &p)?;
@@ -233,7 +232,11 @@ fn finite_difference_gradcheck() -> Result<()> {
                 let fm = f(&Tensor::new(minus, &Device::Cpu)?)?.to_scalar::<f64>()?;
                 let fd = (fp - fm) / (2.0 * h);
                 let err = (fd - grad[i][j]).abs();
-                assert!(err < 1e-6 * (1.0 + fd.abs()), "d/dx[{i},{j}]: autograd {} vs finite difference {fd}", grad[i][j]);
+                assert!(
+                    err < 1e-6 * (1.0 + fd.abs()),
+                    "d/dx[{i},{j}]: autograd {} vs finite difference {fd}",
+                    grad[i][j]
+                );
             }
         }
     }
@@ -246,7 +249,8 @@ fn normal_sf(z: f64) -> f64 {
         return 1.0 - normal_sf(-z);
     }
     let t = 1.0 / (1.0 + 0.231_641_9 * z);
-    let poly = t * (0.319_381_530 + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
+    let poly =
+        t * (0.319_381_530 + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
     (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
 }
 
@@ -308,7 +312,10 @@ fn kernel_noise_constants() {
         (0xfeed_beef_1234, 9, 2, 77, 255, 0xa8304807, 0.8672828807788139),
     ];
     for (seed, step, layer, token, expert, word, g) in keys {
-        let r = philox4x32_10([token, expert, step, (Stream::Gumbel as u32) << 16 | layer], [seed as u32, (seed >> 32) as u32]);
+        let r = philox4x32_10(
+            [token, expert, step, (Stream::Gumbel as u32) << 16 | layer],
+            [seed as u32, (seed >> 32) as u32],
+        );
         assert_eq!(r[0], word);
         let n = gumbel_noise(seed, step, layer, token, expert) as f64;
         assert!((n - g).abs() < 2e-6 * (1.0 + g.abs()), "{n} vs {g}");

@@ -2,12 +2,12 @@
 //! handling, checkpoint errors and generation.
 
 mod common;
+use candle_core::{Tensor, Var};
 use common::tiny_config;
 use gumbel_moe::generate::{generate, SampleConfig};
 use gumbel_moe::model::cross_entropy;
 use gumbel_moe::nn::Ctx;
 use gumbel_moe::train::{checkpoint, metrics, Trainer};
-use candle_core::{Tensor, Var};
 
 fn trainer(router: &str, extra: &[&str], dir: &std::path::Path) -> Trainer {
     let mut t = Trainer::new(tiny_config(router, extra), dir).expect("trainer");
@@ -76,7 +76,14 @@ fn losses(dir: &std::path::Path) -> Vec<String> {
         .unwrap()
         .iter()
         .filter(|v| v.get("event").is_none())
-        .map(|v| format!("{} {} {}", v["step"], v.get("train_loss").map(|x| x.to_string()).unwrap_or_default(), v.get("val_loss").map(|x| x.to_string()).unwrap_or_default()))
+        .map(|v| {
+            format!(
+                "{} {} {}",
+                v["step"],
+                v.get("train_loss").map(|x| x.to_string()).unwrap_or_default(),
+                v.get("val_loss").map(|x| x.to_string()).unwrap_or_default()
+            )
+        })
         .collect()
 }
 
@@ -212,7 +219,10 @@ fn fused_and_reference_routers_train_identically() {
         let h = format!("model.router.hard={hard}");
         trainer("gumbel", &["model.router.impl=\"fused\"", &h], a.path()).fit().unwrap();
         trainer("gumbel", &["model.router.impl=\"reference\"", &h], b.path()).fit().unwrap();
-        let (ma, mb) = (metrics::read(&a.path().join("metrics.jsonl")).unwrap(), metrics::read(&b.path().join("metrics.jsonl")).unwrap());
+        let (ma, mb) = (
+            metrics::read(&a.path().join("metrics.jsonl")).unwrap(),
+            metrics::read(&b.path().join("metrics.jsonl")).unwrap(),
+        );
         assert_eq!(ma.len(), mb.len());
         let mut n = 0;
         for (x, y) in ma.iter().zip(&mb) {

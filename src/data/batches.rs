@@ -12,11 +12,7 @@ use std::sync::Arc;
 /// validation (0.9 gives nanoGPT's 90/10). The cut is `floor(chars * train_fraction)`;
 /// the fraction is clamped to [0, 1] (NaN counts as 0).
 pub fn split_text(text: &str, train_fraction: f64) -> (&str, &str) {
-    let fraction = if train_fraction.is_nan() {
-        0.0
-    } else {
-        train_fraction.clamp(0.0, 1.0)
-    };
+    let fraction = if train_fraction.is_nan() { 0.0 } else { train_fraction.clamp(0.0, 1.0) };
     let chars = text.chars().count();
     let cut = ((chars as f64 * fraction).floor() as usize).min(chars);
     let byte = text.char_indices().nth(cut).map_or(text.len(), |(b, _)| b);
@@ -38,9 +34,7 @@ impl Batcher {
     /// tokens; one more leaves a choice of two offsets).
     pub fn new(tokens: Vec<u32>, block_size: usize, batch_size: usize, seed: u64) -> Result<Self> {
         if block_size == 0 || batch_size == 0 {
-            bail!(
-                "block_size ({block_size}) and batch_size ({batch_size}) must both be at least 1"
-            );
+            bail!("block_size ({block_size}) and batch_size ({batch_size}) must both be at least 1");
         }
         let need = block_size.saturating_add(2);
         if tokens.len() < need {
@@ -50,12 +44,7 @@ impl Batcher {
                 tokens.len()
             );
         }
-        Ok(Self {
-            tokens: Arc::new(tokens),
-            block_size,
-            batch_size,
-            seed,
-        })
+        Ok(Self { tokens: Arc::new(tokens), block_size, batch_size, seed })
     }
 
     /// The window offset of `row` in the random batch (step, micro): uniform in

@@ -66,10 +66,7 @@ fn follow_flattened_link(path: std::path::PathBuf) -> std::path::PathBuf {
         ups += 1;
     }
     let etag = rest.strip_prefix("blobs/").unwrap_or_default();
-    let is_etag = !etag.is_empty()
-        && etag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let is_etag = !etag.is_empty() && etag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ups < 2 || !is_etag {
         return path;
     }
@@ -96,18 +93,10 @@ impl HubFile {
         let owner = parts.next().unwrap_or_default();
         let name = parts.next().unwrap_or_default();
         let file = parts.next().unwrap_or_default();
-        if owner.is_empty()
-            || name.is_empty()
-            || file.is_empty()
-            || file.split('/').any(str::is_empty)
-        {
+        if owner.is_empty() || name.is_empty() || file.is_empty() || file.split('/').any(str::is_empty) {
             return Err(malformed());
         }
-        Ok(Self {
-            owner: owner.to_string(),
-            name: name.to_string(),
-            file: file.to_string(),
-        })
+        Ok(Self { owner: owner.to_string(), name: name.to_string(), file: file.to_string() })
     }
 
     /// Resolves the file to a local path through the `hf-hub` cache, downloading it unless
@@ -119,14 +108,9 @@ impl HubFile {
             .build()
             .context("cannot set up the Hugging Face hub client")?;
         let cache = client.cache_dir().to_path_buf();
-        let sync = hf_hub::HFClientSync::from_inner(client)
-            .context("cannot start the Hugging Face hub client")?;
+        let sync = hf_hub::HFClientSync::from_inner(client).context("cannot start the Hugging Face hub client")?;
         let repo = sync.dataset(self.owner.as_str(), self.name.as_str());
-        let result = repo
-            .download_file()
-            .filename(self.file.as_str())
-            .local_files_only(offline)
-            .send();
+        let result = repo.download_file().filename(self.file.as_str()).local_files_only(offline).send();
         result.map_err(|e| {
             let repo = format!("{}/{}", self.owner, self.name);
             let file = &self.file;
@@ -149,12 +133,7 @@ impl HubFile {
 /// Whether `HF_HUB_OFFLINE` asks for cache-only lookups ("1", "true", "yes" or "on", any case).
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         .unwrap_or(false)
 }
 
@@ -171,23 +150,12 @@ mod tests {
         std::fs::write(repo.join("blobs/abc123"), "the text").unwrap();
         let flat = repo.join("snapshots/c0/input.txt");
         std::fs::write(&flat, "../../blobs/abc123").unwrap();
-        assert_eq!(
-            follow_flattened_link(flat.clone()),
-            flat.parent().unwrap().join("../../blobs/abc123")
-        );
+        assert_eq!(follow_flattened_link(flat.clone()), flat.parent().unwrap().join("../../blobs/abc123"));
         let nested = repo.join("snapshots/c0/sub/input.txt");
         std::fs::write(&nested, "../../../blobs/abc123").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(follow_flattened_link(nested)).unwrap(),
-            "the text"
-        );
+        assert_eq!(std::fs::read_to_string(follow_flattened_link(nested)).unwrap(), "the text");
         // Link text to a missing blob, or ordinary text, stays as it is.
-        for text in [
-            "../../blobs/missing",
-            "hello",
-            "../blobs/abc123",
-            "../../blobs/../x",
-        ] {
+        for text in ["../../blobs/missing", "hello", "../blobs/abc123", "../../blobs/../x"] {
             std::fs::write(&flat, text).unwrap();
             assert_eq!(follow_flattened_link(flat.clone()), flat, "{text}");
         }
@@ -196,23 +164,10 @@ mod tests {
     #[test]
     fn parses_hub_specs() {
         let f = HubFile::parse("hf://a/b/dir/c.txt").unwrap();
-        assert_eq!(
-            (f.owner.as_str(), f.name.as_str(), f.file.as_str()),
-            ("a", "b", "dir/c.txt")
-        );
-        for bad in [
-            "hf:/a/b/c",
-            "hf://a/b",
-            "hf://a//c",
-            "hf:///b/c",
-            "hf://a/b/",
-            "hf://a/b/d//c",
-        ] {
+        assert_eq!((f.owner.as_str(), f.name.as_str(), f.file.as_str()), ("a", "b", "dir/c.txt"));
+        for bad in ["hf:/a/b/c", "hf://a/b", "hf://a//c", "hf:///b/c", "hf://a/b/", "hf://a/b/d//c"] {
             let err = HubFile::parse(bad).unwrap_err().to_string();
-            assert!(
-                err.contains(bad) && err.contains("hf://OWNER/NAME/FILE"),
-                "{bad}: {err}"
-            );
+            assert!(err.contains(bad) && err.contains("hf://OWNER/NAME/FILE"), "{bad}: {err}");
         }
     }
 }

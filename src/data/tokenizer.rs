@@ -48,10 +48,7 @@ pub struct Tokenizer {
 #[derive(Clone)]
 enum Inner {
     Char(Box<CharVocab>),
-    Bpe {
-        hf: Box<tokenizers::Tokenizer>,
-        requested: usize,
-    },
+    Bpe { hf: Box<tokenizers::Tokenizer>, requested: usize },
 }
 
 /// A character vocabulary: id to char, and char to id through a table for ASCII and a map above.
@@ -78,11 +75,7 @@ impl CharVocab {
                 }
             }
         }
-        Self {
-            chars,
-            ascii,
-            other,
-        }
+        Self { chars, ascii, other }
     }
 
     fn id(&self, c: char) -> Option<u32> {
@@ -124,12 +117,7 @@ impl CharVocab {
 
     /// The Hugging Face form: WordLevel over the chars, every char its own pre-token, Fuse decoder.
     fn to_hf(&self) -> Result<tokenizers::Tokenizer> {
-        let vocab = self
-            .chars
-            .iter()
-            .enumerate()
-            .map(|(id, c)| (c.to_string(), id as u32))
-            .collect();
+        let vocab = self.chars.iter().enumerate().map(|(id, c)| (c.to_string(), id as u32)).collect();
         // No unknown token: the HF pipeline errors on an unknown char, as `encode` does.
         let model = WordLevel::builder()
             .vocab(vocab)
@@ -169,9 +157,7 @@ fn bpe_chunks(text: &str) -> Vec<&str> {
         if bytes[i] == b'\n' && i > 0 && i + 1 < bytes.len() {
             let before = text[..i].chars().next_back();
             let after = text[i + 1..].chars().next();
-            if before.is_some_and(|c| !c.is_whitespace())
-                && after.is_some_and(|c| !c.is_whitespace())
-            {
+            if before.is_some_and(|c| !c.is_whitespace()) && after.is_some_and(|c| !c.is_whitespace()) {
                 chunks.push(&text[start..=i]);
                 start = i + 1;
                 i = start + BPE_CHUNK_BYTES;
@@ -198,11 +184,8 @@ impl Tokenizer {
         }
         let inner = match *kind {
             TokenizerKind::Char => {
-                let mut chars: Vec<char> = text
-                    .chars()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
+                let mut chars: Vec<char> =
+                    text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
                 chars.shrink_to_fit();
                 Inner::Char(Box::new(CharVocab::new(chars)))
             }
@@ -223,10 +206,7 @@ impl Tokenizer {
                 hf.with_decoder(Some(byte_level()));
                 hf.train(&mut trainer, bpe_chunks(text).into_iter())
                     .map_err(|e| anyhow!("BPE training (vocab_size {vocab_size}) failed: {e}"))?;
-                Inner::Bpe {
-                    hf: Box::new(hf),
-                    requested: vocab_size,
-                }
+                Inner::Bpe { hf: Box::new(hf), requested: vocab_size }
             }
         };
         Ok(Self { inner })
@@ -259,8 +239,7 @@ impl Tokenizer {
                 if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= n) {
                     bail!("token id {id} at position {pos} is out of range for a BPE vocabulary of {n}");
                 }
-                hf.decode(ids, false)
-                    .map_err(|e| anyhow!("BPE decoding of {} ids failed: {e}", ids.len()))
+                hf.decode(ids, false).map_err(|e| anyhow!("BPE decoding of {} ids failed: {e}", ids.len()))
             }
         }
     }
@@ -277,9 +256,7 @@ impl Tokenizer {
     pub fn kind(&self) -> TokenizerKind {
         match &self.inner {
             Inner::Char(_) => TokenizerKind::Char,
-            Inner::Bpe { requested, .. } => TokenizerKind::Bpe {
-                vocab_size: *requested,
-            },
+            Inner::Bpe { requested, .. } => TokenizerKind::Bpe { vocab_size: *requested },
         }
     }
 
@@ -290,25 +267,26 @@ impl Tokenizer {
             Inner::Char(v) => v.to_hf()?,
             Inner::Bpe { hf, .. } => (**hf).clone(),
         };
-        hf.save(path, true)
-            .map_err(|e| anyhow!("cannot write tokenizer file {}: {e}", path.display()))
+        hf.save(path, true).map_err(|e| anyhow!("cannot write tokenizer file {}: {e}", path.display()))
     }
 
     /// Loads a file written by `save`; `kind` (stored in our config too) says whether it is Char
     /// or Bpe, and must agree with the model in the file. Errors name the file.
     pub fn load(path: &Path, kind: &TokenizerKind) -> Result<Self> {
         let name = path.display();
-        let hf = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("cannot load tokenizer file {name}: {e}"))?;
+        let hf =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer file {name}: {e}"))?;
         let inner = match (kind, hf.get_model()) {
-            (TokenizerKind::Char, ModelWrapper::WordLevel(_)) => Inner::Char(Box::new(
-                char_vocab_of(&hf).with_context(|| format!("tokenizer file {name}"))?,
-            )),
+            (TokenizerKind::Char, ModelWrapper::WordLevel(_)) => {
+                Inner::Char(Box::new(char_vocab_of(&hf).with_context(|| format!("tokenizer file {name}"))?))
+            }
             (TokenizerKind::Bpe { vocab_size }, ModelWrapper::BPE(_)) => {
                 check_byte_level(&hf).with_context(|| format!("tokenizer file {name}"))?;
                 let n = hf.get_vocab_size(true);
                 if n > *vocab_size {
-                    bail!("tokenizer file {name} holds {n} tokens, more than the configured BPE vocab_size {vocab_size}");
+                    bail!(
+                        "tokenizer file {name} holds {n} tokens, more than the configured BPE vocab_size {vocab_size}"
+                    );
                 }
                 Inner::Bpe { hf: Box::new(hf), requested: *vocab_size }
             }
@@ -374,10 +352,7 @@ fn model_name(model: &ModelWrapper) -> &'static str {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("kind", &self.kind())
-            .field("vocab_size", &self.vocab_size())
-            .finish()
+        f.debug_struct("Tokenizer").field("kind", &self.kind()).field("vocab_size", &self.vocab_size()).finish()
     }
 }
 

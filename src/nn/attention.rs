@@ -1,9 +1,9 @@
 //! Causal multi-head self-attention (nanoGPT's CausalSelfAttention), with learned or rotary positions.
 
+use super::Linear;
 use super::{linear, ops, rotary::Rotary, Ctx};
 use crate::config::Config;
 use candle_core::{Result, Tensor};
-use super::Linear;
 use candle_nn::{Module, VarBuilder};
 
 #[derive(Clone, Debug)]

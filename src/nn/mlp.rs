@@ -2,9 +2,9 @@
 //! feed-forward of non-MoE blocks and as each expert of an MoE layer.
 
 use super::linear;
+use super::Linear;
 use crate::config::Config;
 use candle_core::{Result, Tensor};
-use super::Linear;
 use candle_nn::{Module, VarBuilder};
 
 #[derive(Clone, Debug)]

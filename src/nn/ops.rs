@@ -54,7 +54,6 @@ pub fn dropout(x: &Tensor, p: f64, train: bool, seed: u64, step: u64, micro: u32
 /// An additive causal mask (T, T): 0 on and below the diagonal, a large negative number above.
 /// A finite value (not -inf) keeps every intermediate finite.
 pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
+    let data: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
     Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
 }

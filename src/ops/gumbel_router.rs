@@ -533,7 +533,13 @@ impl CustomOp2 for GumbelWeights {
         Ok((out, Shape::from((rl.rows, self.0.k))))
     }
 
-    fn bwd(&self, logits: &Tensor, cand: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        cand: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let e = logits.dim(1)?;
         let dl = res.apply_op3_no_bwd(&grad_res.contiguous()?, cand, &GumbelWeightsBwd { p: self.0, e })?;
         Ok((Some(dl), None))
@@ -575,7 +581,10 @@ impl GumbelWeightsBwd {
         dl.par_chunks_mut(e.max(1)).with_min_len(ROWS_PER_TASK).enumerate().try_for_each(|(t, o)| {
             let c = &rc.row(cand, t)[..k];
             bwd_row(ry.row(y, t), rd.row(dy, t), c, o, inv_tau).map_err(|i| {
-                candle_core::Error::Msg(format!("gumbel-weights-bwd: candidate {} of token {t} is out of range (E = {e})", c[i]))
+                candle_core::Error::Msg(format!(
+                    "gumbel-weights-bwd: candidate {} of token {t} is out of range (E = {e})",
+                    c[i]
+                ))
             })
         })?;
         Ok(dl)
@@ -658,7 +667,11 @@ impl CustomOp3 for GumbelWeightsBwd {
         gp.logits_stride = self.e as u32;
         let out = metal::launch(
             "gumbel_weights_bwd_f32",
-            &[(s1, ry.offset, candle_core::DType::F32), (s2, rd.offset, candle_core::DType::F32), (s3, rc.offset, candle_core::DType::U32)],
+            &[
+                (s1, ry.offset, candle_core::DType::F32),
+                (s2, rd.offset, candle_core::DType::F32),
+                (s3, rc.offset, candle_core::DType::U32),
+            ],
             (ry.rows * self.e, candle_core::DType::F32),
             gp,
             ry.rows,
@@ -717,7 +730,7 @@ pub fn gumbel_route(logits: &Tensor, p: &GumbelParams, hard: bool) -> Result<Fus
     }
     let sel = cand_sel.narrow(1, k, m)?.contiguous()?; // (T, m) positions within K
     let ys = y.gather(&sel, 1)?; // (T, m)
-    // (ys - ys) is exactly 0 forward, so each weight is exactly 1/m; the gradient is d ys.
+                                 // (ys - ys) is exactly 0 forward, so each weight is exactly 1/m; the gradient is d ys.
     let weights = (ys.sub(&ys.detach())? + 1.0 / m as f64)?;
     Ok(FusedRouting { indices, m, weights, y, cand_sel })
 }
@@ -769,7 +782,14 @@ mod cuda {
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
-    pub fn weights(s1: &CudaStorage, rl: Rows, s2: &CudaStorage, rc: Rows, gp: GmParams, n_out: usize) -> Result<CudaStorage> {
+    pub fn weights(
+        s1: &CudaStorage,
+        rl: Rows,
+        s2: &CudaStorage,
+        rc: Rows,
+        gp: GmParams,
+        n_out: usize,
+    ) -> Result<CudaStorage> {
         f32_only(s1, "logits")?;
         let dev = s1.device();
         let out = dev.alloc_zeros::<f32>(n_out)?;
@@ -848,7 +868,8 @@ mod metal {
 
     fn pipeline(dev: &candle_core::MetalDevice, name: &'static str) -> Result<ComputePipeline> {
         static CACHE: OnceLock<Cache> = OnceLock::new();
-        let mut cache = CACHE.get_or_init(Default::default).lock().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut cache =
+            CACHE.get_or_init(Default::default).lock().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let entry = match cache.entry(dev.id()) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {

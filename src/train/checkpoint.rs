@@ -36,7 +36,14 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const STATE_FILE: &str = "trainer_state.json";
 
 /// Writes a checkpoint to `dir` atomically (replacing an older one there).
-pub fn save(dir: &Path, params: &Params, opt: &AdamW, cfg: &Config, tok: &Tokenizer, state: &TrainerState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    params: &Params,
+    opt: &AdamW,
+    cfg: &Config,
+    tok: &Tokenizer,
+    state: &TrainerState,
+) -> Result<()> {
     let parent = dir.parent().context("checkpoint dir has no parent")?;
     let name = dir.file_name().context("checkpoint dir has no name")?.to_string_lossy().to_string();
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -75,13 +82,14 @@ pub fn save_weights(path: &Path, params: &Params) -> Result<()> {
 /// hold nothing else. Errors name the tensor and both shapes.
 pub fn load_weights(path: &Path, params: &Params) -> Result<()> {
     let dev = params.named().first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let map = candle_core::safetensors::load(path, &dev)
-        .with_context(|| format!("checkpoint weights {} are unreadable (truncated or not safetensors)", path.display()))?;
+    let map = candle_core::safetensors::load(path, &dev).with_context(|| {
+        format!("checkpoint weights {} are unreadable (truncated or not safetensors)", path.display())
+    })?;
     let named = params.named();
     for (name, var) in &named {
-        let t = map
-            .get(name)
-            .with_context(|| format!("{}: missing tensor {name} (model expects shape {:?})", path.display(), var.shape()))?;
+        let t = map.get(name).with_context(|| {
+            format!("{}: missing tensor {name} (model expects shape {:?})", path.display(), var.shape())
+        })?;
         if t.shape() != var.shape() {
             bail!(
                 "{}: tensor {name} has shape {:?} in the checkpoint but the model expects {:?}",
@@ -124,7 +132,9 @@ pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
     }
     let mut ckpts: Vec<PathBuf> = std::fs::read_dir(path)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")) && p.join(MODEL_FILE).exists())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")) && p.join(MODEL_FILE).exists()
+        })
         .collect();
     ckpts.sort();
     ckpts.pop().with_context(|| format!("{} holds no checkpoint (no {MODEL_FILE}, no ckpt-* dir)", path.display()))

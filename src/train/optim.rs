@@ -82,14 +82,20 @@ impl AdamW {
     /// Restores the moments and step written by `save`; every tensor must be there with its shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let dev = self.m.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
-        let map = candle_core::safetensors::load(path, &dev)
-            .with_context(|| format!("optimizer state {} is unreadable (truncated or not safetensors)", path.display()))?;
+        let map = candle_core::safetensors::load(path, &dev).with_context(|| {
+            format!("optimizer state {} is unreadable (truncated or not safetensors)", path.display())
+        })?;
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{kind}.{name}");
                 let t = map.get(&key).with_context(|| format!("{}: missing tensor {key}", path.display()))?;
                 if t.shape() != p.shape() {
-                    bail!("{}: tensor {key} has shape {:?}, the model expects {:?}", path.display(), t.shape(), p.shape());
+                    bail!(
+                        "{}: tensor {key} has shape {:?}, the model expects {:?}",
+                        path.display(),
+                        t.shape(),
+                        p.shape()
+                    );
                 }
                 *slot = t.to_dtype(p.dtype())?;
             }

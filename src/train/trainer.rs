@@ -89,7 +89,12 @@ impl Trainer {
         checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
         t.opt.load(&loaded.dir.join(checkpoint::OPTIMIZER_FILE))?;
         if t.opt.step_count() != loaded.state.step {
-            bail!("checkpoint {}: optimizer step {} != trainer step {}", loaded.dir.display(), t.opt.step_count(), loaded.state.step);
+            bail!(
+                "checkpoint {}: optimizer step {} != trainer step {}",
+                loaded.dir.display(),
+                t.opt.step_count(),
+                loaded.state.step
+            );
         }
         t.state = loaded.state;
         metrics::truncate_after(&t.out_dir, t.state.step)?;

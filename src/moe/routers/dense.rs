@@ -5,8 +5,8 @@ use super::{host_logits, router_linear};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use candle_core::{Result, Tensor};
 use crate::nn::Linear;
+use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 pub struct DenseRouter {

@@ -14,10 +14,10 @@ use super::{host_logits, index_tensor, router_linear, top_k};
 use crate::config::{Config, RouterConfig};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
+use crate::nn::Linear;
 use crate::ops::{gumbel_route, GumbelParams};
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor};
-use crate::nn::Linear;
 use candle_nn::{Module, VarBuilder};
 
 pub struct GumbelRouter {
@@ -67,7 +67,7 @@ pub fn relaxed(cand: &Tensor, g: &Tensor, tau: f64) -> Result<Tensor> {
 /// y: (T, K), sel: (T, m) positions within K -> (T, m).
 pub fn straight_through(y: &Tensor, sel: &Tensor, m: usize) -> Result<Tensor> {
     let ys = y.gather(sel, 1)?; // (T, m)
-    // (ys - ys) is exactly 0 in the forward pass, so the weight is exactly 1/m; the gradient is d ys.
+                                // (ys - ys) is exactly 0 in the forward pass, so the weight is exactly 1/m; the gradient is d ys.
     ys.sub(&ys.detach())? + 1.0 / m as f64
 }
 

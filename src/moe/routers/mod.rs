@@ -4,8 +4,8 @@ pub mod gumbel;
 pub mod softmax_topk;
 
 use super::RouteCtx;
-use candle_core::{DType, Result, Tensor};
 use crate::nn::Linear;
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// The router projection d -> E (no bias), weight ~ N(0, std).

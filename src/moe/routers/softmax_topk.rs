@@ -5,8 +5,8 @@ use super::{host_logits, index_tensor, router_linear, top_k};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use candle_core::{Result, Tensor, D};
 use crate::nn::Linear;
+use candle_core::{Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
 pub struct SoftmaxTopkRouter {
