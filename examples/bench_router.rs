@@ -7,36 +7,14 @@
 //! adds the backward of sum(weights * r + y * s) to the logits. Times are medians over `iters` runs.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use gumbel_moe::moe::routers::gumbel::{noise, prefilter, relaxed, straight_through};
-use gumbel_moe::moe::routers::top_k;
+use gumbel_moe::moe::routers::gumbel::reference_route;
 use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams};
 use std::time::Instant;
 
-/// The reference router after its gate matmul (GumbelRouter::route): host top-K, noise, gather,
-/// relaxed softmax, Gumbel-top-m on the host, straight-through. Returns (indices, weights, y).
+/// The reference router after its gate matmul: (indices, weights, y).
 fn reference(logits: &Tensor, p: &GumbelParams) -> Result<(Vec<u32>, Tensor, Tensor)> {
-    let (t, _) = logits.dims2()?;
-    let (k, m) = (p.k, p.m);
     let host = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let cands = prefilter(&host, k);
-    let g = noise(&cands, p.seed, p.step as u64, p.layer, p.token_base);
-    let cand_idx: Vec<u32> = cands.iter().flatten().map(|&e| e as u32).collect();
-    let cand_t = Tensor::from_vec(cand_idx, (t, k), logits.device())?;
-    let cand = logits.gather(&cand_t, 1)?;
-    let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), logits.device())?
-        .to_dtype(logits.dtype())?;
-    let y = relaxed(&cand, &g_t, p.tau)?;
-    let mut sel = Vec::with_capacity(t * m);
-    let mut indices = Vec::with_capacity(t * m);
-    for (tok, c) in cands.iter().enumerate() {
-        let pert: Vec<f64> = c.iter().zip(&g[tok]).map(|(&e, gi)| host[tok][e] + gi).collect();
-        for q in top_k(&pert, m) {
-            sel.push(q as u32);
-            indices.push(c[q] as u32);
-        }
-    }
-    let sel = Tensor::from_vec(sel, (t, m), logits.device())?;
-    let w = straight_through(&y, &sel, m)?;
+    let (indices, _, w, y) = reference_route(logits, &host, p, true)?;
     Ok((indices, w, y))
 }
 

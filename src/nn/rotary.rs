@@ -61,7 +61,12 @@ mod tests {
             (rq.i((0, 0, m))? * rk.i((0, 0, n))?)?.sum_all()?.to_scalar::<f64>()
         };
         for (m, n, s) in [(5, 2, 4), (3, 3, 7), (1, 9, 2)] {
-            assert!((dot(m, n)? - dot(m + s, n + s)?).abs() < 1e-6, "m={m} n={n} s={s}: {} vs {}", dot(m, n)?, dot(m + s, n + s)?);
+            assert!(
+                (dot(m, n)? - dot(m + s, n + s)?).abs() < 1e-6,
+                "m={m} n={n} s={s}: {} vs {}",
+                dot(m, n)?,
+                dot(m + s, n + s)?
+            );
         }
         assert!((dot(5, 2)? - dot(2, 5)?).abs() > 1e-3, "scores must depend on the sign of m - n");
         let norm = |x: &Tensor| -> Result<f64> { x.sqr()?.sum_all()?.to_scalar::<f64>() };

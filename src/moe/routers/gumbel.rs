@@ -71,6 +71,40 @@ pub fn straight_through(y: &Tensor, sel: &Tensor, m: usize) -> Result<Tensor> {
     ys.sub(&ys.detach())? + 1.0 / m as f64
 }
 
+/// The plain-tensor twin of `ops::gumbel_route`: the whole router after the gate matmul, from
+/// logits (T, E) and their host copy. Returns (indices (T, m') row-major, m', weights (T, m'),
+/// y (T, K)) with m' = m when `hard`, K otherwise (then the indices are the K candidates).
+pub fn reference_route(
+    logits: &Tensor,
+    host: &[Vec<f64>],
+    p: &GumbelParams,
+    hard: bool,
+) -> Result<(Vec<u32>, usize, Tensor, Tensor)> {
+    let (t, k) = (host.len(), p.k);
+    let cands = prefilter(host, k); // (T, K)
+    let g = if p.noisy { noise(&cands, p.seed, p.step as u64, p.layer, p.token_base) } else { vec![vec![0.0; k]; t] };
+    let cand_idx: Vec<u32> = cands.iter().flatten().map(|&e| e as u32).collect();
+    let cand = logits.gather(&index_tensor(cand_idx.clone(), t, k, logits)?, 1)?; // (T, K)
+    let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), logits.device())?
+        .to_dtype(logits.dtype())?;
+    let y = relaxed(&cand, &g_t, p.tau)?; // (T, K)
+    if !hard {
+        return Ok((cand_idx, k, y.clone(), y));
+    }
+    // The m largest perturbed candidates (Gumbel-top-m): positions within K.
+    let m = p.m;
+    let (mut sel, mut indices) = (Vec::with_capacity(t * m), Vec::with_capacity(t * m));
+    for (tok, c) in cands.iter().enumerate() {
+        let pert: Vec<f64> = c.iter().zip(&g[tok]).map(|(&e, gi)| host[tok][e] + gi).collect();
+        for q in top_k(&pert, m) {
+            sel.push(q as u32);
+            indices.push(c[q] as u32);
+        }
+    }
+    let weights = straight_through(&y, &index_tensor(sel, t, m, logits)?, m)?;
+    Ok((indices, m, weights, y))
+}
+
 impl Router for GumbelRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let r = &self.cfg;
@@ -81,53 +115,24 @@ impl Router for GumbelRouter {
         if !(tau > 0.0) {
             candle_core::bail!("gumbel router: temperature tau = {tau} must be > 0");
         }
-        let t = host.len();
-        let k = r.prefilter;
-        let noisy = rc.ctx.train || r.eval_mode == "sample";
-        if r.implementation == "fused" {
-            // The same math as below in three custom ops (src/ops/gumbel_router.rs): bit-identical
-            // on the CPU, and the path with CUDA and Metal kernels.
-            let p = GumbelParams {
-                k,
-                m: r.top_m,
-                tau: rc.ctx.tau,
-                seed: rc.ctx.seed,
-                step: rc.ctx.step as u32,
-                layer: rc.layer,
-                token_base: rc.ctx.micro * t as u32,
-                noisy,
-            };
-            let f = gumbel_route(&logits, &p, r.hard)?;
-            return Ok(Routing { indices: f.indices, m: f.m, weights: f.weights, logits, probs });
-        }
-        let cands = prefilter(&host, k); // (T, K)
-        let g = if noisy {
-            noise(&cands, rc.ctx.seed, rc.ctx.step, rc.layer, rc.ctx.micro * t as u32)
-        } else {
-            vec![vec![0.0; k]; t]
+        let p = GumbelParams {
+            k: r.prefilter,
+            m: r.top_m,
+            tau,
+            seed: rc.ctx.seed,
+            step: rc.ctx.step as u32,
+            layer: rc.layer,
+            token_base: rc.ctx.micro * host.len() as u32,
+            noisy: rc.ctx.train || r.eval_mode == "sample",
         };
-        let cand_idx: Vec<u32> = cands.iter().flatten().map(|&e| e as u32).collect();
-        let cand_t = index_tensor(cand_idx.clone(), t, k, &logits)?;
-        let cand = logits.gather(&cand_t, 1)?; // (T, K)
-        let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), x.device())?
-            .to_dtype(x.dtype())?;
-        let y = relaxed(&cand, &g_t, tau)?; // (T, K)
-        if !r.hard {
-            return Ok(Routing { indices: cand_idx, m: k, weights: y, logits, probs });
-        }
-        // The m largest perturbed candidates (Gumbel-top-m): positions within K.
-        let m = r.top_m;
-        let mut sel = Vec::with_capacity(t * m);
-        let mut indices = Vec::with_capacity(t * m);
-        for (tok, c) in cands.iter().enumerate() {
-            let pert: Vec<f64> = c.iter().zip(&g[tok]).map(|(&e, gi)| host[tok][e] + gi).collect();
-            for p in top_k(&pert, m) {
-                sel.push(p as u32);
-                indices.push(c[p] as u32);
-            }
-        }
-        let sel = index_tensor(sel, t, m, &logits)?;
-        let weights = straight_through(&y, &sel, m)?;
+        let (indices, m, weights) = if r.implementation == "fused" {
+            // The same math in three custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels.
+            let f = gumbel_route(&logits, &p, r.hard)?;
+            (f.indices, f.m, f.weights)
+        } else {
+            let (indices, m, weights, _) = reference_route(&logits, &host, &p, r.hard)?;
+            (indices, m, weights)
+        };
         Ok(Routing { indices, m, weights, logits, probs })
     }
 
