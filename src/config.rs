@@ -83,6 +83,9 @@ pub struct RouterConfig {
     pub implementation: String,
     /// Std of the router weight init (nanoGPT's 0.02 by default).
     pub init_std: f64,
+    /// Learning-rate multiplier for the router weights (AdamW's update size is ~lr whatever the
+    /// gradient scale, so this is how fast the router can sharpen).
+    pub lr_scale: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -162,6 +165,7 @@ impl Default for Config {
                     eval_mode: "argmax".into(),
                     implementation: "fused".into(),
                     init_std: 0.02,
+                    lr_scale: 1.0,
                 },
             },
             data: DataConfig {
@@ -353,6 +357,9 @@ impl Config {
             }
             if !(r.tau_min > 0.0) || !r.tau_min.is_finite() {
                 bail!("model.router.tau_min = {} must be > 0", r.tau_min);
+            }
+            if !(r.lr_scale > 0.0) {
+                bail!("model.router.lr_scale = {} must be > 0", r.lr_scale);
             }
             if r.tau_decay < 0.0 {
                 bail!("model.router.tau_decay = {} must be >= 0", r.tau_decay);

@@ -19,6 +19,8 @@ pub struct AdamWConfig {
 
 pub struct AdamW {
     params: Vec<(String, Var)>,
+    /// Per-parameter learning-rate multiplier (1 unless set with `set_lr_scale`).
+    lr_scale: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Optimizer steps taken (bias correction uses step + 1 for the next one).
@@ -31,7 +33,17 @@ impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(Self { params, m, v, step: 0, cfg })
+        let lr_scale = vec![1.0; params.len()];
+        Ok(Self { params, lr_scale, m, v, step: 0, cfg })
+    }
+
+    /// Multiplies the learning rate of every parameter whose name contains `pattern` by `scale`.
+    pub fn set_lr_scale(&mut self, pattern: &str, scale: f64) {
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            if name.contains(pattern) {
+                self.lr_scale[i] = scale;
+            }
+        }
     }
 
     pub fn step_count(&self) -> u64 {
@@ -53,6 +65,7 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            let lr = lr * self.lr_scale[i];
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
@@ -134,6 +147,27 @@ mod tests {
         let got = p.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for i in 0..4 {
             assert!((got[i] - theta[i]).abs() < 1e-12, "{i}: {} vs {}", got[i], theta[i]);
+        }
+        Ok(())
+    }
+
+    // set_lr_scale multiplies the step of the matching parameters only (decay included).
+    #[test]
+    fn lr_scale_applies_by_name() -> Result<()> {
+        let mk = || Var::from_vec(vec![1.0f64, -1.0], (1, 2), &Device::Cpu);
+        let (a, b) = (mk()?, mk()?);
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt =
+            AdamW::new(vec![("h.0.moe.router.weight".into(), a.clone()), ("wte.weight".into(), b.clone())], cfg)?;
+        opt.set_lr_scale(".moe.router.", 3.0);
+        let g = Tensor::from_vec(vec![0.5f64, 0.25], (1, 2), &Device::Cpu)?;
+        opt.step(&[Some(g.clone()), Some(g)], 0.01)?;
+        // First Adam step: m_hat / (sqrt(v_hat) + eps) = sign(g) (to 1e-8), so theta' = theta (1 - lr wd) - lr.
+        let expect = |lr: f64| [1.0 * (1.0 - lr * 0.1) - lr, -1.0 * (1.0 - lr * 0.1) - lr];
+        let (ga, gb) = (a.as_tensor().flatten_all()?.to_vec1::<f64>()?, b.as_tensor().flatten_all()?.to_vec1::<f64>()?);
+        for i in 0..2 {
+            assert!((ga[i] - expect(0.03)[i]).abs() < 1e-6, "router {i}: {}", ga[i]);
+            assert!((gb[i] - expect(0.01)[i]).abs() < 1e-6, "wte {i}: {}", gb[i]);
         }
         Ok(())
     }

@@ -151,10 +151,11 @@ impl Trainer {
         let vb = params.var_builder(cfg.seed, DType::F32, &device);
         let model = Gpt::new_with_router(&cfg, vb, router)?;
         let t = &cfg.train;
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             params.named(),
             AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
         )?;
+        opt.set_lr_scale(".moe.router.", cfg.model.router.lr_scale);
         let state = TrainerState {
             step: 0,
             best_val_loss: None,
