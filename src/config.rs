@@ -284,9 +284,17 @@ impl Config {
         Ok(serde_json::to_string_pretty(self)?)
     }
 
+    /// Reads a resolved config (config.json of a checkpoint). Keys added to the crate since the
+    /// checkpoint was written take their defaults; unknown keys are still errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Config> {
-        let cfg: Config =
-            serde_json::from_str(text).with_context(|| format!("{origin}: not a valid gumbel-moe config"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
+        let file = toml::Table::try_from(json).with_context(|| format!("{origin}: not a gumbel-moe config"))?;
+        let mut tree = toml::Table::try_from(Config::default()).context("serializing defaults")?;
+        merge(&mut tree, &file, "", origin)?;
+        let cfg: Config = toml::Value::Table(tree)
+            .try_into()
+            .with_context(|| format!("{origin}: config does not match the schema"))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -87,3 +87,18 @@ fn invalid_router_settings_are_rejected_by_name() {
     assert!(err("", &["model.router.kind=magic"]).contains("model.router.kind"));
     assert!(err("", &["model.n_head=3"]).contains("divisible"));
 }
+
+#[test]
+fn checkpoint_configs_from_older_versions_take_new_defaults() {
+    let cfg = Config::default();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg.to_json().unwrap()).unwrap();
+    // A config.json written before `model.router.lr_scale` existed.
+    json["model"]["router"].as_object_mut().unwrap().remove("lr_scale");
+    json["model"]["n_layer"] = 3.into();
+    let back = Config::from_json(&json.to_string(), "old.json").unwrap();
+    assert_eq!(back.model.router.lr_scale, Config::default().model.router.lr_scale);
+    assert_eq!(back.model.n_layer, 3);
+    json["model"]["mystery"] = 1.into();
+    let e = format!("{:#}", Config::from_json(&json.to_string(), "old.json").unwrap_err());
+    assert!(e.contains("model.mystery"), "{e}");
+}
