@@ -78,7 +78,7 @@ impl Trainer {
         let text = toml::to_string(&loaded.cfg)?;
         let mut cfg = Config::resolve(&text, &loaded.dir.join("config.json").display().to_string(), overrides)?;
         cfg.model.vocab_size = loaded.tokenizer.vocab_size();
-        if cfg.model != loaded.cfg.model && shape_changed(&cfg, &loaded.cfg) {
+        if shape_changed(&cfg, &loaded.cfg) {
             bail!("--set may not change the model's shape on resume (checkpoint {})", loaded.dir.display());
         }
         let out = match out_dir {
@@ -191,10 +191,15 @@ impl Trainer {
         for i in 0..n {
             let (x, y) = b.random_batch(EVAL_KEY + i as u64, 0);
             let rows = b.batch_size();
-            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
-            sum += cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sum += self.eval_batch_loss(&x, &y, rows, &ctx)?;
         }
         Ok(sum / n as f64)
+    }
+
+    /// Mean cross-entropy of one evaluation batch (no noise, no dropout).
+    fn eval_batch_loss(&self, x: &[u32], y: &[u32], rows: usize, ctx: &Ctx) -> Result<f64> {
+        let out = self.model.forward(&self.to_tensor(x, rows)?, ctx)?;
+        Ok(cross_entropy(&out.logits, &self.to_tensor(y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 
     /// Exact mean loss over every token of the validation split (non-overlapping windows).
@@ -203,9 +208,7 @@ impl Trainer {
         let ctx = Ctx::eval(self.cfg.seed, tau);
         let (mut sum, mut count) = (0.0, 0usize);
         for (x, y, rows) in self.val.sequential_batches() {
-            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
-            let l = cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            sum += l * y.len() as f64;
+            sum += self.eval_batch_loss(&x, &y, rows, &ctx)? * y.len() as f64;
             count += y.len();
         }
         Ok(sum / count.max(1) as f64)
@@ -221,9 +224,10 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; named.len()];
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
-        let mut load = vec![vec![0u64; e]; 0];
+        let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
+        let mut load = vec![vec![0u64; e]; moe_layers];
+        let mut entropy = vec![0.0; moe_layers];
         let (mut dropped, mut routed) = (0usize, 0usize);
-        let mut entropy = Vec::new();
         for micro in 0..accum as u32 {
             let (x, y) = train.random_batch(step, micro);
             let rows = train.batch_size();
@@ -246,10 +250,6 @@ impl Trainer {
                         None => g.clone(),
                     });
                 }
-            }
-            if load.is_empty() {
-                load = vec![vec![0u64; e]; out.moe_stats.len()];
-                entropy = vec![0.0; out.moe_stats.len()];
             }
             for (l, s) in out.moe_stats.iter().enumerate() {
                 for (j, &c) in s.tokens_per_expert.iter().enumerate() {
