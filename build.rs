@@ -1,4 +1,4 @@
-// Compiles kernels/gumbel_router.cu to PTX ($OUT_DIR/gumbel_router.ptx) with nvcc, only when the
+// Compiles every kernels/NAME.cu to PTX ($OUT_DIR/NAME.ptx) with nvcc, only when the
 // `cuda` feature is on: the default (CPU) build needs no CUDA toolchain. The PTX is embedded with
 // include_str! and loaded through candle's CudaDevice::get_or_load_custom_func.
 // Env: NVCC (default "nvcc" on PATH), GUMBEL_MOE_PTX_ARCH (default 80: PTX .target sm_80, which the
@@ -17,7 +17,14 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let arch = format!("-arch=sm_{}", std::env::var("GUMBEL_MOE_PTX_ARCH").unwrap_or_else(|_| "80".into()));
-    for name in ["gumbel_router"] {
+    // Every kernels/*.cu becomes $OUT_DIR/<name>.ptx.
+    let mut names: Vec<String> = std::fs::read_dir("kernels")
+        .expect("kernels/ directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".cu").map(str::to_string))
+        .collect();
+    names.sort();
+    for name in names {
         let src = format!("kernels/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));
         let st = Command::new(&nvcc)
