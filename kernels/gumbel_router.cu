@@ -9,6 +9,8 @@ typedef uint32_t gm_u32;
 #define GM_LOGF(x) logf(x)
 #define GM_EXPF(x) expf(x)
 #define GM_NAN __int_as_float(0x7fffffff)
+#define GM_F2U(x) __float_as_uint(x)
+#define GM_U2F(x) __uint_as_float(x)
 
 #include "gumbel_router.cuh"
 

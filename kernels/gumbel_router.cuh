@@ -3,13 +3,16 @@
 // Metal runs. The CPU twin is src/ops/gumbel_router.rs (`select_row`, `weights_row`, `bwd_row`).
 //
 // One thread owns one token row. The including file defines GM_FN, GM_GLOBAL (address space of
-// device buffers), GM_MULHI, GM_LOGF, GM_EXPF, GM_NAN (a quiet NaN float) and gm_u32 (see philox.h).
+// device buffers), GM_MULHI, GM_LOGF, GM_EXPF, GM_NAN (a quiet NaN float), GM_F2U / GM_U2F (f32 <->
+// u32 bit casts) and gm_u32 (see philox.h).
 //
 // Ops (entry points `<op>_f32` in both languages):
 //   gumbel_select:      logits (T, E) -> (T, K + m) u32: K candidate experts (best logit first, ties
 //                       to the lower index), then m positions within K (largest cand + g first,
-//                       ties to the lower position).
-//   gumbel_weights:     logits (T, E), cand (T, >= K) u32 -> y = softmax((cand + g) * inv_tau) (T, K).
+//                       ties to the lower position); with noise_col != 0 (= K + m), (T, 2K + m): then
+//                       the K noise values g as f32 bits.
+//   gumbel_weights:     logits (T, E), cand (T, >= K) u32 -> y = softmax((cand + g) * inv_tau) (T, K),
+//                       g read from cand[noise_col ..] when noise_col != 0, else regenerated.
 //   gumbel_weights_bwd: y (T, K), dy (T, K), cand (T, >= K) u32 -> dlogits (T, E):
 //                       y * (dy - sum(y * dy)) * inv_tau at the candidate columns, 0 elsewhere.
 #pragma once
@@ -38,7 +41,7 @@ struct GmParams {
     gm_u32 token_base;    // token index of row 0 (micro-batch offset)
     gm_u32 noisy;         // 0: no noise (eval argmax)
     float inv_tau;        // 1 / tau, rounded to f32 (as candle's `t / tau` does)
-    gm_u32 pad;
+    gm_u32 noise_col;     // column of the saved noise in a select row (K + m); 0: not saved
 };
 
 GM_FN float gm_noise(GmParams p, gm_u32 row, gm_u32 expert) {
@@ -74,10 +77,15 @@ GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmPar
         cv[j] = v;
         ci[j] = e;
     }
-    // Perturbed candidate values: cand + g, g keyed by the global expert index.
+    // Perturbed candidate values: cand + g, g keyed by the global expert index (and saved for
+    // gumbel_weights when noise_col != 0).
     for (gm_u32 i = 0u; i < p.k; ++i) {
-        cv[i] = cv[i] + gm_noise(p, row, ci[i]);
+        float g = gm_noise(p, row, ci[i]);
+        cv[i] = cv[i] + g;
         out[i] = ci[i];
+        if (p.noise_col != 0u) {
+            out[p.noise_col + i] = GM_F2U(g);
+        }
     }
     // Gumbel-top-m: m rounds of argmax over the positions not yet taken; strict > keeps ties on
     // the lower position.
@@ -112,7 +120,8 @@ GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* can
             z[i] = 0.0f;
             continue;
         }
-        z[i] = (lg[e] + gm_noise(p, row, e)) * p.inv_tau;
+        float g = p.noise_col != 0u ? GM_U2F(cand[p.noise_col + i]) : gm_noise(p, row, e);
+        z[i] = (lg[e] + g) * p.inv_tau;
     }
     float mx = z[0];
     for (gm_u32 i = 1u; i < p.k; ++i) {

@@ -18,6 +18,8 @@ typedef uint gm_u32;
 #define GM_LOGF(x) precise::log(x)
 #define GM_EXPF(x) precise::exp(x)
 #define GM_NAN as_type<float>(0x7fc00000u)
+#define GM_F2U(x) as_type<uint>(x)
+#define GM_U2F(x) as_type<float>(x)
 
 #include "gumbel_router.cuh"
 

@@ -36,6 +36,9 @@ inline float log(float x) {
 inline float exp(float x) {
     return std::exp(x);
 }
+inline float divide(float a, float b) {
+    return a / b;
+}
 } // namespace precise
 
 inline void threadgroup_barrier(int) {}

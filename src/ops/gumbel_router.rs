@@ -12,12 +12,14 @@
 //! 1. [`GumbelSelect`] (`CustomOp1`, no backward): logits (T, E) -> (T, K + m) u32. Columns 0..K are
 //!    the top-K candidate experts, best logit first, ties to the lower index (as `routers::top_k`).
 //!    Columns K..K+m are the positions within K of the m largest perturbed candidates cand + g
-//!    (Gumbel-top-m, ties to the lower position). Indices carry no gradient.
+//!    (Gumbel-top-m, ties to the lower position). Indices carry no gradient. With `save_noise`
+//!    (what [`gumbel_route`] uses) the output is (T, 2K + m): columns K+m..2K+m hold the K noise
+//!    values g it drew, as f32 bits.
 //! 2. [`GumbelWeights`] (`CustomOp2`: logits (T, E), cand (T, >= K) u32): y = softmax((cand + g) / tau)
-//!    over the K candidates -> (T, K), differentiable in the logits. The noise g is regenerated from
-//!    Philox keyed by (seed, step, layer, token_base + t, expert), never stored: the selection and the
-//!    weights see the same g because it is a pure function of the key. `cand` may be the (T, K + m)
-//!    output of [`GumbelSelect`] itself (only its first K columns are read).
+//!    over the K candidates -> (T, K), differentiable in the logits. Given the (T, 2K + m) output of
+//!    the select op it reads g from there (no second Philox pass); given any other candidate list it
+//!    regenerates g from Philox keyed by (seed, step, layer, token_base + t, expert). Either way the
+//!    selection and the weights see the same g, a pure function of the key.
 //! 3. [`GumbelWeightsBwd`] (`CustomOp3`: y, dy, cand -> dlogits (T, E)): the backward of 2, a kernel of
 //!    its own: y * (dy - sum(y * dy)) / tau at the candidate columns, zero elsewhere. It uses the
 //!    forward result y (given to `bwd` as `res`), so the backward needs neither the noise nor the logits.
@@ -27,12 +29,17 @@
 //! is the whole router path given logits.
 //!
 //! Noise: the kernels implement Philox4x32-10 bit-identically to `rng::philox` (`kernels/philox.h`)
-//! with the same u32 -> (0, 1) -> -ln(-ln u) mapping. The CPU op calls `rng::gumbel_noise` itself, so
-//! on the CPU the noise is bit-identical to the reference; on a GPU only the final `log` may differ by
-//! an ulp, which can flip a selection only at a near-exact tie of two perturbed values.
+//! with the same u32 -> (0, 1) -> -ln(-ln u) mapping. The CPU op calls `rng::gumbel_noise_lanes`, the
+//! 8-lane form of `rng::gumbel_noise` (same bits; both use `rng::ln_pos`, a table-free logf under
+//! 1 ulp), so on the CPU the noise is bit-identical to the reference; on a GPU only the `log`s may
+//! differ by an ulp, which can flip a selection only at a near-exact tie of two perturbed values.
 //!
 //! Precision: f32 on every backend; the CPU also runs f64 (for finite-difference gradient checks).
-//! The CPU forward is multi-threaded over rows (rayon) with no per-element allocation. Limits:
+//! The CPU forward is multi-threaded over blocks of rows (rayon) with no per-element allocation;
+//! on x86-64 with AVX2 the row kernels run an AVX2 build (threshold + left-pack + rank top-K,
+//! 8-lane Philox and logs, vectorized softmax `exp`), else a portable build; see "CPU row kernels".
+//! The f32 softmax uses a Cephes-style `exp` (about 1 ulp), so y matches the reference softmax to
+//! ~1e-7, not bit for bit. Limits:
 //! 1 <= K <= min(E, 32), m <= K, tau > 0. Non-finite logits: the CPU ops fail with the row and
 //! expert; the GPU kernels do not check (an out-of-range candidate index gives a NaN row, never a
 //! stray read).
@@ -42,7 +49,7 @@
 //! under feature `cuda`) and `kernels/gumbel_router.metal` (compiled at run time, pipelines cached
 //! per device) are thin entry points `<op>_f32` with one thread per row.
 
-use crate::rng::gumbel_noise;
+use crate::rng;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -88,14 +95,6 @@ impl GumbelParams {
         }
         Ok(())
     }
-
-    #[inline]
-    fn noise(&self, row: usize, expert: usize) -> f32 {
-        if !self.noisy {
-            return 0.0;
-        }
-        gumbel_noise(self.seed, self.step, self.layer, self.token_base.wrapping_add(row as u32), expert as u32)
-    }
 }
 
 /// The scalar arguments of every kernel entry point: the `#[repr(C)]` twin of `GmParams` in
@@ -118,7 +117,9 @@ pub struct GmParams {
     pub token_base: u32,
     pub noisy: u32,
     pub inv_tau: f32,
-    pub pad: u32,
+    /// Column of the select output row where the saved noise (K f32 bits) starts; 0: none saved
+    /// (the select op does not write it, the weights op regenerates the noise).
+    pub noise_col: u32,
 }
 
 impl GmParams {
@@ -186,6 +187,64 @@ impl Rows {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// CPU row kernels: the Rust twins of gm_select_row / gm_weights_row / gm_weights_bwd_row.
+//
+// Where the time goes (T = 65,536, E = 64, K = 8): the top-K scan of the E logits, then per
+// candidate one Philox call and two logs. So the top-K is a threshold filter plus a branch-free
+// rank (f32), the noise is computed 8 candidates at a time (`rng::gumbel_noise_lanes`, which the
+// compiler vectorizes: Philox on u32 lanes, `rng::ln_pos` instead of a libm call), the select op
+// saves the noise it drew for the weights op (no second Philox pass), the softmax uses a
+// vectorizable `exp`, and the row loops are compiled twice (baseline and AVX2+FMA+POPCNT, picked at
+// run time). No FMA contraction happens in either build, so both give the same bits.
+
+/// Noise lanes per Philox batch (8 u32 = one AVX2 register).
+const LANES: usize = 8;
+
+/// Gumbel noise of the first `k` candidates `ci` of row `row` into `g` (0 when not noisy).
+#[inline(always)]
+fn noise_row(p: &GumbelParams, row: usize, ci: &[u32; MAX_K], k: usize, g: &mut [f32; MAX_K]) {
+    if !p.noisy {
+        *g = [0.0; MAX_K];
+        return;
+    }
+    let token = p.token_base.wrapping_add(row as u32);
+    let mut c = 0;
+    while c < k {
+        let lanes: &[u32; LANES] = ci[c..c + LANES].try_into().expect("MAX_K is a multiple of LANES");
+        let v = rng::gumbel_noise_lanes(p.seed, p.step, p.layer, token, lanes);
+        g[c..c + LANES].copy_from_slice(&v);
+        c += LANES;
+    }
+}
+
+/// exp(x) for f32 without a libm call, so that the softmax over K lanes vectorizes: Cephes `expf`
+/// (x = n ln2 + r, degree-5 polynomial for e^r, scale by 2^n), error about 1 ulp. Used only on
+/// x = z - max(z) <= 0; below -87.3 (e^x < 2^-126) it returns 2^-126 instead of a subnormal, which
+/// no softmax weight can tell apart from 0. NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LO: f32 = -87.336_55; // ln(2^-126)
+    const HI: f32 = 88.376_26;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = if x < LO { LO } else if x > HI { HI } else { x };
+    let t = x * LOG2E + MAGIC;
+    let n = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32; // round(x log2 e)
+    let fx = t - MAGIC;
+    let r = x - fx * C1;
+    let r = r - fx * C2;
+    let z = r * r;
+    let y = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = y * z + r + 1.0;
+    y * f32::from_bits(((n + 127) as u32) << 23)
+}
+
 /// The float types the CPU kernels run in.
 trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'static {
     const ZERO: Self;
@@ -195,62 +254,104 @@ trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'static {
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    /// The exp of the softmax: [`exp_f32`] for f32, libm for f64 (the gradient-check precision).
     fn exp(self) -> Self;
     fn is_finite(self) -> bool;
+    /// Top-K of a row into `cv`/`ci` (best first, ties to the lower index); Err(expert) at the
+    /// first non-finite logit. `AVX2`: the caller runs on a CPU with AVX2 (the `*_avx2` blocks).
+    fn top_k<const AVX2: bool>(
+        lg: &[Self],
+        k: usize,
+        cv: &mut [Self; MAX_K],
+        ci: &mut [u32; MAX_K],
+    ) -> std::result::Result<(), usize>;
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $exp:expr, $top_k:ident) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
-            #[inline]
+            #[inline(always)]
             fn from_f32(v: f32) -> Self {
                 v as $t
             }
-            #[inline]
+            #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
-            #[inline]
+            #[inline(always)]
             fn add(self, o: Self) -> Self {
                 self + o
             }
-            #[inline]
+            #[inline(always)]
             fn sub(self, o: Self) -> Self {
                 self - o
             }
-            #[inline]
+            #[inline(always)]
             fn mul(self, o: Self) -> Self {
                 self * o
             }
-            #[inline]
+            #[inline(always)]
             fn div(self, o: Self) -> Self {
                 self / o
             }
-            #[inline]
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
-            #[inline]
+            #[inline(always)]
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
+            }
+            #[inline(always)]
+            fn top_k<const AVX2: bool>(
+                lg: &[Self],
+                k: usize,
+                cv: &mut [Self; MAX_K],
+                ci: &mut [u32; MAX_K],
+            ) -> std::result::Result<(), usize> {
+                $top_k::<AVX2>(lg, k, cv, ci)
             }
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, exp_f32, top_k_f32_dispatch);
+real!(f64, f64::exp, top_k_f64_dispatch);
 
-// ---------------------------------------------------------------------------------------------
-// CPU row kernels: the Rust twins of gm_select_row / gm_weights_row / gm_weights_bwd_row.
+#[inline(always)]
+fn top_k_f32_dispatch<const AVX2: bool>(
+    lg: &[f32],
+    k: usize,
+    cv: &mut [f32; MAX_K],
+    ci: &mut [u32; MAX_K],
+) -> std::result::Result<(), usize> {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs.
+        return unsafe { top_k_f32_avx2(lg, k, cv, ci) };
+    }
+    top_k_f32(lg, k, cv, ci)
+}
 
-/// One row of the selection: `out` gets K candidates then m positions. Err((expert, value)) on a
-/// non-finite logit.
-#[inline]
-fn select_row<T: Real>(lg: &[T], out: &mut [u32], p: &GumbelParams, row: usize) -> std::result::Result<(), usize> {
-    let k = p.k;
-    let mut cv = [T::ZERO; MAX_K];
-    let mut ci = [0u32; MAX_K];
+#[inline(always)]
+fn top_k_f64_dispatch<const AVX2: bool>(
+    lg: &[f64],
+    k: usize,
+    cv: &mut [f64; MAX_K],
+    ci: &mut [u32; MAX_K],
+) -> std::result::Result<(), usize> {
+    top_k_insertion(lg, k, cv, ci)
+}
+
+/// Top-K by insertion, for any K and E: a value enters only if strictly larger than the current
+/// K-th and moves up only past strictly smaller ones, so equal logits keep the lower index first.
+#[inline(always)]
+fn top_k_insertion<T: Real>(
+    lg: &[T],
+    k: usize,
+    cv: &mut [T; MAX_K],
+    ci: &mut [u32; MAX_K],
+) -> std::result::Result<(), usize> {
     let mut n = 0usize;
     for (e, &v) in lg.iter().enumerate() {
         if !v.is_finite() {
@@ -264,7 +365,6 @@ fn select_row<T: Real>(lg: &[T], out: &mut [u32], p: &GumbelParams, row: usize) 
         } else {
             continue;
         };
-        // Strictly larger values move up: equal logits keep the lower expert index first.
         while j > 0 && v > cv[j - 1] {
             cv[j] = cv[j - 1];
             ci[j] = ci[j - 1];
@@ -273,9 +373,237 @@ fn select_row<T: Real>(lg: &[T], out: &mut [u32], p: &GumbelParams, row: usize) 
         cv[j] = v;
         ci[j] = e as u32;
     }
+    Ok(())
+}
+
+/// Most survivors of the threshold that [`top_k_f32`] ranks before it falls back to insertion.
+const SURVIVORS: usize = 48;
+
+/// Top-K of an f32 row, the same result as [`top_k_insertion`] (the top K in the order "larger
+/// value, then lower index"), branch-free for K <= 8 <= E:
+/// 1. the maxima of the 8 residue classes e mod 8 are 8 distinct logits, so the K-th largest of them
+///    is a lower bound `thr` of the row's K-th largest logit (the same pass checks finiteness);
+/// 2. the logits >= thr (about 2K of E = 64 for random logits) are the survivors, in index order;
+/// 3. each survivor's rank is the number of survivors above it; rank < K is its slot (rows with
+///    equal survivors, rare for real logits, take the insertion path).
+#[inline(always)]
+fn top_k_f32(lg: &[f32], k: usize, cv: &mut [f32; MAX_K], ci: &mut [u32; MAX_K]) -> std::result::Result<(), usize> {
+    if k > LANES || lg.len() < LANES {
+        return top_k_insertion(lg, k, cv, ci);
+    }
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut nan = [0f32; LANES]; // x * 0 is NaN for an infinite or NaN x
+    let chunks = lg.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            mx[l] = if ch[l] > mx[l] { ch[l] } else { mx[l] };
+            nan[l] += ch[l] * 0.0;
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        mx[l] = if v > mx[l] { v } else { mx[l] };
+        nan[l] += v * 0.0;
+    }
+    if nan.iter().any(|v| v.is_nan()) {
+        return top_k_insertion(lg, k, cv, ci); // reports the first non-finite logit
+    }
+    let thr = if k == LANES {
+        mx.iter().fold(f32::INFINITY, |a, &b| if b < a { b } else { a })
+    } else {
+        mx.sort_unstable_by(|a, b| b.total_cmp(a));
+        mx[k - 1]
+    };
+    // Survivors, padded with -inf (which never outranks a finite logit) to whole lanes.
+    let mut sv = [f32::NEG_INFINITY; SURVIVORS + LANES];
+    let mut si = [0u32; SURVIVORS + LANES];
+    let mut n = 0usize;
+    for (e, &v) in lg.iter().enumerate() {
+        sv[n] = v;
+        si[n] = e as u32;
+        n += (v >= thr) as usize;
+        if n == SURVIVORS {
+            return top_k_insertion(lg, k, cv, ci);
+        }
+    }
+    sv[n] = f32::NEG_INFINITY;
+    let nl = n.div_ceil(LANES) * LANES;
+    // rank = #(survivors above): a permutation of 0..n when the values are distinct; a tie (rare
+    // for real logits) takes the insertion path, which orders equal values by index.
+    let mut ties = 0u32;
+    for i in 0..n {
+        let v = sv[i];
+        let (mut gt, mut eq) = ([0u32; LANES], [0u32; LANES]);
+        for c in (0..nl).step_by(LANES) {
+            for l in 0..LANES {
+                gt[l] += (sv[c + l] > v) as u32;
+                eq[l] += (sv[c + l] == v) as u32;
+            }
+        }
+        let r = gt.iter().sum::<u32>() as usize;
+        ties |= eq.iter().sum::<u32>() - 1;
+        if r < k {
+            cv[r] = v;
+            ci[r] = si[i];
+        }
+    }
+    if ties != 0 {
+        return top_k_insertion(lg, k, cv, ci);
+    }
+    Ok(())
+}
+
+/// For each 8-bit mask, the lane order that packs the set lanes first (then the others): the
+/// permutation of an AVX2 left-pack, one byte per lane.
+#[cfg(target_arch = "x86_64")]
+const PACK: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut v, mut j, mut l) = (0u64, 0, 0);
+        while l < 8 {
+            if m >> l & 1 == 1 {
+                v |= (l as u64) << (8 * j);
+                j += 1;
+            }
+            l += 1;
+        }
+        l = 0;
+        while l < 8 {
+            if m >> l & 1 == 0 {
+                v |= (l as u64) << (8 * j);
+                j += 1;
+            }
+            l += 1;
+        }
+        t[m] = v;
+        m += 1;
+    }
+    t
+};
+
+/// [`top_k_f32`] with AVX2: the same three steps, the survivors left-packed 8 lanes at a time
+/// (no branch per logit) and the ranks counted with compare + movemask + popcount.
+///
+/// # Safety
+/// The CPU must have AVX2 (callers: the `*_avx2` block functions only).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn top_k_f32_avx2(
+    lg: &[f32],
+    k: usize,
+    cv: &mut [f32; MAX_K],
+    ci: &mut [u32; MAX_K],
+) -> std::result::Result<(), usize> {
+    use std::arch::x86_64::*;
+    let e = lg.len();
+    if k > LANES || e < LANES {
+        return top_k_insertion(lg, k, cv, ci);
+    }
+    let full = e / LANES * LANES;
+    let p = lg.as_ptr();
+    // 1. Maxima of the residue classes (e mod 8) and a finiteness check (x * 0 is NaN for inf/NaN).
+    let zero = _mm256_setzero_ps();
+    let (mut mx, mut bad) = (_mm256_set1_ps(f32::NEG_INFINITY), zero);
+    let mut c = 0;
+    while c < full {
+        let v = _mm256_loadu_ps(p.add(c));
+        mx = _mm256_max_ps(mx, v);
+        bad = _mm256_add_ps(bad, _mm256_mul_ps(v, zero));
+        c += LANES;
+    }
+    let mut m8 = [0f32; LANES];
+    _mm256_storeu_ps(m8.as_mut_ptr(), mx);
+    let mut nonfinite = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(bad, bad)) != 0;
+    for (l, &v) in lg[full..].iter().enumerate() {
+        nonfinite |= !v.is_finite();
+        m8[l] = if v > m8[l] { v } else { m8[l] };
+    }
+    if nonfinite {
+        return top_k_insertion(lg, k, cv, ci); // reports the first non-finite logit
+    }
+    let thr = if k == LANES {
+        m8.iter().fold(f32::INFINITY, |a, &b| if b < a { b } else { a })
+    } else {
+        m8.sort_unstable_by(|a, b| b.total_cmp(a));
+        m8[k - 1]
+    };
+    // 2. Survivors (>= thr) left-packed in index order. Lanes past n hold non-survivors of the
+    //    last chunk (< thr) or -inf, which never count in step 3.
+    let mut sv = [f32::NEG_INFINITY; SURVIVORS + LANES];
+    let mut si = [0u32; SURVIVORS + LANES];
+    let tv = _mm256_set1_ps(thr);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut n = 0usize;
+    c = 0;
+    while c < full {
+        let v = _mm256_loadu_ps(p.add(c));
+        let bits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, tv)) as usize;
+        let perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(PACK[bits] as i64));
+        _mm256_storeu_ps(sv.as_mut_ptr().add(n), _mm256_permutevar8x32_ps(v, perm));
+        let idx = _mm256_add_epi32(_mm256_permutevar8x32_epi32(lane, perm), _mm256_set1_epi32(c as i32));
+        _mm256_storeu_si256(si.as_mut_ptr().add(n) as *mut __m256i, idx);
+        n += bits.count_ones() as usize;
+        if n > SURVIVORS - LANES {
+            return top_k_insertion(lg, k, cv, ci);
+        }
+        c += LANES;
+    }
+    for (j, &v) in lg[full..].iter().enumerate() {
+        if v >= thr {
+            sv[n] = v;
+            si[n] = (full + j) as u32;
+            n += 1;
+        }
+    }
+    // 3. rank = #(survivors above): a permutation of 0..n exactly when the survivors are distinct;
+    //    a tie (rare for real logits) takes the insertion path, which orders equal values by index.
+    let mut ranks = 0u64; // n <= SURVIVORS < 64
+    for i in 0..n {
+        let b = _mm256_set1_ps(sv[i]);
+        let mut gt = 0u32;
+        let mut j = 0;
+        while j < n {
+            let w = _mm256_loadu_ps(sv.as_ptr().add(j));
+            gt += (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(w, b)) as u32).count_ones();
+            j += LANES;
+        }
+        ranks |= 1 << gt;
+        // Branch-free: ranks >= K land in slot MAX_K - 1, which K <= 8 never reads.
+        let r = (gt as usize).min(MAX_K - 1);
+        cv[r] = sv[i];
+        ci[r] = si[i];
+    }
+    if ranks != (1u64 << n) - 1 {
+        return top_k_insertion(lg, k, cv, ci);
+    }
+    Ok(())
+}
+
+/// One row of the selection: `out` gets K candidates, then m positions, then (when `save` is
+/// true) the K noise values as f32 bits. Err(expert) on a non-finite logit.
+#[inline(always)]
+fn select_row<T: Real, const AVX2: bool>(
+    lg: &[T],
+    out: &mut [u32],
+    p: &GumbelParams,
+    row: usize,
+    save: bool,
+) -> std::result::Result<(), usize> {
+    let k = p.k;
+    let mut cv = [T::ZERO; MAX_K];
+    let mut ci = [0u32; MAX_K];
+    T::top_k::<AVX2>(lg, k, &mut cv, &mut ci)?;
+    let mut g = [0f32; MAX_K];
+    noise_row(p, row, &ci, k, &mut g);
     for i in 0..k {
-        cv[i] = cv[i].add(T::from_f32(p.noise(row, ci[i] as usize)));
-        out[i] = ci[i];
+        cv[i] = cv[i].add(T::from_f32(g[i]));
+    }
+    out[..k].copy_from_slice(&ci[..k]);
+    if save {
+        for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&g[..k]) {
+            *o = v.to_bits();
+        }
     }
     // Gumbel-top-m: m rounds of argmax over the untaken positions (strict >: ties to lower position).
     let mut taken = 0u32;
@@ -292,9 +620,10 @@ fn select_row<T: Real>(lg: &[T], out: &mut [u32], p: &GumbelParams, row: usize) 
     Ok(())
 }
 
-/// One row of y = softmax((cand + g) * inv_tau). Err(position) on an out-of-range candidate or a
-/// non-finite candidate logit.
-#[inline]
+/// One row of y = softmax((cand + g) * inv_tau), g read from `cand[noise_col..]` (the bits the
+/// select op saved) or regenerated when `noise_col` is 0. Err(position) on an out-of-range
+/// candidate or a non-finite candidate logit.
+#[inline(always)]
 fn weights_row<T: Real>(
     lg: &[T],
     cand: &[u32],
@@ -302,14 +631,24 @@ fn weights_row<T: Real>(
     p: &GumbelParams,
     inv_tau: T,
     row: usize,
+    noise_col: usize,
 ) -> std::result::Result<(), usize> {
     let k = p.k;
+    let mut ci = [0u32; MAX_K];
+    ci[..k].copy_from_slice(&cand[..k]);
+    let mut g = [0f32; MAX_K];
+    if noise_col > 0 {
+        for (gi, &b) in g.iter_mut().zip(&cand[noise_col..noise_col + k]) {
+            *gi = f32::from_bits(b);
+        }
+    } else {
+        noise_row(p, row, &ci, k, &mut g);
+    }
     let mut z = [T::ZERO; MAX_K];
     for i in 0..k {
-        let e = cand[i] as usize;
-        let Some(&l) = lg.get(e).filter(|l| l.is_finite()) else { return Err(i) };
+        let Some(&l) = lg.get(ci[i] as usize).filter(|l| l.is_finite()) else { return Err(i) };
         // Same rounding steps as the reference: (cand + g) in T, then `* (1/tau)` (candle's `t / tau`).
-        z[i] = l.add(T::from_f32(p.noise(row, e))).mul(inv_tau);
+        z[i] = l.add(T::from_f32(g[i])).mul(inv_tau);
     }
     let mut mx = z[0];
     for &v in &z[1..k] {
@@ -328,10 +667,9 @@ fn weights_row<T: Real>(
     Ok(())
 }
 
-/// One row of the backward: dlogits (E) from y (K), dy (K) and the candidates (K).
+/// One row of the backward: dlogits (E, zeroed by the caller) from y (K), dy (K) and the candidates (K).
 #[inline]
 fn bwd_row<T: Real>(y: &[T], dy: &[T], cand: &[u32], dl: &mut [T], inv_tau: T) -> std::result::Result<(), usize> {
-    dl.fill(T::ZERO);
     let mut dot = T::ZERO;
     for (&a, &b) in y.iter().zip(dy) {
         dot = dot.add(a.mul(b));
@@ -341,6 +679,137 @@ fn bwd_row<T: Real>(y: &[T], dy: &[T], cand: &[u32], dl: &mut [T], inv_tau: T) -
         *slot = slot.add(a.mul(b.sub(dot)).mul(inv_tau));
     }
     Ok(())
+}
+
+/// Whether the `*_avx2` block functions may run (x86-64 with AVX2, FMA and POPCNT).
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("popcnt")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows t0.. of the selection into `out` (w columns per row). The row kernels are
+/// `#[inline(always)]` all the way down, so `select_block_avx2` compiles them for AVX2 + FMA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn select_block_impl<T: Real, const AVX2: bool>(
+    data: &[T],
+    r: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    out: &mut [u32],
+    w: usize,
+    save: bool,
+) -> std::result::Result<(), (usize, usize)> {
+    for (i, o) in out.chunks_exact_mut(w).enumerate() {
+        let t = t0 + i;
+        select_row::<T, AVX2>(r.row(data, t), o, p, t, save).map_err(|e| (t, e))?;
+    }
+    Ok(())
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`use_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,popcnt")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn select_block_avx2<T: Real>(
+    data: &[T],
+    r: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    out: &mut [u32],
+    w: usize,
+    save: bool,
+) -> std::result::Result<(), (usize, usize)> {
+    select_block_impl::<T, true>(data, r, p, t0, out, w, save)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn select_block<T: Real>(
+    data: &[T],
+    r: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    out: &mut [u32],
+    w: usize,
+    save: bool,
+) -> std::result::Result<(), (usize, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { select_block_avx2(data, r, p, t0, out, w, save) };
+    }
+    select_block_impl::<T, false>(data, r, p, t0, out, w, save)
+}
+
+/// Rows t0.. of the weights into `y` (K per row); see [`select_block_impl`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weights_block_impl<T: Real>(
+    lg: &[T],
+    rl: Rows,
+    cand: &[u32],
+    rc: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    y: &mut [T],
+    inv_tau: T,
+    noise_col: usize,
+) -> std::result::Result<(), (usize, usize)> {
+    for (i, yr) in y.chunks_exact_mut(p.k).enumerate() {
+        let t = t0 + i;
+        weights_row(rl.row(lg, t), rc.row(cand, t), yr, p, inv_tau, t, noise_col).map_err(|e| (t, e))?;
+    }
+    Ok(())
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`use_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,popcnt")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weights_block_avx2<T: Real>(
+    lg: &[T],
+    rl: Rows,
+    cand: &[u32],
+    rc: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    y: &mut [T],
+    inv_tau: T,
+    noise_col: usize,
+) -> std::result::Result<(), (usize, usize)> {
+    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weights_block<T: Real>(
+    lg: &[T],
+    rl: Rows,
+    cand: &[u32],
+    rc: Rows,
+    p: &GumbelParams,
+    t0: usize,
+    y: &mut [T],
+    inv_tau: T,
+    noise_col: usize,
+) -> std::result::Result<(), (usize, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { weights_block_avx2(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col) };
+    }
+    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col)
 }
 
 fn u32_slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [u32]> {
@@ -353,21 +822,42 @@ fn u32_slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [u32]> {
 // ---------------------------------------------------------------------------------------------
 // Op 1: GumbelSelect.
 
-/// logits (T, E) -> (T, K + m) u32: K candidates (best first), then m selected positions within K.
+/// logits (T, E) -> (T, K + m) u32: K candidates (best first), then m selected positions within K;
+/// with `save_noise`, (T, 2K + m): then the K Gumbel noise values drawn for the candidates, as f32
+/// bits, which [`GumbelWeights`] reads instead of drawing them again.
 #[derive(Clone, Debug)]
-pub struct GumbelSelect(pub GumbelParams);
+pub struct GumbelSelect {
+    pub p: GumbelParams,
+    pub save_noise: bool,
+}
 
 impl GumbelSelect {
+    /// Columns of the output: K + m, plus K noise columns when `save_noise`.
+    pub fn width(&self) -> usize {
+        self.p.k + self.p.m + if self.save_noise { self.p.k } else { 0 }
+    }
+
+    /// The kernel arguments: `noise_col` is where the row's saved noise starts (0: not saved).
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    fn gm_params(&self, r: Rows) -> Result<GmParams> {
+        let mut gp = GmParams::new(&self.p, r.rows, r.cols)?;
+        gp.logits_stride = r.stride as u32;
+        gp.y_stride = self.width() as u32;
+        gp.noise_col = if self.save_noise { (self.p.k + self.p.m) as u32 } else { 0 };
+        Ok(gp)
+    }
+
     fn cpu<T: Real>(&self, data: &[T], r: Rows) -> Result<Vec<u32>> {
-        let p = &self.0;
-        let w = p.k + p.m;
+        let p = &self.p;
+        let w = self.width();
         let mut out = vec![0u32; r.rows * w];
-        out.par_chunks_mut(w).with_min_len(ROWS_PER_TASK).enumerate().try_for_each(|(t, o)| {
-            let row = r.row(data, t);
-            select_row(row, o, p, t).map_err(|e| {
+        out.par_chunks_mut(w * ROWS_PER_TASK).enumerate().try_for_each(|(b, o)| {
+            select_block(data, r, p, b * ROWS_PER_TASK, o, w, self.save_noise).map_err(|(t, e)| {
                 candle_core::Error::Msg(format!(
                     "non-finite router logit {} at layer {}, step {}, token {t}, expert {e}: training diverged",
-                    row[e], p.layer, p.step
+                    r.row(data, t)[e],
+                    p.layer,
+                    p.step
                 ))
             })
         })?;
@@ -382,7 +872,7 @@ impl CustomOp1 for GumbelSelect {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let r = Rows::of(l, "logits", self.name())?;
-        self.0.check(r.cols)?;
+        self.p.check(r.cols)?;
         let out = match s {
             CpuStorage::F32(v) => {
                 r.check_len(v.len(), "logits", self.name())?;
@@ -394,17 +884,15 @@ impl CustomOp1 for GumbelSelect {
             }
             other => candle_core::bail!("{}: logits must be f32 or f64, got {:?}", self.name(), other.dtype()),
         };
-        Ok((CpuStorage::U32(out), Shape::from((r.rows, self.0.k + self.0.m))))
+        Ok((CpuStorage::U32(out), Shape::from((r.rows, self.width()))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let r = Rows::of(l, "logits", self.name())?;
-        self.0.check(r.cols)?;
-        let w = self.0.k + self.0.m;
-        let mut gp = GmParams::new(&self.0, r.rows, r.cols)?;
-        gp.logits_stride = r.stride as u32;
-        gp.y_stride = w as u32;
+        self.p.check(r.cols)?;
+        let w = self.width();
+        let gp = self.gm_params(r)?;
         let out = cuda::select(s, r, gp, r.rows * w)?;
         Ok((out, Shape::from((r.rows, w))))
     }
@@ -412,11 +900,9 @@ impl CustomOp1 for GumbelSelect {
     #[cfg(feature = "metal")]
     fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
         let r = Rows::of(l, "logits", self.name())?;
-        self.0.check(r.cols)?;
-        let w = self.0.k + self.0.m;
-        let mut gp = GmParams::new(&self.0, r.rows, r.cols)?;
-        gp.logits_stride = r.stride as u32;
-        gp.y_stride = w as u32;
+        self.p.check(r.cols)?;
+        let w = self.width();
+        let gp = self.gm_params(r)?;
         let out = metal::launch(
             "gumbel_select_f32",
             &[(s, r.offset, candle_core::DType::F32)],
@@ -432,21 +918,35 @@ impl CustomOp1 for GumbelSelect {
 // Op 2: GumbelWeights, with its backward op GumbelWeightsBwd.
 
 /// (logits (T, E), cand (T, >= K) u32) -> y = softmax((logits[cand] + g) / tau) (T, K).
+///
+/// `cand` of width exactly 2K + m is taken for the output of `GumbelSelect { save_noise: true }`:
+/// g is then read from its columns K + m .. 2K + m. Any other width (>= K): g is regenerated.
 #[derive(Clone, Debug)]
 pub struct GumbelWeights(pub GumbelParams);
 
 impl GumbelWeights {
+    /// Where the saved noise starts in a candidate row of width `cols`; 0: regenerate it.
+    fn noise_col(&self, cols: usize) -> usize {
+        let (k, m) = (self.0.k, self.0.m);
+        if cols == 2 * k + m {
+            k + m
+        } else {
+            0
+        }
+    }
+
     fn cpu<T: Real>(&self, lg: &[T], rl: Rows, cand: &[u32], rc: Rows) -> Result<Vec<T>> {
         let p = &self.0;
         let k = p.k;
         let inv_tau = T::from_f64(1.0 / p.tau);
+        let noise_col = self.noise_col(rc.cols);
         let mut y = vec![T::ZERO; rl.rows * k];
-        y.par_chunks_mut(k).with_min_len(ROWS_PER_TASK).enumerate().try_for_each(|(t, yr)| {
-            let c = &rc.row(cand, t)[..k];
-            weights_row(rl.row(lg, t), c, yr, p, inv_tau, t).map_err(|i| {
+        y.par_chunks_mut(k * ROWS_PER_TASK).enumerate().try_for_each(|(b, yb)| {
+            weights_block(lg, rl, cand, rc, p, b * ROWS_PER_TASK, yb, inv_tau, noise_col).map_err(|(t, i)| {
                 candle_core::Error::Msg(format!(
                     "gumbel-weights: candidate {} of token {t} is out of range (E = {}) or its logit is not finite",
-                    c[i], rl.cols
+                    rc.row(cand, t)[i],
+                    rl.cols
                 ))
             })
         })?;
@@ -506,6 +1006,7 @@ impl CustomOp2 for GumbelWeights {
         gp.logits_stride = rl.stride as u32;
         gp.idx_stride = rc.stride as u32;
         gp.y_stride = self.0.k as u32;
+        gp.noise_col = self.noise_col(rc.cols) as u32;
         let out = cuda::weights(s1, rl, s2, rc, gp, rl.rows * self.0.k)?;
         Ok((out, Shape::from((rl.rows, self.0.k))))
     }
@@ -523,6 +1024,7 @@ impl CustomOp2 for GumbelWeights {
         gp.logits_stride = rl.stride as u32;
         gp.idx_stride = rc.stride as u32;
         gp.y_stride = self.0.k as u32;
+        gp.noise_col = self.noise_col(rc.cols) as u32;
         let out = metal::launch(
             "gumbel_weights_f32",
             &[(s1, rl.offset, candle_core::DType::F32), (s2, rc.offset, candle_core::DType::U32)],
@@ -685,7 +1187,13 @@ impl CustomOp3 for GumbelWeightsBwd {
 
 /// logits (T, E) -> (T, K + m) u32: candidates, then selected positions within them. No gradient.
 pub fn gumbel_select(logits: &Tensor, p: &GumbelParams) -> Result<Tensor> {
-    logits.apply_op1_no_bwd(&GumbelSelect(*p))
+    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_noise: false })
+}
+
+/// [`gumbel_select`] that also returns the noise it drew: (T, 2K + m) u32, the last K columns the
+/// f32 bits of g. [`gumbel_weights`] on this output reads g instead of drawing it again.
+pub fn gumbel_select_saving_noise(logits: &Tensor, p: &GumbelParams) -> Result<Tensor> {
+    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_noise: true })
 }
 
 /// y = softmax((logits[cand] + g) / tau): (T, K), differentiable in `logits`. `cand` (T, >= K) u32,
@@ -706,8 +1214,36 @@ pub struct FusedRouting {
     pub weights: Tensor,
     /// (T, K) relaxed sample y.
     pub y: Tensor,
-    /// (T, K + m) u32 output of [`gumbel_select`] (candidates, then selected positions).
+    /// (T, 2K + m) u32 output of [`gumbel_select_saving_noise`] (candidates, selected positions,
+    /// noise bits).
     pub cand_sel: Tensor,
+}
+
+/// The experts of each row of the select output (T, W): the m selected (`hard`) or the K
+/// candidates, row-major on the host. On the CPU it reads the storage in place (no copy); on a GPU
+/// it copies only the K + m index columns.
+fn host_indices(cand_sel: &Tensor, k: usize, m: usize, hard: bool) -> Result<Vec<u32>> {
+    let pick = |rows: &[u32], w: usize| -> Vec<u32> {
+        let mut out = Vec::with_capacity(rows.len() / w * if hard { m } else { k });
+        for r in rows.chunks_exact(w) {
+            if hard {
+                out.extend(r[k..k + m].iter().map(|&s| r[s as usize]));
+            } else {
+                out.extend_from_slice(&r[..k]);
+            }
+        }
+        out
+    };
+    if cand_sel.device().is_cpu() {
+        let w = cand_sel.dim(1)?;
+        let (s, l) = cand_sel.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::U32(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
+            return Ok(pick(&v[a..b], w));
+        }
+    }
+    let used = if hard { k + m } else { k };
+    let host = cand_sel.narrow(1, 0, used)?.contiguous()?.flatten_all()?.to_vec1::<u32>()?;
+    Ok(pick(&host, used))
 }
 
 /// Runs the whole Gumbel router on `logits` (T, E): select, weights, straight-through.
@@ -718,15 +1254,11 @@ pub fn gumbel_route(logits: &Tensor, p: &GumbelParams, hard: bool) -> Result<Fus
         candle_core::bail!("gumbel_route: hard routing needs m >= 1");
     }
     let (k, m) = (p.k, p.m);
-    let cand_sel = gumbel_select(logits, &p)?; // (T, K + m) u32
-    let y = gumbel_weights(logits, &cand_sel, &p)?; // (T, K)
-    let host = cand_sel.flatten_all()?.to_vec1::<u32>()?; // (T * (K + m)), one copy
+    let cand_sel = gumbel_select_saving_noise(logits, &p)?; // (T, 2K + m) u32
+    let y = gumbel_weights(logits, &cand_sel, &p)?; // (T, K), from the saved noise
+    let indices = host_indices(&cand_sel, k, m, hard)?;
     if !hard {
-        return Ok(FusedRouting { indices: host, m: k, weights: y.clone(), y, cand_sel });
-    }
-    let mut indices = Vec::with_capacity(host.len() / (k + m) * m);
-    for row in host.chunks_exact(k + m) {
-        indices.extend(row[k..].iter().map(|&s| row[s as usize]));
+        return Ok(FusedRouting { indices, m: k, weights: y.clone(), y, cand_sel });
     }
     let sel = cand_sel.narrow(1, k, m)?.contiguous()?; // (T, m) positions within K
     let ys = y.gather(&sel, 1)?; // (T, m)
@@ -926,5 +1458,100 @@ mod metal {
             );
         }
         Ok(MetalStorage::new(out, dev.clone(), n, dtype))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of E logits from Philox: `levels` > 0 quantizes them to that many values (ties).
+    fn row(seed: u32, e: usize, levels: u32) -> Vec<f32> {
+        (0..e as u32)
+            .map(|i| {
+                let r = rng::philox4x32_10([i, seed, 1, 2], [3, 4]);
+                let u = rng::u32_to_open_unit(r[0]) * 2.0 - 1.0;
+                if levels > 0 {
+                    (r[1] % levels) as f32
+                } else {
+                    u * 3.0
+                }
+            })
+            .collect()
+    }
+
+    /// The threshold top-K paths (portable and AVX2) give exactly what the insertion scan gives,
+    /// ties, E not a multiple of 8, K < 8 and non-finite logits included.
+    #[test]
+    fn top_k_paths_agree() {
+        for &(e, k) in &[(8usize, 8usize), (64, 8), (64, 1), (64, 5), (37, 8), (100, 8), (256, 8), (9, 3), (64, 16)] {
+            for seed in 0..400u32 {
+                let levels = [0, 0, 3, 17, 1][seed as usize % 5];
+                let mut lg = row(seed, e, levels);
+                if seed % 97 == 5 {
+                    lg[(seed as usize * 7) % e] = if seed % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                }
+                let (mut cv0, mut ci0) = ([0f32; MAX_K], [0u32; MAX_K]);
+                let want = top_k_insertion(&lg, k, &mut cv0, &mut ci0);
+                let (mut cv1, mut ci1) = ([0f32; MAX_K], [0u32; MAX_K]);
+                let got = top_k_f32(&lg, k, &mut cv1, &mut ci1);
+                assert_eq!(got, want, "portable e={e} k={k} seed={seed}");
+                if want.is_ok() {
+                    assert_eq!(ci1[..k], ci0[..k], "portable e={e} k={k} seed={seed} {lg:?}");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    let (mut cv2, mut ci2) = ([0f32; MAX_K], [0u32; MAX_K]);
+                    // SAFETY: checked just above.
+                    let got = unsafe { top_k_f32_avx2(&lg, k, &mut cv2, &mut ci2) };
+                    assert_eq!(got, want, "avx2 e={e} k={k} seed={seed}");
+                    if want.is_ok() {
+                        assert_eq!(ci2[..k], ci0[..k], "avx2 e={e} k={k} seed={seed} {lg:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The portable and the AVX2 builds of the select and weights blocks give the same bits.
+    #[test]
+    fn portable_and_avx2_blocks_agree() {
+        let (t, e) = (300usize, 64usize);
+        let data: Vec<f32> = (0..t as u32).flat_map(|s| row(s, e, if s % 4 == 0 { 9 } else { 0 })).collect();
+        let r = Rows { rows: t, cols: e, stride: e, offset: 0 };
+        let p = GumbelParams { k: 8, m: 2, tau: 0.7, seed: 9, step: 4, layer: 1, token_base: 3, noisy: true };
+        let w = 2 * p.k + p.m;
+        let mut a = vec![0u32; t * w];
+        select_block_impl::<f32, false>(&data, r, &p, 0, &mut a, w, true).unwrap();
+        let mut b = vec![0u32; t * w];
+        select_block(&data, r, &p, 0, &mut b, w, true).unwrap();
+        assert_eq!(a, b);
+        let rc = Rows { rows: t, cols: w, stride: w, offset: 0 };
+        let mut ya = vec![0f32; t * p.k];
+        weights_block_impl(&data, r, &a, rc, &p, 0, &mut ya, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
+        let mut yb = vec![0f32; t * p.k];
+        weights_block(&data, r, &a, rc, &p, 0, &mut yb, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
+        assert_eq!(ya.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        // The saved noise is the noise the weights op would regenerate.
+        let mut yc = vec![0f32; t * p.k];
+        weights_block(&data, r, &a, rc, &p, 0, &mut yc, (1.0 / p.tau) as f32, 0).unwrap();
+        assert_eq!(ya, yc);
+    }
+
+    #[test]
+    fn exp_f32_is_close_to_libm() {
+        let mut worst = 0f64;
+        for i in 0..200_000 {
+            let x = -90.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            if want < f32::MIN_POSITIVE as f64 {
+                assert!(exp_f32(x) <= f32::MIN_POSITIVE);
+                continue;
+            }
+            worst = worst.max(((exp_f32(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 }
