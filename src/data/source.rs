@@ -101,6 +101,7 @@ impl HubFile {
 
     /// Resolves the file to a local path through the `hf-hub` cache, downloading it unless
     /// `HF_HUB_OFFLINE` is set. Retries are off so a missing network fails at once.
+    #[cfg(feature = "hub")]
     fn fetch(&self) -> Result<std::path::PathBuf> {
         let offline = hub_offline();
         let client = hf_hub::HFClient::builder()
@@ -128,9 +129,21 @@ impl HubFile {
             }
         })
     }
+
+    /// Without the `hub` feature (the Apple-target type check) there is no hub client.
+    #[cfg(not(feature = "hub"))]
+    fn fetch(&self) -> Result<std::path::PathBuf> {
+        anyhow::bail!(
+            "cannot read hf://{}/{}/{}: gumbel-moe was built without the `hub` feature",
+            self.owner,
+            self.name,
+            self.file
+        )
+    }
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for cache-only lookups ("1", "true", "yes" or "on", any case).
+#[cfg(feature = "hub")]
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
