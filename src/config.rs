@@ -86,6 +86,9 @@ pub struct RouterConfig {
     /// Learning-rate multiplier for the router weights (AdamW's update size is ~lr whatever the
     /// gradient scale, so this is how fast the router can sharpen).
     pub lr_scale: f64,
+    /// Weight-decay multiplier for the router weights (0 exempts them): decay pulls router logits
+    /// toward 0, which keeps a Gumbel router's sampling close to uniform.
+    pub decay_scale: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -166,6 +169,7 @@ impl Default for Config {
                     implementation: "fused".into(),
                     init_std: 0.02,
                     lr_scale: 1.0,
+                    decay_scale: 1.0,
                 },
             },
             data: DataConfig {
@@ -368,6 +372,9 @@ impl Config {
             }
             if !(r.lr_scale > 0.0) {
                 bail!("model.router.lr_scale = {} must be > 0", r.lr_scale);
+            }
+            if !(r.decay_scale >= 0.0 && r.decay_scale.is_finite()) {
+                bail!("model.router.decay_scale = {} must be finite and >= 0", r.decay_scale);
             }
             if r.tau_decay < 0.0 {
                 bail!("model.router.tau_decay = {} must be >= 0", r.tau_decay);

@@ -21,6 +21,8 @@ pub struct AdamW {
     params: Vec<(String, Var)>,
     /// Per-parameter learning-rate multiplier (1 unless set with `set_lr_scale`).
     lr_scale: Vec<f64>,
+    /// Per-parameter weight-decay multiplier (1 unless set with `set_decay_scale`).
+    decay_scale: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Optimizer steps taken (bias correction uses step + 1 for the next one).
@@ -34,7 +36,8 @@ impl AdamW {
         let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
         let lr_scale = vec![1.0; params.len()];
-        Ok(Self { params, lr_scale, m, v, step: 0, cfg })
+        let decay_scale = vec![1.0; params.len()];
+        Ok(Self { params, lr_scale, decay_scale, m, v, step: 0, cfg })
     }
 
     /// Multiplies the learning rate of every parameter whose name contains `pattern` by `scale`.
@@ -42,6 +45,16 @@ impl AdamW {
         for (i, (name, _)) in self.params.iter().enumerate() {
             if name.contains(pattern) {
                 self.lr_scale[i] = scale;
+            }
+        }
+    }
+
+    /// Multiplies the weight decay of every parameter whose name contains `pattern` by `scale`
+    /// (0 exempts them).
+    pub fn set_decay_scale(&mut self, pattern: &str, scale: f64) {
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            if name.contains(pattern) {
+                self.decay_scale[i] = scale;
             }
         }
     }
@@ -71,8 +84,9 @@ impl AdamW {
             let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
             let update = ((&m / bc1)? / denom)?;
             let mut theta = p.as_tensor().clone();
-            if c.weight_decay > 0.0 && Self::decays(p) {
-                theta = (theta * (1.0 - lr * c.weight_decay))?;
+            let wd = c.weight_decay * self.decay_scale[i];
+            if wd > 0.0 && Self::decays(p) {
+                theta = (theta * (1.0 - lr * wd))?;
             }
             p.set(&(theta - (update * lr)?)?)?;
             self.m[i] = m;
@@ -168,6 +182,27 @@ mod tests {
         for i in 0..2 {
             assert!((ga[i] - expect(0.03)[i]).abs() < 1e-6, "router {i}: {}", ga[i]);
             assert!((gb[i] - expect(0.01)[i]).abs() < 1e-6, "wte {i}: {}", gb[i]);
+        }
+        Ok(())
+    }
+
+    // set_decay_scale scales (or with 0 removes) the decay of the matching parameters only.
+    #[test]
+    fn decay_scale_applies_by_name() -> Result<()> {
+        let mk = || Var::from_vec(vec![1.0f64, -1.0], (1, 2), &Device::Cpu);
+        let (a, b) = (mk()?, mk()?);
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt =
+            AdamW::new(vec![("h.0.moe.router.weight".into(), a.clone()), ("wte.weight".into(), b.clone())], cfg)?;
+        opt.set_decay_scale(".moe.router.", 0.0);
+        let g = Tensor::from_vec(vec![0.5f64, 0.25], (1, 2), &Device::Cpu)?;
+        let lr = 0.01;
+        opt.step(&[Some(g.clone()), Some(g)], lr)?;
+        let (ga, gb) = (a.as_tensor().flatten_all()?.to_vec1::<f64>()?, b.as_tensor().flatten_all()?.to_vec1::<f64>()?);
+        let (no_decay, decay) = ([1.0 - lr, -1.0 - lr], [1.0 * (1.0 - lr * 0.1) - lr, -1.0 * (1.0 - lr * 0.1) - lr]);
+        for i in 0..2 {
+            assert!((ga[i] - no_decay[i]).abs() < 1e-6, "router {i}: {}", ga[i]);
+            assert!((gb[i] - decay[i]).abs() < 1e-6, "wte {i}: {}", gb[i]);
         }
         Ok(())
     }

@@ -156,6 +156,7 @@ impl Trainer {
             AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
         )?;
         opt.set_lr_scale(".moe.router.", cfg.model.router.lr_scale);
+        opt.set_decay_scale(".moe.router.", cfg.model.router.decay_scale);
         let state = TrainerState {
             step: 0,
             best_val_loss: None,
