@@ -39,6 +39,52 @@ mod gpu {
         Ok(d / s)
     }
 
+    /// Mean time of `iters` back-to-back launches (one sync at the end): kernel time without the
+    /// per-call host round trip, in ms.
+    fn batch_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        dev.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    }
+
+    /// The Philox dropout op: CUDA vs CPU bit for bit (forward and backward), then timed against
+    /// the host-mask reference on the GPU.
+    pub fn check_dropout(gpu: &Device, cpu: &Device) -> Result<bool> {
+        use gumbel_moe::ops::{dropout_reference, philox_dropout, PhiloxDropout};
+        println!("\n== dropout: CUDA vs CPU (f32, bit-exact expected) ==");
+        let mut ok = true;
+        for (shape, p) in [(vec![1usize], 0.5), (vec![7, 13], 0.2), (vec![64, 6, 256, 256], 0.2)] {
+            let d = PhiloxDropout { p, seed: 0xabc_def0_1234, site: 5, hi: PhiloxDropout::hi(77, 1) };
+            let xc = Tensor::randn(0f32, 1.0, shape.as_slice(), cpu)?;
+            let xg = xc.to_device(gpu)?;
+            let yc = philox_dropout(&xc, &d)?.flatten_all()?.to_vec1::<f32>()?;
+            let yg = philox_dropout(&xg, &d)?.flatten_all()?.to_vec1::<f32>()?;
+            let fwd_mis = yc.iter().zip(&yg).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let grad = |x: &Tensor| -> Result<Vec<f32>> {
+                let v = Var::from_tensor(x)?;
+                let loss = (philox_dropout(v.as_tensor(), &d)? * x)?.sum_all()?;
+                loss.backward()?.get(v.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()
+            };
+            let (gc, gg) = (grad(&xc)?, grad(&xg)?);
+            let bwd_mis = gc.iter().zip(&gg).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let pass = fwd_mis == 0 && bwd_mis == 0;
+            ok &= pass;
+            println!("shape {shape:?} p {p}: forward mismatches {fwd_mis}, backward mismatches {bwd_mis}: {}",
+                if pass { "ok" } else { "FAIL" });
+        }
+        let d = PhiloxDropout { p: 0.2, seed: 1, site: 2, hi: 3 };
+        let x = Tensor::randn(0f32, 1.0, (64, 6, 256, 256), gpu)?;
+        let t_op = batch_ms(gpu, 20, || philox_dropout(&x, &d).map(|_| ()))?;
+        let t_ref = batch_ms(gpu, 3, || dropout_reference(&x, &d).map(|_| ()))?;
+        println!("dropout of (64, 6, 256, 256) f32 on the GPU: op {t_op:.3} ms, host-mask reference {t_ref:.1} ms ({:.0}x)", t_ref / t_op);
+        Ok(ok)
+    }
+
     fn median_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         dev.synchronize()?;
@@ -118,10 +164,25 @@ mod gpu {
         let cs = gumbel_select(&x, &p)?;
         let y = gumbel_weights(&x, &cs, &p)?;
         let op = GumbelWeightsBwd { p, e };
-        let t_sel = median_ms(&gpu, iters, || gumbel_select(&x, &p).map(|_| ()))?;
-        let t_w = median_ms(&gpu, iters, || gumbel_weights(&x, &cs, &p).map(|_| ()))?;
-        let t_b = median_ms(&gpu, iters, || y.apply_op3_no_bwd(&s, &cs, &op).map(|_| ()))?;
-        println!("ops: select {t_sel:.3} ms, weights {t_w:.3} ms, weights_bwd {t_b:.3} ms");
+        let us = |ms: f64| ms * 1e3;
+        let t_sel = batch_ms(&gpu, 200, || gumbel_select(&x, &p).map(|_| ()))?;
+        let t_w = batch_ms(&gpu, 200, || gumbel_weights(&x, &cs, &p).map(|_| ()))?;
+        let t_b = batch_ms(&gpu, 200, || y.apply_op3_no_bwd(&s, &cs, &op).map(|_| ()))?;
+        println!(
+            "ops, mean of 200 back-to-back launches: select {:.1} us, weights {:.1} us, weights_bwd {:.1} us",
+            us(t_sel),
+            us(t_w),
+            us(t_b)
+        );
+        // The router forward on the device (select + weights + straight-through), no host copy.
+        let dev_f = batch_ms(&gpu, 200, || {
+            let cs = gumbel_select(&x, &p)?;
+            let y = gumbel_weights(&x, &cs, &p)?;
+            let sel = cs.narrow(1, k, m)?.contiguous()?;
+            let ys = y.gather(&sel, 1)?;
+            (ys.sub(&ys.detach())? + 1.0).map(|_| ())
+        })?;
+        println!("router forward on the device (select, weights, straight-through; no host copy): {:.1} us", us(dev_f));
         let ref_f = median_ms(&gpu, 5, || reference(&x, &p).map(|_| ()))?;
         let fus_f = median_ms(&gpu, iters, || gumbel_route(&x, &p, true).map(|_| ()))?;
         let ref_fb = median_ms(&gpu, 5, || {
@@ -137,7 +198,8 @@ mod gpu {
         for (name, a, b) in [("forward", ref_f, fus_f), ("forward+backward", ref_fb, fus_fb)] {
             println!("| {name:<18} | {a:>13.3} | {b:>10.3} | {:>6.1}x |", a / b);
         }
-        println!("(fused forward includes the device-to-host copy of the (T, K + m) indices)");
+        println!("(median of synchronised calls; the fused forward includes the device-to-host copy of the indices)");
+        ok &= check_dropout(&gpu, &cpu)?;
         println!("\nRESULT: {}", if ok { "PASS" } else { "FAIL" });
         if !ok {
             std::process::exit(1);

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds ONE `--features cuda` binary here (examples/gpu_check.rs: CUDA vs CPU for every router
-# op, forward and backward, then timings), puts it with run_on_gpu.sh under target/gpu/, and
-# prints the device-tool call that runs it on the GPU machine.
+# Builds the `--features cuda` binaries here (no GPU needed) and packs them for the GPU machine:
+#   examples/gpu_check.rs  CUDA vs CPU for every custom op, forward and backward, then timings;
+#   the gumbel-moe CLI     for a training run of configs/shakespeare-char-gpu.toml on the GPU.
+# Both go xz-compressed to target/gpu/ with run_on_gpu.sh, scripts/gpu_run.sh and the dataset file
+# (the GPU machine has no hub cache), and the script prints the device-tool call that runs them.
 # Needs the pinned CUDA 13.0 toolchain (bash $ROOT/../shared/gpu/setup_cuda_pip.sh). Builds in
-# CARGO_TARGET_DIR (default target-cuda beside target/) so the CPU target/ is untouched; a first build takes
-# ~10 min on 2 cores (candle-kernels).
+# CARGO_TARGET_DIR (default target-cuda beside target/) so the CPU target/ is untouched; a first build
+# takes ~15 min on 2 cores (candle-kernels). PACK_DIR overrides target/gpu.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,17 +15,24 @@ cd "$ROOT"
 source "$HOME/.local/cuda-pip/env.sh"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target-cuda}"
-bash scripts/check_kernels.sh
-cargo build --release --features cuda --example gpu_check
-mkdir -p target/gpu
-cp "$CARGO_TARGET_DIR/release/examples/gpu_check" target/gpu/gpu_check
-strip target/gpu/gpu_check 2>/dev/null || true
-cp "$ROOT/../shared/gpu/run_on_gpu.sh" target/gpu/run_on_gpu.sh
-echo "built target/gpu/gpu_check ($(du -h target/gpu/gpu_check | cut -f1))"
-cat <<'MSG'
-Run it on the GPU machine with the device tool (target/ is ignored, so carry it):
-  run(command="bash target/gpu/run_on_gpu.sh target/gpu/gpu_check 2>&1 | tee $OUT/gpu_check.txt",
-      carry=["target/gpu"], timeout_s=300)
-It prints a correctness table (CUDA vs CPU: candidate/selection mismatches, relative errors of y,
-of the backward op and of dlogits through the whole router) and a timing table; RESULT: PASS/FAIL.
+PACK="${PACK_DIR:-$ROOT/target/gpu}"
+bash scripts/check_kernels.sh >/dev/null
+cargo build --release --features cuda --example gpu_check --bin gumbel-moe
+mkdir -p "$PACK"
+rm -f "$PACK"/*.xz
+for b in examples/gpu_check gumbel-moe; do
+  n="$(basename "$b")"
+  cp "$CARGO_TARGET_DIR/release/$b" "$PACK/$n"
+  strip "$PACK/$n" 2>/dev/null || true
+  xz -T2 -6 -f "$PACK/$n"
+done
+cp "$ROOT/../shared/gpu/run_on_gpu.sh" scripts/gpu_run.sh "$PACK/"
+cp "$ROOT/../shared/data/tinyshakespeare/input.txt" "$PACK/input.txt" 2>/dev/null \
+  || find "$ROOT/../shared/data" -name input.txt -exec cp -L {} "$PACK/input.txt" \; -quit
+ls -la "$PACK"
+cat <<MSG
+Run it on the GPU machine with the device tool (target/ is ignored, so carry the pack):
+  run(command="bash ${PACK#"$ROOT"/}/gpu_run.sh ${PACK#"$ROOT"/}", carry=["${PACK#"$ROOT"/}"], timeout_s=420)
+It prints the correctness table (CUDA vs CPU per op), the timing table, RESULT: PASS/FAIL, then
+trains configs/shakespeare-char-gpu.toml for TRAIN_S seconds (default 180) and prints its tok/s.
 MSG
