@@ -28,6 +28,15 @@ pub fn load_balance(probs: &Tensor, indices: &[u32]) -> Result<Tensor> {
     (p * f)?.sum_all()? * e as f64
 }
 
+/// The same loss through the fused [`crate::ops::balance_stats`] op: logits (T, E), indices (T, m)
+/// u32 on the logits' device. The softmax over all experts is never materialized; the gradient
+/// reaches the logits through the op's backward kernel.
+pub fn load_balance_fused(logits: &Tensor, indices: &Tensor) -> Result<Tensor> {
+    let e = logits.dim(1)?;
+    let s = crate::ops::balance_stats(logits, indices)?; // (2, E): f, P
+    (s.get(0)? * s.get(1)?)?.sum_all()? * e as f64
+}
+
 /// mean_t logsumexp(logits_t)^2 with logits: (T, E).
 pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
     logsumexp(logits)?.sqr()?.mean_all()
