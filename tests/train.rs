@@ -211,7 +211,9 @@ fn generation_is_seeded_and_continues_the_prompt() {
     assert!(generate(&t.model, &t.tokenizer, "", &s, &t.device, ctx).is_err());
 }
 
-/// The fused router ops and the plain-tensor reference train to bit-identical losses on the CPU.
+/// The fused ops (router, balance statistics, dispatch / combine) and the plain-tensor reference
+/// train to the same losses on the CPU: the same routing decisions, and losses equal to rounding
+/// (the fused softmax `exp`, the chunked balance sums and the combine order round differently).
 #[test]
 fn fused_and_reference_routers_train_identically() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -227,7 +229,9 @@ fn fused_and_reference_routers_train_identically() {
         let mut n = 0;
         for (x, y) in ma.iter().zip(&mb) {
             if let Some(l) = x.get("train_loss") {
-                assert_eq!(l, &y["train_loss"], "hard = {hard}: training losses must be bit-identical");
+                let (l, r) = (l.as_f64().unwrap(), y["train_loss"].as_f64().unwrap());
+                assert!((l - r).abs() <= 1e-5 * l.abs(), "hard = {hard}: train loss {l} vs {r}");
+                assert_eq!(x["tokens_per_expert"], y["tokens_per_expert"], "hard = {hard}: routing differs");
                 n += 1;
             }
             // Eval without noise: the soft path's softmax may differ in the last ulp (seen: 2e-8).

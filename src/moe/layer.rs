@@ -2,10 +2,11 @@
 //! combine, plus the auxiliary losses and routing statistics of the call.
 
 use super::dispatch::{capacity, plan};
-use super::losses::{load_balance, z_loss};
-use super::{RouteCtx, Router, RouterFactory};
+use super::losses::{load_balance, load_balance_fused, z_loss};
+use super::{RouteCtx, Router, RouterFactory, Routing};
 use crate::config::Config;
 use crate::nn::{Ctx, Mlp};
+use crate::ops::{combine, expert_sort, gather_rows, split_rows};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -16,6 +17,11 @@ pub struct MoeLayer {
     balance_coef: f64,
     z_coef: f64,
     layer: u32,
+    /// model.router.impl == "fused": the balance loss through the `ops::balance_stats` kernels.
+    fused_balance: bool,
+    /// model.router.impl == "fused": dispatch / combine through the `ops::{expert_sort, gather_rows,
+    /// combine}` kernels instead of index_select / index_add.
+    fused_dispatch: bool,
 }
 
 /// Routing statistics of one call (host values, cheap to log).
@@ -60,6 +66,8 @@ impl MoeLayer {
             balance_coef: m.balance_coef,
             z_coef: m.z_coef,
             layer: layer as u32,
+            fused_balance: cfg.model.router.implementation == "fused",
+            fused_dispatch: cfg.model.router.implementation == "fused",
         })
     }
 
@@ -75,6 +83,57 @@ impl MoeLayer {
         let r = self.router.route(&xf, &RouteCtx { ctx: *ctx, layer: self.layer })?;
         let e = self.experts.len();
         let cap = capacity(self.capacity_factor, n * r.m, e);
+        // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
+        let (y, tokens_per_expert, dropped) =
+            if self.fused_dispatch { self.experts_fused(&xf, &r, cap)? } else { self.experts_reference(&xf, &r, cap)? };
+        let balance = if self.fused_balance {
+            let idx = Tensor::new(r.indices.as_slice(), x.device())?.reshape((n, r.m))?; // (N, m) u32
+            load_balance_fused(&r.logits, &idx)?
+        } else {
+            load_balance(&r.probs, &r.indices)?
+        };
+        let z = z_loss(&r.logits)?;
+        let aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
+        let ent = {
+            let pd = r.probs.detach();
+            (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?
+        };
+        let stats = MoeStats {
+            tokens_per_expert,
+            dropped,
+            routed: n * r.m,
+            balance: Some(balance.detach().to_dtype(DType::F32)?),
+            z: Some(z.detach().to_dtype(DType::F32)?),
+            entropy: Some(ent.to_dtype(DType::F32)?),
+        };
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats })
+    }
+
+    /// The fused path: sort the slots by expert on the device, gather the rows to that order, run
+    /// each expert on its contiguous block, and combine with the routing weights. Only the E + 1
+    /// offsets come to the host. xf (N, C) -> (y (N, C), kept slots per expert, dropped slots).
+    fn experts_fused(&self, xf: &Tensor, r: &Routing, cap: usize) -> Result<(Tensor, Vec<u32>, usize)> {
+        let (n, e) = (xf.dim(0)?, self.experts.len());
+        let idx = Tensor::from_slice(&r.indices, (n, r.m), xf.device())?; // (N, m) u32
+        let order = expert_sort(&idx, e, cap)?;
+        let xs = gather_rows(xf, &order)?; // (N_kept, C), grouped by expert
+        let mut outs = Vec::with_capacity(e);
+        for (expert, rows) in self.experts.iter().zip(split_rows(&xs, &order.offsets)?) {
+            if let Some(rows) = rows {
+                outs.push(expert.forward(&rows)?); // (n_e, C)
+            }
+        }
+        let y = if outs.is_empty() {
+            xf.zeros_like()?
+        } else {
+            combine(&Tensor::cat(&outs, 0)?, &r.weights, &order)? // (N, C)
+        };
+        Ok((y, order.tokens_per_expert(), order.dropped()))
+    }
+
+    /// The reference path: host plan, index_select per expert, weights, one index_add back.
+    fn experts_reference(&self, xf: &Tensor, r: &Routing, cap: usize) -> Result<(Tensor, Vec<u32>, usize)> {
+        let (n, e) = (xf.dim(0)?, self.experts.len());
         let p = plan(&r.indices, n, r.m, e, cap);
         let w_flat = r.weights.flatten_all()?; // (N * m)
         let mut outs = Vec::with_capacity(e);
@@ -83,8 +142,8 @@ impl MoeLayer {
             if p.tokens[ex].is_empty() {
                 continue;
             }
-            let tok = Tensor::new(p.tokens[ex].as_slice(), x.device())?;
-            let slots = Tensor::new(p.slots[ex].as_slice(), x.device())?;
+            let tok = Tensor::new(p.tokens[ex].as_slice(), xf.device())?;
+            let slots = Tensor::new(p.slots[ex].as_slice(), xf.device())?;
             let xe = xf.index_select(&tok, 0)?; // (n_e, C)
             let we = w_flat.index_select(&slots, 0)?.unsqueeze(1)?; // (n_e, 1)
             outs.push(expert.forward(&xe)?.broadcast_mul(&we)?); // (n_e, C)
@@ -94,24 +153,9 @@ impl MoeLayer {
             xf.zeros_like()?
         } else {
             // One deterministic scatter-add of every expert's rows back to their tokens.
-            let rows = Tensor::new(rows.as_slice(), x.device())?;
+            let rows = Tensor::new(rows.as_slice(), xf.device())?;
             xf.zeros_like()?.index_add(&rows, &Tensor::cat(&outs, 0)?, 0)?
         };
-        let balance = load_balance(&r.probs, &r.indices)?;
-        let z = z_loss(&r.logits)?;
-        let aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
-        let ent = {
-            let pd = r.probs.detach();
-            (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?
-        };
-        let stats = MoeStats {
-            tokens_per_expert: p.tokens.iter().map(|v| v.len() as u32).collect(),
-            dropped: p.dropped,
-            routed: n * r.m,
-            balance: Some(balance.detach().to_dtype(DType::F32)?),
-            z: Some(z.detach().to_dtype(DType::F32)?),
-            entropy: Some(ent.to_dtype(DType::F32)?),
-        };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats })
+        Ok((y, p.tokens.iter().map(|v| v.len() as u32).collect(), p.dropped))
     }
 }
