@@ -11,6 +11,8 @@ typedef uint32_t gm_u32;
 #define GM_NAN __int_as_float(0x7fffffff)
 #define GM_F2U(x) __float_as_uint(x)
 #define GM_U2F(x) __uint_as_float(x)
+#define GM_INF __int_as_float(0x7f800000)
+#define GM_UNROLL _Pragma("unroll")
 
 #include "gumbel_router.cuh"
 
@@ -33,10 +35,13 @@ extern "C" __global__ void gumbel_weights_f32(const float* logits, const gm_u32*
 
 extern "C" __global__ void gumbel_weights_bwd_f32(const float* y, const float* dy, const gm_u32* cand, float* dl,
                                                   GmParams p) {
-    gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= p.rows) {
+    // One thread per element of dlogits (T, E): gid = row * E + col.
+    gm_u32 gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= p.rows * p.e) {
         return;
     }
-    gm_weights_bwd_row(y + (size_t)row * p.y_stride, dy + (size_t)row * p.dy_stride,
-                       cand + (size_t)row * p.idx_stride, dl + (size_t)row * p.logits_stride, p);
+    gm_u32 row = gid / p.e, col = gid - row * p.e;
+    dl[(size_t)row * p.logits_stride + col] =
+        gm_weights_bwd_elem(y + (size_t)row * p.y_stride, dy + (size_t)row * p.dy_stride,
+                            cand + (size_t)row * p.idx_stride, p, col);
 }

@@ -2,9 +2,11 @@
 // gumbel_router.cu (CUDA) and gumbel_router.metal (Metal), so the body the H100 tests is the body
 // Metal runs. The CPU twin is src/ops/gumbel_router.rs (`select_row`, `weights_row`, `bwd_row`).
 //
-// One thread owns one token row. The including file defines GM_FN, GM_GLOBAL (address space of
-// device buffers), GM_MULHI, GM_LOGF, GM_EXPF, GM_NAN (a quiet NaN float), GM_F2U / GM_U2F (f32 <->
-// u32 bit casts) and gm_u32 (see philox.h).
+// select and weights: one thread owns one token row, its arrays in registers (templates over the
+// largest K they hold); weights_bwd: one thread per element of the (T, E) output. The including file
+// defines GM_FN, GM_GLOBAL (address space of device buffers), GM_MULHI, GM_LOGF, GM_EXPF, GM_NAN (a
+// quiet NaN float), GM_INF (+infinity), GM_UNROLL (an unroll pragma, or nothing), GM_F2U / GM_U2F
+// (f32 <-> u32 bit casts) and gm_u32 (see philox.h).
 //
 // Ops (entry points `<op>_f32` in both languages):
 //   gumbel_select:      logits (T, E) -> (T, K + m) u32: K candidate experts (best logit first, ties
@@ -51,106 +53,156 @@ GM_FN float gm_noise(GmParams p, gm_u32 row, gm_u32 expert) {
     return gm_gumbel_noise(p.seed_lo, p.seed_hi, p.step, p.layer, p.token_base + row, expert);
 }
 
-// One row of gumbel_select. `lg` points at the row's logits, `out` at its K + m output slots.
-GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmParams p, gm_u32 row) {
-    float cv[GM_MAX_K];
-    gm_u32 ci[GM_MAX_K];
-    gm_u32 n = 0u;
-    // Top-K by insertion: a value enters only if strictly larger than the current K-th, and moves
-    // up only past strictly smaller ones, so equal logits keep the lower expert index first.
+// Whether (v, e) ranks before (w, f) among candidates: larger logit first, ties to the lower expert
+// index. A total order, so the insertion network below keeps exactly the CPU's top-K order.
+GM_FN bool gm_before(float v, gm_u32 e, float w, gm_u32 f) {
+    return v > w || (v == w && e < f);
+}
+
+// One row of gumbel_select for K <= KMAX, everything in registers: every array index is a
+// compile-time constant after unrolling (a runtime index would put the arrays in local memory).
+// `lg` points at the row's logits, `out` at its output row.
+template <int KMAX>
+GM_FN void gm_select_row_t(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmParams p, gm_u32 row) {
+    float cv[KMAX];
+    gm_u32 ci[KMAX];
+    GM_UNROLL
+    for (int j = 0; j < KMAX; ++j) {
+        cv[j] = -GM_INF;
+        ci[j] = 0xffffffffu;
+    }
+    // Top-K by an insertion network: each logit walks down the sorted slots, swapping with every
+    // slot it ranks before, so the slots stay sorted by gm_before and the K best remain.
     for (gm_u32 e = 0u; e < p.e; ++e) {
         float v = lg[e];
-        gm_u32 j;
-        if (n < p.k) {
-            j = n;
-            n += 1u;
-        } else if (v > cv[p.k - 1u]) {
-            j = p.k - 1u;
-        } else {
-            continue;
+        gm_u32 x = e;
+        GM_UNROLL
+        for (int j = 0; j < KMAX; ++j) {
+            if ((gm_u32)j < p.k && gm_before(v, x, cv[j], ci[j])) {
+                float tv = cv[j];
+                gm_u32 tx = ci[j];
+                cv[j] = v;
+                ci[j] = x;
+                v = tv;
+                x = tx;
+            }
         }
-        while (j > 0u && v > cv[j - 1u]) {
-            cv[j] = cv[j - 1u];
-            ci[j] = ci[j - 1u];
-            j -= 1u;
-        }
-        cv[j] = v;
-        ci[j] = e;
     }
     // Perturbed candidate values: cand + g, g keyed by the global expert index (and saved for
     // gumbel_weights when noise_col != 0).
-    for (gm_u32 i = 0u; i < p.k; ++i) {
-        float g = gm_noise(p, row, ci[i]);
-        cv[i] = cv[i] + g;
-        out[i] = ci[i];
-        if (p.noise_col != 0u) {
-            out[p.noise_col + i] = GM_F2U(g);
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < p.k) {
+            float g = gm_noise(p, row, ci[i]);
+            cv[i] = cv[i] + g;
+            out[i] = ci[i];
+            if (p.noise_col != 0u) {
+                out[p.noise_col + i] = GM_F2U(g);
+            }
         }
     }
     // Gumbel-top-m: m rounds of argmax over the positions not yet taken; strict > keeps ties on
     // the lower position.
     gm_u32 taken = 0u;
     for (gm_u32 s = 0u; s < p.m; ++s) {
-        gm_u32 best = GM_MAX_K;
-        for (gm_u32 i = 0u; i < p.k; ++i) {
-            if ((taken >> i) & 1u) {
-                continue;
+        gm_u32 best = 0u;
+        float bv = 0.0f;
+        bool found = false;
+        GM_UNROLL
+        for (int i = 0; i < KMAX; ++i) {
+            if ((gm_u32)i < p.k && ((taken >> i) & 1u) == 0u && (!found || cv[i] > bv)) {
+                best = (gm_u32)i;
+                bv = cv[i];
+                found = true;
             }
-            if (best == GM_MAX_K || cv[i] > cv[best]) {
-                best = i;
-            }
-        }
-        if (best == GM_MAX_K) {
-            best = 0u; // unreachable for m <= K; keeps the index in range
         }
         taken |= 1u << best;
         out[p.k + s] = best;
     }
 }
 
-// One row of gumbel_weights. An out-of-range candidate index makes the row NaN (no stray reads).
-GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
-                          gm_u32 row) {
-    float z[GM_MAX_K];
-    bool bad = false;
-    for (gm_u32 i = 0u; i < p.k; ++i) {
-        gm_u32 e = cand[i];
-        if (e >= p.e) {
-            bad = true;
-            z[i] = 0.0f;
-            continue;
-        }
-        float g = p.noise_col != 0u ? GM_U2F(cand[p.noise_col + i]) : gm_noise(p, row, e);
-        z[i] = (lg[e] + g) * p.inv_tau;
-    }
-    float mx = z[0];
-    for (gm_u32 i = 1u; i < p.k; ++i) {
-        mx = z[i] > mx ? z[i] : mx;
-    }
-    float sum = 0.0f;
-    for (gm_u32 i = 0u; i < p.k; ++i) {
-        z[i] = GM_EXPF(z[i] - mx);
-        sum += z[i];
-    }
-    for (gm_u32 i = 0u; i < p.k; ++i) {
-        y[i] = bad ? GM_NAN : z[i] / sum;
+// One row of gumbel_select: the register variant for the smallest KMAX that holds K (K is
+// uniform across a launch, so this branch does not diverge).
+GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmParams p, gm_u32 row) {
+    if (p.k <= 4u) {
+        gm_select_row_t<4>(lg, out, p, row);
+    } else if (p.k <= 8u) {
+        gm_select_row_t<8>(lg, out, p, row);
+    } else if (p.k <= 16u) {
+        gm_select_row_t<16>(lg, out, p, row);
+    } else {
+        gm_select_row_t<GM_MAX_K>(lg, out, p, row);
     }
 }
 
-// One row of gumbel_weights_bwd: the softmax JVP scattered to the candidate columns.
-GM_FN void gm_weights_bwd_row(const GM_GLOBAL float* y, const GM_GLOBAL float* dy, const GM_GLOBAL gm_u32* cand,
-                              GM_GLOBAL float* dl, GmParams p) {
-    for (gm_u32 j = 0u; j < p.e; ++j) {
-        dl[j] = 0.0f;
+// One row of gumbel_weights for K <= KMAX, in registers. An out-of-range candidate index makes the
+// row NaN (no stray reads).
+template <int KMAX>
+GM_FN void gm_weights_row_t(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
+                            gm_u32 row) {
+    float z[KMAX];
+    bool bad = false;
+    float mx = -GM_INF;
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        z[i] = -GM_INF;
+        if ((gm_u32)i < p.k) {
+            gm_u32 e = cand[i];
+            if (e >= p.e) {
+                bad = true;
+                z[i] = 0.0f;
+            } else {
+                float g = p.noise_col != 0u ? GM_U2F(cand[p.noise_col + i]) : gm_noise(p, row, e);
+                z[i] = (lg[e] + g) * p.inv_tau;
+            }
+            mx = (i == 0 || z[i] > mx) ? z[i] : mx;
+        }
     }
+    float sum = 0.0f;
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < p.k) {
+            z[i] = GM_EXPF(z[i] - mx);
+            sum += z[i];
+        }
+    }
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < p.k) {
+            y[i] = bad ? GM_NAN : z[i] / sum;
+        }
+    }
+}
+
+// One row of gumbel_weights (see gm_select_row for the KMAX dispatch).
+GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
+                          gm_u32 row) {
+    if (p.k <= 4u) {
+        gm_weights_row_t<4>(lg, cand, y, p, row);
+    } else if (p.k <= 8u) {
+        gm_weights_row_t<8>(lg, cand, y, p, row);
+    } else if (p.k <= 16u) {
+        gm_weights_row_t<16>(lg, cand, y, p, row);
+    } else {
+        gm_weights_row_t<GM_MAX_K>(lg, cand, y, p, row);
+    }
+}
+
+// One element dlogits[row, col] of gumbel_weights_bwd: the softmax JVP at the candidate columns, 0
+// elsewhere. One thread per element, so the (T, E) output is written with coalesced stores; the row's
+// y, dy and candidates (K values each) are re-read per element from cache. Same summation order as
+// the CPU's bwd_row: dot over i in order, then 0 + y_i * (dy_i - dot) * inv_tau.
+GM_FN float gm_weights_bwd_elem(const GM_GLOBAL float* y, const GM_GLOBAL float* dy, const GM_GLOBAL gm_u32* cand,
+                                GmParams p, gm_u32 col) {
     float dot = 0.0f;
     for (gm_u32 i = 0u; i < p.k; ++i) {
         dot += y[i] * dy[i];
     }
+    float v = 0.0f;
     for (gm_u32 i = 0u; i < p.k; ++i) {
-        gm_u32 e = cand[i];
-        if (e < p.e) {
-            dl[e] += y[i] * (dy[i] - dot) * p.inv_tau;
+        if (cand[i] == col) {
+            v += y[i] * (dy[i] - dot) * p.inv_tau;
         }
     }
+    return v;
 }

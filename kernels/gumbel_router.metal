@@ -20,6 +20,12 @@ typedef uint gm_u32;
 #define GM_NAN as_type<float>(0x7fc00000u)
 #define GM_F2U(x) as_type<uint>(x)
 #define GM_U2F(x) as_type<float>(x)
+#define GM_INF as_type<float>(0x7f800000u)
+#ifdef __METAL_VERSION__
+#define GM_UNROLL _Pragma("unroll")
+#else
+#define GM_UNROLL
+#endif
 
 #include "gumbel_router.cuh"
 
@@ -45,11 +51,13 @@ kernel void gumbel_weights_f32(const device float* logits [[buffer(0)]], const d
 
 kernel void gumbel_weights_bwd_f32(const device float* y [[buffer(0)]], const device float* dy [[buffer(1)]],
                                    const device gm_u32* cand [[buffer(2)]], device float* dl [[buffer(3)]],
-                                   constant GmParams& params [[buffer(4)]], uint row [[thread_position_in_grid]]) {
+                                   constant GmParams& params [[buffer(4)]], uint gid [[thread_position_in_grid]]) {
+    // One thread per element of dlogits (T, E): gid = row * E + col.
     GmParams p = params;
-    if (row >= p.rows) {
+    if (gid >= p.rows * p.e) {
         return;
     }
-    gm_weights_bwd_row(y + (ulong)row * p.y_stride, dy + (ulong)row * p.dy_stride, cand + (ulong)row * p.idx_stride,
-                       dl + (ulong)row * p.logits_stride, p);
+    uint row = gid / p.e, col = gid - row * p.e;
+    dl[(ulong)row * p.logits_stride + col] = gm_weights_bwd_elem(y + (ulong)row * p.y_stride, dy + (ulong)row * p.dy_stride,
+                                                                 cand + (ulong)row * p.idx_stride, p, col);
 }

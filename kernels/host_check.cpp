@@ -83,7 +83,7 @@ int main() {
     }
     GmParams pb = pw;
     pb.idx_stride = K + M;
-    for (uint r = 0; r < T; ++r) gumbel_weights_bwd_f32(y.data(), dy.data(), sel.data(), dl.data(), pb, r);
+    for (uint g = 0; g < T * E; ++g) gumbel_weights_bwd_f32(y.data(), dy.data(), sel.data(), dl.data(), pb, g);
     for (uint r = 0; r < T; ++r) {
         float sum = 0.0f;
         uint nonzero = 0;

@@ -142,7 +142,8 @@ impl CustomOp1 for PhiloxDropout {
             let x = s.as_cuda_slice::<f32>()?.slice(a..b);
             let func = dev.get_or_load_custom_func("philox_dropout_f32", "gumbel_moe_dropout", PTX)?;
             let groups = ((b - a) as u32).div_ceil(4);
-            let cfg = LaunchConfig { grid_dim: (groups.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg =
+                LaunchConfig { grid_dim: (groups.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let mut lb = func.builder();
             lb.arg(&x);
             lb.arg(&out);
@@ -160,7 +161,11 @@ impl CustomOp1 for PhiloxDropout {
                 include_str!("../../kernels/dropout.metal"),
                 &[(
                     "dropout.cuh",
-                    &format!("{}\n{}", include_str!("../../kernels/philox.h"), include_str!("../../kernels/dropout.cuh")),
+                    &format!(
+                        "{}\n{}",
+                        include_str!("../../kernels/philox.h"),
+                        include_str!("../../kernels/dropout.cuh")
+                    ),
                 )],
             )
         }

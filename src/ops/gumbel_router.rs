@@ -230,15 +230,20 @@ fn exp_f32(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
     const C2: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = if x < LO { LO } else if x > HI { HI } else { x };
+    let x = if x < LO {
+        LO
+    } else if x > HI {
+        HI
+    } else {
+        x
+    };
     let t = x * LOG2E + MAGIC;
     let n = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32; // round(x log2 e)
     let fx = t - MAGIC;
     let r = x - fx * C1;
     let r = r - fx * C2;
     let z = r * r;
-    let y = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
+    let y = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 5.000_000_1e-1;
     let y = y * z + r + 1.0;
@@ -1143,6 +1148,9 @@ impl CustomOp3 for GumbelWeightsBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ry, rd, rc) = self.rows(l1, l2, l3)?;
         let mut gp = GmParams::new(&self.p, ry.rows, self.e)?;
+        if ry.rows * self.e > u32::MAX as usize {
+            candle_core::bail!("{}: T * E = {} exceeds u32 on the GPU", self.name(), ry.rows * self.e);
+        }
         gp.y_stride = ry.stride as u32;
         gp.dy_stride = rd.stride as u32;
         gp.idx_stride = rc.stride as u32;
@@ -1163,6 +1171,9 @@ impl CustomOp3 for GumbelWeightsBwd {
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (ry, rd, rc) = self.rows(l1, l2, l3)?;
         let mut gp = GmParams::new(&self.p, ry.rows, self.e)?;
+        if ry.rows * self.e > u32::MAX as usize {
+            candle_core::bail!("{}: T * E = {} exceeds u32 on the GPU", self.name(), ry.rows * self.e);
+        }
         gp.y_stride = ry.stride as u32;
         gp.dy_stride = rd.stride as u32;
         gp.idx_stride = rc.stride as u32;
@@ -1176,7 +1187,7 @@ impl CustomOp3 for GumbelWeightsBwd {
             ],
             (ry.rows * self.e, candle_core::DType::F32),
             gp,
-            ry.rows,
+            ry.rows * self.e, // one thread per element
         )?;
         Ok((out, Shape::from((ry.rows, self.e))))
     }
@@ -1350,7 +1361,7 @@ mod cuda {
         f32_only(s1, "y")?;
         f32_only(s2, "dy")?;
         let dev = s1.device();
-        // The kernel writes every element of each row (zeros included), so no memset is needed.
+        // One thread per element writes every element (zeros included), so no memset is needed.
         // SAFETY: fully written by the kernel below when rows > 0; empty otherwise.
         let out = unsafe { dev.alloc::<f32>(n_out.max(1))? };
         if ry.rows > 0 {
@@ -1364,8 +1375,8 @@ mod cuda {
             b.arg(&cand);
             b.arg(&out);
             b.arg(&gp);
-            // SAFETY: reads within the checked layouts, writes rows * E floats.
-            unsafe { b.launch(cfg(ry.rows)) }.w()?;
+            // SAFETY: reads within the checked layouts, writes rows * E floats (one thread each).
+            unsafe { b.launch(cfg(n_out)) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -1377,87 +1388,26 @@ mod cuda {
 #[cfg(feature = "metal")]
 mod metal {
     use super::GmParams;
-    use candle_core::backend::BackendStorage;
-    use candle_core::metal_backend::DeviceId;
+    use crate::ops::metal_glue;
     use candle_core::{DType, MetalStorage, Result};
-    use candle_metal_kernels::metal::{ComputeCommandEncoder, ComputePipeline, Library};
-    use objc2_metal::MTLSize;
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
 
-    const PHILOX_H: &str = include_str!("../../kernels/philox.h");
-    const ROUTER_CUH: &str = include_str!("../../kernels/gumbel_router.cuh");
-    const ROUTER_METAL: &str = include_str!("../../kernels/gumbel_router.metal");
-
-    /// The .metal file with its `#include "gumbel_router.cuh"` replaced by the headers' text.
+    /// The .metal file with its `#include "gumbel_router.cuh"` replaced by philox.h and the body.
     fn source() -> String {
-        let body = format!("{PHILOX_H}\n{ROUTER_CUH}\n").replace("#pragma once", "");
-        let src = ROUTER_METAL.replace("#include \"gumbel_router.cuh\"", &body);
-        format!("#define GM_INLINED 1\n{src}")
+        let body =
+            format!("{}\n{}", include_str!("../../kernels/philox.h"), include_str!("../../kernels/gumbel_router.cuh"));
+        metal_glue::inline_source(include_str!("../../kernels/gumbel_router.metal"), &[("gumbel_router.cuh", &body)])
     }
 
-    type Cache = Mutex<HashMap<DeviceId, (Library, HashMap<&'static str, ComputePipeline>)>>;
-
-    fn pipeline(dev: &candle_core::MetalDevice, name: &'static str) -> Result<ComputePipeline> {
-        static CACHE: OnceLock<Cache> = OnceLock::new();
-        let mut cache =
-            CACHE.get_or_init(Default::default).lock().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let entry = match cache.entry(dev.id()) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let lib = dev
-                    .device()
-                    .new_library_with_source(&source(), None)
-                    .map_err(|e| candle_core::Error::Msg(format!("gumbel router metal library: {e}")))?;
-                v.insert((lib, HashMap::new()))
-            }
-        };
-        if let Some(p) = entry.1.get(name) {
-            return Ok(p.clone());
-        }
-        let func = entry.0.get_function(name, None).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
-        let p = dev
-            .device()
-            .new_compute_pipeline_state_with_function(&func)
-            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
-        entry.1.insert(name, p.clone());
-        Ok(p)
-    }
-
-    /// Launches `name` with one thread per row: buffers `inputs` (storage, element offset, expected
-    /// dtype) at indices 0.., the new output (n, dtype) next, then the params.
+    /// Launches `name` over `threads` threads: buffers `inputs` (storage, element offset, dtype), the
+    /// new output (n, dtype), then the params (see `metal_glue::launch`).
     pub fn launch(
         name: &'static str,
         inputs: &[(&MetalStorage, usize, DType)],
-        (n, dtype): (usize, DType),
+        out: (usize, DType),
         gp: GmParams,
-        rows: usize,
+        threads: usize,
     ) -> Result<MetalStorage> {
-        let dev = inputs[0].0.device();
-        for (s, _, want) in inputs {
-            if s.dtype() != *want {
-                candle_core::bail!("{name}: Metal input must be {want:?}, got {:?}", s.dtype());
-            }
-        }
-        let out = dev.new_buffer_builder().with_size_for(n.max(1), dtype).with_label(name).build()?;
-        if rows > 0 {
-            let pipe = pipeline(dev, name)?;
-            let guard = dev.command_encoder()?;
-            let enc: &ComputeCommandEncoder = guard.as_ref();
-            enc.set_compute_pipeline_state(&pipe);
-            for (i, (s, off, dt)) in inputs.iter().enumerate() {
-                enc.set_input_buffer(i, Some(s.buffer()), off * dt.size_in_bytes());
-            }
-            let j = inputs.len();
-            enc.set_output_buffer(j, Some(&out), 0);
-            enc.set_bytes(j + 1, &gp);
-            let width = pipe.max_total_threads_per_threadgroup().min(rows).max(1);
-            enc.dispatch_thread_groups(
-                MTLSize { width: rows.div_ceil(width), height: 1, depth: 1 },
-                MTLSize { width, height: 1, depth: 1 },
-            );
-        }
-        Ok(MetalStorage::new(out, dev.clone(), n, dtype))
+        metal_glue::launch(("gumbel_router", source, name), inputs, out, &gp, threads)
     }
 }
 
@@ -1531,7 +1481,10 @@ mod tests {
         weights_block_impl(&data, r, &a, rc, &p, 0, &mut ya, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
         let mut yb = vec![0f32; t * p.k];
         weights_block(&data, r, &a, rc, &p, 0, &mut yb, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
-        assert_eq!(ya.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            ya.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         // The saved noise is the noise the weights op would regenerate.
         let mut yc = vec![0f32; t * p.k];
         weights_block(&data, r, &a, rc, &p, 0, &mut yc, (1.0 / p.tau) as f32, 0).unwrap();

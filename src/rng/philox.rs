@@ -61,7 +61,7 @@ pub fn ln_pos(x: f32) -> f32 {
     const LG2: f32 = f32::from_bits(0x3ecc_ce13); // 0.40000972152
     const LG3: f32 = f32::from_bits(0x3e91_e9ee); // 0.28498786688
     const LG4: f32 = f32::from_bits(0x3e78_9e26); // 0.24279078841
-    // x = 2^k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
+                                                  // x = 2^k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
     let ix = x.to_bits().wrapping_add(0x3f80_0000 - 0x3f35_04f3);
     let k = (ix >> 23) as i32 - 0x7f;
     let f = f32::from_bits((ix & 0x007f_ffff) + 0x3f35_04f3) - 1.0;
@@ -199,7 +199,9 @@ mod tests {
     #[test]
     fn noise_lanes_match_scalar() {
         let experts: [u32; 8] = [0, 1, 7, 63, 64, 255, 1000, u32::MAX];
-        for (seed, step, layer, token) in [(42u64, 3u32, 1u32, 0u32), (0x1234_5678_9abc, 17, 3, 65535), (u64::MAX, 0, 0xffff, 7)] {
+        for (seed, step, layer, token) in
+            [(42u64, 3u32, 1u32, 0u32), (0x1234_5678_9abc, 17, 3, 65535), (u64::MAX, 0, 0xffff, 7)]
+        {
             let g = gumbel_noise_lanes(seed, step, layer, token, &experts);
             for (l, &e) in experts.iter().enumerate() {
                 assert_eq!(g[l].to_bits(), gumbel_noise(seed, step, layer, token, e).to_bits());
