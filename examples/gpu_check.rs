@@ -74,14 +74,19 @@ mod gpu {
             let bwd_mis = gc.iter().zip(&gg).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             let pass = fwd_mis == 0 && bwd_mis == 0;
             ok &= pass;
-            println!("shape {shape:?} p {p}: forward mismatches {fwd_mis}, backward mismatches {bwd_mis}: {}",
-                if pass { "ok" } else { "FAIL" });
+            println!(
+                "shape {shape:?} p {p}: forward mismatches {fwd_mis}, backward mismatches {bwd_mis}: {}",
+                if pass { "ok" } else { "FAIL" }
+            );
         }
         let d = PhiloxDropout { p: 0.2, seed: 1, site: 2, hi: 3 };
         let x = Tensor::randn(0f32, 1.0, (64, 6, 256, 256), gpu)?;
         let t_op = batch_ms(gpu, 20, || philox_dropout(&x, &d).map(|_| ()))?;
         let t_ref = batch_ms(gpu, 3, || dropout_reference(&x, &d).map(|_| ()))?;
-        println!("dropout of (64, 6, 256, 256) f32 on the GPU: op {t_op:.3} ms, host-mask reference {t_ref:.1} ms ({:.0}x)", t_ref / t_op);
+        println!(
+            "dropout of (64, 6, 256, 256) f32 on the GPU: op {t_op:.3} ms, host-mask reference {t_ref:.1} ms ({:.0}x)",
+            t_ref / t_op
+        );
         Ok(ok)
     }
 
@@ -200,10 +205,213 @@ mod gpu {
         }
         println!("(median of synchronised calls; the fused forward includes the device-to-host copy of the indices)");
         ok &= check_dropout(&gpu, &cpu)?;
+        ok &= check_dispatch(&gpu, &cpu)?;
+        ok &= check_balance_stats(&gpu, &cpu)?;
         println!("\nRESULT: {}", if ok { "PASS" } else { "FAIL" });
         if !ok {
             std::process::exit(1);
         }
         Ok(())
+    }
+
+    /// The balance-statistics op (ops::balance_stats and its backward op BalanceStatsBwd): CUDA vs
+    /// CPU (f identical, P and dlogits to 1e-5, a second GPU run bit-identical), then the balance
+    /// loss as MoeLayer computes it, fused (index upload included) vs reference, timed on the GPU.
+    /// Returns whether every check passed.
+    pub fn check_balance_stats(gpu: &Device, cpu: &Device) -> Result<bool> {
+        use gumbel_moe::moe::losses::{load_balance, load_balance_fused};
+        use gumbel_moe::nn::ops::softmax;
+        use gumbel_moe::ops::{balance_stats, BalanceStatsBwd};
+        let bits = |x: &Tensor| -> Result<Vec<u32>> {
+            Ok(x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        };
+        let mut ok = true;
+        println!("\n== balance stats: CUDA vs CPU (f32), pass: f identical, rel err <= 1e-5, GPU reruns identical ==");
+        println!(
+            "| {:>6} | {:>4} | {:>2} | {:>7} | {:>10} | {:>10} | {:>6} |",
+            "T", "E", "m", "f same", "P relerr", "bwd relerr", "rerun"
+        );
+        for &(t, e, m) in &[(1usize, 8usize, 1usize), (4096, 37, 2), (65_536, 64, 1), (2048, 256, 4)] {
+            let xc = Tensor::randn(0f32, 2.0, (t, e), cpu)?;
+            let ic = Tensor::rand(0f32, e as f32, (t, m), cpu)?.clamp(0f32, (e - 1) as f32)?.to_dtype(DType::U32)?;
+            let (xg, ig) = (xc.to_device(gpu)?, ic.to_device(gpu)?);
+            let (sc, sg) = (balance_stats(&xc, &ic)?, balance_stats(&xg, &ig)?); // (2, E)
+            let f_same = bits(&sc.get(0)?)? == bits(&sg.get(0)?)?;
+            let p_err = rel_err(&sg.get(1)?, &sc.get(1)?)?;
+            let gr = Tensor::randn(0f32, 1.0, (2, e), cpu)?;
+            let bc = xc.apply_op2_no_bwd(&gr, &BalanceStatsBwd)?;
+            let bg = xg.apply_op2_no_bwd(&gr.to_device(gpu)?, &BalanceStatsBwd)?;
+            let b_err = rel_err(&bg, &bc)?;
+            let rerun = bits(&balance_stats(&xg, &ig)?)? == bits(&sg)?
+                && bits(&xg.apply_op2_no_bwd(&gr.to_device(gpu)?, &BalanceStatsBwd)?)? == bits(&bg)?;
+            let pass = f_same && p_err <= 1e-5 && b_err <= 1e-5 && rerun;
+            ok &= pass;
+            println!(
+                "| {t:>6} | {e:>4} | {m:>2} | {f_same:>7} | {p_err:>10.2e} | {b_err:>10.2e} | {rerun:>6} | {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+
+        let (t, e, m, iters) = (65_536usize, 64usize, 1usize, 50usize);
+        let x = Tensor::randn(0f32, 2.0, (t, e), gpu)?;
+        let xv = Var::from_tensor(&x)?;
+        let host: Vec<u32> = Tensor::rand(0f32, e as f32, (t * m,), cpu)?
+            .clamp(0f32, (e - 1) as f32)?
+            .to_dtype(DType::U32)?
+            .to_vec1()?;
+        // The loss as MoeLayer computes it: the fused path uploads the host indices first.
+        let fused = |x: &Tensor| -> Result<Tensor> {
+            load_balance_fused(x, &Tensor::new(host.as_slice(), gpu)?.reshape((t, m))?)
+        };
+        let reference = |x: &Tensor| -> Result<Tensor> { load_balance(&softmax(x)?, &host) };
+        let e_loss = rel_err(&fused(&x)?, &reference(&x)?)?;
+        let t_rf = median_ms(gpu, iters, || reference(&x).map(|_| ()))?;
+        let t_ff = median_ms(gpu, iters, || fused(&x).map(|_| ()))?;
+        let t_rb = median_ms(gpu, iters, || reference(xv.as_tensor())?.backward().map(|_| ()))?;
+        let t_fb = median_ms(gpu, iters, || fused(xv.as_tensor())?.backward().map(|_| ()))?;
+        let pass = e_loss <= 1e-5;
+        ok &= pass;
+        println!(
+            "\n== balance loss timing: T={t} E={e} m={m} f32, median of {iters} (fused vs reference loss rel err {e_loss:.2e} {}) ==",
+            if pass { "ok" } else { "FAIL" }
+        );
+        println!("| {:<18} | {:>13} | {:>10} | {:>7} |", "path", "reference ms", "fused ms", "ratio");
+        for (name, a, b) in [("forward", t_rf, t_ff), ("forward+backward", t_rb, t_fb)] {
+            println!("| {name:<18} | {a:>13.3} | {b:>10.3} | {:>6.1}x |", a / b);
+        }
+        Ok(ok)
+    }
+
+    /// MoE dispatch / combine ops (expert_sort, gather_rows, combine and their backward ops): CUDA
+    /// vs CPU, then the fused dispatch + combine against the reference (host plan, index_select,
+    /// index_add) on the GPU, with a cheap per-expert "expert" (a learned per-channel scale) so the
+    /// timing is the dispatch's. Returns whether every check passed.
+    pub fn check_dispatch(gpu: &Device, cpu: &Device) -> Result<bool> {
+        use gumbel_moe::moe::dispatch::{capacity, plan};
+        use gumbel_moe::ops::{
+            combine, expert_sort, gather_rows, split_rows, CombineBwdOut, CombineBwdW, GatherRowsBwd,
+        };
+        // (T, m) expert ids, distinct per token, skewed to low experts (an LCG: no extra deps).
+        fn indices(t: usize, m: usize, e: usize, seed: u64) -> Vec<u32> {
+            let mut st = seed;
+            let mut next = move || {
+                st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((st >> 11) as f64) / (1u64 << 53) as f64
+            };
+            let mut v = Vec::with_capacity(t * m);
+            for _ in 0..t {
+                let start = v.len();
+                while v.len() < start + m {
+                    let u = next();
+                    let x = ((u * u * e as f64) as u32).min(e as u32 - 1);
+                    if !v[start..].contains(&x) {
+                        v.push(x);
+                    }
+                }
+            }
+            v
+        }
+        let mut ok = true;
+        println!("\n== dispatch / combine: CUDA vs CPU (f32), pass: sort identical, rel err <= 1e-5 ==");
+        println!(
+            "| {:>6} | {:>3} | {:>2} | {:>4} | {:>4} | {:>7} | {:>9} | {:>9} | {:>9} | {:>9} | {:>9} |",
+            "T", "E", "m", "C", "cf", "sort", "gather", "gather bw", "combine", "d_out", "d_w"
+        );
+        let shapes = [
+            (1usize, 8usize, 1usize, 16usize, 0.0),
+            (4096, 37, 2, 128, 0.0),
+            (65_536, 64, 1, 384, 1.25),
+            (65_536, 64, 1, 384, 0.0),
+        ];
+        for &(t, e, m, c, cf) in &shapes {
+            let idx = indices(t, m, e, t as u64 * 31 + e as u64);
+            let cap = capacity(cf, t * m, e);
+            let ic = Tensor::from_vec(idx, (t, m), cpu)?;
+            let (oc, og) = (expert_sort(&ic, e, cap)?, expert_sort(&ic.to_device(gpu)?, e, cap)?);
+            let sort_same = oc.order.to_vec1::<u32>()? == og.order.to_vec1::<u32>()?;
+            let n = oc.n();
+            let x = Tensor::randn(0f32, 1.0, (t, c), cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (t, m), cpu)?;
+            let out = Tensor::randn(0f32, 1.0, (n, c), cpu)?;
+            let dy = Tensor::randn(0f32, 1.0, (t, c), cpu)?;
+            let dxs = Tensor::randn(0f32, 1.0, (n, c), cpu)?;
+            let g = |v: &Tensor| v.to_device(gpu);
+            let (d, nn) = (oc.dims, n);
+            let e_g = rel_err(&gather_rows(&g(&x)?, &og)?, &gather_rows(&x, &oc)?)?;
+            let bw = GatherRowsBwd { dims: d, n: nn };
+            let e_gb = rel_err(&g(&dxs)?.apply_op2_no_bwd(&og.order, &bw)?, &dxs.apply_op2_no_bwd(&oc.order, &bw)?)?;
+            let e_c = rel_err(&combine(&g(&out)?, &g(&w)?, &og)?, &combine(&out, &w, &oc)?)?;
+            let bo = CombineBwdOut { dims: d, n: nn };
+            let e_do = rel_err(
+                &g(&dy)?.apply_op3_no_bwd(&g(&w)?, &og.order, &bo)?,
+                &dy.apply_op3_no_bwd(&w, &oc.order, &bo)?,
+            )?;
+            let bw2 = CombineBwdW { dims: d, n: nn };
+            let e_dw = rel_err(
+                &g(&out)?.apply_op3_no_bwd(&g(&dy)?, &og.order, &bw2)?,
+                &out.apply_op3_no_bwd(&dy, &oc.order, &bw2)?,
+            )?;
+            let pass = sort_same && [e_g, e_gb, e_c, e_do, e_dw].iter().all(|&v| v <= 1e-5);
+            ok &= pass;
+            println!(
+                "| {t:>6} | {e:>3} | {m:>2} | {c:>4} | {cf:>4} | {:>7} | {e_g:>9.2e} | {e_gb:>9.2e} | {e_c:>9.2e} | {e_do:>9.2e} | {e_dw:>9.2e} | {}",
+                if sort_same { "same" } else { "DIFFER" },
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+
+        // Timing: fused vs reference dispatch + combine on the GPU.
+        let iters = 20;
+        for &(t, e, m, c, cf) in &shapes[2..] {
+            let idx = indices(t, m, e, 7);
+            let cap = capacity(cf, t * m, e);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, c), gpu)?)?;
+            let w = Var::from_tensor(&Tensor::rand(0f32, 1.0, (t, m), gpu)?)?;
+            let scales: Vec<Var> =
+                (0..e).map(|_| Var::from_tensor(&Tensor::rand(0.5f32, 1.5, (1, c), gpu)?)).collect::<Result<_>>()?;
+            let r = Tensor::randn(0f32, 1.0, (t, c), gpu)?;
+            let fused = || -> Result<Tensor> {
+                let it = Tensor::from_slice(&idx, (t, m), gpu)?;
+                let o = expert_sort(&it, e, cap)?;
+                let xs = gather_rows(x.as_tensor(), &o)?;
+                let mut outs = Vec::with_capacity(e);
+                for (s, rows) in scales.iter().zip(split_rows(&xs, &o.offsets)?) {
+                    if let Some(rows) = rows {
+                        outs.push(rows.broadcast_mul(s.as_tensor())?);
+                    }
+                }
+                combine(&Tensor::cat(&outs, 0)?, w.as_tensor(), &o)
+            };
+            let reference = || -> Result<Tensor> {
+                let p = plan(&idx, t, m, e, cap);
+                let w_flat = w.as_tensor().flatten_all()?;
+                let (mut outs, mut rows) = (Vec::with_capacity(e), Vec::with_capacity(t * m));
+                for (ex, s) in scales.iter().enumerate() {
+                    if p.tokens[ex].is_empty() {
+                        continue;
+                    }
+                    let tok = Tensor::new(p.tokens[ex].as_slice(), gpu)?;
+                    let sl = Tensor::new(p.slots[ex].as_slice(), gpu)?;
+                    let we = w_flat.index_select(&sl, 0)?.unsqueeze(1)?;
+                    outs.push(x.as_tensor().index_select(&tok, 0)?.broadcast_mul(s.as_tensor())?.broadcast_mul(&we)?);
+                    rows.extend_from_slice(&p.tokens[ex]);
+                }
+                let rows = Tensor::new(rows.as_slice(), gpu)?;
+                x.as_tensor().zeros_like()?.index_add(&rows, &Tensor::cat(&outs, 0)?, 0)
+            };
+            let e_y = rel_err(&fused()?, &reference()?)?;
+            let t_ff = median_ms(gpu, iters, || fused().map(|_| ()))?;
+            let t_rf = median_ms(gpu, iters, || reference().map(|_| ()))?;
+            let t_fb = median_ms(gpu, iters, || (fused()? * &r)?.sum_all()?.backward().map(|_| ()))?;
+            let t_rb = median_ms(gpu, iters, || (reference()? * &r)?.sum_all()?.backward().map(|_| ()))?;
+            let pass = e_y <= 1e-5;
+            ok &= pass;
+            println!("\n== dispatch + combine timing: T={t} E={e} m={m} C={c} cf={cf}, median of {iters} (fused vs reference y rel err {e_y:.2e} {}) ==", if pass { "ok" } else { "FAIL" });
+            println!("| {:<18} | {:>13} | {:>10} | {:>7} |", "path", "reference ms", "fused ms", "ratio");
+            for (name, a, b) in [("forward", t_rf, t_ff), ("forward+backward", t_rb, t_fb)] {
+                println!("| {name:<18} | {a:>13.3} | {b:>10.3} | {:>6.1}x |", a / b);
+            }
+        }
+        Ok(ok)
     }
 }
