@@ -43,6 +43,7 @@
 
 use crate::moe::losses::expert_fractions;
 use crate::nn::ops::softmax;
+use super::cpu_layout::Rows;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -106,45 +107,6 @@ impl BsParams {
     }
 }
 
-/// A 2-D layout read row by row: (rows, cols, row stride, start offset). Rows may be strided (a
-/// `narrow` of a wider tensor); within a row the elements must be contiguous.
-#[derive(Clone, Copy, Debug)]
-struct Rows {
-    rows: usize,
-    cols: usize,
-    stride: usize,
-    offset: usize,
-}
-
-impl Rows {
-    fn of(l: &Layout, what: &str, op: &str) -> Result<Self> {
-        let dims = l.dims();
-        if dims.len() != 2 {
-            candle_core::bail!("{op}: {what} must be 2-D, got shape {:?}", l.shape());
-        }
-        let (rows, cols) = (dims[0], dims[1]);
-        let st = l.stride();
-        if cols > 1 && st[1] != 1 {
-            candle_core::bail!("{op}: {what} rows must be contiguous (stride {st:?}); call .contiguous()");
-        }
-        let stride = if rows > 1 { st[0] } else { cols };
-        Ok(Self { rows, cols, stride, offset: l.start_offset() })
-    }
-
-    #[inline]
-    fn row<'a, T>(&self, data: &'a [T], r: usize) -> &'a [T] {
-        let s = self.offset + r * self.stride;
-        &data[s..s + self.cols]
-    }
-
-    fn check_len(&self, len: usize, what: &str, op: &str) -> Result<()> {
-        let need = if self.rows == 0 { 0 } else { self.offset + (self.rows - 1) * self.stride + self.cols };
-        if need > len {
-            candle_core::bail!("{op}: {what} layout reaches element {need} of a storage of {len}");
-        }
-        Ok(())
-    }
-}
 
 /// The float types the CPU kernels run in.
 trait Real:

@@ -15,8 +15,7 @@
 //! N = offsets[E] rows are kept. A fixed size lets the GPU sort run without a host round trip; the
 //! host then copies only the E + 1 offsets (N, tokens per expert) before the float ops.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{Layout, Result};
 
 /// Marks a dropped slot or an unused row (`MD_NONE` in the kernels).
 pub const NONE: u32 = u32::MAX;
@@ -106,51 +105,6 @@ impl MdParams {
     }
 }
 
-/// A 2-D layout read row by row: (rows, cols, row stride, start offset). Rows may be strided;
-/// within a row the elements must be contiguous.
-#[derive(Clone, Copy, Debug)]
-pub struct Rows {
-    pub rows: usize,
-    pub cols: usize,
-    pub stride: usize,
-    pub offset: usize,
-}
-
-impl Rows {
-    pub fn of(l: &Layout, what: &str, op: &str) -> Result<Self> {
-        let dims = l.dims();
-        if dims.len() != 2 {
-            candle_core::bail!("{op}: {what} must be 2-D, got shape {:?}", l.shape());
-        }
-        let (rows, cols) = (dims[0], dims[1]);
-        let st = l.stride();
-        if cols > 1 && st[1] != 1 {
-            candle_core::bail!("{op}: {what} rows must be contiguous (stride {st:?}); call .contiguous()");
-        }
-        let stride = if rows > 1 { st[0] } else { cols };
-        Ok(Self { rows, cols, stride, offset: l.start_offset() })
-    }
-
-    /// Also checks the shape is (rows, cols) and that the layout fits in `len` elements.
-    pub fn expect(self, rows: usize, cols: usize, len: usize, what: &str, op: &str) -> Result<Self> {
-        if self.rows != rows || self.cols != cols {
-            candle_core::bail!("{op}: {what} must be ({rows}, {cols}), got ({}, {})", self.rows, self.cols);
-        }
-        let need = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.stride + cols };
-        if need > len {
-            candle_core::bail!("{op}: {what} layout reaches element {need} of a storage of {len}");
-        }
-        Ok(self)
-    }
-
-    /// The `r`-th row of `data` (the slice the storage holds).
-    #[inline]
-    pub fn row<'a, T>(&self, data: &'a [T], r: usize) -> &'a [T] {
-        let s = self.offset + r * self.stride;
-        &data[s..s + self.cols]
-    }
-}
-
 /// The float types the CPU kernels run in (f32 as the GPU does; f64 for gradient checks).
 pub trait Real: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + 'static {
     const ZERO: Self;
@@ -162,12 +116,7 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
 }
 
-pub fn u32_slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [u32]> {
-    match s {
-        CpuStorage::U32(v) => Ok(v),
-        other => candle_core::bail!("{op}: {what} must be u32, got {:?}", other.dtype()),
-    }
-}
+pub use super::cpu_layout::{u32_slice, Rows};
 
 /// The whole (T, m) slot_row section and the kept row count N of a host order slice.
 pub fn host_order<'a>(order: &'a [u32], start: usize, d: OrderDims) -> (&'a [u32], &'a [u32], usize) {

@@ -50,6 +50,7 @@
 //! per device) are thin entry points `<op>_f32` with one thread per row.
 
 use crate::rng;
+use super::cpu_layout::{u32_slice, Rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -146,46 +147,6 @@ impl GmParams {
     }
 }
 
-/// A 2-D layout read row by row: (rows, cols, row stride, start offset). Rows may be strided (a
-/// `narrow` of a wider tensor); within a row the elements must be contiguous.
-#[derive(Clone, Copy, Debug)]
-struct Rows {
-    rows: usize,
-    cols: usize,
-    stride: usize,
-    offset: usize,
-}
-
-impl Rows {
-    fn of(l: &Layout, what: &str, op: &str) -> Result<Self> {
-        let dims = l.dims();
-        if dims.len() != 2 {
-            candle_core::bail!("{op}: {what} must be 2-D (T, _), got shape {:?}", l.shape());
-        }
-        let (rows, cols) = (dims[0], dims[1]);
-        let st = l.stride();
-        if cols > 1 && st[1] != 1 {
-            candle_core::bail!("{op}: {what} rows must be contiguous (stride {st:?}); call .contiguous()");
-        }
-        let stride = if rows > 1 { st[0] } else { cols };
-        Ok(Self { rows, cols, stride, offset: l.start_offset() })
-    }
-
-    /// The `r`-th row of `data` (the slice the storage holds).
-    #[inline]
-    fn row<'a, T>(&self, data: &'a [T], r: usize) -> &'a [T] {
-        let s = self.offset + r * self.stride;
-        &data[s..s + self.cols]
-    }
-
-    fn check_len(&self, len: usize, what: &str, op: &str) -> Result<()> {
-        let need = if self.rows == 0 { 0 } else { self.offset + (self.rows - 1) * self.stride + self.cols };
-        if need > len {
-            candle_core::bail!("{op}: {what} layout reaches element {need} of a storage of {len}");
-        }
-        Ok(())
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // CPU row kernels: the Rust twins of gm_select_row / gm_weights_row / gm_weights_bwd_row.
@@ -817,12 +778,6 @@ fn weights_block<T: Real>(
     weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col)
 }
 
-fn u32_slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [u32]> {
-    match s {
-        CpuStorage::U32(v) => Ok(v),
-        other => candle_core::bail!("{op}: {what} must be u32, got {:?}", other.dtype()),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Op 1: GumbelSelect.

@@ -16,6 +16,7 @@
 //! dropped on every backend; the backward is the same op on the gradient).
 pub mod balance_stats;
 pub mod combine;
+pub mod cpu_layout;
 pub mod dispatch_common;
 pub mod dropout;
 pub mod expert_sort;
