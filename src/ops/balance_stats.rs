@@ -41,9 +41,9 @@
 //! `build.rs` under feature `cuda`) and `kernels/balance_stats.metal` (compiled at run time, library
 //! and pipelines cached per device) are thin entry points `<op>_f32`.
 
+use super::cpu_layout::Rows;
 use crate::moe::losses::expert_fractions;
 use crate::nn::ops::softmax;
-use super::cpu_layout::Rows;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -106,7 +106,6 @@ impl BsParams {
         })
     }
 }
-
 
 /// The float types the CPU kernels run in.
 trait Real:
