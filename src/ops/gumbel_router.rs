@@ -257,6 +257,17 @@ impl CustomOp1 for GumbelSelect {
 pub struct GumbelWeights(pub GumbelParams);
 
 impl GumbelWeights {
+    /// The kernel arguments for the CUDA and Metal launches.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn gm_params(&self, rl: Rows, rc: Rows) -> Result<GmParams> {
+        let mut gp = GmParams::new(&self.0, rl.rows, rl.cols)?;
+        gp.logits_stride = rl.stride as u32;
+        gp.idx_stride = rc.stride as u32;
+        gp.y_stride = self.0.k as u32;
+        gp.noise_col = self.noise_col(rc.cols) as u32;
+        Ok(gp)
+    }
+
     /// Where the saved noise starts in a candidate row of width `cols`; 0: regenerate it.
     fn noise_col(&self, cols: usize) -> usize {
         let (k, m) = (self.0.k, self.0.m);
@@ -334,11 +345,7 @@ impl CustomOp2 for GumbelWeights {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rl, rc) = self.rows(l1, l2)?;
-        let mut gp = GmParams::new(&self.0, rl.rows, rl.cols)?;
-        gp.logits_stride = rl.stride as u32;
-        gp.idx_stride = rc.stride as u32;
-        gp.y_stride = self.0.k as u32;
-        gp.noise_col = self.noise_col(rc.cols) as u32;
+        let gp = self.gm_params(rl, rc)?;
         let out = cuda::weights(s1, rl, s2, rc, gp, rl.rows * self.0.k)?;
         Ok((out, Shape::from((rl.rows, self.0.k))))
     }
@@ -352,11 +359,7 @@ impl CustomOp2 for GumbelWeights {
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (rl, rc) = self.rows(l1, l2)?;
-        let mut gp = GmParams::new(&self.0, rl.rows, rl.cols)?;
-        gp.logits_stride = rl.stride as u32;
-        gp.idx_stride = rc.stride as u32;
-        gp.y_stride = self.0.k as u32;
-        gp.noise_col = self.noise_col(rc.cols) as u32;
+        let gp = self.gm_params(rl, rc)?;
         let out = metal::launch(
             "gumbel_weights_f32",
             &[(s1, rl.offset, candle_core::DType::F32), (s2, rc.offset, candle_core::DType::U32)],
@@ -389,6 +392,21 @@ pub struct GumbelWeightsBwd {
 }
 
 impl GumbelWeightsBwd {
+    /// The kernel arguments for the CUDA and Metal launches (one thread per output element, so
+    /// T * E must fit in u32).
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn gm_params(&self, ry: Rows, rd: Rows, rc: Rows) -> Result<GmParams> {
+        let mut gp = GmParams::new(&self.p, ry.rows, self.e)?;
+        if ry.rows * self.e > u32::MAX as usize {
+            candle_core::bail!("{}: T * E = {} exceeds u32 on the GPU", self.name(), ry.rows * self.e);
+        }
+        gp.y_stride = ry.stride as u32;
+        gp.dy_stride = rd.stride as u32;
+        gp.idx_stride = rc.stride as u32;
+        gp.logits_stride = self.e as u32;
+        Ok(gp)
+    }
+
     fn rows(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(Rows, Rows, Rows)> {
         let ry = Rows::of(l1, "y", self.name())?;
         let rd = Rows::of(l2, "dy", self.name())?;
@@ -474,14 +492,7 @@ impl CustomOp3 for GumbelWeightsBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ry, rd, rc) = self.rows(l1, l2, l3)?;
-        let mut gp = GmParams::new(&self.p, ry.rows, self.e)?;
-        if ry.rows * self.e > u32::MAX as usize {
-            candle_core::bail!("{}: T * E = {} exceeds u32 on the GPU", self.name(), ry.rows * self.e);
-        }
-        gp.y_stride = ry.stride as u32;
-        gp.dy_stride = rd.stride as u32;
-        gp.idx_stride = rc.stride as u32;
-        gp.logits_stride = self.e as u32;
+        let gp = self.gm_params(ry, rd, rc)?;
         let out = cuda::weights_bwd((s1, ry), (s2, rd), (s3, rc), gp, ry.rows * self.e)?;
         Ok((out, Shape::from((ry.rows, self.e))))
     }
@@ -497,14 +508,7 @@ impl CustomOp3 for GumbelWeightsBwd {
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
         let (ry, rd, rc) = self.rows(l1, l2, l3)?;
-        let mut gp = GmParams::new(&self.p, ry.rows, self.e)?;
-        if ry.rows * self.e > u32::MAX as usize {
-            candle_core::bail!("{}: T * E = {} exceeds u32 on the GPU", self.name(), ry.rows * self.e);
-        }
-        gp.y_stride = ry.stride as u32;
-        gp.dy_stride = rd.stride as u32;
-        gp.idx_stride = rc.stride as u32;
-        gp.logits_stride = self.e as u32;
+        let gp = self.gm_params(ry, rd, rc)?;
         let out = metal::launch(
             "gumbel_weights_bwd_f32",
             &[
