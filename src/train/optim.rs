@@ -42,21 +42,13 @@ impl AdamW {
 
     /// Multiplies the learning rate of every parameter whose name contains `pattern` by `scale`.
     pub fn set_lr_scale(&mut self, pattern: &str, scale: f64) {
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            if name.contains(pattern) {
-                self.lr_scale[i] = scale;
-            }
-        }
+        set_matching(&self.params, &mut self.lr_scale, pattern, scale);
     }
 
     /// Multiplies the weight decay of every parameter whose name contains `pattern` by `scale`
     /// (0 exempts them).
     pub fn set_decay_scale(&mut self, pattern: &str, scale: f64) {
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            if name.contains(pattern) {
-                self.decay_scale[i] = scale;
-            }
-        }
+        set_matching(&self.params, &mut self.decay_scale, pattern, scale);
     }
 
     pub fn step_count(&self) -> u64 {
@@ -130,6 +122,15 @@ impl AdamW {
         let step = map.get("step").with_context(|| format!("{}: missing tensor step", path.display()))?;
         self.step = step.to_dtype(DType::I64)?.to_vec1::<i64>()?[0] as u64;
         Ok(())
+    }
+}
+
+/// Sets `values[i] = value` for every parameter whose name contains `pattern`.
+fn set_matching(params: &[(String, Var)], values: &mut [f64], pattern: &str, value: f64) {
+    for ((name, _), v) in params.iter().zip(values) {
+        if name.contains(pattern) {
+            *v = value;
+        }
     }
 }
 
