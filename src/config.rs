@@ -131,6 +131,8 @@ pub struct TrainConfig {
     pub final_full_eval: bool,
     /// "cpu", "cuda", "cuda:N" or "metal".
     pub device: String,
+    /// Telemetry: an expert is "dead" when it got no tokens in the last this-many steps.
+    pub dead_expert_window: usize,
 }
 
 impl Default for Config {
@@ -198,6 +200,7 @@ impl Default for Config {
                 keep_last: 2,
                 final_full_eval: true,
                 device: "cpu".into(),
+                dead_expert_window: 100,
             },
         }
     }

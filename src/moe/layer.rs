@@ -31,10 +31,12 @@ pub struct MoeStats {
     pub dropped: usize,
     /// Token-slots routed (T * m).
     pub routed: usize,
-    /// Scalar tensors, detached: load-balance loss, z-loss, mean router entropy (nats).
+    /// Scalar tensors, detached: load-balance loss, z-loss, mean router entropy (nats), mean
+    /// top-1 probability of the noise-free softmax over all E experts.
     pub balance: Option<Tensor>,
     pub z: Option<Tensor>,
     pub entropy: Option<Tensor>,
+    pub top1_prob: Option<Tensor>,
 }
 
 pub struct MoeOutput {
@@ -94,10 +96,9 @@ impl MoeLayer {
         };
         let z = z_loss(&r.logits)?;
         let aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
-        let ent = {
-            let pd = r.probs.detach();
-            (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?
-        };
+        let pd = r.probs.detach(); // (N, E)
+        let ent = (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?;
+        let top1 = pd.max(D::Minus1)?.mean_all()?;
         let stats = MoeStats {
             tokens_per_expert,
             dropped,
@@ -105,6 +106,7 @@ impl MoeLayer {
             balance: Some(balance.detach().to_dtype(DType::F32)?),
             z: Some(z.detach().to_dtype(DType::F32)?),
             entropy: Some(ent.to_dtype(DType::F32)?),
+            top1_prob: Some(top1.to_dtype(DType::F32)?),
         };
         Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats })
     }
