@@ -39,7 +39,7 @@ impl Router for CosineRouter {
         let indices: Vec<u32> = host.iter().map(|row| top_k(row, 1)[0] as u32).collect();
         let idx = index_tensor(indices.clone(), host.len(), 1, &logits)?;
         let weights = probs.gather(&idx, 1)?; // (T, 1)
-        Ok(Routing { indices, m: 1, weights, logits, probs })
+        Ok(Routing::new(indices, 1, weights, logits, probs))
     }
 
     fn num_experts(&self) -> usize {

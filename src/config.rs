@@ -63,7 +63,8 @@ pub struct MoeConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
-    /// "gumbel", "softmax_topk" or "dense".
+    /// "gumbel", "softmax_topk", "dense", "noisy_topk", "sigmoid_bias", "hash" or "reinforce"
+    /// (src/moe/routers). "expert_choice" is refused: it looks at future tokens (not causal).
     pub kind: String,
     /// Experts used per token (m).
     pub top_m: usize,
@@ -89,6 +90,21 @@ pub struct RouterConfig {
     /// Weight-decay multiplier for the router weights (0 exempts them): decay pulls router logits
     /// toward 0, which keeps a Gumbel router's sampling close to uniform.
     pub decay_scale: f64,
+    /// noisy_topk: std of the init of the noise projection W_noise (the noise std per expert is
+    /// softplus(x W_noise)). 0 is Shazeer et al.'s zero init: every expert starts with noise std
+    /// softplus(0) = ln 2 and the router learns how much noise to keep.
+    pub noise_init_std: f64,
+    /// noisy_topk: coefficient of Shazeer's load loss CV(load)^2, load_i = sum_x P(x, i) the smooth
+    /// (normal-CDF) estimate of the tokens expert i gets. 0.01, the order of the paper's w_load.
+    pub load_coef: f64,
+    /// noisy_topk: coefficient of Shazeer's importance loss CV(sum_x gates(x))^2.
+    pub importance_coef: f64,
+    /// sigmoid_bias: fixed step of the selection-only expert bias after each training call,
+    /// b_i += rate * sign(mean load - load_i) (DeepSeek-V3's gamma = 0.001).
+    pub bias_update_rate: f64,
+    /// reinforce: decay of the moving-average loss baseline b <- decay b + (1 - decay) mean(L)
+    /// that `model::router_surrogate` subtracts from the per-token loss (variance reduction).
+    pub reinforce_baseline_decay: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -172,6 +188,11 @@ impl Default for Config {
                     init_std: 0.02,
                     lr_scale: 1.0,
                     decay_scale: 1.0,
+                    noise_init_std: 0.0,
+                    load_coef: 0.01,
+                    importance_coef: 0.01,
+                    bias_update_rate: 1e-3,
+                    reinforce_baseline_decay: 0.99,
                 },
             },
             data: DataConfig {
@@ -320,6 +341,9 @@ impl Config {
         one_of("model.positions", &m.positions, &["learned", "rotary"])?;
         one_of("model.norm", &m.norm, &["layer", "rms"])?;
         one_of("model.moe.activation", &m.moe.activation, &["gelu", "swiglu"])?;
+        if r.kind == "expert_choice" {
+            bail!("{}", crate::moe::EXPERT_CHOICE_REFUSAL);
+        }
         one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
         one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
         one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
@@ -381,6 +405,26 @@ impl Config {
             }
             if r.tau_decay < 0.0 {
                 bail!("model.router.tau_decay = {} must be >= 0", r.tau_decay);
+            }
+            for (key, v) in [
+                ("model.router.noise_init_std", r.noise_init_std),
+                ("model.router.load_coef", r.load_coef),
+                ("model.router.importance_coef", r.importance_coef),
+                ("model.router.bias_update_rate", r.bias_update_rate),
+            ] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    bail!("{key} = {v} must be finite and >= 0");
+                }
+            }
+            if !(0.0..1.0).contains(&r.reinforce_baseline_decay) {
+                bail!("model.router.reinforce_baseline_decay = {} must be in [0, 1)", r.reinforce_baseline_decay);
+            }
+            if (r.kind == "hash" || r.kind == "reinforce") && r.top_m != 1 {
+                bail!(
+                    "model.router.top_m = {} but the {} router sends each token to exactly 1 expert",
+                    r.top_m,
+                    r.kind
+                );
             }
             if m.moe.capacity_factor < 0.0 {
                 bail!("model.moe.capacity_factor = {} must be >= 0 (0 = dropless)", m.moe.capacity_factor);

@@ -47,6 +47,10 @@ pub struct GptOutput {
     pub aux_loss: Tensor,
     /// One entry per MoE layer.
     pub moe_stats: Vec<MoeStats>,
+    /// One (B*T,) tensor per MoE layer whose router learns by a score-function estimator
+    /// (reinforce, training only): the log-probability of each token's sampled expert. Empty
+    /// otherwise. See [`router_surrogate`].
+    pub score_logps: Vec<Tensor>,
 }
 
 impl Gpt {
@@ -110,15 +114,18 @@ impl Gpt {
         let mask = ops::causal_mask(t, x.dtype(), dev)?; // (T, T)
         let mut aux = Tensor::zeros((), x.dtype(), dev)?;
         let mut moe_stats = Vec::new();
+        let mut score_logps = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             x = (&x + block.attn.forward(&block.ln_1.forward(&x)?, &mask, ctx)?)?;
             let h = block.ln_2.forward(&x)?;
             let f = match &block.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&h)?,
                 Ffn::Moe(moe) => {
-                    let out = moe.forward(&h, ctx)?;
+                    // The token ids go along for routers that route by id (hash layers).
+                    let out = moe.forward_with_ids(&h, ctx, Some(idx))?;
                     aux = (aux + out.aux_loss)?;
                     moe_stats.push(out.stats);
+                    score_logps.extend(out.score_logp);
                     out.y
                 }
             };
@@ -129,7 +136,7 @@ impl Gpt {
         // LM head tied to the token embedding: (B*T, C) x (C, V) -> (B, T, V).
         let (b, t, c) = x.dims3()?;
         let logits = x.reshape((b * t, c))?.matmul(&self.wte.embeddings().t()?)?.reshape((b, t, self.vocab_size))?;
-        Ok(GptOutput { logits, aux_loss: aux, moe_stats })
+        Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps })
     }
 }
 
@@ -139,4 +146,26 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?; // (N, V)
     let tgt = targets.reshape((b * t, 1))?;
     logp.gather(&tgt, 1)?.neg()?.mean_all()
+}
+
+/// Cross-entropy of each position: logits (B, T, V), targets (B, T) -> (B*T,) in (B, T) order,
+/// the order of the rows an MoE layer routes.
+pub fn per_token_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?; // (N, V)
+    logp.gather(&targets.reshape((b * t, 1))?, 1)?.neg()?.flatten_all() // (N,)
+}
+
+/// The REINFORCE surrogate of a training forward pass, to ADD to the loss before `backward`:
+/// sum over the layers in `out.score_logps` of sum_t (L_t - b) * log p(chosen_t) / N, with L_t the
+/// detached per-token cross-entropy against `targets` (B, T). `baseline` is the moving average b
+/// (start at `f64::NAN`, keep it across steps, and save it with the trainer state for an exact
+/// resume); `decay` is `model.router.reinforce_baseline_decay`. None when no layer has score
+/// log-probs (every router but reinforce, and eval passes).
+pub fn router_surrogate(out: &GptOutput, targets: &Tensor, baseline: &mut f64, decay: f64) -> Result<Option<Tensor>> {
+    if out.score_logps.is_empty() {
+        return Ok(None);
+    }
+    let per_token = per_token_cross_entropy(&out.logits.detach(), targets)?; // (N,)
+    crate::moe::losses::score_function_surrogate(&out.score_logps, &per_token, baseline, decay)
 }

@@ -301,7 +301,8 @@ fn moe_layer_fused_equals_reference() -> Result<()> {
         ("softmax_topk", 2, 2, true, 0.75),
         ("softmax_topk", 1, 1, true, 1.0),
         ("gumbel", 2, 4, true, 1.0),
-        ("gumbel", 1, 3, false, 0.0),
+        ("gumbel", 3, 3, false, 0.0), // soft, all K candidates
+        ("gumbel", 2, 4, false, 0.5), // soft top-m < K
         ("dense", 1, 1, true, 0.0),
     ];
     for (kind, m, k, hard, cf) in cases {

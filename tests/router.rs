@@ -54,7 +54,8 @@ fn config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: bool) -> Con
     c.model.moe.num_experts = e;
     c.model.moe.expert_hidden = 16;
     c.model.router.kind = kind.into();
-    c.model.router.top_m = m;
+    // Soft Gumbel here means all K candidates (top_m = K); soft top-m < K is tested in routers.rs.
+    c.model.router.top_m = if kind == "gumbel" && !hard { k } else { m };
     c.model.router.prefilter = k;
     c.model.router.hard = hard;
     c.model.router.init_std = 1.0;
@@ -74,7 +75,7 @@ fn train_ctx(seed: u64, step: u64, tau: f64) -> Ctx {
 }
 
 fn route(r: &dyn Router, x: &Tensor, ctx: Ctx, layer: u32) -> Routing {
-    r.route(x, &RouteCtx { ctx, layer }).expect("route")
+    r.route(x, &RouteCtx::new(ctx, layer)).expect("route")
 }
 
 fn tensor2(data: &[f64], rows: usize, cols: usize, dtype: DType) -> Tensor {
@@ -879,7 +880,7 @@ fn check_dispatch(cfg: &Config, ctx: Ctx, skew: bool, label: &str) -> usize {
     let vb = params.var_builder(17, DType::F64, &CPU);
     let router = build_router(cfg, 2, vb.pp("router")).unwrap();
     let xf = xt.reshape((n, d)).unwrap();
-    let r = router.route(&xf, &RouteCtx { ctx, layer: 2 }).unwrap();
+    let r = router.route(&xf, &RouteCtx::new(ctx, 2)).unwrap();
     let mlps: Vec<Mlp> = (0..e).map(|i| Mlp::new(cfg, cfg.expert_hidden(), vb.pp("experts").pp(i)).unwrap()).collect();
     let wts = vec2(&r.weights);
     let m = r.m;
@@ -981,10 +982,10 @@ fn invalid_settings_are_refused() {
     assert!(build(0, 2).is_err(), "top_m = 0 must be refused");
     let router = build(1, 3).unwrap();
     let x = tensor2(&[0.5; 6], 2, d, DType::F32);
-    let err = router.route(&x, &RouteCtx { ctx: train_ctx(0, 0, 0.0), layer: 0 }).err();
+    let err = router.route(&x, &RouteCtx::new(train_ctx(0, 0, 0.0), 0)).err();
     assert!(err.is_some(), "tau = 0 must be refused");
     let bad = tensor2(&[f64::NAN, 0.0, 0.0, 1.0, 1.0, 1.0], 2, d, DType::F32);
-    let err = match router.route(&bad, &RouteCtx { ctx: train_ctx(0, 5, 1.0), layer: 4 }) {
+    let err = match router.route(&bad, &RouteCtx::new(train_ctx(0, 5, 1.0), 4)) {
         Ok(_) => panic!("NaN logits must be refused"),
         Err(e) => e,
     };

@@ -42,9 +42,12 @@ pub struct MoeStats {
 pub struct MoeOutput {
     /// (B, T, C)
     pub y: Tensor,
-    /// Scalar: balance_coef * load_balance + z_coef * z_loss.
+    /// Scalar: balance_coef * load_balance + z_coef * z_loss (+ the router's own loss, if any).
     pub aux_loss: Tensor,
     pub stats: MoeStats,
+    /// (N,) log-probability of each token's chosen expert, N = B*T rows in (B, T) order, when the
+    /// router learns by a score-function estimator (reinforce); see `model::router_surrogate`.
+    pub score_logp: Option<Tensor>,
 }
 
 impl MoeLayer {
@@ -77,12 +80,19 @@ impl MoeLayer {
         self.experts.len()
     }
 
-    /// x: (B, T, C) -> y: (B, T, C) and the aux loss.
+    /// x: (B, T, C) -> y: (B, T, C) and the aux loss (no token ids: the hash router refuses).
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<MoeOutput> {
+        self.forward_with_ids(x, ctx, None)
+    }
+
+    /// x: (B, T, C), token_ids: (B, T) or (N,) u32 input ids of the same tokens -> y: (B, T, C)
+    /// and the aux loss.
+    pub fn forward_with_ids(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>) -> Result<MoeOutput> {
         let (b, t, c) = x.dims3()?;
         let n = b * t;
         let xf = x.reshape((n, c))?; // (N, C)
-        let r = self.router.route(&xf, &RouteCtx { ctx: *ctx, layer: self.layer })?;
+        let token_ids = token_ids.map(|ids| ids.flatten_all()).transpose()?; // (N,)
+        let r = self.router.route(&xf, &RouteCtx { ctx: *ctx, layer: self.layer, token_ids })?;
         let e = self.experts.len();
         let cap = capacity(self.capacity_factor, n * r.m, e);
         // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
@@ -95,7 +105,10 @@ impl MoeLayer {
             load_balance(&r.probs, &r.indices)?
         };
         let z = z_loss(&r.logits)?;
-        let aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
+        let mut aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
+        if let Some(extra) = &r.aux_loss {
+            aux_loss = (aux_loss + extra.to_dtype(balance.dtype())?)?;
+        }
         let pd = r.probs.detach(); // (N, E)
         let ent = (pd.clone() * pd.clamp(1e-12, 1.0)?.log()?)?.sum(D::Minus1)?.neg()?.mean_all()?;
         let top1 = pd.max(D::Minus1)?.mean_all()?;
@@ -108,7 +121,7 @@ impl MoeLayer {
             entropy: Some(ent.to_dtype(DType::F32)?),
             top1_prob: Some(top1.to_dtype(DType::F32)?),
         };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats })
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats, score_logp: r.log_prob })
     }
 
     /// The fused path: sort the slots by expert on the device, gather the rows to that order, run

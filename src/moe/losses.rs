@@ -4,9 +4,13 @@
 //!   token-slots that went to expert i (hard, no gradient), P_i = mean softmax probability of i.
 //!   It is 1 when routing is uniform and grows as it concentrates.
 //! - Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2.
+//! - CV^2 (Shazeer et al. 2017): squared coefficient of variation of a per-expert quantity, the
+//!   importance and load losses of noisy top-k gating.
+//! - The score-function (REINFORCE) surrogate: sum_t (L_t - b) log p(chosen_t) / N, whose gradient is
+//!   an unbiased estimate of the gradient of E[L] through a sampled discrete choice.
 
 use crate::nn::ops::logsumexp;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// f_i: counts of each expert among `indices` divided by their number.
 pub fn expert_fractions(indices: &[u32], e: usize) -> Vec<f64> {
@@ -40,4 +44,51 @@ pub fn load_balance_fused(logits: &Tensor, indices: &Tensor) -> Result<Tensor> {
 /// mean_t logsumexp(logits_t)^2 with logits: (T, E).
 pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
     logsumexp(logits)?.sqr()?.mean_all()
+}
+
+/// CV(v)^2 = var(v) / (mean(v)^2 + 1e-10) of a (E,) vector, with the unbiased (E - 1) variance as
+/// in Shazeer et al.'s reference code (`torch.var`); 0 when E = 1. Differentiable.
+pub fn cv_squared(v: &Tensor) -> Result<Tensor> {
+    let e = v.dim(0)?;
+    if e < 2 {
+        return Tensor::zeros((), v.dtype(), v.device());
+    }
+    let mean = v.mean_all()?; // ()
+    let var = (v.broadcast_sub(&mean)?.sqr()?.sum_all()? / (e - 1) as f64)?;
+    var / (mean.sqr()? + 1e-10)?
+}
+
+/// The score-function surrogate of one batch: `logps` one (N,) tensor per layer of the log-prob
+/// of each token's sampled expert, `per_token_loss` (N,) the loss of each token (detached here).
+/// Returns sum_layers sum_t (L_t - b) * logp_t / N, a scalar to add to the loss: its gradient is the
+/// REINFORCE estimate of d E[L] / d router (each token's choice credited with its own loss); its
+/// value carries no meaning. `baseline` b is a moving average of the mean loss: a non-finite value
+/// (start it at `f64::NAN`) means unset and takes this batch's mean; after use it becomes
+/// decay * b + (1 - decay) * mean(L). None when `logps` is empty.
+pub fn score_function_surrogate(
+    logps: &[Tensor],
+    per_token_loss: &Tensor,
+    baseline: &mut f64,
+    decay: f64,
+) -> Result<Option<Tensor>> {
+    let Some(first) = logps.first() else { return Ok(None) };
+    let l = per_token_loss.detach().flatten_all()?.to_dtype(DType::F64)?; // (N,)
+    let n = l.dim(0)?;
+    let mean = l.mean_all()?.to_scalar::<f64>()?;
+    let b = if baseline.is_finite() { *baseline } else { mean };
+    // The advantage is a constant of the graph: only log p carries the gradient.
+    let adv = (l - b)?.to_dtype(first.dtype())?; // (N,)
+    let mut total: Option<Tensor> = None;
+    for lp in logps {
+        if lp.dims() != [n] {
+            candle_core::bail!("score surrogate: log-probs {:?} do not match the {n} per-token losses", lp.shape());
+        }
+        let s = ((lp * &adv)?.sum_all()? / n as f64)?;
+        total = Some(match total {
+            Some(t) => (t + s)?,
+            None => s,
+        });
+    }
+    *baseline = decay * b + (1.0 - decay) * mean;
+    Ok(total)
 }

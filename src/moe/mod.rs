@@ -7,4 +7,4 @@ pub mod router;
 pub mod routers;
 
 pub use layer::{MoeLayer, MoeOutput};
-pub use router::{build_router, RouteCtx, Router, RouterFactory, Routing, ROUTER_KINDS};
+pub use router::{build_router, RouteCtx, Router, RouterFactory, Routing, EXPERT_CHOICE_REFUSAL, ROUTER_KINDS};

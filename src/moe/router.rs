@@ -3,20 +3,41 @@
 //! experts for the balance loss. Experts, dispatch and losses live outside the router, so a new
 //! router is one small file (see `examples/custom_router.rs`).
 
-use super::routers::{dense::DenseRouter, gumbel::GumbelRouter, softmax_topk::SoftmaxTopkRouter};
+use super::routers::{
+    dense::DenseRouter, gumbel::GumbelRouter, hash::HashRouter, noisy_topk::NoisyTopkRouter,
+    reinforce::ReinforceRouter, sigmoid_bias::SigmoidBiasRouter, softmax_topk::SoftmaxTopkRouter,
+};
 use crate::config::Config;
 use crate::nn::Ctx;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// The router kinds `model.router.kind` accepts.
-pub const ROUTER_KINDS: [&str; 3] = ["gumbel", "softmax_topk", "dense"];
+pub const ROUTER_KINDS: [&str; 7] =
+    ["gumbel", "softmax_topk", "dense", "noisy_topk", "sigmoid_bias", "hash", "reinforce"];
 
-/// Where a routing call happens: the forward context plus the layer index (keys the noise).
-#[derive(Clone, Copy, Debug)]
+/// Why `kind = "expert_choice"` is refused (by `build_router` and by config validation).
+pub const EXPERT_CHOICE_REFUSAL: &str = "model.router.kind = \"expert_choice\" is not supported: \
+expert-choice routing (Zhou et al. 2022) lets each expert pick its top tokens across the whole \
+sequence, so a token's routing depends on future tokens; this model is a causal LM (training and \
+generation must not look ahead), so expert choice would leak the future. Use a token-choice router \
+(e.g. \"sigmoid_bias\" for balanced loads without an auxiliary loss)";
+
+/// Where a routing call happens: the forward context, the layer index (keys the noise) and,
+/// when the caller has them, the token ids of the T rows (the hash router needs them).
+#[derive(Clone, Debug)]
 pub struct RouteCtx {
     pub ctx: Ctx,
     pub layer: u32,
+    /// (T,) u32 input token ids, row-aligned with the hidden states; `Gpt::forward` passes them.
+    pub token_ids: Option<Tensor>,
+}
+
+impl RouteCtx {
+    /// A context without token ids.
+    pub fn new(ctx: Ctx, layer: u32) -> Self {
+        Self { ctx, layer, token_ids: None }
+    }
 }
 
 /// The routing decision for T tokens.
@@ -24,7 +45,7 @@ pub struct RouteCtx {
 pub struct Routing {
     /// (T, m) expert indices, row-major, on the host (dispatch groups tokens by expert on the host).
     pub indices: Vec<u32>,
-    /// Experts per token (m; K for the soft Gumbel router, E for dense).
+    /// Experts per token (m; E for dense; K for the soft Gumbel router with top_m = K).
     pub m: usize,
     /// (T, m) combine weights; the router's gradient flows through them.
     pub weights: Tensor,
@@ -32,6 +53,19 @@ pub struct Routing {
     pub logits: Tensor,
     /// (T, E) softmax of the logits over all experts, no noise (load-balance loss, entropy).
     pub probs: Tensor,
+    /// Scalar router-specific loss, already multiplied by its coefficient (e.g. the importance and
+    /// load losses of noisy top-k); the MoE layer adds it to its aux loss.
+    pub aux_loss: Option<Tensor>,
+    /// (T,) log-probability of each token's chosen expert, for a score-function (REINFORCE)
+    /// surrogate built once the per-token loss is known (`model::router_surrogate`).
+    pub log_prob: Option<Tensor>,
+}
+
+impl Routing {
+    /// A routing with no router-specific loss and no score log-probabilities.
+    pub fn new(indices: Vec<u32>, m: usize, weights: Tensor, logits: Tensor, probs: Tensor) -> Self {
+        Self { indices, m, weights, logits, probs, aux_loss: None, log_prob: None }
+    }
 }
 
 pub trait Router: Send + Sync {
@@ -50,6 +84,11 @@ pub fn build_router(cfg: &Config, _layer: usize, vb: VarBuilder) -> Result<Box<d
         "gumbel" => Box::new(GumbelRouter::new(cfg, vb)?),
         "softmax_topk" => Box::new(SoftmaxTopkRouter::new(cfg, vb)?),
         "dense" => Box::new(DenseRouter::new(cfg, vb)?),
+        "noisy_topk" => Box::new(NoisyTopkRouter::new(cfg, vb)?),
+        "sigmoid_bias" => Box::new(SigmoidBiasRouter::new(cfg, vb)?),
+        "hash" => Box::new(HashRouter::new(cfg)?),
+        "reinforce" => Box::new(ReinforceRouter::new(cfg, vb)?),
+        "expert_choice" => candle_core::bail!("{EXPERT_CHOICE_REFUSAL}"),
         other => candle_core::bail!("model.router.kind: unknown router `{other}` (known: {ROUTER_KINDS:?})"),
     })
 }

@@ -92,6 +92,8 @@ pub enum Stream {
     Init = 3,
     Dropout = 4,
     Sample = 5,
+    /// Standard-normal router noise (noisy top-k).
+    Normal = 6,
 }
 
 /// The Gumbel noise of the router: keyed by (seed, step, layer, token, expert). The expert index is
@@ -101,6 +103,17 @@ pub fn gumbel_noise(seed: u64, step: u32, layer: u32, token: u32, expert: u32) -
     let key = key_from_seed(seed);
     let r = philox4x32_10([token, expert, step, (Stream::Gumbel as u32) << 16 | (layer & 0xffff)], key);
     gumbel_from_u32(r[0])
+}
+
+/// Standard-normal noise of a router (noisy top-k gating), keyed like [`gumbel_noise`] by (seed,
+/// step, layer, token, expert) but on its own stream: Box-Muller on two Philox uniforms,
+/// z = sqrt(-2 ln u1) cos(2 pi u2), computed in f64 on the host (same bits on every backend).
+#[inline]
+pub fn normal_noise(seed: u64, step: u32, layer: u32, token: u32, expert: u32) -> f32 {
+    let key = key_from_seed(seed);
+    let r = philox4x32_10([token, expert, step, (Stream::Normal as u32) << 16 | (layer & 0xffff)], key);
+    let (u1, u2) = (u32_to_open_unit(r[0]) as f64, u32_to_open_unit(r[1]) as f64);
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// [`gumbel_noise`] for `L` experts of one token at once: the same bits, lane by lane, written so

@@ -27,7 +27,7 @@ impl Router for DenseRouter {
         let t = host_logits(&logits, rc)?.len();
         let probs = softmax(&logits)?; // (T, E)
         let indices = (0..t).flat_map(|_| 0..self.e as u32).collect();
-        Ok(Routing { indices, m: self.e, weights: probs.clone(), logits, probs })
+        Ok(Routing::new(indices, self.e, probs.clone(), logits, probs))
     }
 
     fn num_experts(&self) -> usize {

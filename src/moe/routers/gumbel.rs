@@ -4,8 +4,12 @@
 //! g = -ln(-ln u), u from Philox keyed by (seed, step, layer, token, expert) -> y = softmax((cand + g) / tau)
 //! over the K candidates. `hard = true`: the m largest perturbed candidates are used
 //! (Gumbel-top-m, sampling without replacement) with forward weight exactly 1/m and the softmax
-//! gradient backward (straight-through, z = y_hard + (y - stopgrad y)). `hard = false`: all K
-//! candidates with the soft weights y. At eval (`eval_mode = "argmax"`) there is no noise.
+//! gradient backward (straight-through, z = y_hard + (y - stopgrad y)). `hard = false`: the same m
+//! largest perturbed candidates (the same selection as hard), weighted by the relaxed y at those
+//! positions renormalised to sum to 1 (`soft_top_m`); with m = K that is all K candidates with the
+//! soft weights y, unchanged. (Soft with m = 1 < K has weight exactly 1 and so no gradient through
+//! the weights: the router then learns only from the auxiliary losses.) At eval
+//! (`eval_mode = "argmax"`) there is no noise.
 //!
 //! The steps are separate functions (`prefilter`, `noise`, `relaxed`, `straight_through`), so a fused
 //! kernel can replace them one by one and tests can compare against each.
@@ -17,7 +21,7 @@ use crate::nn::ops::softmax;
 use crate::nn::Linear;
 use crate::ops::{gumbel_route, GumbelParams};
 use crate::rng::gumbel_noise;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
 pub struct GumbelRouter {
@@ -71,9 +75,18 @@ pub fn straight_through(y: &Tensor, sel: &Tensor, m: usize) -> Result<Tensor> {
     ys.sub(&ys.detach())? + 1.0 / m as f64
 }
 
-/// The plain-tensor twin of `ops::gumbel_route`: the whole router after the gate matmul, from
-/// logits (T, E) and their host copy. Returns (indices (T, m') row-major, m', weights (T, m'),
-/// y (T, K)) with m' = m when `hard`, K otherwise (then the indices are the K candidates).
+/// Soft top-m weights: the relaxed y at the selected positions, renormalised to sum to 1.
+/// y: (T, K), sel: (T, m) positions within K -> (T, m), differentiable in y.
+pub fn soft_top_m(y: &Tensor, sel: &Tensor) -> Result<Tensor> {
+    let ys = y.gather(sel, 1)?; // (T, m)
+    ys.broadcast_div(&ys.sum_keepdim(D::Minus1)?)
+}
+
+/// The plain-tensor twin of the router after the gate matmul (`ops::gumbel_route` plus, for soft
+/// top-m, [`soft_top_m`]), from logits (T, E) and their host copy. Returns (indices (T, m')
+/// row-major, m', weights (T, m'), y (T, K)). m' = m when `hard`, or when soft with 1 <= m < K
+/// (the m largest perturbed candidates, weights [`soft_top_m`]); m' = K when soft with m = 0 or
+/// m >= K (the indices are then the K candidates in pre-filter order, the weights y).
 pub fn reference_route(
     logits: &Tensor,
     host: &[Vec<f64>],
@@ -88,11 +101,11 @@ pub fn reference_route(
     let g_t = Tensor::from_vec(g.iter().flatten().copied().collect::<Vec<f64>>(), (t, k), logits.device())?
         .to_dtype(logits.dtype())?;
     let y = relaxed(&cand, &g_t, p.tau)?; // (T, K)
-    if !hard {
+    let m = p.m;
+    if !hard && (m == 0 || m >= k) {
         return Ok((cand_idx, k, y.clone(), y));
     }
     // The m largest perturbed candidates (Gumbel-top-m): positions within K.
-    let m = p.m;
     let (mut sel, mut indices) = (Vec::with_capacity(t * m), Vec::with_capacity(t * m));
     for (tok, c) in cands.iter().enumerate() {
         let pert: Vec<f64> = c.iter().zip(&g[tok]).map(|(&e, gi)| host[tok][e] + gi).collect();
@@ -101,7 +114,8 @@ pub fn reference_route(
             indices.push(c[q] as u32);
         }
     }
-    let weights = straight_through(&y, &index_tensor(sel, t, m, logits)?, m)?;
+    let sel = index_tensor(sel, t, m, logits)?; // (T, m)
+    let weights = if hard { straight_through(&y, &sel, m)? } else { soft_top_m(&y, &sel)? };
     Ok((indices, m, weights, y))
 }
 
@@ -127,13 +141,20 @@ impl Router for GumbelRouter {
         };
         let (indices, m, weights) = if r.implementation == "fused" {
             // The same math in three custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels.
-            let f = gumbel_route(&logits, &p, r.hard)?;
-            (f.indices, f.m, f.weights)
+            if r.hard || p.m >= p.k {
+                let f = gumbel_route(&logits, &p, r.hard)?;
+                (f.indices, f.m, f.weights)
+            } else {
+                // Soft top-m: the op's hard selection (the same Gumbel-top-m), weights from its y.
+                let f = gumbel_route(&logits, &p, true)?;
+                let sel = f.cand_sel.narrow(1, p.k, p.m)?.contiguous()?; // (T, m) positions within K
+                (f.indices, f.m, soft_top_m(&f.y, &sel)?)
+            }
         } else {
             let (indices, m, weights, _) = reference_route(&logits, &host, &p, r.hard)?;
             (indices, m, weights)
         };
-        Ok(Routing { indices, m, weights, logits, probs })
+        Ok(Routing::new(indices, m, weights, logits, probs))
     }
 
     fn num_experts(&self) -> usize {

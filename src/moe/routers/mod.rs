@@ -1,6 +1,10 @@
 //! The built-in routers, one per file, and the host-side helpers they share.
 pub mod dense;
 pub mod gumbel;
+pub mod hash;
+pub mod noisy_topk;
+pub mod reinforce;
+pub mod sigmoid_bias;
 pub mod softmax_topk;
 
 use super::RouteCtx;

@@ -36,7 +36,7 @@ impl Router for SoftmaxTopkRouter {
         if self.m > 1 {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
-        Ok(Routing { indices, m: self.m, weights, logits, probs })
+        Ok(Routing::new(indices, self.m, weights, logits, probs))
     }
 
     fn num_experts(&self) -> usize {

@@ -1,0 +1,64 @@
+//! Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"): each token goes to a
+//! fixed expert chosen by hashing its input token id, expert = mix(id) mod E, weight 1. No
+//! parameters and nothing learned; the expert of a token id is the same in every layer, step and run.
+//!
+//! mix is the SplitMix64 finaliser (Steele et al. 2014), a fixed bijective integer hash whose low
+//! bits are well spread, so ids map to experts near uniformly. The router needs the token ids:
+//! `Gpt::forward` passes them in `RouteCtx::token_ids`. The routing's `logits` are zeros (T, E) and
+//! `probs` uniform, constants of no parameter, so the balance loss and z-loss are constants too.
+
+use crate::config::Config;
+use crate::moe::{RouteCtx, Router, Routing};
+use candle_core::{DType, Result, Tensor};
+
+pub struct HashRouter {
+    e: usize,
+}
+
+impl HashRouter {
+    pub fn new(cfg: &Config) -> Result<Self> {
+        let e = cfg.model.moe.num_experts;
+        if e == 0 {
+            candle_core::bail!("hash router needs num_experts > 0");
+        }
+        Ok(Self { e })
+    }
+}
+
+/// SplitMix64's finaliser: a fixed bijection of u64 with good avalanche.
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The expert of token id `id` among `e`.
+pub fn hash_expert(id: u32, e: usize) -> u32 {
+    (mix64(id as u64) % e as u64) as u32
+}
+
+impl Router for HashRouter {
+    fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
+        let t = x.dim(0)?;
+        let Some(ids) = &rc.token_ids else {
+            candle_core::bail!(
+                "hash router (layer {}) needs the token ids: route through Gpt::forward or MoeLayer::forward_with_ids",
+                rc.layer
+            )
+        };
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if ids.len() != t {
+            candle_core::bail!("hash router: {} token ids for {t} hidden-state rows", ids.len());
+        }
+        let indices: Vec<u32> = ids.iter().map(|&id| hash_expert(id, self.e)).collect();
+        let weights = Tensor::ones((t, 1), x.dtype(), x.device())?; // (T, 1), a constant
+        let logits = Tensor::zeros((t, self.e), x.dtype(), x.device())?; // (T, E)
+        let probs = (logits.ones_like()? / self.e as f64)?; // (T, E) uniform = softmax(zeros)
+        Ok(Routing::new(indices, 1, weights, logits, probs))
+    }
+
+    fn num_experts(&self) -> usize {
+        self.e
+    }
+}

@@ -1,0 +1,125 @@
+//! Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks", sec. 2.1 and
+//! appendix A), with its importance and load losses.
+//!
+//! H(x)_i = (x W_g)_i + eps_i * softplus((x W_noise)_i), eps ~ N(0, 1) from Philox
+//! (`rng::normal_noise` keyed by (seed, step, layer, token, expert)), in training only. The m largest
+//! H are kept (the rest set to -inf) and the gates are G = softmax(KeepTopK(H, m)), so the combine
+//! weights are the softmax over the m kept values. Losses (`Routing::aux_loss`):
+//!
+//! - importance: Importance = sum_x G(x) (E), L_imp = CV(Importance)^2;
+//! - load: P(x, i) = Phi((clean_i - kth_excluding(H, m, i)) / noise_std_i), the probability that
+//!   expert i stays in the top m if only its own noise were drawn again, where kth_excluding is the
+//!   m-th largest H_j over j != i: the (m+1)-th largest H for a kept expert, the m-th for the others;
+//!   Load = sum_x P(x, .) (E), a smooth count of tokens per expert; L_load = CV(Load)^2.
+//!
+//! aux = importance_coef * L_imp + load_coef * L_load. `logits` are the clean logits x W_g (z-loss),
+//! `probs` their softmax (the Switch balance loss, if its coefficient is not 0).
+//!
+//! Parameters: `weight` (E, d) = W_g and `noise.weight` (E, d) = W_noise (zero init by default,
+//! as in the paper). Shapes: T tokens, E experts, m kept per token.
+
+use super::{host_logits, index_tensor, router_linear, top_k};
+use crate::config::Config;
+use crate::moe::losses::cv_squared;
+use crate::moe::{RouteCtx, Router, Routing};
+use crate::nn::ops::softmax;
+use crate::nn::Linear;
+use crate::rng::normal_noise;
+use candle_core::{Result, Tensor};
+use candle_nn::{Module, VarBuilder};
+
+pub struct NoisyTopkRouter {
+    gate: Linear,
+    noise: Linear,
+    e: usize,
+    m: usize,
+    load_coef: f64,
+    importance_coef: f64,
+}
+
+impl NoisyTopkRouter {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (e, r) = (cfg.model.moe.num_experts, &cfg.model.router);
+        if r.top_m == 0 || r.top_m > e {
+            candle_core::bail!("noisy_topk router needs 1 <= top_m ({}) <= num_experts ({e})", r.top_m);
+        }
+        let gate = router_linear(cfg.model.n_embd, e, r.init_std, vb.clone())?;
+        let noise = router_linear(cfg.model.n_embd, e, r.noise_init_std, vb.pp("noise"))?;
+        Ok(Self { gate, noise, e, m: r.top_m, load_coef: r.load_coef, importance_coef: r.importance_coef })
+    }
+}
+
+/// softplus(z) = ln(1 + e^z), written as relu(z) + ln(1 + e^-|z|) so it never overflows.
+pub fn softplus(z: &Tensor) -> Result<Tensor> {
+    z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// Standard normal CDF Phi(z) = (1 + erf(z / sqrt 2)) / 2, differentiable.
+pub fn normal_cdf(z: &Tensor) -> Result<Tensor> {
+    ((z / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5
+}
+
+/// Standard-normal noise (T, E) for tokens `token_base..token_base + t`.
+pub fn noise(t: usize, e: usize, seed: u64, step: u64, layer: u32, token_base: u32) -> Vec<f32> {
+    (0..t)
+        .flat_map(|tok| {
+            (0..e).map(move |ex| normal_noise(seed, step as u32, layer, token_base + tok as u32, ex as u32))
+        })
+        .collect()
+}
+
+impl Router for NoisyTopkRouter {
+    fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
+        let (e, m) = (self.e, self.m);
+        let clean = self.gate.forward(x)?; // (T, E)
+        host_logits(&clean, rc)?; // stops on a non-finite logit, naming where
+        let std = softplus(&self.noise.forward(x)?)?; // (T, E) noise std per expert, > 0
+        let t = clean.dim(0)?;
+        let h = if rc.ctx.train {
+            let c = &rc.ctx;
+            let eps = noise(t, e, c.seed, c.step, rc.layer, c.micro * t as u32);
+            let eps = Tensor::from_vec(eps, (t, e), x.device())?.to_dtype(clean.dtype())?;
+            (&clean + (eps * &std)?)? // (T, E)
+        } else {
+            clean.clone()
+        };
+        let host = host_logits(&h, rc)?;
+        // Top m + 1 of each row: the kept experts, and the thresholds of the load estimator.
+        let order: Vec<Vec<usize>> = host.iter().map(|row| top_k(row, (m + 1).min(e))).collect();
+        let mut indices = Vec::with_capacity(t * m);
+        let mut keep = vec![0u8; t * e];
+        let mut thr_idx = vec![0u32; t * e];
+        for (tok, o) in order.iter().enumerate() {
+            for &i in &o[..m] {
+                indices.push(i as u32);
+                keep[tok * e + i] = 1;
+            }
+            for i in 0..e {
+                // kth_excluding(H, m, i): the (m+1)-th largest for a kept expert, else the m-th.
+                let q = if keep[tok * e + i] == 1 { m } else { m - 1 };
+                thr_idx[tok * e + i] = o[q.min(o.len() - 1)] as u32;
+            }
+        }
+        let keep = Tensor::from_vec(keep, (t, e), x.device())?; // (T, E) u8
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, (t, e), x.device())?.to_dtype(h.dtype())?;
+        let gates = softmax(&keep.where_cond(&h, &neg_inf)?)?; // (T, E), zero outside the top m
+        let idx = index_tensor(indices.clone(), t, m, &clean)?;
+        let weights = gates.gather(&idx, 1)?; // (T, m): softmax over the kept values
+        let importance = gates.sum(0)?; // (E)
+        let mut aux = (cv_squared(&importance)? * self.importance_coef)?;
+        if m < e {
+            let thr = h.gather(&index_tensor(thr_idx, t, e, &clean)?, 1)?; // (T, E)
+            let p = normal_cdf(&((&clean - thr)? / std)?)?; // (T, E) P(x, i)
+            let load = p.sum(0)?; // (E)
+            aux = (aux + (cv_squared(&load)? * self.load_coef)?)?;
+        } // m = E: every expert is always kept, the load is constant and so is its loss.
+        let probs = softmax(&clean)?; // (T, E)
+        let mut r = Routing::new(indices, m, weights, clean, probs);
+        r.aux_loss = Some(aux);
+        Ok(r)
+    }
+
+    fn num_experts(&self) -> usize {
+        self.e
+    }
+}
