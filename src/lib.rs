@@ -12,6 +12,7 @@ pub mod model;
 pub mod moe;
 pub mod nn;
 pub mod ops;
+pub mod report;
 pub mod rng;
 pub mod train;
 

@@ -1,9 +1,11 @@
-//! The `gumbel-moe` command line: train, generate, eval.
+//! The `gumbel-moe` command line: train, generate, eval, compare (train several routers on one
+//! budget and report), plot (a run's curves).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gumbel_moe::generate::{generate, SampleConfig};
 use gumbel_moe::nn::Ctx;
+use gumbel_moe::report::{compare, plot_run, CompareArgs};
 use gumbel_moe::train::schedule::tau_at;
 use gumbel_moe::{train::Trainer, Config};
 use std::path::PathBuf;
@@ -60,6 +62,39 @@ enum Cmd {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Train several routers (or variants) on the same data, seed and step budget, then write
+    /// OUT/report.md, OUT/report.json, OUT/val_loss.png and OUT/NAME/load.png. Finished runs with
+    /// the same config are reused; unfinished ones with a checkpoint are resumed.
+    Compare {
+        /// Base TOML config shared by every run.
+        #[arg(long)]
+        config: PathBuf,
+        /// Router kinds to compare (model.router.kind), comma-separated; `dense_ffn` is the dense
+        /// twin (model.moe_every=0). E.g. gumbel,softmax_topk,dense,dense_ffn.
+        #[arg(long, value_delimiter = ',')]
+        routers: Vec<String>,
+        /// Steps per run: sets train.max_iters and train.lr_decay_iters.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override a config key in every run (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// An extra run NAME with these overrides on top of the base (repeatable), e.g.
+        /// --variant tau03:model.router.tau_min=0.3,model.router.tau0=2.
+        #[arg(long = "variant", value_name = "NAME:KEY=VALUE,...")]
+        variants: Vec<String>,
+        /// Runs trained at once.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Output folder: one subfolder per run, plus the report and plots.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Draw RUN_DIR/val_loss.png and RUN_DIR/load.png from RUN_DIR/metrics.jsonl.
+    Plot {
+        /// A run folder (holding metrics.jsonl).
+        run_dir: PathBuf,
+    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -105,6 +140,26 @@ fn run(cli: Cli) -> Result<()> {
             let t = Trainer::for_inference(&checkpoint, device.as_deref())?;
             let loss = t.full_val_loss()?;
             println!("{}", serde_json::json!({"checkpoint": checkpoint, "step": t.state.step, "val_loss": loss}));
+        }
+        Cmd::Compare { config, routers, steps, overrides, variants, jobs, out } => {
+            let exe = std::env::current_exe().context("cannot find the gumbel-moe binary to run the trainings")?;
+            let args = CompareArgs { config, routers, variants, sets: overrides, steps, jobs, out };
+            let report = compare(&exe, &args)?;
+            let failed: Vec<&str> = report.runs.iter().filter(|r| r.status != "ok").map(|r| r.name.as_str()).collect();
+            if !failed.is_empty() {
+                // The report is written; the exit status still tells scripts that runs failed.
+                anyhow::bail!(
+                    "{} of {} runs failed: {} (see their train.log)",
+                    failed.len(),
+                    report.runs.len(),
+                    failed.join(", ")
+                );
+            }
+        }
+        Cmd::Plot { run_dir } => {
+            for p in plot_run(&run_dir)? {
+                println!("{}", p.display());
+            }
         }
     }
     Ok(())

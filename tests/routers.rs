@@ -581,6 +581,36 @@ fn sigmoid_bias_resume_is_exact() {
     assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
 }
 
+/// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the
+/// same weights and the same baseline.
+#[test]
+fn reinforce_resume_is_exact() {
+    use gumbel_moe::train::{checkpoint, Trainer};
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |dir: &std::path::Path, more: &[&str]| {
+        let o: Vec<&str> = ["train.grad_accum=2"].iter().chain(more).copied().collect();
+        let mut t = Trainer::new(common::tiny_config("reinforce", &o), dir).unwrap();
+        t.progress = false;
+        t.fit().unwrap();
+    };
+    run(a.path(), &[]);
+    run(b.path(), &["train.max_iters=3"]);
+    let mut r = Trainer::resume(b.path(), &["train.max_iters=6".into()], None).unwrap();
+    r.progress = false;
+    r.fit().unwrap();
+    let ckpt = |dir: &std::path::Path| {
+        let loaded = checkpoint::load(&dir.join("ckpt-0000006")).unwrap();
+        let m = candle_core::safetensors::load(dir.join("ckpt-0000006/model.safetensors"), &CPU).unwrap();
+        let mut v: Vec<(String, Vec<f64>)> = m.into_iter().map(|(k, t)| (k, flat(&t))).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        (v, loaded.state.reinforce_baseline)
+    };
+    let ((wa, ba), (wb, bb)) = (ckpt(a.path()), ckpt(b.path()));
+    assert!(ba.is_some_and(|x| x.is_finite() && x > 0.0), "no REINFORCE baseline saved: {ba:?}");
+    assert_eq!(ba, bb, "the resumed baseline differs");
+    assert_eq!(wa, wb, "resumed weights differ from the uninterrupted run");
+}
+
 // ---------- 4. hash routing (Roller et al. 2021) ----------
 
 /// The test's own SplitMix64 finaliser of a token id.

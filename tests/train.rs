@@ -5,7 +5,7 @@ mod common;
 use candle_core::{Tensor, Var};
 use common::tiny_config;
 use gumbel_moe::generate::{generate, SampleConfig};
-use gumbel_moe::model::cross_entropy;
+use gumbel_moe::model::{cross_entropy, router_surrogate};
 use gumbel_moe::nn::Ctx;
 use gumbel_moe::train::{checkpoint, metrics, Trainer};
 
@@ -24,11 +24,17 @@ fn audit(router: &str, extra: &[&str]) {
     let y = Tensor::from_slice(&y, (4, 16), &t.device).unwrap();
     let ctx = Ctx { train: true, step: 0, tau: 1.0, seed: t.cfg.seed, micro: 0 };
     let out = t.model.forward(&x, &ctx).unwrap();
-    let loss = (cross_entropy(&out.logits, &y).unwrap() + out.aux_loss).unwrap();
+    let mut loss = (cross_entropy(&out.logits, &y).unwrap() + &out.aux_loss).unwrap();
+    // The REINFORCE surrogate, as the trainer adds it.
+    let mut baseline = f64::NAN;
+    if let Some(s) = router_surrogate(&out, &y, &mut baseline, 0.99).unwrap() {
+        loss = (loss + s).unwrap();
+    }
     let grads = loss.backward().unwrap();
     let named = t.params.named();
     assert!(!named.is_empty());
-    for (name, v) in named {
+    // sigmoid_bias's expert bias is moved by its balancing rule, never by a gradient.
+    for (name, v) in named.into_iter().filter(|(n, _)| !n.ends_with("expert_bias")) {
         let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{router} {extra:?}: no gradient for {name}"));
         let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(s > 0.0 && s.is_finite(), "{router} {extra:?}: gradient of {name} is {s}");
@@ -43,6 +49,10 @@ fn gradient_audit_every_router_kind() {
     audit("softmax_topk", &[]);
     audit("softmax_topk", &["model.router.top_m=2", "model.norm=\"rms\""]);
     audit("dense", &["model.moe_every=2", "model.moe.activation=\"swiglu\""]);
+    audit("noisy_topk", &["model.router.top_m=2", "model.router.noise_init_std=0.02"]);
+    audit("sigmoid_bias", &["model.router.top_m=2"]);
+    audit("hash", &[]);
+    audit("reinforce", &[]);
 }
 
 #[test]

@@ -27,6 +27,10 @@ pub struct TrainerState {
     pub rng_next_step: u64,
     pub tokens_seen: u64,
     pub wall_s: f64,
+    /// The REINFORCE router's moving-average loss baseline (None until its first step, and for
+    /// every other router); saved so a resumed run continues exactly.
+    #[serde(default)]
+    pub reinforce_baseline: Option<f64>,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";

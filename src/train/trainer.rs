@@ -6,9 +6,10 @@ use super::checkpoint::{self, TrainerState};
 use super::metrics::{self, MetricsWriter};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{lr_at, tau_at};
+use super::telemetry::{LayerStep, Telemetry};
 use crate::config::Config;
 use crate::data::{load_text, split_text, Batcher, Tokenizer};
-use crate::model::{cross_entropy, Gpt};
+use crate::model::{cross_entropy, router_surrogate, Gpt};
 use crate::moe::RouterFactory;
 use crate::nn::{Ctx, Params};
 use anyhow::{bail, Context, Result};
@@ -164,6 +165,7 @@ impl Trainer {
             rng_next_step: 0,
             tokens_seen: 0,
             wall_s: 0.0,
+            reinforce_baseline: None,
         };
         Ok(Self {
             cfg,
@@ -215,8 +217,9 @@ impl Trainer {
         Ok(sum / count.max(1) as f64)
     }
 
-    /// One optimizer step (all micro-batches). Returns (mean loss, mean aux loss, grad norm, stats json).
-    fn train_step(&mut self) -> Result<(f64, f64, f64, serde_json::Value)> {
+    /// One optimizer step (all micro-batches). Returns (mean loss, mean aux loss, grad norm, the
+    /// routing of each MoE layer).
+    fn train_step(&mut self) -> Result<(f64, f64, f64, Vec<LayerStep>)> {
         let step = self.state.step;
         let train = self.train.as_ref().context("trainer built without training data")?;
         let accum = self.cfg.train.grad_accum;
@@ -226,16 +229,23 @@ impl Trainer {
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
         let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
-        let mut load = vec![vec![0u64; e]; moe_layers];
-        let mut entropy = vec![0.0; moe_layers];
-        let (mut dropped, mut routed) = (0usize, 0usize);
+        let mut routing = vec![LayerStep { tokens: vec![0; e], ..LayerStep::default() }; moe_layers];
         for micro in 0..accum as u32 {
             let (x, y) = train.random_batch(step, micro);
             let rows = train.batch_size();
             let ctx = Ctx { train: true, step, tau, seed: self.cfg.seed, micro };
             let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
-            let ce = cross_entropy(&out.logits, &self.to_tensor(&y, rows)?)?;
-            let loss = (&ce + &out.aux_loss)?;
+            let targets = self.to_tensor(&y, rows)?;
+            let ce = cross_entropy(&out.logits, &targets)?;
+            let mut loss = (&ce + &out.aux_loss)?;
+            // REINFORCE routers: the score-function surrogate, whose value is not a loss (not logged),
+            // only its gradient reaches the router.
+            let decay = self.cfg.model.router.reinforce_baseline_decay;
+            let mut baseline = self.state.reinforce_baseline.unwrap_or(f64::NAN);
+            if let Some(s) = router_surrogate(&out, &targets, &mut baseline, decay)? {
+                loss = (loss + s)?;
+                self.state.reinforce_baseline = Some(baseline);
+            }
             let lv = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let av = out.aux_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() || !av.is_finite() {
@@ -252,15 +262,22 @@ impl Trainer {
                     });
                 }
             }
-            for (l, s) in out.moe_stats.iter().enumerate() {
-                for (j, &c) in s.tokens_per_expert.iter().enumerate() {
-                    load[l][j] += c as u64;
+            for (r, s) in routing.iter_mut().zip(&out.moe_stats) {
+                r.tokens.resize(s.tokens_per_expert.len(), 0);
+                for (t, &c) in r.tokens.iter_mut().zip(&s.tokens_per_expert) {
+                    *t += c as u64;
                 }
-                dropped += s.dropped;
-                routed += s.routed;
-                if let Some(h) = &s.entropy {
-                    entropy[l] += h.to_scalar::<f32>()? as f64 / accum as f64;
-                }
+                r.dropped += s.dropped as u64;
+                r.routed += s.routed as u64;
+                // A router that does not report a number gives NaN (null in metrics.jsonl).
+                let mean = |x: &Option<Tensor>| -> Result<f64> {
+                    Ok(match x {
+                        Some(v) => v.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 / accum as f64,
+                        None => f64::NAN,
+                    })
+                };
+                r.entropy += mean(&s.entropy)?;
+                r.top1 += mean(&s.top1_prob)?;
             }
         }
         let norm = clip_grads(&mut grads, self.cfg.train.grad_clip)?;
@@ -268,12 +285,7 @@ impl Trainer {
         self.opt.step(&grads, lr)?;
         self.state.step += 1;
         self.state.rng_next_step = self.state.step;
-        let stats = json!({
-            "tokens_per_expert": load,
-            "router_entropy": entropy,
-            "dropped_frac": if routed > 0 { dropped as f64 / routed as f64 } else { 0.0 },
-        });
-        Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, stats))
+        Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
     }
 
     fn tokens_per_step(&self) -> u64 {
@@ -316,9 +328,12 @@ impl Trainer {
         let wall0 = self.state.wall_s;
         let mut last_log = (Instant::now(), self.state.step);
         let mut last_val = f64::NAN;
+        // Router telemetry of the steps since the last log line; restarts on resume.
+        let mut telemetry = Telemetry::new(t.dead_expert_window);
         while self.state.step < max {
             let step = self.state.step;
-            let (loss, aux, norm, stats) = self.train_step()?;
+            let (loss, aux, norm, routing) = self.train_step()?;
+            telemetry.record(step, &routing);
             self.state.tokens_seen += self.tokens_per_step();
             let done = self.state.step;
             pb.set_position(done);
@@ -329,7 +344,9 @@ impl Trainer {
                 last_log = (Instant::now(), done);
                 let tau = tau_at(&self.cfg.model.router, step as usize);
                 let lr = lr_at(&t, step as usize);
-                pb.set_message(format!("loss {loss:.4} tok/s {tok_s:.0} tau {tau:.3}"));
+                let summary = telemetry.summary();
+                let msg = format!("loss {loss:.4} tok/s {tok_s:.0} tau {tau:.3} {}", summary.progress());
+                pb.set_message(msg.trim_end().to_string());
                 line.insert("step".into(), json!(done));
                 line.insert("train_loss".into(), json!(loss));
                 line.insert("lr".into(), json!(lr));
@@ -337,9 +354,7 @@ impl Trainer {
                 line.insert("aux_loss".into(), json!(aux));
                 line.insert("grad_norm".into(), json!(norm));
                 line.insert("tok_per_s".into(), json!(tok_s));
-                if let serde_json::Value::Object(s) = stats {
-                    line.extend(s);
-                }
+                line.extend(summary.to_json());
             }
             if done % t.eval_interval as u64 == 0 || done == max {
                 let val = self.estimate_loss(&self.val, t.eval_iters)?;

@@ -1,0 +1,183 @@
+//! `gumbel-moe compare`: trains each planned run as a child process of the same binary (reusing
+//! finished ones), then writes report.md / report.json and the plots; and `gumbel-moe plot`.
+//!
+//! Each run trains with `train --config BASE --set ... --out DIR/NAME --quiet`, its stdout and
+//! stderr in DIR/NAME/train.log. A run folder whose config.json is this run's config is reused when
+//! finished and resumed (`train --resume DIR/NAME`) when it has a checkpoint; any other folder is
+//! moved to DIR/.prev/NAME (replacing an older one there) and the run trains from scratch.
+
+use super::plan::{plan_runs, run_state, RunPlan, RunState};
+use super::plot::{load_heatmap, val_loss_chart};
+use super::summary::{read_run, router_of, RunMetrics, RunSummary};
+use super::table::Report;
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The command line of `compare`.
+#[derive(Clone, Debug)]
+pub struct CompareArgs {
+    pub config: PathBuf,
+    pub routers: Vec<String>,
+    pub variants: Vec<String>,
+    pub sets: Vec<String>,
+    pub steps: Option<usize>,
+    pub jobs: usize,
+    pub out: PathBuf,
+}
+
+/// Runs the comparison with `exe` as the training binary; returns the report.
+pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
+    let plans = plan_runs(&a.routers, &a.variants, &a.sets, a.steps)?;
+    // Resolve every config first: a typo fails before anything trains.
+    let mut cfgs = Vec::new();
+    for p in &plans {
+        let cfg = Config::from_file(&a.config, &p.overrides).with_context(|| format!("run `{}`", p.name))?;
+        cfgs.push(cfg);
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    let todo: Vec<(usize, RunState)> = plans
+        .iter()
+        .zip(&cfgs)
+        .enumerate()
+        .map(|(i, (p, c))| (i, run_state(&a.out.join(&p.name), c)))
+        .filter(|(i, s)| {
+            if *s == RunState::Finished {
+                eprintln!("{}: finished with this config, reused", plans[*i].name);
+            }
+            *s != RunState::Finished
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..a.jobs.max(1).min(todo.len()) {
+            sc.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                let Some((i, state)) = todo.get(k) else { break };
+                // A failed run shows in the report (and the exit status); the others go on.
+                if let Err(e) = train_one(exe, a, &plans[*i], state) {
+                    eprintln!("{}: {e:#}", plans[*i].name);
+                }
+            });
+        }
+    });
+    let steps = cfgs.first().map(|c| c.train.max_iters).unwrap_or(0);
+    let title = format!(
+        "Base config `{}`, {} steps each{}. Written by `gumbel-moe compare`.",
+        a.config.display(),
+        steps,
+        if a.sets.is_empty() { String::new() } else { format!(", --set {}", a.sets.join(" ")) }
+    );
+    let rows: Vec<RunSummary> = plans
+        .iter()
+        .zip(&cfgs)
+        .map(|(p, c)| {
+            let mut row = RunSummary::from_dir(&p.name, &a.out.join(&p.name));
+            if row.router == "?" {
+                // A run that failed before writing config.json: name its router from the plan.
+                row.router = router_of(&serde_json::to_value(c).unwrap_or_default()).unwrap_or(row.router);
+            }
+            row
+        })
+        .collect();
+    let report = Report::new(&title, rows);
+    report.write(&a.out)?;
+    // Plots: a missing one is a warning, not a failed comparison.
+    let mut curves = Vec::new();
+    for p in &plans {
+        let dir = a.out.join(&p.name);
+        let Ok(m) = RunMetrics::read(&dir) else { continue };
+        if !m.load.is_empty() {
+            let title = format!("{}: expert load", p.name);
+            if let Err(e) = load_heatmap(&dir.join("load.png"), &title, &m.load_steps, &m.load) {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        curves.push((p.name.clone(), m.val_loss));
+    }
+    if let Err(e) = val_loss_chart(&a.out.join("val_loss.png"), &curves) {
+        eprintln!("warning: {e:#}");
+    }
+    eprintln!("{}", report.sentence());
+    eprintln!("wrote {}", a.out.join("report.md").display());
+    Ok(report)
+}
+
+/// Trains (or resumes) one run; Ok when the child exited 0.
+fn train_one(exe: &Path, a: &CompareArgs, p: &RunPlan, state: &RunState) -> Result<()> {
+    let dir = a.out.join(&p.name);
+    let mut cmd = Command::new(exe);
+    cmd.arg("train");
+    match state {
+        RunState::Partial => {
+            eprintln!("{}: unfinished with this config, resuming", p.name);
+            cmd.arg("--resume").arg(&dir);
+        }
+        _ => {
+            if let RunState::Stale(why) = state {
+                let prev = a.out.join(".prev").join(&p.name);
+                eprintln!("{}: retraining ({why}); the old folder goes to {}", p.name, prev.display());
+                std::fs::create_dir_all(a.out.join(".prev"))?;
+                if prev.exists() {
+                    std::fs::remove_dir_all(&prev).with_context(|| format!("removing {}", prev.display()))?;
+                }
+                std::fs::rename(&dir, &prev).with_context(|| format!("moving {} aside", dir.display()))?;
+            }
+            cmd.arg("--config").arg(&a.config);
+            for o in &p.overrides {
+                cmd.arg("--set").arg(o);
+            }
+        }
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    cmd.arg("--out").arg(&dir).arg("--quiet");
+    let log_path = dir.join("train.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    eprintln!("{}: training -> {} (log {})", p.name, dir.display(), log_path.display());
+    let t0 = Instant::now();
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    if !status.success() {
+        bail!("training failed ({status}); see {}", log_path.display());
+    }
+    eprintln!("{}: done in {:.0} s", p.name, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `gumbel-moe plot RUN_DIR`: RUN_DIR/val_loss.png and RUN_DIR/load.png from its metrics.jsonl.
+/// Returns the files written; a plot with nothing to draw is skipped with a warning, both
+/// skipped is an error.
+pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
+    let m = read_run(dir)?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+    let mut wrote = Vec::new();
+    let mut problems = Vec::new();
+    let vl = dir.join("val_loss.png");
+    match val_loss_chart(&vl, &[(name.clone(), m.val_loss.clone())]) {
+        Ok(()) => wrote.push(vl),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    let lp = dir.join("load.png");
+    match load_heatmap(&lp, &format!("{name}: expert load"), &m.load_steps, &m.load) {
+        Ok(()) => wrote.push(lp),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    if wrote.is_empty() {
+        bail!("nothing to plot in {}: {}", dir.display(), problems.join("; "));
+    }
+    for p in problems {
+        eprintln!("warning: {p}");
+    }
+    Ok(wrote)
+}

@@ -1,0 +1,14 @@
+//! Comparing runs: plan the runs of `gumbel-moe compare` and decide which can be reused
+//! ([`plan`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), write
+//! report.md / report.json ([`table`]), draw the PNG plots ([`plot`]), and drive it all from the
+//! command line ([`compare`]).
+pub mod compare;
+pub mod plan;
+pub mod plot;
+pub mod summary;
+pub mod table;
+
+pub use compare::{compare, plot_run, CompareArgs};
+pub use plan::{plan_runs, run_state, RunPlan, RunState};
+pub use summary::{RunMetrics, RunSummary};
+pub use table::Report;
