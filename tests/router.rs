@@ -12,38 +12,17 @@ use candle_nn::VarBuilder;
 use gumbel_moe::config::Config;
 use gumbel_moe::moe::losses::{expert_fractions, load_balance, z_loss};
 use gumbel_moe::moe::routers::gumbel::{relaxed, straight_through};
-use gumbel_moe::moe::{build_router, MoeLayer, RouteCtx, Router, Routing};
+use gumbel_moe::moe::{build_router, MoeLayer, RouteCtx, Router};
 use gumbel_moe::nn::{Ctx, Mlp, Params};
 use gumbel_moe::rng::gumbel_noise;
 use std::collections::{BTreeSet, HashMap};
 
+mod common;
+use common::host::*;
+
 const CPU: Device = Device::Cpu;
 
 // ---------- helpers ----------
-
-/// SplitMix64: a test-local generator, independent of the crate's Philox streams.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
-        (0..n).map(|_| std * self.normal()).collect()
-    }
-}
 
 /// A small config: `e` experts over `d`-dim tokens, the given router.
 fn config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: bool) -> Config {
@@ -70,58 +49,8 @@ fn router_from(cfg: &Config, w: &Tensor) -> Box<dyn Router> {
     build_router(cfg, 0, vb).expect("build router")
 }
 
-fn train_ctx(seed: u64, step: u64, tau: f64) -> Ctx {
-    Ctx { train: true, step, tau, seed, micro: 0 }
-}
-
-fn route(r: &dyn Router, x: &Tensor, ctx: Ctx, layer: u32) -> Routing {
-    r.route(x, &RouteCtx::new(ctx, layer)).expect("route")
-}
-
 fn tensor2(data: &[f64], rows: usize, cols: usize, dtype: DType) -> Tensor {
     Tensor::from_vec(data.to_vec(), (rows, cols), &CPU).unwrap().to_dtype(dtype).unwrap()
-}
-
-fn vec2(t: &Tensor) -> Vec<Vec<f64>> {
-    t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-/// Host logits x W^T in f64: x (T, d) row-major, w (E, d) row-major.
-fn host_logits(x: &[f64], w: &[f64], t: usize, d: usize, e: usize) -> Vec<Vec<f64>> {
-    (0..t).map(|i| (0..e).map(|j| (0..d).map(|k| x[i * d + k] * w[j * d + k]).sum()).collect()).collect()
-}
-
-/// Indices of the k largest entries, largest first, by repeated selection; ties go to the lower index.
-fn host_topk(v: &[f64], k: usize) -> Vec<usize> {
-    let mut taken = vec![false; v.len()];
-    let mut out = Vec::with_capacity(k);
-    for _ in 0..k {
-        let mut best: Option<usize> = None;
-        for i in 0..v.len() {
-            if !taken[i] && best.is_none_or(|b| v[i] > v[b]) {
-                best = Some(i);
-            }
-        }
-        let b = best.unwrap();
-        taken[b] = true;
-        out.push(b);
-    }
-    out
-}
-
-fn host_softmax(v: &[f64]) -> Vec<f64> {
-    let mx = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let ex: Vec<f64> = v.iter().map(|a| (a - mx).exp()).collect();
-    let s: f64 = ex.iter().sum();
-    ex.iter().map(|a| a / s).collect()
 }
 
 fn host_logsumexp(v: &[f64]) -> f64 {
@@ -131,16 +60,6 @@ fn host_logsumexp(v: &[f64]) -> f64 {
 
 fn noise_of(seed: u64, step: u64, layer: u32, token: u32, expert: usize) -> f64 {
     gumbel_noise(seed, step as u32, layer, token, expert as u32) as f64
-}
-
-#[track_caller]
-fn assert_close(got: f64, want: f64, rtol: f64, atol: f64, what: &str) {
-    let tol = atol + rtol * want.abs().max(got.abs());
-    assert!(
-        (got - want).abs() <= tol,
-        "{what}: got {got:e}, want {want:e} (|diff| {:e} > tol {tol:e})",
-        (got - want).abs()
-    );
 }
 
 // ---------- 1. Gumbel-max selection frequencies ----------

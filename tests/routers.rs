@@ -19,34 +19,11 @@ use gumbel_moe::train::optim::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 
 mod common;
+use common::host::*;
 
 const CPU: Device = Device::Cpu;
 
 // ---------- helpers ----------
-
-/// SplitMix64: a test-local generator, independent of the crate's Philox streams.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2) = (self.uniform(), self.uniform());
-                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect()
-    }
-}
 
 /// A small config with the given router: `e` experts over `d`-dim tokens, m experts per token,
 /// pre-filter K.
@@ -79,67 +56,8 @@ fn router_with(cfg: &Config, vals: &[(&str, Vec<f64>)], rng: &mut Rng) -> (Box<d
     (router, params)
 }
 
-fn train_ctx(seed: u64, step: u64, tau: f64) -> Ctx {
-    Ctx { train: true, step, tau, seed, micro: 0 }
-}
-
-fn route(r: &dyn Router, x: &Tensor, ctx: Ctx, layer: u32) -> Routing {
-    r.route(x, &RouteCtx::new(ctx, layer)).expect("route")
-}
-
 fn tensor2(data: &[f64], rows: usize, cols: usize) -> Tensor {
     Tensor::from_vec(data.to_vec(), (rows, cols), &CPU).unwrap()
-}
-
-fn vec2(t: &Tensor) -> Vec<Vec<f64>> {
-    t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-/// Host logits x W^T: x (T, d), w (E, d), row-major.
-fn host_logits(x: &[f64], w: &[f64], t: usize, d: usize, e: usize) -> Vec<Vec<f64>> {
-    (0..t).map(|i| (0..e).map(|j| (0..d).map(|k| x[i * d + k] * w[j * d + k]).sum()).collect()).collect()
-}
-
-/// Indices of the k largest entries, largest first, by repeated selection; ties to the lower index.
-fn host_topk(v: &[f64], k: usize) -> Vec<usize> {
-    let mut taken = vec![false; v.len()];
-    (0..k)
-        .map(|_| {
-            let mut best: Option<usize> = None;
-            for i in 0..v.len() {
-                if !taken[i] && best.is_none_or(|b| v[i] > v[b]) {
-                    best = Some(i);
-                }
-            }
-            taken[best.unwrap()] = true;
-            best.unwrap()
-        })
-        .collect()
-}
-
-fn host_softmax(v: &[f64]) -> Vec<f64> {
-    let mx = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let ex: Vec<f64> = v.iter().map(|a| (a - mx).exp()).collect();
-    let s: f64 = ex.iter().sum();
-    ex.iter().map(|a| a / s).collect()
-}
-
-#[track_caller]
-fn assert_close(got: f64, want: f64, rtol: f64, atol: f64, what: &str) {
-    let tol = atol + rtol * want.abs().max(got.abs());
-    assert!(
-        (got - want).abs() <= tol,
-        "{what}: got {got:e}, want {want:e} (|diff| {:e} > {tol:e})",
-        (got - want).abs()
-    );
 }
 
 /// Upper tail of the standard normal (Abramowitz & Stegun 26.2.17, |error| < 7.5e-8).

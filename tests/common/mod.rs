@@ -1,6 +1,8 @@
 //! Shared test helpers: a tiny config on the shared Tiny Shakespeare file.
 #![allow(dead_code)]
 
+pub mod host;
+
 use gumbel_moe::Config;
 use std::path::PathBuf;
 

@@ -1,0 +1,93 @@
+//! Host-side helpers shared by the router tests: a test-local generator independent of the
+//! crate's Philox streams, f64 reference math (logits, top-k, softmax), tensor readers and a
+//! tolerance check. Nothing here calls the code under test.
+#![allow(dead_code)]
+
+use candle_core::{DType, Tensor};
+use gumbel_moe::moe::{RouteCtx, Router, Routing};
+use gumbel_moe::nn::Ctx;
+
+/// SplitMix64: a test-local generator, independent of the crate's Philox streams.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    pub fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
+        (0..n).map(|_| std * self.normal()).collect()
+    }
+}
+
+pub fn train_ctx(seed: u64, step: u64, tau: f64) -> Ctx {
+    Ctx { train: true, step, tau, seed, micro: 0 }
+}
+
+pub fn route(r: &dyn Router, x: &Tensor, ctx: Ctx, layer: u32) -> Routing {
+    r.route(x, &RouteCtx::new(ctx, layer)).expect("route")
+}
+
+pub fn vec2(t: &Tensor) -> Vec<Vec<f64>> {
+    t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+}
+
+pub fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+pub fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Host logits x W^T in f64: x (T, d) row-major, w (E, d) row-major.
+pub fn host_logits(x: &[f64], w: &[f64], t: usize, d: usize, e: usize) -> Vec<Vec<f64>> {
+    (0..t).map(|i| (0..e).map(|j| (0..d).map(|k| x[i * d + k] * w[j * d + k]).sum()).collect()).collect()
+}
+
+/// Indices of the k largest entries, largest first, by repeated selection; ties go to the lower index.
+pub fn host_topk(v: &[f64], k: usize) -> Vec<usize> {
+    let mut taken = vec![false; v.len()];
+    let mut out = Vec::with_capacity(k);
+    for _ in 0..k {
+        let mut best: Option<usize> = None;
+        for i in 0..v.len() {
+            if !taken[i] && best.is_none_or(|b| v[i] > v[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best.unwrap();
+        taken[b] = true;
+        out.push(b);
+    }
+    out
+}
+
+pub fn host_softmax(v: &[f64]) -> Vec<f64> {
+    let mx = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let ex: Vec<f64> = v.iter().map(|a| (a - mx).exp()).collect();
+    let s: f64 = ex.iter().sum();
+    ex.iter().map(|a| a / s).collect()
+}
+
+#[track_caller]
+pub fn assert_close(got: f64, want: f64, rtol: f64, atol: f64, what: &str) {
+    let tol = atol + rtol * want.abs().max(got.abs());
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got:e}, want {want:e} (|diff| {:e} > tol {tol:e})",
+        (got - want).abs()
+    );
+}
