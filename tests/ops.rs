@@ -7,6 +7,9 @@ use gumbel_moe::moe::routers::top_k;
 use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams};
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
+mod common;
+use common::host::chi2_sf;
+
 /// Deterministic test logits (T, E) from Philox (N(0, scale)-ish via a sum of uniforms).
 fn logits(t: usize, e: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {
     let mut v = Vec::with_capacity(t * e);
@@ -241,23 +244,6 @@ fn finite_difference_gradcheck() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Upper tail of the standard normal (Abramowitz & Stegun 26.2.17, |error| < 7.5e-8).
-fn normal_sf(z: f64) -> f64 {
-    if z < 0.0 {
-        return 1.0 - normal_sf(-z);
-    }
-    let t = 1.0 / (1.0 + 0.231_641_9 * z);
-    let poly =
-        t * (0.319_381_530 + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
-    (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
-}
-
-/// P(chi2_df > x) by the Wilson-Hilferty cube-root normal approximation.
-fn chi2_sf(x: f64, df: f64) -> f64 {
-    let v = 2.0 / (9.0 * df);
-    normal_sf(((x / df).powf(1.0 / 3.0) - (1.0 - v)) / v.sqrt())
 }
 
 /// The fused op's first pick is a sample from softmax over the top-K logits (Gumbel-max).

@@ -60,23 +60,6 @@ fn tensor2(data: &[f64], rows: usize, cols: usize) -> Tensor {
     Tensor::from_vec(data.to_vec(), (rows, cols), &CPU).unwrap()
 }
 
-/// Upper tail of the standard normal (Abramowitz & Stegun 26.2.17, |error| < 7.5e-8).
-fn normal_sf(z: f64) -> f64 {
-    if z < 0.0 {
-        return 1.0 - normal_sf(-z);
-    }
-    let t = 1.0 / (1.0 + 0.231_641_9 * z);
-    let poly =
-        t * (0.319_381_530 + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
-    (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
-}
-
-/// P(chi2_df > x) by the Wilson-Hilferty cube-root normal approximation.
-fn chi2_sf(x: f64, df: f64) -> f64 {
-    let v = 2.0 / (9.0 * df);
-    normal_sf(((x / df).powf(1.0 / 3.0) - (1.0 - v)) / v.sqrt())
-}
-
 /// Pearson chi-square of `counts` against probabilities `probs`; panics when p < 1e-3.
 #[track_caller]
 fn chi_square(counts: &[usize], probs: &[f64], label: &str) {
@@ -468,46 +451,15 @@ fn sigmoid_bias_moves_toward_balance_and_adamw_leaves_it_alone() {
     assert!(last_max < first_max, "the bias did not reduce the largest load ({first_max} -> {last_max})");
 }
 
-/// The bias is in the checkpoint: 6 steps in one go and 3 + resume 3 end with the same weights and
-/// the same (moved) bias.
-#[test]
-fn sigmoid_bias_resume_is_exact() {
-    use gumbel_moe::train::Trainer;
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let extra = ["model.router.top_m=2", "model.router.bias_update_rate=0.01", "train.grad_accum=2"];
-    let run = |dir: &std::path::Path, more: &[&str]| {
-        let o: Vec<&str> = extra.iter().chain(more).copied().collect();
-        let mut t = Trainer::new(common::tiny_config("sigmoid_bias", &o), dir).unwrap();
-        t.progress = false;
-        t.fit().unwrap();
-    };
-    run(a.path(), &[]);
-    run(b.path(), &["train.max_iters=3"]);
-    let mut r = Trainer::resume(b.path(), &["train.max_iters=6".into()], None).unwrap();
-    r.progress = false;
-    r.fit().unwrap();
-    let load = |dir: &std::path::Path| {
-        let m = candle_core::safetensors::load(dir.join("ckpt-0000006/model.safetensors"), &CPU).unwrap();
-        let mut v: Vec<(String, Vec<f64>)> = m.into_iter().map(|(k, t)| (k, flat(&t))).collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    let (wa, wb) = (load(a.path()), load(b.path()));
-    let biases: Vec<&(String, Vec<f64>)> = wa.iter().filter(|(k, _)| k.ends_with("expert_bias")).collect();
-    assert!(!biases.is_empty(), "no expert_bias in the checkpoint");
-    assert!(biases.iter().all(|(_, v)| v.iter().any(|&x| x != 0.0)), "the bias never moved: vacuous");
-    assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
-}
-
-/// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the
-/// same weights and the same baseline.
-#[test]
-fn reinforce_resume_is_exact() {
+/// Trains `kind` 6 steps in one go (in dir a) and 3 steps + resume + 3 (in dir b); returns each
+/// run's final weights (sorted by name) and REINFORCE baseline.
+type Ckpt = (Vec<(String, Vec<f64>)>, Option<f64>);
+fn straight_and_resumed(kind: &str, extra: &[&str]) -> (Ckpt, Ckpt) {
     use gumbel_moe::train::{checkpoint, Trainer};
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let run = |dir: &std::path::Path, more: &[&str]| {
-        let o: Vec<&str> = ["train.grad_accum=2"].iter().chain(more).copied().collect();
-        let mut t = Trainer::new(common::tiny_config("reinforce", &o), dir).unwrap();
+        let o: Vec<&str> = extra.iter().chain(more).copied().collect();
+        let mut t = Trainer::new(common::tiny_config(kind, &o), dir).unwrap();
         t.progress = false;
         t.fit().unwrap();
     };
@@ -523,7 +475,26 @@ fn reinforce_resume_is_exact() {
         v.sort_by(|x, y| x.0.cmp(&y.0));
         (v, loaded.state.reinforce_baseline)
     };
-    let ((wa, ba), (wb, bb)) = (ckpt(a.path()), ckpt(b.path()));
+    (ckpt(a.path()), ckpt(b.path()))
+}
+
+/// The bias is in the checkpoint: 6 steps in one go and 3 + resume 3 end with the same weights and
+/// the same (moved) bias.
+#[test]
+fn sigmoid_bias_resume_is_exact() {
+    let extra = ["model.router.top_m=2", "model.router.bias_update_rate=0.01", "train.grad_accum=2"];
+    let ((wa, _), (wb, _)) = straight_and_resumed("sigmoid_bias", &extra);
+    let biases: Vec<&(String, Vec<f64>)> = wa.iter().filter(|(k, _)| k.ends_with("expert_bias")).collect();
+    assert!(!biases.is_empty(), "no expert_bias in the checkpoint");
+    assert!(biases.iter().all(|(_, v)| v.iter().any(|&x| x != 0.0)), "the bias never moved: vacuous");
+    assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
+}
+
+/// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the
+/// same weights and the same baseline.
+#[test]
+fn reinforce_resume_is_exact() {
+    let ((wa, ba), (wb, bb)) = straight_and_resumed("reinforce", &["train.grad_accum=2"]);
     assert!(ba.is_some_and(|x| x.is_finite() && x > 0.0), "no REINFORCE baseline saved: {ba:?}");
     assert_eq!(ba, bb, "the resumed baseline differs");
     assert_eq!(wa, wb, "resumed weights differ from the uninterrupted run");

@@ -91,3 +91,20 @@ pub fn assert_close(got: f64, want: f64, rtol: f64, atol: f64, what: &str) {
         (got - want).abs()
     );
 }
+
+/// Upper tail of the standard normal (Abramowitz & Stegun 26.2.17, |error| < 7.5e-8).
+pub fn normal_sf(z: f64) -> f64 {
+    if z < 0.0 {
+        return 1.0 - normal_sf(-z);
+    }
+    let t = 1.0 / (1.0 + 0.231_641_9 * z);
+    let poly =
+        t * (0.319_381_530 + t * (-0.356_563_782 + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
+    (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
+}
+
+/// P(chi2_df > x) by the Wilson-Hilferty cube-root normal approximation.
+pub fn chi2_sf(x: f64, df: f64) -> f64 {
+    let v = 2.0 / (9.0 * df);
+    normal_sf(((x / df).powf(1.0 / 3.0) - (1.0 - v)) / v.sqrt())
+}
