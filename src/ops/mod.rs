@@ -14,6 +14,7 @@
 //!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
 //! dropped on every backend; the backward is the same op on the gradient).
+pub mod adamw;
 pub mod balance_stats;
 pub mod combine;
 pub mod cpu_layout;

@@ -3,7 +3,13 @@
 //!
 //! Weight decay is decoupled and applied to tensors of rank >= 2 (Linear weights, embeddings, router
 //! weights), as nanoGPT does; biases and norm gains (rank 1) are exempt.
+//!
+//! On the CPU, f32 / f64 parameters keep m and v stacked in one (2, *shape) tensor and `step`
+//! updates parameter and moments in one fused in-place pass (`ops::adamw`), bit-identical to the
+//! tensor-op path `step_reference` that other devices and dtypes use. The checkpoint format
+//! (`m.<name>`, `v.<name>`, `step`) is the same either way.
 
+use crate::ops::adamw::{self, AdamWStep};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
@@ -17,14 +23,51 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// The two moments of one parameter.
+enum Moments {
+    /// Separate m and v, replaced by new tensors at each step (the tensor-op path).
+    Split { m: Tensor, v: Tensor },
+    /// m and v stacked in one (2, *shape) tensor that the fused CPU op updates in place.
+    Stacked(Tensor),
+}
+
+impl Moments {
+    /// m and v (views into the stacked tensor when stacked).
+    fn split(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Moments::Split { m, v } => Ok((m.clone(), v.clone())),
+            Moments::Stacked(mv) => Ok((mv.get(0)?, mv.get(1)?)),
+        }
+    }
+
+    /// The stacked (2, *shape) tensor, stacking m and v first (a fresh allocation) when split.
+    fn stacked(&mut self) -> candle_core::Result<&Tensor> {
+        if let Moments::Split { m, v } = self {
+            *self = Moments::Stacked(Tensor::stack(&[&*m, &*v], 0)?);
+        }
+        match self {
+            Moments::Stacked(mv) => Ok(mv),
+            Moments::Split { .. } => unreachable!(),
+        }
+    }
+}
+
+/// Whether a parameter's moments are kept stacked for the fused in-place CPU step
+/// (`ops::adamw`): f32 / f64, contiguous, on the CPU. Other parameters use the tensor-op path.
+fn fused_eligible(p: &Var) -> bool {
+    p.device().is_cpu() && matches!(p.dtype(), DType::F32 | DType::F64) && p.is_contiguous()
+}
+
 pub struct AdamW {
     params: Vec<(String, Var)>,
     /// Per-parameter learning-rate multiplier (1 unless set with `set_lr_scale`).
     lr_scale: Vec<f64>,
     /// Per-parameter weight-decay multiplier (1 unless set with `set_decay_scale`).
     decay_scale: Vec<f64>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// m and v of each parameter.
+    moments: Vec<Moments>,
+    /// `fused_eligible` of each parameter.
+    fused: Vec<bool>,
     /// Optimizer steps taken (bias correction uses step + 1 for the next one).
     step: u64,
     cfg: AdamWConfig,
@@ -33,11 +76,21 @@ pub struct AdamW {
 impl AdamW {
     /// `params` in a fixed order (sorted by name); moments start at zero.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        let fused: Vec<bool> = params.iter().map(|(_, p)| fused_eligible(p)).collect();
+        let mut moments = Vec::with_capacity(params.len());
+        for ((_, p), &f) in params.iter().zip(&fused) {
+            moments.push(if f {
+                let mut dims = vec![2];
+                dims.extend_from_slice(p.dims());
+                Moments::Stacked(Tensor::zeros(dims, p.dtype(), p.device())?)
+            } else {
+                let m = p.zeros_like()?;
+                Moments::Split { v: m.clone(), m }
+            });
+        }
         let lr_scale = vec![1.0; params.len()];
         let decay_scale = vec![1.0; params.len()];
-        Ok(Self { params, lr_scale, decay_scale, m, v, step: 0, cfg })
+        Ok(Self { params, lr_scale, decay_scale, moments, fused, step: 0, cfg })
     }
 
     /// Multiplies the learning rate of every parameter whose name contains `pattern` by `scale`.
@@ -60,7 +113,21 @@ impl AdamW {
     }
 
     /// One update with gradients `grads[i]` for `params[i]` (None: parameter untouched this step).
+    ///
+    /// f32 / f64 parameters on the CPU are updated by one fused in-place pass per parameter
+    /// (`ops::adamw`, bit-identical to [`AdamW::step_reference`]); the others (GPU, bf16 / f16,
+    /// non-contiguous) by the tensor ops of `step_reference`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_impl(grads, lr, true)
+    }
+
+    /// [`AdamW::step`] with the tensor-op path for every parameter (about a dozen full-size
+    /// temporaries per parameter): the reference the fused CPU step is tested against.
+    pub fn step_reference(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_impl(grads, lr, false)
+    }
+
+    fn step_impl(&mut self, grads: &[Option<Tensor>], lr: f64, allow_fused: bool) -> Result<()> {
         if grads.len() != self.params.len() {
             bail!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len());
         }
@@ -71,18 +138,35 @@ impl AdamW {
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
             let lr = lr * self.lr_scale[i];
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let wd = c.weight_decay * self.decay_scale[i];
+            let decay = wd > 0.0 && Self::decays(p);
+            if allow_fused && self.fused[i] {
+                let mv = self.moments[i].stacked()?;
+                if adamw::fusable(p, mv, g) {
+                    let hp = AdamWStep {
+                        beta1: c.beta1,
+                        beta2: c.beta2,
+                        eps: c.eps,
+                        bc1,
+                        bc2,
+                        lr,
+                        decay: decay.then_some(1.0 - lr * wd),
+                    };
+                    adamw::adamw_fused_step(p, mv, g, hp)?;
+                    continue;
+                }
+            }
+            let (m, v) = self.moments[i].split()?;
+            let m = ((&m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
             let update = ((&m / bc1)? / denom)?;
             let mut theta = p.as_tensor().clone();
-            let wd = c.weight_decay * self.decay_scale[i];
-            if wd > 0.0 && Self::decays(p) {
+            if decay {
                 theta = (theta * (1.0 - lr * wd))?;
             }
             p.set(&(theta - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.moments[i] = Moments::Split { m, v };
         }
         Ok(())
     }
@@ -91,8 +175,9 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            map.insert(format!("m.{name}"), self.m[i].clone());
-            map.insert(format!("v.{name}"), self.v[i].clone());
+            let (m, v) = self.moments[i].split()?;
+            map.insert(format!("m.{name}"), m);
+            map.insert(format!("v.{name}"), v);
         }
         map.insert("step".into(), Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?);
         candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
@@ -100,12 +185,13 @@ impl AdamW {
 
     /// Restores the moments and step written by `save`; every tensor must be there with its shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let dev = self.m.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self.params.first().map(|(_, p)| p.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let map = candle_core::safetensors::load(path, &dev).with_context(|| {
             format!("optimizer state {} is unreadable (truncated or not safetensors)", path.display())
         })?;
         for (i, (name, p)) in self.params.iter().enumerate() {
-            for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+            let mut mv = Vec::with_capacity(2);
+            for kind in ["m", "v"] {
                 let key = format!("{kind}.{name}");
                 let t = map.get(&key).with_context(|| format!("{}: missing tensor {key}", path.display()))?;
                 if t.shape() != p.shape() {
@@ -116,7 +202,13 @@ impl AdamW {
                         p.shape()
                     );
                 }
-                *slot = t.to_dtype(p.dtype())?;
+                mv.push(t.to_dtype(p.dtype())?);
+            }
+            let (v, m) = (mv.pop().expect("v"), mv.pop().expect("m"));
+            self.moments[i] = Moments::Split { m, v };
+            if self.fused[i] {
+                // A fresh (2, *shape) tensor that no other tensor shares.
+                self.moments[i].stacked()?;
             }
         }
         let step = map.get("step").with_context(|| format!("{}: missing tensor step", path.display()))?;
