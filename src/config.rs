@@ -90,6 +90,10 @@ pub struct RouterConfig {
     /// Weight-decay multiplier for the router weights (0 exempts them): decay pulls router logits
     /// toward 0, which keeps a Gumbel router's sampling close to uniform.
     pub decay_scale: f64,
+    /// gumbel: what the router's logits are computed from. "hidden": the hidden state, x W (the
+    /// usual router). "token": a learned table of E logits per input token id (V, E), looked up
+    /// by the token ids: context-free routing, a learned version of hash routing.
+    pub input: String,
     /// noisy_topk: std of the init of the noise projection W_noise (the noise std per expert is
     /// softplus(x W_noise)). 0 is Shazeer et al.'s zero init: every expert starts with noise std
     /// softplus(0) = ln 2 and the router learns how much noise to keep.
@@ -188,6 +192,7 @@ impl Default for Config {
                     init_std: 0.02,
                     lr_scale: 1.0,
                     decay_scale: 1.0,
+                    input: "hidden".into(),
                     noise_init_std: 0.0,
                     load_coef: 0.01,
                     importance_coef: 0.01,
@@ -346,6 +351,10 @@ impl Config {
         }
         one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
         one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
+        one_of("model.router.input", &r.input, &["hidden", "token"])?;
+        if r.input == "token" && r.kind != "gumbel" {
+            bail!("model.router.input = \"token\" is implemented for the gumbel router only, not `{}`", r.kind);
+        }
         one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
         if r.implementation == "fused" && r.kind == "gumbel" && r.prefilter > crate::ops::gumbel_router::MAX_K {
             bail!(

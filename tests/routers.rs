@@ -559,6 +559,42 @@ fn tiny_gpt(kind: &str, params: &Params, e: usize) -> (Config, Gpt) {
     (cfg, gpt)
 }
 
+/// Gumbel with `input = "token"`: the logits are the rows of a learned (V, E) table picked by the
+/// token ids (exactly), the gradient reaches only the rows of ids that occur, and a call without
+/// ids or another router kind is refused with a clear error.
+#[test]
+fn gumbel_token_input_looks_up_a_learned_table() {
+    let (e, d, v) = (6, 4, 11);
+    let mut cfg = config("gumbel", e, d, 1, 3, true);
+    cfg.model.router.input = "token".into();
+    cfg.model.vocab_size = v;
+    let params = Params::new();
+    let router = build_router(&cfg, 0, params.var_builder(5, DType::F64, &CPU)).unwrap();
+    let named = params.named();
+    assert_eq!(named.len(), 1, "one table, no projection: {:?}", named.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    let table = vec2(named[0].1.as_tensor());
+    assert_eq!((table.len(), table[0].len()), (v, e));
+    let ids: Vec<u32> = vec![3, 7, 3, 0, 10, 7];
+    let r = hash_route(router.as_ref(), &ids, d, train_ctx(1, 2, 0.7), 0);
+    let want: Vec<Vec<f64>> = ids.iter().map(|&i| table[i as usize].clone()).collect();
+    assert_eq!(vec2(&r.logits), want, "logits are not the table rows of the ids");
+    // Gradient of sum(weights * c) + z-loss-like term: only used rows get one.
+    let loss = (r.weights.sum_all().unwrap() + r.logits.sqr().unwrap().sum_all().unwrap()).unwrap();
+    let g = vec2(loss.backward().unwrap().get(named[0].1.as_tensor()).unwrap());
+    for (row, gr) in g.iter().enumerate() {
+        let used = ids.contains(&(row as u32));
+        assert_eq!(gr.iter().any(|&x| x != 0.0), used, "row {row}: used = {used}, gradient {gr:?}");
+    }
+    // No ids: refused, naming the problem.
+    let x = Tensor::zeros((2, d), DType::F64, &CPU).unwrap();
+    let err = router.route(&x, &RouteCtx::new(train_ctx(1, 0, 1.0), 0)).err().expect("no ids must fail").to_string();
+    assert!(err.contains("token ids"), "{err}");
+    let mut bad = cfg.clone();
+    bad.model.router.kind = "softmax_topk".into();
+    let err = bad.validate().err().expect("token input on softmax_topk must fail").to_string();
+    assert!(err.contains("model.router.input"), "{err}");
+}
+
 #[test]
 fn hash_router_gets_the_input_ids_through_the_model_and_trains() {
     let e = 4;

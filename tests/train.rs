@@ -52,6 +52,7 @@ fn gradient_audit_every_router_kind() {
     audit("noisy_topk", &["model.router.top_m=2", "model.router.noise_init_std=0.02"]);
     audit("sigmoid_bias", &["model.router.top_m=2"]);
     audit("hash", &[]);
+    audit("gumbel", &["model.router.input=token"]);
     audit("reinforce", &[]);
 }
 

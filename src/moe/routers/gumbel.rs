@@ -25,9 +25,38 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
 pub struct GumbelRouter {
-    gate: Linear,
+    gate: Gate,
     e: usize,
     cfg: RouterConfig,
+}
+
+/// Where the logits come from (`model.router.input`).
+enum Gate {
+    /// logits = x W: (T, d) -> (T, E).
+    Hidden(Linear),
+    /// logits = table[token id]: a learned (V, E) table, context-free (a learned hash routing).
+    Token(Tensor),
+}
+
+impl Gate {
+    fn logits(&self, x: &Tensor, rc: &RouteCtx) -> Result<Tensor> {
+        match self {
+            Gate::Hidden(lin) => lin.forward(x),
+            Gate::Token(table) => {
+                let Some(ids) = &rc.token_ids else {
+                    candle_core::bail!(
+                        "gumbel router with input = \"token\" (layer {}) needs the token ids: route through Gpt::forward",
+                        rc.layer
+                    )
+                };
+                let ids = ids.flatten_all()?; // (T)
+                if ids.dim(0)? != x.dim(0)? {
+                    candle_core::bail!("gumbel router: {} token ids for {} hidden-state rows", ids.dim(0)?, x.dim(0)?);
+                }
+                table.index_select(&ids, 0) // (T, E)
+            }
+        }
+    }
 }
 
 impl GumbelRouter {
@@ -41,7 +70,17 @@ impl GumbelRouter {
                 r.prefilter
             );
         }
-        Ok(Self { gate: router_linear(cfg.model.n_embd, e, r.init_std, vb)?, e, cfg: r })
+        let gate = if r.input == "token" {
+            let v = cfg.model.vocab_size;
+            if v == 0 {
+                candle_core::bail!("gumbel router with input = \"token\" needs model.vocab_size (0: not yet known)");
+            }
+            let init = candle_nn::Init::Randn { mean: 0.0, stdev: r.init_std };
+            Gate::Token(vb.get_with_hints((v, e), "token_logits", init)?)
+        } else {
+            Gate::Hidden(router_linear(cfg.model.n_embd, e, r.init_std, vb)?)
+        };
+        Ok(Self { gate, e, cfg: r })
     }
 }
 
@@ -122,7 +161,7 @@ pub fn reference_route(
 impl Router for GumbelRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let r = &self.cfg;
-        let logits = self.gate.forward(x)?; // (T, E)
+        let logits = self.gate.logits(x, rc)?; // (T, E)
         let host = host_logits(&logits, rc)?;
         let probs = softmax(&logits)?; // (T, E)
         let tau = rc.ctx.tau;
