@@ -4,7 +4,8 @@
 //! Layout: [`config`] (the run configuration), [`nn`] (differentiable layers), [`moe`] (routers,
 //! dispatch, the MoE layer), [`model`] (the decoder), [`data`] (text sources, tokenizers, batches),
 //! [`train`] (optimizer, schedules, checkpoints, the training loop), [`generate`] (sampling),
-//! [`rng`] (the Philox generator every backend shares).
+//! [`rng`] (the Philox generator every backend shares), [`ops`] (the custom ops and their kernels),
+//! [`report`] (`compare` and `plot`: router comparisons, report tables, PNG charts).
 pub mod config;
 pub mod data;
 pub mod generate;
