@@ -150,7 +150,11 @@ fn main() -> Result<()> {
         ("REINFORCE + baseline".into(), "-".into(), summarize(&reinforce_estimates(&p, n, Some(0.99))?, &exact)),
     ];
     for tau in [0.1, 0.5, 1.0, 2.0] {
-        rows.push(("Gumbel straight-through".into(), format!("{tau}"), summarize(&gumbel_estimates(&p, n, tau, true)?, &exact)));
+        rows.push((
+            "Gumbel straight-through".into(),
+            format!("{tau}"),
+            summarize(&gumbel_estimates(&p, n, tau, true)?, &exact),
+        ));
     }
     for tau in [0.1, 0.5, 1.0, 2.0] {
         rows.push(("Gumbel soft".into(), format!("{tau}"), summarize(&gumbel_estimates(&p, n, tau, false)?, &exact)));

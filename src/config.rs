@@ -90,7 +90,7 @@ pub struct RouterConfig {
     /// Weight-decay multiplier for the router weights (0 exempts them): decay pulls router logits
     /// toward 0, which keeps a Gumbel router's sampling close to uniform.
     pub decay_scale: f64,
-    /// gumbel: what the router's logits are computed from. "hidden": the hidden state, x W (the
+    /// What the router's logits are computed from (every learned router). "hidden": the hidden state, x W (the
     /// usual router). "token": a learned table of E logits per input token id (V, E), looked up
     /// by the token ids: context-free routing, a learned version of hash routing.
     pub input: String,
@@ -352,8 +352,8 @@ impl Config {
         one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
         one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
         one_of("model.router.input", &r.input, &["hidden", "token"])?;
-        if r.input == "token" && r.kind != "gumbel" {
-            bail!("model.router.input = \"token\" is implemented for the gumbel router only, not `{}`", r.kind);
+        if r.input == "token" && r.kind == "hash" {
+            bail!("model.router.input = \"token\" needs a learned router; `hash` has no parameters (it maps token ids itself)");
         }
         one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
         if r.implementation == "fused" && r.kind == "gumbel" && r.prefilter > crate::ops::gumbel_router::MAX_K {

@@ -38,7 +38,9 @@ fn the_cpu_recipe_is_nanogpts() {
     assert_eq!((m.block_size, m.n_layer, m.n_head, m.n_embd), (64, 4, 4, 128));
     assert_eq!((c.train.batch_size, c.train.max_iters), (12, 2000));
     assert_eq!((c.train.lr, c.train.min_lr, m.dropout), (1e-3, 1e-4, 0.0));
-    assert_eq!((m.moe.num_experts, m.router.prefilter, m.router.top_m), (8, 4, 1));
+    // The MoE keeps the dense twin's active compute: m experts of width h = one 4 x n_embd MLP.
+    assert_eq!(m.router.top_m * c.expert_hidden(), 4 * m.n_embd, "active compute differs from the dense twin");
+    assert!(m.router.top_m <= m.router.prefilter && m.router.prefilter <= m.moe.num_experts);
     assert_eq!((m.router.kind.as_str(), m.router.hard), ("gumbel", true));
     let g = Config::from_file(&configs_dir().join("shakespeare-char-gpu.toml"), &[]).unwrap();
     assert_eq!((g.model.block_size, g.model.n_layer, g.model.n_head, g.model.n_embd), (256, 6, 6, 384));

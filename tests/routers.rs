@@ -561,7 +561,7 @@ fn tiny_gpt(kind: &str, params: &Params, e: usize) -> (Config, Gpt) {
 
 /// Gumbel with `input = "token"`: the logits are the rows of a learned (V, E) table picked by the
 /// token ids (exactly), the gradient reaches only the rows of ids that occur, and a call without
-/// ids or another router kind is refused with a clear error.
+/// ids or the parameter-free hash router is refused with a clear error.
 #[test]
 fn gumbel_token_input_looks_up_a_learned_table() {
     let (e, d, v) = (6, 4, 11);
@@ -590,8 +590,8 @@ fn gumbel_token_input_looks_up_a_learned_table() {
     let err = router.route(&x, &RouteCtx::new(train_ctx(1, 0, 1.0), 0)).err().expect("no ids must fail").to_string();
     assert!(err.contains("token ids"), "{err}");
     let mut bad = cfg.clone();
-    bad.model.router.kind = "softmax_topk".into();
-    let err = bad.validate().err().expect("token input on softmax_topk must fail").to_string();
+    bad.model.router.kind = "hash".into();
+    let err = bad.validate().err().expect("token input on hash must fail").to_string();
     assert!(err.contains("model.router.input"), "{err}");
 }
 

@@ -52,7 +52,13 @@ fn gradient_audit_every_router_kind() {
     audit("noisy_topk", &["model.router.top_m=2", "model.router.noise_init_std=0.02"]);
     audit("sigmoid_bias", &["model.router.top_m=2"]);
     audit("hash", &[]);
+    // Every learned router can read the input token instead of the hidden state.
     audit("gumbel", &["model.router.input=token"]);
+    audit("softmax_topk", &["model.router.input=token"]);
+    audit("dense", &["model.router.input=token"]);
+    audit("noisy_topk", &["model.router.input=token", "model.router.top_m=2", "model.router.noise_init_std=0.02"]);
+    audit("sigmoid_bias", &["model.router.input=token", "model.router.top_m=2"]);
+    audit("reinforce", &["model.router.input=token"]);
     audit("reinforce", &[]);
 }
 

@@ -87,7 +87,12 @@ pub fn time_steps(cfg: Config, warmup: usize, steps: usize) -> Result<Timing> {
     for i in 0..warmup + steps {
         let one = s.step()?;
         if i >= warmup {
-            tm = Timing { fwd: tm.fwd + one.fwd, bwd: tm.bwd + one.bwd, opt: tm.opt + one.opt, tokens: tm.tokens + one.tokens };
+            tm = Timing {
+                fwd: tm.fwd + one.fwd,
+                bwd: tm.bwd + one.bwd,
+                opt: tm.opt + one.opt,
+                tokens: tm.tokens + one.tokens,
+            };
         }
     }
     Ok(tm)

@@ -1,29 +1,28 @@
 //! Dense routing: every token uses every expert, weighted by the softmax over all E. This is exact
 //! marginalisation over the expert choice, the baseline the Gumbel-Softmax estimator approximates.
 
-use super::{host_logits, router_linear};
+use super::{host_logits, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use crate::nn::Linear;
 use candle_core::{Result, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub struct DenseRouter {
-    gate: Linear,
+    gate: Gate,
     e: usize,
 }
 
 impl DenseRouter {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let e = cfg.model.moe.num_experts;
-        Ok(Self { gate: router_linear(cfg.model.n_embd, e, cfg.model.router.init_std, vb)?, e })
+        Ok(Self { gate: Gate::new(cfg, vb)?, e })
     }
 }
 
 impl Router for DenseRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
-        let logits = self.gate.forward(x)?; // (T, E)
+        let logits = self.gate.logits(x, rc)?; // (T, E)
         let t = host_logits(&logits, rc)?.len();
         let probs = softmax(&logits)?; // (T, E)
         let indices = (0..t).flat_map(|_| 0..self.e as u32).collect();

@@ -14,49 +14,19 @@
 //! The steps are separate functions (`prefilter`, `noise`, `relaxed`, `straight_through`), so a fused
 //! kernel can replace them one by one and tests can compare against each.
 
-use super::{host_logits, index_tensor, router_linear, top_k};
+use super::{host_logits, index_tensor, top_k, Gate};
 use crate::config::{Config, RouterConfig};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use crate::nn::Linear;
 use crate::ops::{gumbel_route, GumbelParams};
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub struct GumbelRouter {
     gate: Gate,
     e: usize,
     cfg: RouterConfig,
-}
-
-/// Where the logits come from (`model.router.input`).
-enum Gate {
-    /// logits = x W: (T, d) -> (T, E).
-    Hidden(Linear),
-    /// logits = table[token id]: a learned (V, E) table, context-free (a learned hash routing).
-    Token(Tensor),
-}
-
-impl Gate {
-    fn logits(&self, x: &Tensor, rc: &RouteCtx) -> Result<Tensor> {
-        match self {
-            Gate::Hidden(lin) => lin.forward(x),
-            Gate::Token(table) => {
-                let Some(ids) = &rc.token_ids else {
-                    candle_core::bail!(
-                        "gumbel router with input = \"token\" (layer {}) needs the token ids: route through Gpt::forward",
-                        rc.layer
-                    )
-                };
-                let ids = ids.flatten_all()?; // (T)
-                if ids.dim(0)? != x.dim(0)? {
-                    candle_core::bail!("gumbel router: {} token ids for {} hidden-state rows", ids.dim(0)?, x.dim(0)?);
-                }
-                table.index_select(&ids, 0) // (T, E)
-            }
-        }
-    }
 }
 
 impl GumbelRouter {
@@ -70,16 +40,7 @@ impl GumbelRouter {
                 r.prefilter
             );
         }
-        let gate = if r.input == "token" {
-            let v = cfg.model.vocab_size;
-            if v == 0 {
-                candle_core::bail!("gumbel router with input = \"token\" needs model.vocab_size (0: not yet known)");
-            }
-            let init = candle_nn::Init::Randn { mean: 0.0, stdev: r.init_std };
-            Gate::Token(vb.get_with_hints((v, e), "token_logits", init)?)
-        } else {
-            Gate::Hidden(router_linear(cfg.model.n_embd, e, r.init_std, vb)?)
-        };
+        let gate = Gate::new(cfg, vb)?;
         Ok(Self { gate, e, cfg: r })
     }
 }

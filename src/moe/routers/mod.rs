@@ -8,14 +8,61 @@ pub mod sigmoid_bias;
 pub mod softmax_topk;
 
 use super::RouteCtx;
+use crate::config::Config;
 use crate::nn::Linear;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::{Init, Module, VarBuilder};
 
 /// The router projection d -> E (no bias), weight ~ N(0, std).
 pub fn router_linear(d: usize, e: usize, std: f64, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get_with_hints((e, d), "weight", Init::Randn { mean: 0.0, stdev: std })?;
     Ok(Linear::new(w, None))
+}
+
+/// Where a router's logits come from (`model.router.input`).
+pub enum Gate {
+    /// "hidden": logits = x W, (T, d) -> (T, E); the parameter is `weight` (E, d).
+    Hidden(Linear),
+    /// "token": logits = table[token id], a learned (V, E) table `token_logits`: context-free
+    /// routing, a learned version of hash routing.
+    Token(Tensor),
+}
+
+impl Gate {
+    /// The gate `model.router.input` names, initialised N(0, `init_std`).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (e, r) = (cfg.model.moe.num_experts, &cfg.model.router);
+        if r.input == "token" {
+            let v = cfg.model.vocab_size;
+            if v == 0 {
+                candle_core::bail!("router input = \"token\" needs model.vocab_size (0: not yet known)");
+            }
+            let init = Init::Randn { mean: 0.0, stdev: r.init_std };
+            Ok(Gate::Token(vb.get_with_hints((v, e), "token_logits", init)?))
+        } else {
+            Ok(Gate::Hidden(router_linear(cfg.model.n_embd, e, r.init_std, vb)?))
+        }
+    }
+
+    /// x: (T, d) -> logits (T, E).
+    pub fn logits(&self, x: &Tensor, rc: &RouteCtx) -> Result<Tensor> {
+        match self {
+            Gate::Hidden(lin) => lin.forward(x),
+            Gate::Token(table) => {
+                let Some(ids) = &rc.token_ids else {
+                    candle_core::bail!(
+                        "router with input = \"token\" (layer {}) needs the token ids: route through Gpt::forward",
+                        rc.layer
+                    )
+                };
+                let ids = ids.flatten_all()?; // (T)
+                if ids.dim(0)? != x.dim(0)? {
+                    candle_core::bail!("router: {} token ids for {} hidden-state rows", ids.dim(0)?, x.dim(0)?);
+                }
+                table.index_select(&ids, 0) // (T, E)
+            }
+        }
+    }
 }
 
 /// Copies (T, E) logits to the host as f64 and stops on a non-finite value, naming where it is.

@@ -18,7 +18,7 @@
 //! Parameters: `weight` (E, d) = W_g and `noise.weight` (E, d) = W_noise (zero init by default,
 //! as in the paper). Shapes: T tokens, E experts, m kept per token.
 
-use super::{host_logits, index_tensor, router_linear, top_k};
+use super::{host_logits, index_tensor, router_linear, top_k, Gate};
 use crate::config::Config;
 use crate::moe::losses::cv_squared;
 use crate::moe::{RouteCtx, Router, Routing};
@@ -29,7 +29,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 pub struct NoisyTopkRouter {
-    gate: Linear,
+    gate: Gate,
     noise: Linear,
     e: usize,
     m: usize,
@@ -43,7 +43,7 @@ impl NoisyTopkRouter {
         if r.top_m == 0 || r.top_m > e {
             candle_core::bail!("noisy_topk router needs 1 <= top_m ({}) <= num_experts ({e})", r.top_m);
         }
-        let gate = router_linear(cfg.model.n_embd, e, r.init_std, vb.clone())?;
+        let gate = Gate::new(cfg, vb.clone())?;
         let noise = router_linear(cfg.model.n_embd, e, r.noise_init_std, vb.pp("noise"))?;
         Ok(Self { gate, noise, e, m: r.top_m, load_coef: r.load_coef, importance_coef: r.importance_coef })
     }
@@ -71,7 +71,7 @@ pub fn noise(t: usize, e: usize, seed: u64, step: u64, layer: u32, token_base: u
 impl Router for NoisyTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let (e, m) = (self.e, self.m);
-        let clean = self.gate.forward(x)?; // (T, E)
+        let clean = self.gate.logits(x, rc)?; // (T, E)
         host_logits(&clean, rc)?; // stops on a non-finite logit, naming where
         let std = softplus(&self.noise.forward(x)?)?; // (T, E) noise std per expert, > 0
         let t = clean.dim(0)?;

@@ -10,17 +10,16 @@
 //! `model::router_surrogate` to the loss. At eval (`eval_mode = "argmax"`) the most probable
 //! expert, no noise.
 
-use super::{host_logits, index_tensor, router_linear, top_k};
+use super::{host_logits, index_tensor, top_k, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::{log_softmax, softmax};
-use crate::nn::Linear;
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub struct ReinforceRouter {
-    gate: Linear,
+    gate: Gate,
     e: usize,
     sample_at_eval: bool,
 }
@@ -32,14 +31,14 @@ impl ReinforceRouter {
         if r.top_m != 1 {
             candle_core::bail!("reinforce router samples exactly 1 expert per token, top_m = {}", r.top_m);
         }
-        let gate = router_linear(cfg.model.n_embd, e, r.init_std, vb)?;
+        let gate = Gate::new(cfg, vb)?;
         Ok(Self { gate, e, sample_at_eval: r.eval_mode == "sample" })
     }
 }
 
 impl Router for ReinforceRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
-        let logits = self.gate.forward(x)?; // (T, E)
+        let logits = self.gate.logits(x, rc)?; // (T, E)
         let host = host_logits(&logits, rc)?;
         let t = host.len();
         let c = &rc.ctx;

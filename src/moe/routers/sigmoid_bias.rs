@@ -15,16 +15,15 @@
 //! never touches it. `logits` = x W (z-loss) and `probs` = their softmax (Switch balance loss and
 //! entropy statistics); set `model.moe.balance_coef = 0` for the loss-free recipe.
 
-use super::{host_logits, index_tensor, router_linear, top_k};
+use super::{host_logits, index_tensor, top_k, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use crate::nn::Linear;
 use candle_core::{DType, Result, Tensor, Var, D};
-use candle_nn::{Init, Module, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 pub struct SigmoidBiasRouter {
-    gate: Linear,
+    gate: Gate,
     /// (E,) f32 selection bias.
     bias: Var,
     e: usize,
@@ -38,7 +37,7 @@ impl SigmoidBiasRouter {
         if r.top_m == 0 || r.top_m > e {
             candle_core::bail!("sigmoid_bias router needs 1 <= top_m ({}) <= num_experts ({e})", r.top_m);
         }
-        let gate = router_linear(cfg.model.n_embd, e, r.init_std, vb.clone())?;
+        let gate = Gate::new(cfg, vb.clone())?;
         let b = vb.get_with_hints_dtype(e, "expert_bias", Init::Const(0.0), DType::F32)?;
         // A VarBuilder over `Params` hands out the variable itself, so `set` updates the saved one.
         let bias = Var::from_tensor(&b)?;
@@ -76,7 +75,7 @@ pub fn bias_step(bias: &[f32], indices: &[u32], e: usize, rate: f64) -> Vec<f32>
 impl Router for SigmoidBiasRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let (e, m) = (self.e, self.m);
-        let logits = self.gate.forward(x)?; // (T, E)
+        let logits = self.gate.logits(x, rc)?; // (T, E)
         let host = host_logits(&logits, rc)?;
         let t = host.len();
         let s = (logits.neg()?.exp()? + 1.0)?.recip()?; // (T, E) sigmoid, with backward

@@ -1,16 +1,15 @@
 //! Softmax top-m routing: Switch Transformer (m = 1, weight = the expert's probability) and Mixtral
 //! (m > 1, weights renormalised over the chosen experts).
 
-use super::{host_logits, index_tensor, router_linear, top_k};
+use super::{host_logits, index_tensor, top_k, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use crate::nn::Linear;
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub struct SoftmaxTopkRouter {
-    gate: Linear,
+    gate: Gate,
     e: usize,
     m: usize,
 }
@@ -18,14 +17,14 @@ pub struct SoftmaxTopkRouter {
 impl SoftmaxTopkRouter {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let e = cfg.model.moe.num_experts;
-        let gate = router_linear(cfg.model.n_embd, e, cfg.model.router.init_std, vb)?;
+        let gate = Gate::new(cfg, vb)?;
         Ok(Self { gate, e, m: cfg.model.router.top_m })
     }
 }
 
 impl Router for SoftmaxTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
-        let logits = self.gate.forward(x)?; // (T, E)
+        let logits = self.gate.logits(x, rc)?; // (T, E)
         let host = host_logits(&logits, rc)?;
         let probs = softmax(&logits)?; // (T, E)
         let t = host.len();
