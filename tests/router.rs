@@ -26,19 +26,8 @@ const CPU: Device = Device::Cpu;
 
 /// A small config: `e` experts over `d`-dim tokens, the given router.
 fn config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: bool) -> Config {
-    let mut c = Config::default();
-    c.model.n_embd = d;
-    c.model.n_head = 1;
-    c.model.n_layer = 2;
-    c.model.moe.num_experts = e;
-    c.model.moe.expert_hidden = 16;
-    c.model.router.kind = kind.into();
     // Soft Gumbel here means all K candidates (top_m = K); soft top-m < K is tested in routers.rs.
-    c.model.router.top_m = if kind == "gumbel" && !hard { k } else { m };
-    c.model.router.prefilter = k;
-    c.model.router.hard = hard;
-    c.model.router.init_std = 1.0;
-    c
+    router_config(kind, e, d, if kind == "gumbel" && !hard { k } else { m }, k, hard)
 }
 
 /// A router whose projection weight is exactly `w` (E, d): logits = x w^T.

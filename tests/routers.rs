@@ -25,23 +25,6 @@ const CPU: Device = Device::Cpu;
 
 // ---------- helpers ----------
 
-/// A small config with the given router: `e` experts over `d`-dim tokens, m experts per token,
-/// pre-filter K.
-fn config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: bool) -> Config {
-    let mut c = Config::default();
-    c.model.n_embd = d;
-    c.model.n_head = 1;
-    c.model.n_layer = 2;
-    c.model.moe.num_experts = e;
-    c.model.moe.expert_hidden = 16;
-    c.model.router.kind = kind.into();
-    c.model.router.top_m = m;
-    c.model.router.prefilter = k;
-    c.model.router.hard = hard;
-    c.model.router.init_std = 1.0;
-    c
-}
-
 /// A router over fresh parameters (f64), its named variables set to `vals` (others N(0, 1)).
 fn router_with(cfg: &Config, vals: &[(&str, Vec<f64>)], rng: &mut Rng) -> (Box<dyn Router>, Params) {
     let params = Params::new();
@@ -118,7 +101,7 @@ fn gumbel_top2_sets_follow_plackett_luce() {
     let mut selections: Vec<(String, Vec<u32>)> = Vec::new();
     for imp in ["reference", "fused"] {
         for hard in [true, false] {
-            let mut cfg = config("gumbel", e, d, m, k, hard);
+            let mut cfg = router_config("gumbel", e, d, m, k, hard);
             cfg.model.router.implementation = imp.into();
             let (router, _) = router_with(&cfg, &[("weight", w.clone())], &mut Rng(0));
             let mut all = Vec::new();
@@ -163,7 +146,7 @@ fn soft_top_m_weights_are_the_renormalised_relaxed_sample() {
     let c = tensor2(&rng.normals(t * m, 1.0), t, m);
     let mut grads = Vec::new();
     for imp in ["reference", "fused"] {
-        let mut cfg = config("gumbel", e, d, m, k, false);
+        let mut cfg = router_config("gumbel", e, d, m, k, false);
         cfg.model.router.implementation = imp.into();
         let (router, params) = router_with(&cfg, &[("weight", w.clone())], &mut Rng(0));
         let r = route(router.as_ref(), &xt, train_ctx(seed, step, tau), layer);
@@ -256,7 +239,7 @@ fn noisy_topk_matches_host_math() {
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d);
     for m in [1, 2, 3] {
-        let mut cfg = config("noisy_topk", e, d, m, m, true);
+        let mut cfg = router_config("noisy_topk", e, d, m, m, true);
         cfg.model.router.load_coef = 0.3;
         cfg.model.router.importance_coef = 0.7;
         let (router, _) = router_with(&cfg, &[("weight", wg.clone()), ("noise.weight", wn.clone())], &mut Rng(0));
@@ -293,7 +276,7 @@ fn noisy_topk_gradients_match_finite_differences() {
     let wn = rng.normals(e * d, 0.5);
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d);
-    let mut cfg = config("noisy_topk", e, d, m, m, true);
+    let mut cfg = router_config("noisy_topk", e, d, m, m, true);
     cfg.model.router.load_coef = 0.5;
     cfg.model.router.importance_coef = 0.5;
     let (router, params) = router_with(&cfg, &[("weight", wg), ("noise.weight", wn)], &mut Rng(0));
@@ -355,7 +338,7 @@ fn sigmoid_bias_selects_by_biased_scores_and_weights_by_scores() {
     let x = rng.normals(t * d, 1.0);
     let bias = vec![0.3, -0.2, 0.0, 0.15, -0.4, 0.25];
     let xt = tensor2(&x, t, d);
-    let cfg = config("sigmoid_bias", e, d, m, m, true);
+    let cfg = router_config("sigmoid_bias", e, d, m, m, true);
     let (router, params) = router_with(&cfg, &[("weight", w.clone()), ("expert_bias", bias.clone())], &mut Rng(0));
     // Eval: no bias update, so the loss is a function of W alone.
     let r = route(router.as_ref(), &xt, Ctx::eval(1, 1.0), 0);
@@ -384,7 +367,7 @@ fn sigmoid_bias_selects_by_biased_scores_and_weights_by_scores() {
 #[test]
 fn sigmoid_bias_moves_toward_balance_and_adamw_leaves_it_alone() {
     let (e, d, t, m) = (5, 6, 64, 1);
-    let mut cfg = config("sigmoid_bias", e, d, m, m, true);
+    let mut cfg = router_config("sigmoid_bias", e, d, m, m, true);
     cfg.model.router.bias_update_rate = 0.05;
     cfg.model.moe.expert_hidden = 8;
     let params = Params::new();
@@ -520,7 +503,7 @@ fn hash_route(router: &dyn Router, ids: &[u32], d: usize, ctx: Ctx, layer: u32) 
 #[test]
 fn hash_routing_is_a_fixed_uniform_function_of_the_id() {
     let (e, d) = (8, 4);
-    let cfg = config("hash", e, d, 1, 1, true);
+    let cfg = router_config("hash", e, d, 1, 1, true);
     let router = build_router(&cfg, 0, Params::new().var_builder(1, DType::F32, &CPU)).unwrap();
     let ids: Vec<u32> = (0..40_000).collect();
     let r = hash_route(router.as_ref(), &ids, d, train_ctx(1, 0, 1.0), 0);
@@ -549,7 +532,7 @@ fn hash_routing_is_a_fixed_uniform_function_of_the_id() {
 
 /// A tiny GPT with the given router in every block.
 fn tiny_gpt(kind: &str, params: &Params, e: usize) -> (Config, Gpt) {
-    let mut cfg = config(kind, e, 8, 1, 1, true);
+    let mut cfg = router_config(kind, e, 8, 1, 1, true);
     cfg.model.vocab_size = 11;
     cfg.model.block_size = 8;
     cfg.model.n_head = 2;
@@ -565,7 +548,7 @@ fn tiny_gpt(kind: &str, params: &Params, e: usize) -> (Config, Gpt) {
 #[test]
 fn gumbel_token_input_looks_up_a_learned_table() {
     let (e, d, v) = (6, 4, 11);
-    let mut cfg = config("gumbel", e, d, 1, 3, true);
+    let mut cfg = router_config("gumbel", e, d, 1, 3, true);
     cfg.model.router.input = "token".into();
     cfg.model.vocab_size = v;
     let params = Params::new();
@@ -630,7 +613,7 @@ fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
     let x1 = rng.normals(d, 1.0);
     let xt = tensor2(&x1.repeat(t), t, d);
     let logits = host_logits(&x1, &w, 1, d, e).remove(0);
-    let cfg = config("reinforce", e, d, 1, 1, true);
+    let cfg = router_config("reinforce", e, d, 1, 1, true);
     let (router, _) = router_with(&cfg, &[("weight", w)], &mut Rng(0));
     let mut counts = vec![0usize; e];
     for step in 0..3u64 {
@@ -656,7 +639,7 @@ fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
 fn reinforce_surrogate_gradient_is_unbiased() {
     let (e, d, b, t) = (4, 5, 1, 6);
     let n = b * t;
-    let mut cfg = config("reinforce", e, d, 1, 1, true);
+    let mut cfg = router_config("reinforce", e, d, 1, 1, true);
     cfg.model.moe.expert_hidden = 8;
     cfg.model.moe.balance_coef = 0.0;
     cfg.model.moe.z_coef = 0.0;
@@ -776,7 +759,7 @@ fn router_surrogate_through_the_model() {
 
 #[test]
 fn expert_choice_is_refused_because_it_is_not_causal() {
-    let cfg = config("expert_choice", 4, 4, 1, 1, true);
+    let cfg = router_config("expert_choice", 4, 4, 1, 1, true);
     let err = match build_router(&cfg, 0, Params::new().var_builder(1, DType::F32, &CPU)) {
         Ok(_) => panic!("expert_choice must be refused"),
         Err(e) => e.to_string(),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Tensor};
+use gumbel_moe::config::Config;
 use gumbel_moe::moe::{RouteCtx, Router, Routing};
 use gumbel_moe::nn::Ctx;
 
@@ -30,6 +31,23 @@ impl Rng {
     pub fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
         (0..n).map(|_| std * self.normal()).collect()
     }
+}
+
+/// A small config with the given router: `e` experts over `d`-dim tokens, m experts per token,
+/// pre-filter K, router init N(0, 1).
+pub fn router_config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: bool) -> Config {
+    let mut c = Config::default();
+    c.model.n_embd = d;
+    c.model.n_head = 1;
+    c.model.n_layer = 2;
+    c.model.moe.num_experts = e;
+    c.model.moe.expert_hidden = 16;
+    c.model.router.kind = kind.into();
+    c.model.router.top_m = m;
+    c.model.router.prefilter = k;
+    c.model.router.hard = hard;
+    c.model.router.init_std = 1.0;
+    c
 }
 
 pub fn train_ctx(seed: u64, step: u64, tau: f64) -> Ctx {
