@@ -142,10 +142,7 @@ impl Gpt {
 
 /// Mean cross-entropy of logits (B, T, V) against targets (B, T), differentiable.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let logp = ops::log_softmax(&logits.reshape((b * t, v))?)?; // (N, V)
-    let tgt = targets.reshape((b * t, 1))?;
-    logp.gather(&tgt, 1)?.neg()?.mean_all()
+    per_token_cross_entropy(logits, targets)?.mean_all()
 }
 
 /// Cross-entropy of each position: logits (B, T, V), targets (B, T) -> (B*T,) in (B, T) order,
