@@ -7,6 +7,7 @@
 //! `Gpt::forward` passes them in `RouteCtx::token_ids`. The routing's `logits` are zeros (T, E) and
 //! `probs` uniform, constants of no parameter, so the balance loss and z-loss are constants too.
 
+use super::token_ids;
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use candle_core::{DType, Result, Tensor};
@@ -41,16 +42,7 @@ pub fn hash_expert(id: u32, e: usize) -> u32 {
 impl Router for HashRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let t = x.dim(0)?;
-        let Some(ids) = &rc.token_ids else {
-            candle_core::bail!(
-                "hash router (layer {}) needs the token ids: route through Gpt::forward or MoeLayer::forward_with_ids",
-                rc.layer
-            )
-        };
-        let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        if ids.len() != t {
-            candle_core::bail!("hash router: {} token ids for {t} hidden-state rows", ids.len());
-        }
+        let ids = token_ids(rc, t, "hash router")?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
         let indices: Vec<u32> = ids.iter().map(|&id| hash_expert(id, self.e)).collect();
         let weights = Tensor::ones((t, 1), x.dtype(), x.device())?; // (T, 1), a constant
         let logits = Tensor::zeros((t, self.e), x.dtype(), x.device())?; // (T, E)

@@ -49,20 +49,27 @@ impl Gate {
         match self {
             Gate::Hidden(lin) => lin.forward(x),
             Gate::Token(table) => {
-                let Some(ids) = &rc.token_ids else {
-                    candle_core::bail!(
-                        "router with input = \"token\" (layer {}) needs the token ids: route through Gpt::forward",
-                        rc.layer
-                    )
-                };
-                let ids = ids.flatten_all()?; // (T)
-                if ids.dim(0)? != x.dim(0)? {
-                    candle_core::bail!("router: {} token ids for {} hidden-state rows", ids.dim(0)?, x.dim(0)?);
-                }
+                let ids = token_ids(rc, x.dim(0)?, "router with input = \"token\"")?; // (T)
                 table.index_select(&ids, 0) // (T, E)
             }
         }
     }
+}
+
+/// The (T,) input token ids of a routing call over T hidden-state rows; `who` names the router in
+/// the error when they are missing or of the wrong length.
+pub fn token_ids(rc: &RouteCtx, t: usize, who: &str) -> Result<Tensor> {
+    let Some(ids) = &rc.token_ids else {
+        candle_core::bail!(
+            "{who} (layer {}) needs the token ids: route through Gpt::forward or MoeLayer::forward_with_ids",
+            rc.layer
+        )
+    };
+    let ids = ids.flatten_all()?; // (T)
+    if ids.dim(0)? != t {
+        candle_core::bail!("{who}: {} token ids for {t} hidden-state rows", ids.dim(0)?);
+    }
+    Ok(ids)
 }
 
 /// Copies (T, E) logits to the host as f64 and stops on a non-finite value, naming where it is.
