@@ -9,16 +9,7 @@
 #include <cstdio>
 #include <vector>
 
-static int failures = 0;
-#define CHECK(c, ...)                  \
-    do {                               \
-        if (!(c)) {                    \
-            std::printf("FAIL: ");     \
-            std::printf(__VA_ARGS__);  \
-            std::printf("\n");         \
-            ++failures;                \
-        }                              \
-    } while (0)
+#include "host_check.h"
 
 int main() {
     // Random123 known answers.

@@ -9,16 +9,7 @@
 #include <cstdio>
 #include <vector>
 
-static int failures = 0;
-#define CHECK(c, ...)                  \
-    do {                               \
-        if (!(c)) {                    \
-            std::printf("FAIL: ");     \
-            std::printf(__VA_ARGS__);  \
-            std::printf("\n");         \
-            ++failures;                \
-        }                              \
-    } while (0)
+#include "host_check.h"
 
 // Rows per chunk as src/ops/balance_stats.rs chooses them: max(32, ceil(sqrt(T))).
 static uint chunk_rows(uint t) {

@@ -10,16 +10,7 @@
 #include <cstdio>
 #include <vector>
 
-static int failures = 0;
-#define CHECK(c, ...)                 \
-    do {                              \
-        if (!(c)) {                   \
-            std::printf("FAIL: ");    \
-            std::printf(__VA_ARGS__); \
-            std::printf("\n");        \
-            ++failures;               \
-        }                             \
-    } while (0)
+#include "host_check.h"
 
 static uint64_t rng_state = 0x1234;
 static uint32_t next_u32() {
