@@ -8,7 +8,7 @@ use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams}
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
 mod common;
-use common::host::chi2_sf;
+use common::host::{assert_grad_matches_fd, chi2_sf};
 
 /// Deterministic test logits (T, E) from Philox (N(0, scale)-ish via a sum of uniforms).
 fn logits(t: usize, e: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {
@@ -221,27 +221,7 @@ fn finite_difference_gradcheck() -> Result<()> {
         let cand = gumbel_select(&x0, &p)?; // fixed: the candidate set does not move for small steps
         let r = logits(t, k, 50, 1.0, DType::F64)?;
         let f = |x: &Tensor| -> Result<Tensor> { (gumbel_weights(x, &cand, &p)? * &r)?.sum_all()?.sqr() };
-        let xv = Var::from_tensor(&x0)?;
-        let grad = f(xv.as_tensor())?.backward()?.get(xv.as_tensor()).unwrap().to_vec2::<f64>()?;
-        let base = x0.to_vec2::<f64>()?;
-        let h = 1e-6;
-        for i in 0..t {
-            for j in 0..e {
-                let mut plus = base.clone();
-                plus[i][j] += h;
-                let mut minus = base.clone();
-                minus[i][j] -= h;
-                let fp = f(&Tensor::new(plus, &Device::Cpu)?)?.to_scalar::<f64>()?;
-                let fm = f(&Tensor::new(minus, &Device::Cpu)?)?.to_scalar::<f64>()?;
-                let fd = (fp - fm) / (2.0 * h);
-                let err = (fd - grad[i][j]).abs();
-                assert!(
-                    err < 1e-6 * (1.0 + fd.abs()),
-                    "d/dx[{i},{j}]: autograd {} vs finite difference {fd}",
-                    grad[i][j]
-                );
-            }
-        }
+        assert_grad_matches_fd(f, &x0, 1e-6, "")?;
     }
     Ok(())
 }

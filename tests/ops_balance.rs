@@ -9,6 +9,9 @@ use gumbel_moe::ops::balance_stats::chunk_rows;
 use gumbel_moe::ops::{balance_stats, balance_stats_reference, BalanceStatsBwd};
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
+mod common;
+use common::host::assert_grad_matches_fd;
+
 /// Deterministic test values (rows, cols) from Philox, roughly N(0, scale).
 fn randn(rows: usize, cols: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {
     let mut v = Vec::with_capacity(rows * cols);
@@ -184,27 +187,7 @@ fn finite_difference_gradcheck() -> Result<()> {
         let idx = indices(t, m, e, 41)?;
         let r = randn(2, e, 42, 1.0, DType::F64)?;
         let f = |x: &Tensor| -> Result<Tensor> { (balance_stats(x, &idx)? * &r)?.sum_all()?.sqr() };
-        let xv = Var::from_tensor(&x0)?;
-        let grad = f(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("grad").to_vec2::<f64>()?;
-        let base = x0.to_vec2::<f64>()?;
-        let h = 1e-6;
-        for i in 0..t {
-            for j in 0..e {
-                let mut plus = base.clone();
-                plus[i][j] += h;
-                let mut minus = base.clone();
-                minus[i][j] -= h;
-                let fp = f(&Tensor::new(plus, &Device::Cpu)?)?.to_scalar::<f64>()?;
-                let fm = f(&Tensor::new(minus, &Device::Cpu)?)?.to_scalar::<f64>()?;
-                let fd = (fp - fm) / (2.0 * h);
-                let err = (fd - grad[i][j]).abs();
-                assert!(
-                    err < 1e-7 * (1.0 + fd.abs()),
-                    "T={t} E={e}: d/dx[{i},{j}]: autograd {} vs finite difference {fd}",
-                    grad[i][j]
-                );
-            }
-        }
+        assert_grad_matches_fd(f, &x0, 1e-7, &format!("T={t} E={e}: "))?;
     }
     Ok(())
 }

@@ -126,3 +126,35 @@ pub fn chi2_sf(x: f64, df: f64) -> f64 {
     let v = 2.0 / (9.0 * df);
     normal_sf(((x / df).powf(1.0 / 3.0) - (1.0 - v)) / v.sqrt())
 }
+
+/// Checks the autograd gradient of the scalar `f` at the 2-D f64 point `x0` against central
+/// finite differences (step 1e-6): |fd - grad| < rtol * (1 + |fd|) for every element.
+pub fn assert_grad_matches_fd(
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    x0: &Tensor,
+    rtol: f64,
+    what: &str,
+) -> candle_core::Result<()> {
+    let xv = candle_core::Var::from_tensor(x0)?;
+    let grad = f(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("grad").to_vec2::<f64>()?;
+    let base = x0.to_vec2::<f64>()?;
+    let h = 1e-6;
+    for i in 0..base.len() {
+        for j in 0..base[i].len() {
+            let mut plus = base.clone();
+            plus[i][j] += h;
+            let mut minus = base.clone();
+            minus[i][j] -= h;
+            let fp = f(&Tensor::new(plus, x0.device())?)?.to_scalar::<f64>()?;
+            let fm = f(&Tensor::new(minus, x0.device())?)?.to_scalar::<f64>()?;
+            let fd = (fp - fm) / (2.0 * h);
+            let err = (fd - grad[i][j]).abs();
+            assert!(
+                err < rtol * (1.0 + fd.abs()),
+                "{what}d/dx[{i},{j}]: autograd {} vs finite difference {fd}",
+                grad[i][j]
+            );
+        }
+    }
+    Ok(())
+}
