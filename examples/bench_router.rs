@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use gumbel_moe::moe::routers::gumbel::reference_route;
-use gumbel_moe::ops::gumbel_router::gumbel_select_saving_noise;
+use gumbel_moe::ops::gumbel_router::gumbel_select_saving_y;
 use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams};
 use std::time::Instant;
 
@@ -92,8 +92,8 @@ fn main() -> Result<()> {
     // The phases of `gumbel_route` (hard), one at a time.
     let quiet = GumbelParams { noisy: false, ..p };
     let sel_topk = time(iters, || gumbel_select(&x, &quiet).map(|_| ()))?;
-    let sel = time(iters, || gumbel_select_saving_noise(&x, &p).map(|_| ()))?;
-    let cs = gumbel_select_saving_noise(&x, &p)?;
+    let sel = time(iters, || gumbel_select_saving_y(&x, &p).map(|_| ()))?;
+    let cs = gumbel_select_saving_y(&x, &p)?;
     let cs_plain = gumbel_select(&x, &p)?;
     let weights = time(iters, || gumbel_weights(&x, &cs, &p).map(|_| ()))?;
     let weights_regen = time(iters, || gumbel_weights(&x, &cs_plain, &p).map(|_| ()))?;
@@ -147,9 +147,9 @@ fn main() -> Result<()> {
     }
     println!("fused phases:");
     println!("  select, no noise (top-K only)    {sel_topk}");
-    println!("  select + noise (saved)           {sel}");
-    println!("  weights from the saved noise     {weights}");
-    println!("  weights regenerating the noise   {weights_regen}");
+    println!("  select + noise + y (saved)       {sel}");
+    println!("  weights copying the saved y      {weights}");
+    println!("  weights computed (noise redrawn) {weights_regen}");
     println!("  host indices (copy + loop)       {indices}");
     println!("  straight-through tensor ops      {st}");
     println!("  forward + loss (no backward)     {loss}");

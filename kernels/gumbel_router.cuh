@@ -1,6 +1,7 @@
 // The Gumbel-Softmax router kernels: the per-row logic, written once and included by both
 // gumbel_router.cu (CUDA) and gumbel_router.metal (Metal), so the body the H100 tests is the body
-// Metal runs. The CPU twin is src/ops/gumbel_router.rs (`select_row`, `weights_row`, `bwd_row`).
+// Metal runs. The CPU twin is src/ops/gumbel_router/cpu.rs (`select_block_impl`, `weights_row`,
+// `bwd_row`).
 //
 // select and weights: one thread owns one token row, its arrays in registers (templates over the
 // largest K they hold); weights_bwd: one thread per element of the (T, E) output. The including file
@@ -11,10 +12,12 @@
 // Ops (entry points `<op>_f32` in both languages):
 //   gumbel_select:      logits (T, E) -> (T, K + m) u32: K candidate experts (best logit first, ties
 //                       to the lower index), then m positions within K (largest cand + g first,
-//                       ties to the lower position); with noise_col != 0 (= K + m), (T, 2K + m): then
-//                       the K noise values g as f32 bits.
+//                       ties to the lower position); with y_col != 0 (= K + m), (T, 2K + m): then
+//                       the K weights y = softmax((cand + g) * inv_tau) as f32 bits (gm_softmax_t,
+//                       the same arithmetic as gumbel_weights, so the same bits).
 //   gumbel_weights:     logits (T, E), cand (T, >= K) u32 -> y = softmax((cand + g) * inv_tau) (T, K),
-//                       g read from cand[noise_col ..] when noise_col != 0, else regenerated.
+//                       copied from cand[y_col ..] when y_col != 0 (the select output of the same
+//                       logits), else computed with g regenerated.
 //   gumbel_weights_bwd: y (T, K), dy (T, K), cand (T, >= K) u32 -> dlogits (T, E):
 //                       y * (dy - sum(y * dy)) * inv_tau at the candidate columns, 0 elsewhere.
 #pragma once
@@ -43,7 +46,7 @@ struct GmParams {
     gm_u32 token_base;    // token index of row 0 (micro-batch offset)
     gm_u32 noisy;         // 0: no noise (eval argmax)
     float inv_tau;        // 1 / tau, rounded to f32 (as candle's `t / tau` does)
-    gm_u32 noise_col;     // column of the saved noise in a select row (K + m); 0: not saved
+    gm_u32 y_col;         // column of the saved weights y in a select row (K + m); 0: not saved
 };
 
 GM_FN float gm_noise(GmParams p, gm_u32 row, gm_u32 expert) {
@@ -57,6 +60,43 @@ GM_FN float gm_noise(GmParams p, gm_u32 row, gm_u32 expert) {
 // index. A total order, so the insertion network below keeps exactly the CPU's top-K order.
 GM_FN bool gm_before(float v, gm_u32 e, float w, gm_u32 f) {
     return v > w || (v == w && e < f);
+}
+
+// A row of K <= KMAX floats passed by value (no address-space qualifiers needed in Metal; it stays
+// in registers once inlined).
+template <int KMAX>
+struct GmVec {
+    float v[KMAX];
+};
+
+// softmax(z * inv_tau) over the first k entries (the rest untouched): scale, max, exp(z - max), sum
+// in order, divide. The one definition of the weights arithmetic, for select's saved y and for
+// gumbel_weights (the CPU twin is `softmax_scaled` in src/ops/gumbel_router/cpu.rs).
+template <int KMAX>
+GM_FN GmVec<KMAX> gm_softmax_t(GmVec<KMAX> z, gm_u32 k, float inv_tau) {
+    float mx = -GM_INF;
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < k) {
+            z.v[i] = z.v[i] * inv_tau;
+            mx = (i == 0 || z.v[i] > mx) ? z.v[i] : mx;
+        }
+    }
+    float sum = 0.0f;
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < k) {
+            z.v[i] = GM_EXPF(z.v[i] - mx);
+            sum += z.v[i];
+        }
+    }
+    GM_UNROLL
+    for (int i = 0; i < KMAX; ++i) {
+        if ((gm_u32)i < k) {
+            z.v[i] = z.v[i] / sum;
+        }
+    }
+    return z;
 }
 
 // One row of gumbel_select for K <= KMAX, everything in registers: every array index is a
@@ -88,16 +128,23 @@ GM_FN void gm_select_row_t(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmP
             }
         }
     }
-    // Perturbed candidate values: cand + g, g keyed by the global expert index (and saved for
-    // gumbel_weights when noise_col != 0).
+    // Perturbed candidate values: cand + g, g keyed by the global expert index; when y_col != 0
+    // their softmax y is saved for gumbel_weights.
+    GmVec<KMAX> z;
     GM_UNROLL
     for (int i = 0; i < KMAX; ++i) {
         if ((gm_u32)i < p.k) {
-            float g = gm_noise(p, row, ci[i]);
-            cv[i] = cv[i] + g;
+            cv[i] = cv[i] + gm_noise(p, row, ci[i]);
             out[i] = ci[i];
-            if (p.noise_col != 0u) {
-                out[p.noise_col + i] = GM_F2U(g);
+        }
+        z.v[i] = cv[i];
+    }
+    if (p.y_col != 0u) {
+        z = gm_softmax_t<KMAX>(z, p.k, p.inv_tau);
+        GM_UNROLL
+        for (int i = 0; i < KMAX; ++i) {
+            if ((gm_u32)i < p.k) {
+                out[p.y_col + i] = GM_F2U(z.v[i]);
             }
         }
     }
@@ -135,41 +182,36 @@ GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmPar
     }
 }
 
-// One row of gumbel_weights for K <= KMAX, in registers. An out-of-range candidate index makes the
+// One row of gumbel_weights for K <= KMAX, in registers: y copied from the select output when
+// y_col != 0, else computed with the noise regenerated. An out-of-range candidate index makes the
 // row NaN (no stray reads).
 template <int KMAX>
 GM_FN void gm_weights_row_t(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
                             gm_u32 row) {
-    float z[KMAX];
+    GmVec<KMAX> z;
     bool bad = false;
-    float mx = -GM_INF;
     GM_UNROLL
     for (int i = 0; i < KMAX; ++i) {
-        z[i] = -GM_INF;
+        z.v[i] = -GM_INF;
         if ((gm_u32)i < p.k) {
             gm_u32 e = cand[i];
             if (e >= p.e) {
                 bad = true;
-                z[i] = 0.0f;
+                z.v[i] = 0.0f;
+            } else if (p.y_col != 0u) {
+                z.v[i] = GM_U2F(cand[p.y_col + i]);
             } else {
-                float g = p.noise_col != 0u ? GM_U2F(cand[p.noise_col + i]) : gm_noise(p, row, e);
-                z[i] = (lg[e] + g) * p.inv_tau;
+                z.v[i] = lg[e] + gm_noise(p, row, e);
             }
-            mx = (i == 0 || z[i] > mx) ? z[i] : mx;
         }
     }
-    float sum = 0.0f;
-    GM_UNROLL
-    for (int i = 0; i < KMAX; ++i) {
-        if ((gm_u32)i < p.k) {
-            z[i] = GM_EXPF(z[i] - mx);
-            sum += z[i];
-        }
+    if (p.y_col == 0u) {
+        z = gm_softmax_t<KMAX>(z, p.k, p.inv_tau);
     }
     GM_UNROLL
     for (int i = 0; i < KMAX; ++i) {
         if ((gm_u32)i < p.k) {
-            y[i] = bad ? GM_NAN : z[i] / sum;
+            y[i] = bad ? GM_NAN : z.v[i];
         }
     }
 }

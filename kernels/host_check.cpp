@@ -2,7 +2,8 @@
 // gumbel_router.cuh and philox.h) on the host, compiled as C++ by g++ against metal_shim.h.
 // Checks: Philox4x32-10 known answers (Random123 kat_vectors, the same as src/rng/philox.rs's
 // tests), the router noise for fixed keys (the same values as tests/ops.rs
-// `kernel_noise_constants`), and the invariants of select / weights / weights_bwd on a small input.
+// `kernel_noise_constants`), the invariants of select / weights / weights_bwd on a small input, and
+// that the y saved by select (y_col) are the bits gumbel_weights computes.
 // Built and run by scripts/check_kernels.sh; exit status 1 on any failure.
 #include "gumbel_router.metal"
 
@@ -71,6 +72,28 @@ int main() {
         }
         CHECK(std::fabs(sum - 1.0f) < 1e-6f, "row %u: y sums to %g", r, sum);
         CHECK(best == sel[r * (K + M) + K], "row %u: argmax y %u is not the first selection", r, best);
+    }
+    // Select saving y (T, 2K + m): the same selection, its y bit-identical to the computed y, and
+    // gumbel_weights given that output copies them.
+    GmParams ps = p;
+    ps.y_stride = 2 * K + M;
+    ps.y_col = K + M;
+    std::vector<uint> sel_y(T * (2 * K + M));
+    for (uint r = 0; r < T; ++r) gumbel_select_f32(lg.data(), sel_y.data(), ps, r);
+    GmParams pc = pw;
+    pc.idx_stride = 2 * K + M;
+    pc.y_col = K + M;
+    std::vector<float> y_copied(T * K);
+    for (uint r = 0; r < T; ++r) gumbel_weights_f32(lg.data(), sel_y.data(), y_copied.data(), pc, r);
+    for (uint r = 0; r < T; ++r) {
+        for (uint i = 0; i < K + M; ++i) {
+            CHECK(sel_y[r * (2 * K + M) + i] == sel[r * (K + M) + i], "row %u col %u: saving y changed the selection", r, i);
+        }
+        for (uint i = 0; i < K; ++i) {
+            float saved = GM_U2F(sel_y[r * (2 * K + M) + K + M + i]);
+            CHECK(GM_F2U(saved) == GM_F2U(y[r * K + i]), "row %u: saved y %g is not the computed %g", r, saved, y[r * K + i]);
+            CHECK(GM_F2U(y_copied[r * K + i]) == GM_F2U(y[r * K + i]), "row %u: copied y %g is not %g", r, y_copied[r * K + i], y[r * K + i]);
+        }
     }
     GmParams pb = pw;
     pb.idx_stride = K + M;

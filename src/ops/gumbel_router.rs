@@ -12,14 +12,16 @@
 //! 1. [`GumbelSelect`] (`CustomOp1`, no backward): logits (T, E) -> (T, K + m) u32. Columns 0..K are
 //!    the top-K candidate experts, best logit first, ties to the lower index (as `routers::top_k`).
 //!    Columns K..K+m are the positions within K of the m largest perturbed candidates cand + g
-//!    (Gumbel-top-m, ties to the lower position). Indices carry no gradient. With `save_noise`
-//!    (what [`gumbel_route`] uses) the output is (T, 2K + m): columns K+m..2K+m hold the K noise
-//!    values g it drew, as f32 bits.
+//!    (Gumbel-top-m, ties to the lower position). Indices carry no gradient. With `save_y`
+//!    (what [`gumbel_route`] uses) the output is (T, 2K + m): columns K+m..2K+m hold the K weights
+//!    y = softmax((cand + g) / tau) as f32 bits, computed in the same pass from the values and noise
+//!    already in registers (the same arithmetic as op 2, so the same bits).
 //! 2. [`GumbelWeights`] (`CustomOp2`: logits (T, E), cand (T, >= K) u32): y = softmax((cand + g) / tau)
 //!    over the K candidates -> (T, K), differentiable in the logits. Given the (T, 2K + m) output of
-//!    the select op it reads g from there (no second Philox pass); given any other candidate list it
-//!    regenerates g from Philox keyed by (seed, step, layer, token_base + t, expert). Either way the
-//!    selection and the weights see the same g, a pure function of the key.
+//!    the select op and f32 logits it copies y from there (no second pass over the logits, no
+//!    second Philox); given any other candidate list, or f64 logits, it computes y, regenerating g
+//!    from Philox keyed by (seed, step, layer, token_base + t, expert). Either way the selection and
+//!    the weights see the same g, a pure function of the key.
 //! 3. [`GumbelWeightsBwd`] (`CustomOp3`: y, dy, cand -> dlogits (T, E)): the backward of 2, a kernel of
 //!    its own: y * (dy - sum(y * dy)) / tau at the candidate columns, zero elsewhere. It uses the
 //!    forward result y (given to `bwd` as `res`), so the backward needs neither the noise nor the logits.
@@ -122,9 +124,9 @@ pub struct GmParams {
     pub token_base: u32,
     pub noisy: u32,
     pub inv_tau: f32,
-    /// Column of the select output row where the saved noise (K f32 bits) starts; 0: none saved
-    /// (the select op does not write it, the weights op regenerates the noise).
-    pub noise_col: u32,
+    /// Column of the select output row where the saved weights y (K f32 bits) start; 0: none saved
+    /// (the select op does not write them, the weights op computes y from the logits).
+    pub y_col: u32,
 }
 
 impl GmParams {
@@ -155,27 +157,27 @@ impl GmParams {
 // Op 1: GumbelSelect.
 
 /// logits (T, E) -> (T, K + m) u32: K candidates (best first), then m selected positions within K;
-/// with `save_noise`, (T, 2K + m): then the K Gumbel noise values drawn for the candidates, as f32
-/// bits, which [`GumbelWeights`] reads instead of drawing them again.
+/// with `save_y`, (T, 2K + m): then the K weights y = softmax((cand + g) / tau) as f32 bits, which
+/// [`GumbelWeights`] copies instead of computing them again.
 #[derive(Clone, Debug)]
 pub struct GumbelSelect {
     pub p: GumbelParams,
-    pub save_noise: bool,
+    pub save_y: bool,
 }
 
 impl GumbelSelect {
-    /// Columns of the output: K + m, plus K noise columns when `save_noise`.
+    /// Columns of the output: K + m, plus K weight columns when `save_y`.
     pub fn width(&self) -> usize {
-        self.p.k + self.p.m + if self.save_noise { self.p.k } else { 0 }
+        self.p.k + self.p.m + if self.save_y { self.p.k } else { 0 }
     }
 
-    /// The kernel arguments: `noise_col` is where the row's saved noise starts (0: not saved).
+    /// The kernel arguments: `y_col` is where the row's saved weights start (0: not saved).
     #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
     fn gm_params(&self, r: Rows) -> Result<GmParams> {
         let mut gp = GmParams::new(&self.p, r.rows, r.cols)?;
         gp.logits_stride = r.stride as u32;
         gp.y_stride = self.width() as u32;
-        gp.noise_col = if self.save_noise { (self.p.k + self.p.m) as u32 } else { 0 };
+        gp.y_col = if self.save_y { (self.p.k + self.p.m) as u32 } else { 0 };
         Ok(gp)
     }
 
@@ -184,7 +186,7 @@ impl GumbelSelect {
         let w = self.width();
         let mut out = vec![0u32; r.rows * w];
         out.par_chunks_mut(w * ROWS_PER_TASK).enumerate().try_for_each(|(b, o)| {
-            select_block(data, r, p, b * ROWS_PER_TASK, o, w, self.save_noise).map_err(|(t, e)| {
+            select_block(data, r, p, b * ROWS_PER_TASK, o, w, self.save_y).map_err(|(t, e)| {
                 candle_core::Error::Msg(format!(
                     "non-finite router logit {} at layer {}, step {}, token {t}, expert {e}: training diverged",
                     r.row(data, t)[e],
@@ -251,8 +253,9 @@ impl CustomOp1 for GumbelSelect {
 
 /// (logits (T, E), cand (T, >= K) u32) -> y = softmax((logits[cand] + g) / tau) (T, K).
 ///
-/// `cand` of width exactly 2K + m is taken for the output of `GumbelSelect { save_noise: true }`:
-/// g is then read from its columns K + m .. 2K + m. Any other width (>= K): g is regenerated.
+/// `cand` of width exactly 2K + m is taken for the output of `GumbelSelect { save_y: true }` on the
+/// same logits: with f32 logits y is then copied from its columns K + m .. 2K + m. Any other width
+/// (>= K), or f64 logits: y is computed, g regenerated.
 #[derive(Clone, Debug)]
 pub struct GumbelWeights(pub GumbelParams);
 
@@ -264,12 +267,12 @@ impl GumbelWeights {
         gp.logits_stride = rl.stride as u32;
         gp.idx_stride = rc.stride as u32;
         gp.y_stride = self.0.k as u32;
-        gp.noise_col = self.noise_col(rc.cols) as u32;
+        gp.y_col = self.y_col(rc.cols) as u32;
         Ok(gp)
     }
 
-    /// Where the saved noise starts in a candidate row of width `cols`; 0: regenerate it.
-    fn noise_col(&self, cols: usize) -> usize {
+    /// Where the saved weights start in a candidate row of width `cols`; 0: compute them.
+    fn y_col(&self, cols: usize) -> usize {
         let (k, m) = (self.0.k, self.0.m);
         if cols == 2 * k + m {
             k + m
@@ -282,10 +285,11 @@ impl GumbelWeights {
         let p = &self.0;
         let k = p.k;
         let inv_tau = T::from_f64(1.0 / p.tau);
-        let noise_col = self.noise_col(rc.cols);
+        // Saved y are f32 bits: f64 (gradient checks) computes y at full precision.
+        let y_col = if T::IS_F32 { self.y_col(rc.cols) } else { 0 };
         let mut y = vec![T::ZERO; rl.rows * k];
         y.par_chunks_mut(k * ROWS_PER_TASK).enumerate().try_for_each(|(b, yb)| {
-            weights_block(lg, rl, cand, rc, p, b * ROWS_PER_TASK, yb, inv_tau, noise_col).map_err(|(t, i)| {
+            weights_block(lg, rl, cand, rc, p, b * ROWS_PER_TASK, yb, inv_tau, y_col).map_err(|(t, i)| {
                 candle_core::Error::Msg(format!(
                     "gumbel-weights: candidate {} of token {t} is out of range (E = {}) or its logit is not finite",
                     rc.row(cand, t)[i],
@@ -529,13 +533,14 @@ impl CustomOp3 for GumbelWeightsBwd {
 
 /// logits (T, E) -> (T, K + m) u32: candidates, then selected positions within them. No gradient.
 pub fn gumbel_select(logits: &Tensor, p: &GumbelParams) -> Result<Tensor> {
-    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_noise: false })
+    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_y: false })
 }
 
-/// [`gumbel_select`] that also returns the noise it drew: (T, 2K + m) u32, the last K columns the
-/// f32 bits of g. [`gumbel_weights`] on this output reads g instead of drawing it again.
-pub fn gumbel_select_saving_noise(logits: &Tensor, p: &GumbelParams) -> Result<Tensor> {
-    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_noise: true })
+/// [`gumbel_select`] that also returns the weights y = softmax((cand + g) / tau) of the same pass:
+/// (T, 2K + m) u32, the last K columns the f32 bits of y. [`gumbel_weights`] on this output and
+/// the same f32 logits copies y instead of computing it again (its backward is unchanged).
+pub fn gumbel_select_saving_y(logits: &Tensor, p: &GumbelParams) -> Result<Tensor> {
+    logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_y: true })
 }
 
 /// y = softmax((logits[cand] + g) / tau): (T, K), differentiable in `logits`. `cand` (T, >= K) u32,
@@ -556,8 +561,8 @@ pub struct FusedRouting {
     pub weights: Tensor,
     /// (T, K) relaxed sample y.
     pub y: Tensor,
-    /// (T, 2K + m) u32 output of [`gumbel_select_saving_noise`] (candidates, selected positions,
-    /// noise bits).
+    /// (T, 2K + m) u32 output of [`gumbel_select_saving_y`] (candidates, selected positions,
+    /// y bits).
     pub cand_sel: Tensor,
 }
 
@@ -596,8 +601,8 @@ pub fn gumbel_route(logits: &Tensor, p: &GumbelParams, hard: bool) -> Result<Fus
         candle_core::bail!("gumbel_route: hard routing needs m >= 1");
     }
     let (k, m) = (p.k, p.m);
-    let cand_sel = gumbel_select_saving_noise(logits, &p)?; // (T, 2K + m) u32
-    let y = gumbel_weights(logits, &cand_sel, &p)?; // (T, K), from the saved noise
+    let cand_sel = gumbel_select_saving_y(logits, &p)?; // (T, 2K + m) u32
+    let y = gumbel_weights(logits, &cand_sel, &p)?; // (T, K), copied from the select pass (f32)
     let indices = host_indices(&cand_sel, k, m, hard)?;
     if !hard {
         return Ok(FusedRouting { indices, m: k, weights: y.clone(), y, cand_sel });
@@ -794,32 +799,35 @@ mod tests {
         }
     }
 
-    /// The portable and the AVX2 builds of the select and weights blocks give the same bits.
+    /// The portable and the AVX2 builds of the select and weights blocks give the same bits, for
+    /// K below, at and above one AVX2 register, and the y the select op saves are the bits the
+    /// weights op computes.
     #[test]
     fn portable_and_avx2_blocks_agree() {
         let (t, e) = (300usize, 64usize);
         let data: Vec<f32> = (0..t as u32).flat_map(|s| row(s, e, if s % 4 == 0 { 9 } else { 0 })).collect();
         let r = Rows { rows: t, cols: e, stride: e, offset: 0 };
-        let p = GumbelParams { k: 8, m: 2, tau: 0.7, seed: 9, step: 4, layer: 1, token_base: 3, noisy: true };
-        let w = 2 * p.k + p.m;
-        let mut a = vec![0u32; t * w];
-        select_block_impl::<f32, false>(&data, r, &p, 0, &mut a, w, true).unwrap();
-        let mut b = vec![0u32; t * w];
-        select_block(&data, r, &p, 0, &mut b, w, true).unwrap();
-        assert_eq!(a, b);
-        let rc = Rows { rows: t, cols: w, stride: w, offset: 0 };
-        let mut ya = vec![0f32; t * p.k];
-        weights_block_impl(&data, r, &a, rc, &p, 0, &mut ya, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
-        let mut yb = vec![0f32; t * p.k];
-        weights_block(&data, r, &a, rc, &p, 0, &mut yb, (1.0 / p.tau) as f32, p.k + p.m).unwrap();
-        assert_eq!(
-            ya.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            yb.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
-        // The saved noise is the noise the weights op would regenerate.
-        let mut yc = vec![0f32; t * p.k];
-        weights_block(&data, r, &a, rc, &p, 0, &mut yc, (1.0 / p.tau) as f32, 0).unwrap();
-        assert_eq!(ya, yc);
+        for (k, m) in [(8usize, 2usize), (5, 1), (1, 1), (3, 0), (12, 2)] {
+            let p = GumbelParams { k, m, tau: 0.7, seed: 9, step: 4, layer: 1, token_base: 3, noisy: true };
+            let w = 2 * p.k + p.m;
+            let mut a = vec![0u32; t * w];
+            select_block_impl::<f32, false>(&data, r, &p, 0, &mut a, w, true).unwrap();
+            let mut b = vec![0u32; t * w];
+            select_block(&data, r, &p, 0, &mut b, w, true).unwrap();
+            assert_eq!(a, b, "k={k} m={m}");
+            let rc = Rows { rows: t, cols: w, stride: w, offset: 0 };
+            let inv_tau = (1.0 / p.tau) as f32;
+            let mut ya = vec![0f32; t * p.k];
+            weights_block_impl(&data, r, &a, rc, &p, 0, &mut ya, inv_tau, p.k + p.m).unwrap();
+            let mut yb = vec![0f32; t * p.k];
+            weights_block(&data, r, &a, rc, &p, 0, &mut yb, inv_tau, p.k + p.m).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ya), bits(&yb), "k={k} m={m}");
+            // The saved y (copied above) are the bits the weights op computes from the logits.
+            let mut yc = vec![0f32; t * p.k];
+            weights_block(&data, r, &a, rc, &p, 0, &mut yc, inv_tau, 0).unwrap();
+            assert_eq!(bits(&ya), bits(&yc), "k={k} m={m}");
+        }
     }
 
     #[test]

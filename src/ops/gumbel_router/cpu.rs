@@ -18,7 +18,13 @@ pub(super) const LANES: usize = 8;
 
 /// Gumbel noise of the first `k` candidates `ci` of row `row` into `g` (0 when not noisy).
 #[inline(always)]
-pub(super) fn noise_row(p: &GumbelParams, row: usize, ci: &[u32; MAX_K], k: usize, g: &mut [f32; MAX_K]) {
+pub(super) fn noise_row<const AVX2: bool>(
+    p: &GumbelParams,
+    row: usize,
+    ci: &[u32; MAX_K],
+    k: usize,
+    g: &mut [f32; MAX_K],
+) {
     if !p.noisy {
         *g = [0.0; MAX_K];
         return;
@@ -27,6 +33,14 @@ pub(super) fn noise_row(p: &GumbelParams, row: usize, ci: &[u32; MAX_K], k: usiz
     let mut c = 0;
     while c < k {
         let lanes: &[u32; LANES] = ci[c..c + LANES].try_into().expect("MAX_K is a multiple of LANES");
+        #[cfg(target_arch = "x86_64")]
+        let v = if AVX2 {
+            // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs.
+            unsafe { rng::gumbel_noise_avx2(p.seed, p.step, p.layer, [token], [lanes])[0] }
+        } else {
+            rng::gumbel_noise_lanes(p.seed, p.step, p.layer, token, lanes)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let v = rng::gumbel_noise_lanes(p.seed, p.step, p.layer, token, lanes);
         g[c..c + LANES].copy_from_slice(&v);
         c += LANES;
@@ -68,6 +82,9 @@ pub(super) fn exp_f32(x: f32) -> f32 {
 /// The float types the CPU kernels run in.
 pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'static {
     const ZERO: Self;
+    /// f32, whose weights the select op can save as bits for the weights op to copy.
+    const IS_F32: bool;
+    fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     fn from_f64(v: f64) -> Self;
     fn add(self, o: Self) -> Self;
@@ -76,6 +93,9 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
     fn div(self, o: Self) -> Self;
     /// The exp of the softmax: [`exp_f32`] for f32, libm for f64 (the gradient-check precision).
     fn exp(self) -> Self;
+    /// [`softmax_scaled`] of K <= 8 values in one AVX2 register, the same bits; false where there
+    /// is no such path (f64, or not x86-64). The caller runs on a CPU with AVX2.
+    fn softmax_avx2(z: &mut [Self; MAX_K], k: usize, inv_tau: Self) -> bool;
     fn is_finite(self) -> bool;
     /// Top-K of a row into `cv`/`ci` (best first, ties to the lower index); Err(expert) at the
     /// first non-finite logit. `AVX2`: the caller runs on a CPU with AVX2 (the `*_avx2` blocks).
@@ -88,9 +108,14 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
 }
 
 macro_rules! real {
-    ($t:ty, $exp:expr, $top_k:ident) => {
+    ($t:ty, $is_f32:expr, $exp:expr, $top_k:ident, $softmax:ident) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
+            const IS_F32: bool = $is_f32;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
             #[inline(always)]
             fn from_f32(v: f32) -> Self {
                 v as $t
@@ -120,6 +145,10 @@ macro_rules! real {
                 $exp(self)
             }
             #[inline(always)]
+            fn softmax_avx2(z: &mut [Self; MAX_K], k: usize, inv_tau: Self) -> bool {
+                $softmax(z, k, inv_tau)
+            }
+            #[inline(always)]
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
@@ -135,8 +164,68 @@ macro_rules! real {
         }
     };
 }
-real!(f32, exp_f32, top_k_f32_dispatch);
-real!(f64, f64::exp, top_k_f64_dispatch);
+real!(f32, true, exp_f32, top_k_f32_dispatch, softmax_f32_avx2);
+real!(f64, false, f64::exp, top_k_f64_dispatch, no_softmax_avx2);
+
+#[inline(always)]
+fn no_softmax_avx2(_: &mut [f64; MAX_K], _: usize, _: f64) -> bool {
+    false
+}
+
+/// [`softmax_scaled`] for K <= 8 f32 in one AVX2 register: the scale, [`exp_f32`] and the division
+/// lane-parallel with the same operations (no FMA), the sum in the same sequential order, so the
+/// same bits as the scalar loop (tested); the max is exact in any order.
+#[inline(always)]
+fn softmax_f32_avx2(z: &mut [f32; MAX_K], k: usize, inv_tau: f32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if k <= LANES {
+        // SAFETY: `softmax_avx2` runs only inside the `*_avx2` block functions (AVX2 CPUs).
+        unsafe { softmax8_avx2(z, k, inv_tau) };
+        return true;
+    }
+    let _ = (z, k, inv_tau);
+    false
+}
+
+/// # Safety
+/// AVX2 (see [`softmax_f32_avx2`]); 1 <= k <= 8.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softmax8_avx2(z: &mut [f32; MAX_K], k: usize, inv_tau: f32) {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm256_set1_ps(v);
+    let x = _mm256_mul_ps(_mm256_loadu_ps(z.as_ptr()), c(inv_tau));
+    // Max over the first k lanes (the others -inf).
+    let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    let xm = _mm256_blendv_ps(c(f32::NEG_INFINITY), x, _mm256_castsi256_ps(valid));
+    let h = _mm_max_ps(_mm256_castps256_ps128(xm), _mm256_extractf128_ps::<1>(xm));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_max_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+    let mx = _mm256_broadcastss_ps(h);
+    // exp_f32(x - max), lane by lane: clamp (NaN kept), n = round(x log2 e), e^r by the polynomial.
+    let x = _mm256_sub_ps(x, mx);
+    let x = _mm256_min_ps(c(88.376_26), _mm256_max_ps(c(-87.336_55), x));
+    let t = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), c(12_582_912.0));
+    let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(12_582_912f32.to_bits() as i32));
+    let fx = _mm256_sub_ps(t, c(12_582_912.0));
+    let r = _mm256_sub_ps(x, _mm256_mul_ps(fx, c(0.693_359_4)));
+    let r = _mm256_sub_ps(r, _mm256_mul_ps(fx, c(-2.121_944_4e-4)));
+    let zz = _mm256_mul_ps(r, r);
+    let mut y = _mm256_add_ps(_mm256_mul_ps(c(1.987_569_1e-4), r), c(1.398_199_9e-3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(8.333_452e-3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(4.166_579_6e-2));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(1.666_666_5e-1));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(5.000_000_1e-1));
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, zz), r), c(1.0));
+    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)));
+    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+    _mm256_storeu_ps(z.as_mut_ptr(), e);
+    let mut sum = 0f32;
+    for &v in &z[..k] {
+        sum += v;
+    }
+    _mm256_storeu_ps(z.as_mut_ptr(), _mm256_div_ps(e, c(sum)));
+}
 
 #[inline(always)]
 pub(super) fn top_k_f32_dispatch<const AVX2: bool>(
@@ -383,16 +472,20 @@ pub(super) unsafe fn top_k_f32_avx2(
     }
     // 3. rank = #(survivors above): a permutation of 0..n exactly when the survivors are distinct;
     //    a tie (rare for real logits) takes the insertion path, which orders equal values by index.
+    //    Counted 8 survivors at a time: for each survivor j, broadcast it and add (sv[j] > lane) to
+    //    the counts of every lane (no horizontal sum, one loop exit per row).
+    let mut cnt = [0u32; SURVIVORS + LANES];
+    match n.div_ceil(LANES) {
+        0 | 1 => rank_lanes::<1>(&sv, n, &mut cnt),
+        2 => rank_lanes::<2>(&sv, n, &mut cnt),
+        3 => rank_lanes::<3>(&sv, n, &mut cnt),
+        4 => rank_lanes::<4>(&sv, n, &mut cnt),
+        5 => rank_lanes::<5>(&sv, n, &mut cnt),
+        _ => rank_lanes::<{ SURVIVORS / LANES }>(&sv, n, &mut cnt),
+    }
     let mut ranks = 0u64; // n <= SURVIVORS < 64
     for i in 0..n {
-        let b = _mm256_set1_ps(sv[i]);
-        let mut gt = 0u32;
-        let mut j = 0;
-        while j < n {
-            let w = _mm256_loadu_ps(sv.as_ptr().add(j));
-            gt += (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(w, b)) as u32).count_ones();
-            j += LANES;
-        }
+        let gt = cnt[i];
         ranks |= 1 << gt;
         // Branch-free: ranks >= K land in slot MAX_K - 1, which K <= 8 never reads.
         let r = (gt as usize).min(MAX_K - 1);
@@ -405,75 +498,85 @@ pub(super) unsafe fn top_k_f32_avx2(
     Ok(())
 }
 
-/// One row of the selection: `out` gets K candidates, then m positions, then (when `save` is
-/// true) the K noise values as f32 bits. Err(expert) on a non-finite logit.
+/// cnt[i] = #{j < n: sv[j] > sv[i]} for the lanes i < 8R (R registers of survivors; lanes past n
+/// get counts that nobody reads).
+///
+/// # Safety
+/// AVX2 (callers: [`top_k_f32_avx2`]); `8R <= sv.len()`, `8R <= cnt.len()`, `n <= sv.len()`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) fn select_row<T: Real, const AVX2: bool>(
-    lg: &[T],
-    out: &mut [u32],
-    p: &GumbelParams,
-    row: usize,
-    save: bool,
-) -> std::result::Result<(), usize> {
-    let k = p.k;
-    let mut cv = [T::ZERO; MAX_K];
-    let mut ci = [0u32; MAX_K];
-    T::top_k::<AVX2>(lg, k, &mut cv, &mut ci)?;
-    let mut g = [0f32; MAX_K];
-    noise_row(p, row, &ci, k, &mut g);
-    for i in 0..k {
-        cv[i] = cv[i].add(T::from_f32(g[i]));
+unsafe fn rank_lanes<const R: usize>(sv: &[f32; SURVIVORS + LANES], n: usize, cnt: &mut [u32; SURVIVORS + LANES]) {
+    use std::arch::x86_64::*;
+    let mut vals = [_mm256_setzero_ps(); R];
+    let mut acc = [_mm256_setzero_si256(); R];
+    for (r, v) in vals.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(sv.as_ptr().add(r * LANES));
     }
-    out[..k].copy_from_slice(&ci[..k]);
-    if save {
-        for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&g[..k]) {
-            *o = v.to_bits();
+    for &x in &sv[..n] {
+        let b = _mm256_set1_ps(x);
+        for r in 0..R {
+            // The compare mask is -1 where b > lane: subtracting it counts.
+            let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(b, vals[r]));
+            acc[r] = _mm256_sub_epi32(acc[r], gt);
         }
     }
-    // Gumbel-top-m: m rounds of argmax over the untaken positions (strict >: ties to lower position).
-    let mut taken = 0u32;
-    for s in 0..p.m {
-        let mut best = usize::MAX;
-        for i in 0..k {
-            if (taken >> i) & 1 == 0 && (best == usize::MAX || cv[i] > cv[best]) {
-                best = i;
-            }
-        }
-        taken |= 1 << best;
-        out[k + s] = best as u32;
+    for (r, a) in acc.iter().enumerate() {
+        _mm256_storeu_si256(cnt.as_mut_ptr().add(r * LANES) as *mut __m256i, *a);
     }
-    Ok(())
 }
 
-/// One row of y = softmax((cand + g) * inv_tau), g read from `cand[noise_col..]` (the bits the
-/// select op saved) or regenerated when `noise_col` is 0. Err(position) on an out-of-range
-/// candidate or a non-finite candidate logit.
+/// Rows per batch of the selection: first the top-K of every row (branchy), then the noise of
+/// all of them (branch-free, two rows' Philox chains interleaved), then the choice.
+pub(super) const BATCH: usize = 16;
+/// Rows whose noise is drawn together (interleaved chains).
+const NX: usize = 2;
+
+/// The noise of a batch of rows t0.. (their candidates `ci`) into `g`.
 #[inline(always)]
-pub(super) fn weights_row<T: Real>(
-    lg: &[T],
-    cand: &[u32],
-    y: &mut [T],
-    p: &GumbelParams,
-    inv_tau: T,
-    row: usize,
-    noise_col: usize,
-) -> std::result::Result<(), usize> {
+fn noise_batch<const AVX2: bool>(p: &GumbelParams, t0: usize, ci: &[[u32; MAX_K]], g: &mut [[f32; MAX_K]]) {
     let k = p.k;
-    let mut ci = [0u32; MAX_K];
-    ci[..k].copy_from_slice(&cand[..k]);
-    let mut g = [0f32; MAX_K];
-    if noise_col > 0 {
-        for (gi, &b) in g.iter_mut().zip(&cand[noise_col..noise_col + k]) {
-            *gi = f32::from_bits(b);
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && p.noisy && k <= LANES {
+        let lanes = |c: &[u32; MAX_K]| -> [u32; LANES] { c[..LANES].try_into().expect("MAX_K >= LANES") };
+        let token = |i: usize| p.token_base.wrapping_add((t0 + i) as u32);
+        let mut i = 0;
+        while i + NX <= ci.len() {
+            let ls: [[u32; LANES]; NX] = std::array::from_fn(|j| lanes(&ci[i + j]));
+            // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs.
+            let gs = unsafe {
+                rng::gumbel_noise_avx2::<NX>(
+                    p.seed,
+                    p.step,
+                    p.layer,
+                    std::array::from_fn(|j| token(i + j)),
+                    std::array::from_fn(|j| &ls[j]),
+                )
+            };
+            for j in 0..NX {
+                g[i + j][..LANES].copy_from_slice(&gs[j]);
+            }
+            i += NX;
         }
-    } else {
-        noise_row(p, row, &ci, k, &mut g);
+        while i < ci.len() {
+            noise_row::<AVX2>(p, t0 + i, &ci[i], k, &mut g[i]);
+            i += 1;
+        }
+        return;
     }
-    let mut z = [T::ZERO; MAX_K];
-    for i in 0..k {
-        let Some(&l) = lg.get(ci[i] as usize).filter(|l| l.is_finite()) else { return Err(i) };
-        // Same rounding steps as the reference: (cand + g) in T, then `* (1/tau)` (candle's `t / tau`).
-        z[i] = l.add(T::from_f32(g[i])).mul(inv_tau);
+    for (i, (c, gi)) in ci.iter().zip(g.iter_mut()).enumerate() {
+        noise_row::<AVX2>(p, t0 + i, c, k, gi);
+    }
+}
+
+/// z[..k] <- softmax(z[..k] * inv_tau): scale, max, exp(z - max), sum in order, divide. The one
+/// definition of the weights arithmetic on the CPU (select's saved y and the weights op).
+#[inline(always)]
+fn softmax_scaled<T: Real, const AVX2: bool>(z: &mut [T; MAX_K], k: usize, inv_tau: T) {
+    if AVX2 && T::softmax_avx2(z, k, inv_tau) {
+        return;
+    }
+    for v in &mut z[..k] {
+        *v = v.mul(inv_tau);
     }
     let mut mx = z[0];
     for &v in &z[1..k] {
@@ -486,9 +589,85 @@ pub(super) fn weights_row<T: Real>(
         *v = v.sub(mx).exp();
         sum = sum.add(*v);
     }
-    for (o, &v) in y.iter_mut().zip(&z[..k]) {
-        *o = v.div(sum);
+    for v in &mut z[..k] {
+        *v = v.div(sum);
     }
+}
+
+/// The end of one row of the selection: `out` gets the K candidates `ci`, then the m chosen
+/// positions of the top m of cv + g, then (when `save` is true) the K weights
+/// y = softmax((cv + g) / tau) as f32 bits.
+#[inline(always)]
+fn choose_row<T: Real, const AVX2: bool>(
+    p: &GumbelParams,
+    cv: &[T; MAX_K],
+    ci: &[u32; MAX_K],
+    g: &[f32; MAX_K],
+    out: &mut [u32],
+    save: bool,
+) {
+    let k = p.k;
+    let mut z = [T::ZERO; MAX_K];
+    for i in 0..k {
+        z[i] = cv[i].add(T::from_f32(g[i]));
+    }
+    out[..k].copy_from_slice(&ci[..k]);
+    if save {
+        let mut y = z;
+        softmax_scaled::<T, AVX2>(&mut y, k, T::from_f64(1.0 / p.tau));
+        for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&y[..k]) {
+            *o = v.to_f32().to_bits();
+        }
+    }
+    // Gumbel-top-m: m rounds of argmax over the untaken positions (strict >: ties to lower position).
+    let mut taken = 0u32;
+    for s in 0..p.m {
+        let mut best = usize::MAX;
+        for i in 0..k {
+            if (taken >> i) & 1 == 0 && (best == usize::MAX || z[i] > z[best]) {
+                best = i;
+            }
+        }
+        taken |= 1 << best;
+        out[k + s] = best as u32;
+    }
+}
+
+/// One row of y = softmax((cand + g) * inv_tau), copied from `cand[y_col..]` (the f32 bits the
+/// select op saved, for f32 only) or computed, regenerating g, when `y_col` is 0. Err(position) on
+/// an out-of-range candidate or a non-finite candidate logit.
+#[inline(always)]
+pub(super) fn weights_row<T: Real>(
+    lg: &[T],
+    cand: &[u32],
+    y: &mut [T],
+    p: &GumbelParams,
+    inv_tau: T,
+    row: usize,
+    y_col: usize,
+) -> std::result::Result<(), usize> {
+    let k = p.k;
+    if y_col > 0 {
+        for (i, (o, &b)) in y.iter_mut().zip(&cand[y_col..y_col + k]).enumerate() {
+            if cand[i] as usize >= lg.len() {
+                return Err(i);
+            }
+            *o = T::from_f32(f32::from_bits(b));
+        }
+        return Ok(());
+    }
+    let mut ci = [0u32; MAX_K];
+    ci[..k].copy_from_slice(&cand[..k]);
+    let mut g = [0f32; MAX_K];
+    noise_row::<false>(p, row, &ci, k, &mut g);
+    let mut z = [T::ZERO; MAX_K];
+    for i in 0..k {
+        let Some(&l) = lg.get(ci[i] as usize).filter(|l| l.is_finite()) else { return Err(i) };
+        // Same rounding steps as the reference: (cand + g) in T, then `* (1/tau)` (candle's `t / tau`).
+        z[i] = l.add(T::from_f32(g[i]));
+    }
+    softmax_scaled::<T, false>(&mut z, k, inv_tau);
+    y.copy_from_slice(&z[..k]);
     Ok(())
 }
 
@@ -528,8 +707,9 @@ pub(super) fn use_avx2() -> bool {
     }
 }
 
-/// Rows t0.. of the selection into `out` (w columns per row). The row kernels are
-/// `#[inline(always)]` all the way down, so `select_block_avx2` compiles them for AVX2 + FMA.
+/// Rows t0.. of the selection into `out` (w columns per row), in batches of [`BATCH`] rows. The row
+/// kernels are `#[inline(always)]` all the way down, so `select_block_avx2` compiles them for
+/// AVX2 + FMA. Err((token, expert)) at the first non-finite logit.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn select_block_impl<T: Real, const AVX2: bool>(
@@ -541,9 +721,18 @@ pub(super) fn select_block_impl<T: Real, const AVX2: bool>(
     w: usize,
     save: bool,
 ) -> std::result::Result<(), (usize, usize)> {
-    for (i, o) in out.chunks_exact_mut(w).enumerate() {
-        let t = t0 + i;
-        select_row::<T, AVX2>(r.row(data, t), o, p, t, save).map_err(|e| (t, e))?;
+    let mut cv = [[T::ZERO; MAX_K]; BATCH];
+    let mut ci = [[0u32; MAX_K]; BATCH];
+    let mut g = [[0f32; MAX_K]; BATCH];
+    for (b, ob) in out.chunks_mut(w * BATCH).enumerate() {
+        let (tb, n) = (t0 + b * BATCH, ob.len() / w);
+        for i in 0..n {
+            T::top_k::<AVX2>(r.row(data, tb + i), p.k, &mut cv[i], &mut ci[i]).map_err(|e| (tb + i, e))?;
+        }
+        noise_batch::<AVX2>(p, tb, &ci[..n], &mut g[..n]);
+        for (i, o) in ob.chunks_exact_mut(w).enumerate() {
+            choose_row::<T, AVX2>(p, &cv[i], &ci[i], &g[i], o, save);
+        }
     }
     Ok(())
 }
@@ -595,11 +784,11 @@ pub(super) fn weights_block_impl<T: Real>(
     t0: usize,
     y: &mut [T],
     inv_tau: T,
-    noise_col: usize,
+    y_col: usize,
 ) -> std::result::Result<(), (usize, usize)> {
     for (i, yr) in y.chunks_exact_mut(p.k).enumerate() {
         let t = t0 + i;
-        weights_row(rl.row(lg, t), rc.row(cand, t), yr, p, inv_tau, t, noise_col).map_err(|e| (t, e))?;
+        weights_row(rl.row(lg, t), rc.row(cand, t), yr, p, inv_tau, t, y_col).map_err(|e| (t, e))?;
     }
     Ok(())
 }
@@ -618,9 +807,9 @@ pub(super) unsafe fn weights_block_avx2<T: Real>(
     t0: usize,
     y: &mut [T],
     inv_tau: T,
-    noise_col: usize,
+    y_col: usize,
 ) -> std::result::Result<(), (usize, usize)> {
-    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col)
+    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, y_col)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -633,12 +822,12 @@ pub(super) fn weights_block<T: Real>(
     t0: usize,
     y: &mut [T],
     inv_tau: T,
-    noise_col: usize,
+    y_col: usize,
 ) -> std::result::Result<(), (usize, usize)> {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU has the features the function was compiled for.
-        return unsafe { weights_block_avx2(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col) };
+        return unsafe { weights_block_avx2(lg, rl, cand, rc, p, t0, y, inv_tau, y_col) };
     }
-    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, noise_col)
+    weights_block_impl(lg, rl, cand, rc, p, t0, y, inv_tau, y_col)
 }
