@@ -612,13 +612,6 @@ fn choose_row<T: Real, const AVX2: bool>(
         z[i] = cv[i].add(T::from_f32(g[i]));
     }
     out[..k].copy_from_slice(&ci[..k]);
-    if save {
-        let mut y = z;
-        softmax_scaled::<T, AVX2>(&mut y, k, T::from_f64(1.0 / p.tau));
-        for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&y[..k]) {
-            *o = v.to_f32().to_bits();
-        }
-    }
     // Gumbel-top-m: m rounds of argmax over the untaken positions (strict >: ties to lower position).
     let mut taken = 0u32;
     for s in 0..p.m {
@@ -630,6 +623,12 @@ fn choose_row<T: Real, const AVX2: bool>(
         }
         taken |= 1 << best;
         out[k + s] = best as u32;
+    }
+    if save {
+        softmax_scaled::<T, AVX2>(&mut z, k, T::from_f64(1.0 / p.tau)); // z is y from here
+        for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&z[..k]) {
+            *o = v.to_f32().to_bits();
+        }
     }
 }
 
