@@ -287,3 +287,33 @@ fn kernel_noise_constants() {
         assert!((n - g).abs() < 2e-6 * (1.0 + g.abs()), "{n} vs {g}");
     }
 }
+
+/// The straight-through op alone: 1/m forward and the gradient of the tensor form
+/// (`routers::gumbel::straight_through`) backward, m = 1 and 2; bad shapes are errors naming it.
+#[test]
+fn straight_through_op_matches_tensor_form() -> Result<()> {
+    use gumbel_moe::ops::straight_through as st_op;
+    for (k, m) in [(4usize, 1usize), (5, 2), (1, 1)] {
+        let (t, e) = (7usize, 9usize);
+        let x = logits(t, e, 40 + k as u32, 1.0, DType::F32)?;
+        let p = params(k, m, 0.8);
+        let cs = gumbel_moe::ops::gumbel_router::gumbel_select_saving_y(&x, &p)?;
+        let yv = Var::from_tensor(&logits(t, k, 50 + m as u32, 1.0, DType::F32)?)?;
+        let r = logits(t, m, 60, 1.0, DType::F32)?;
+        let w_op = st_op(yv.as_tensor(), &cs, k, m)?;
+        let sel = cs.narrow(1, k, m)?.contiguous()?;
+        let w_ref = straight_through(yv.as_tensor(), &sel, m)?;
+        assert_eq!(w_op.to_vec2::<f32>()?, w_ref.to_vec2::<f32>()?);
+        let g_op = (w_op * &r)?.sum_all()?.backward()?.get(yv.as_tensor()).unwrap().clone();
+        let g_ref = (w_ref * &r)?.sum_all()?.backward()?.get(yv.as_tensor()).unwrap().clone();
+        assert_eq!(g_op.to_vec2::<f32>()?, g_ref.to_vec2::<f32>()?, "k={k} m={m}");
+        assert!(g_op.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+    }
+    let y = Tensor::zeros((3, 4), DType::F32, &Device::Cpu)?;
+    let narrow = Tensor::zeros((3, 4), DType::U32, &Device::Cpu)?;
+    let err = st_op(&y, &narrow, 4, 1).unwrap_err().to_string();
+    assert!(err.contains("straight-through") && err.contains("cand_sel"), "{err}");
+    let err = st_op(&y, &Tensor::zeros((3, 6), DType::U32, &Device::Cpu)?, 4, 0).unwrap_err().to_string();
+    assert!(err.contains("m (0)"), "{err}");
+    Ok(())
+}

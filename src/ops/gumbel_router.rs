@@ -27,19 +27,20 @@
 //!    forward result y (given to `bwd` as `res`), so the backward needs neither the noise nor the logits.
 //!
 //! The straight-through estimator on top (forward weight exactly 1/m, backward the soft gradient of
-//! the m selected) stays plain tensor ops (`gather` has a backward): see [`gumbel_route`], which
-//! is the whole router path given logits.
+//! the m selected) is one more op, `ops::straight_through` (its backward is Candle's
+//! `scatter_add`): see [`gumbel_route`], which is the whole router path given logits.
 //!
 //! Noise: the kernels implement Philox4x32-10 bit-identically to `rng::philox` (`kernels/philox.h`)
-//! with the same u32 -> (0, 1) -> -ln(-ln u) mapping. The CPU op calls `rng::gumbel_noise_lanes`, the
-//! 8-lane form of `rng::gumbel_noise` (same bits; both use `rng::ln_pos`, a table-free logf under
-//! 1 ulp), so on the CPU the noise is bit-identical to the reference; on a GPU only the `log`s may
+//! with the same u32 -> (0, 1) -> -ln(-ln u) mapping. The CPU op calls `rng::gumbel_noise_avx2` (AVX2
+//! intrinsics, two rows at a time) or `rng::gumbel_noise_lanes`, 8-lane forms of `rng::gumbel_noise`
+//! (same bits, tested; all use `rng::ln_pos`, a table-free logf under 1 ulp, or its intrinsics
+//! twin), so on the CPU the noise is bit-identical to the reference; on a GPU only the `log`s may
 //! differ by an ulp, which can flip a selection only at a near-exact tie of two perturbed values.
 //!
 //! Precision: f32 on every backend; the CPU also runs f64 (for finite-difference gradient checks).
 //! The CPU forward is multi-threaded over blocks of rows (rayon) with no per-element allocation;
 //! on x86-64 with AVX2 the row kernels run an AVX2 build (threshold + left-pack + rank top-K,
-//! 8-lane Philox and logs, vectorized softmax `exp`), else a portable build; see "CPU row kernels".
+//! 8-lane Philox and logs, one-register softmax), else a portable build; see `gumbel_router/cpu.rs`.
 //! The f32 softmax uses a Cephes-style `exp` (about 1 ulp), so y matches the reference softmax to
 //! ~1e-7, not bit for bit. Limits:
 //! 1 <= K <= min(E, 32), m <= K, tau > 0. Non-finite logits: the CPU ops fail with the row and
@@ -607,10 +608,8 @@ pub fn gumbel_route(logits: &Tensor, p: &GumbelParams, hard: bool) -> Result<Fus
     if !hard {
         return Ok(FusedRouting { indices, m: k, weights: y.clone(), y, cand_sel });
     }
-    let sel = cand_sel.narrow(1, k, m)?.contiguous()?; // (T, m) positions within K
-    let ys = y.gather(&sel, 1)?; // (T, m)
-                                 // (ys - ys) is exactly 0 forward, so each weight is exactly 1/m; the gradient is d ys.
-    let weights = (ys.sub(&ys.detach())? + 1.0 / m as f64)?;
+    // Exactly 1/m forward; the gradient is d y at the selected positions.
+    let weights = super::straight_through::straight_through(&y, &cand_sel, k, m)?; // (T, m)
     Ok(FusedRouting { indices, m, weights, y, cand_sel })
 }
 

@@ -12,6 +12,9 @@
 //! weighted sum back to tokens, each with a backward op; deterministic (no float atomics). Shared
 //! layout and launch glue in [`dispatch_common`], kernels in `kernels/moe_dispatch.{cuh,cu,metal}`.
 //!
+//! [`straight_through`]: the hard router's straight-through weights (exactly 1/m forward, the soft
+//! gradient of the chosen experts backward) as one op.
+//!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
 //! dropped on every backend; the backward is the same op on the gradient).
 pub mod adamw;
@@ -25,6 +28,7 @@ pub mod gather_rows;
 pub mod gumbel_router;
 #[cfg(feature = "metal")]
 pub mod metal_glue;
+pub mod straight_through;
 
 pub use balance_stats::{balance_stats, balance_stats_reference, BalanceStats, BalanceStatsBwd};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
@@ -35,3 +39,4 @@ pub use gumbel_router::{
     gumbel_route, gumbel_select, gumbel_weights, FusedRouting, GumbelParams, GumbelSelect, GumbelWeights,
     GumbelWeightsBwd,
 };
+pub use straight_through::{straight_through, StraightThrough};
