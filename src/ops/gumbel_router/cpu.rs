@@ -531,6 +531,7 @@ unsafe fn rank_lanes<const R: usize>(sv: &[f32; SURVIVORS + LANES], n: usize, cn
 /// all of them (branch-free, two rows' Philox chains interleaved), then the choice.
 pub(super) const BATCH: usize = 16;
 /// Rows whose noise is drawn together (interleaved chains).
+#[cfg(target_arch = "x86_64")]
 const NX: usize = 2;
 
 /// The noise of a batch of rows t0.. (their candidates `ci`) into `g`.
