@@ -5,8 +5,9 @@
 //! Defaults: T = 65,536 tokens, E = 64 experts, K = 8 candidates, m = 1, f32 (the CPU goal:
 //! fused forward <= 5 ms). "forward" is the router from logits to (host indices, weights); "fwd+bwd"
 //! adds the backward of sum(weights * r + y * s) to the logits. Times are medians over `iters` runs
-//! (wall clock), and next to them the mean CPU time per run of the whole process (all threads,
-//! from /proc/self/task/*/schedstat), which a loaded machine inflates much less than the wall clock.
+//! (wall clock), next to them the fastest run and the mean CPU time per run of the whole process
+//! (all threads, from /proc/self/task/*/schedstat), which a loaded machine inflates much less than
+//! the wall clock.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use gumbel_moe::moe::routers::gumbel::{reference_route, straight_through};
@@ -33,16 +34,19 @@ fn cpu_ms() -> f64 {
     ns as f64 * 1e-6
 }
 
-/// (median wall ms, mean CPU ms) of `f` over `iters` runs after one warm-up.
+/// (median wall ms, fastest wall ms, mean CPU ms) of `f` over `iters` runs after one warm-up. This
+/// machine is a VM whose speed drifts by +-20-40% over seconds (neighbours): the fastest run is the
+/// least disturbed one, the median what a run of that length sees.
 #[derive(Clone, Copy)]
 struct Timing {
     wall: f64,
+    min: f64,
     cpu: f64,
 }
 
 impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.2} ms (cpu {:.2})", self.wall, self.cpu)
+        write!(f, "{:.2} ms (min {:.2}, cpu {:.2})", self.wall, self.min, self.cpu)
     }
 }
 
@@ -57,7 +61,7 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     }
     let cpu = (cpu_ms() - c0) / iters as f64;
     v.sort_by(|a, b| a.total_cmp(b));
-    Ok(Timing { wall: v[v.len() / 2], cpu })
+    Ok(Timing { wall: v[v.len() / 2], min: v[0], cpu })
 }
 
 fn main() -> Result<()> {
@@ -140,10 +144,10 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     println!("check: indices identical {same}/{}, max |dy| {dy:.2e}, max |dweights| {dw:.2e}", ri.len());
-    println!("| {:<18} | {:>24} | {:>24} | {:>7} |", "path", "reference ms (cpu)", "fused ms (cpu)", "ratio");
-    println!("|{:-<20}|{:->26}|{:->26}|{:->9}|", "", "", "", "");
+    println!("| {:<18} | {:>36} | {:>36} | {:>7} |", "path", "reference ms (min, cpu)", "fused ms (min, cpu)", "ratio");
+    println!("|{:-<20}|{:->38}|{:->38}|{:->9}|", "", "", "", "");
     for (name, a, b) in [("forward", ref_fwd, fused_fwd), ("forward+backward", ref_fb, fused_fb)] {
-        println!("| {name:<18} | {:>24} | {:>24} | {:>6.1}x |", a.to_string(), b.to_string(), a.wall / b.wall);
+        println!("| {name:<18} | {:>36} | {:>36} | {:>6.1}x |", a.to_string(), b.to_string(), a.wall / b.wall);
     }
     println!("fused phases:");
     println!("  select, no noise (top-K only)    {sel_topk}");
@@ -156,6 +160,11 @@ fn main() -> Result<()> {
     println!("  forward + loss (no backward)     {loss}");
     println!("  weights op fwd + bwd alone       {w_fb}");
     println!("calibration: one read of the {} MB of logits (1 thread) {read}", t * e * 4 >> 20);
-    println!("goal: fused forward <= 5 ms on this CPU: {}", if fused_fwd.wall <= 5.0 { "met" } else { "not met" });
+    println!(
+        "goal: fused forward <= 5 ms on this CPU: {} (median {:.2} ms, fastest {:.2} ms)",
+        if fused_fwd.wall <= 5.0 { "met" } else { "not met" },
+        fused_fwd.wall,
+        fused_fwd.min
+    );
     Ok(())
 }

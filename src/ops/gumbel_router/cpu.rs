@@ -95,9 +95,8 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
     fn div(self, o: Self) -> Self;
     /// The exp of the softmax: [`exp_f32`] for f32, libm for f64 (the gradient-check precision).
     fn exp(self) -> Self;
-    /// [`softmax_scaled`] of K <= 8 values in one AVX2 register, the same bits; false where there
-    /// is no such path (f64, or not x86-64). The caller runs on a CPU with AVX2.
-    fn softmax_avx2(z: &mut [Self; MAX_K], k: usize, inv_tau: Self) -> bool;
+    /// Rows as f32 (for the one-register AVX2 paths), None for f64.
+    fn as_f32_rows(rows: &[[Self; MAX_K]]) -> Option<&[[f32; MAX_K]]>;
     fn is_finite(self) -> bool;
     /// Top-K of a row into `cv`/`ci` (best first, ties to the lower index); Err(expert) at the
     /// first non-finite logit. `AVX2`: the caller runs on a CPU with AVX2 (the `*_avx2` blocks).
@@ -110,7 +109,7 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
 }
 
 macro_rules! real {
-    ($t:ty, $is_f32:expr, $exp:expr, $top_k:ident, $softmax:ident) => {
+    ($t:ty, $is_f32:expr, $exp:expr, $top_k:ident, $as_f32s:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const IS_F32: bool = $is_f32;
@@ -147,8 +146,8 @@ macro_rules! real {
                 $exp(self)
             }
             #[inline(always)]
-            fn softmax_avx2(z: &mut [Self; MAX_K], k: usize, inv_tau: Self) -> bool {
-                $softmax(z, k, inv_tau)
+            fn as_f32_rows(rows: &[[Self; MAX_K]]) -> Option<&[[f32; MAX_K]]> {
+                $as_f32s(rows)
             }
             #[inline(always)]
             fn is_finite(self) -> bool {
@@ -166,67 +165,130 @@ macro_rules! real {
         }
     };
 }
-real!(f32, true, exp_f32, top_k_f32_dispatch, softmax_f32_avx2);
-real!(f64, false, f64::exp, top_k_f64_dispatch, no_softmax_avx2);
+real!(f32, true, exp_f32, top_k_f32_dispatch, Some);
+real!(f64, false, f64::exp, top_k_f64_dispatch, |_| None);
 
-#[inline(always)]
-fn no_softmax_avx2(_: &mut [f64; MAX_K], _: usize, _: f64) -> bool {
-    false
-}
-
-/// [`softmax_scaled`] for K <= 8 f32 in one AVX2 register: the scale, [`exp_f32`] and the division
-/// lane-parallel with the same operations (no FMA), the sum in the same sequential order, so the
-/// same bits as the scalar loop (tested); the max is exact in any order.
-#[inline(always)]
-fn softmax_f32_avx2(z: &mut [f32; MAX_K], k: usize, inv_tau: f32) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if k <= LANES {
-        // SAFETY: `softmax_avx2` runs only inside the `*_avx2` block functions (AVX2 CPUs).
-        unsafe { softmax8_avx2(z, k, inv_tau) };
-        return true;
-    }
-    let _ = (z, k, inv_tau);
-    false
-}
-
+/// The largest of 8 lanes, broadcast (exact in any order).
+///
 /// # Safety
-/// AVX2 (see [`softmax_f32_avx2`]); 1 <= k <= 8.
+/// AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn softmax8_avx2(z: &mut [f32; MAX_K], k: usize, inv_tau: f32) {
+unsafe fn hmax8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let c = |v: f32| _mm256_set1_ps(v);
-    let x = _mm256_mul_ps(_mm256_loadu_ps(z.as_ptr()), c(inv_tau));
-    // Max over the first k lanes (the others -inf).
-    let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    let xm = _mm256_blendv_ps(c(f32::NEG_INFINITY), x, _mm256_castsi256_ps(valid));
-    let h = _mm_max_ps(_mm256_castps256_ps128(xm), _mm256_extractf128_ps::<1>(xm));
+    let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     let h = _mm_max_ss(h, _mm_shuffle_ps::<0b01>(h, h));
-    let mx = _mm256_broadcastss_ps(h);
-    // exp_f32(x - max), lane by lane: clamp (NaN kept), n = round(x log2 e), e^r by the polynomial.
-    let x = _mm256_sub_ps(x, mx);
-    let x = _mm256_min_ps(c(88.376_26), _mm256_max_ps(c(-87.336_55), x));
-    let t = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), c(12_582_912.0));
-    let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(12_582_912f32.to_bits() as i32));
-    let fx = _mm256_sub_ps(t, c(12_582_912.0));
-    let r = _mm256_sub_ps(x, _mm256_mul_ps(fx, c(0.693_359_4)));
-    let r = _mm256_sub_ps(r, _mm256_mul_ps(fx, c(-2.121_944_4e-4)));
-    let zz = _mm256_mul_ps(r, r);
-    let mut y = _mm256_add_ps(_mm256_mul_ps(c(1.987_569_1e-4), r), c(1.398_199_9e-3));
-    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(8.333_452e-3));
-    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(4.166_579_6e-2));
-    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(1.666_666_5e-1));
-    y = _mm256_add_ps(_mm256_mul_ps(y, r), c(5.000_000_1e-1));
-    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, zz), r), c(1.0));
-    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)));
-    let e = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
-    _mm256_storeu_ps(z.as_mut_ptr(), e);
-    let mut sum = 0f32;
-    for &v in &z[..k] {
-        sum += v;
+    _mm256_broadcastss_ps(h)
+}
+
+/// [`choose_row`] for a batch of rows with K <= 8 f32 candidates, each row's perturbed values
+/// z = cv + g in one AVX2 register, two rows at a time (their chains interleaved), the same results
+/// as the scalar loops (tested) without a data-dependent branch:
+/// - each of the m rounds takes the lowest lane holding the maximum of the untaken lanes (the
+///   scalar strict-> scan's tie rule) and sets it to -inf;
+/// - y = softmax(z * inv_tau): the scale, [`exp_f32`] and the division lane-parallel with the same
+///   operations (no FMA), the lanes past K zeroed and the sum in [`softmax_sum`]'s order, so the
+///   same bits as [`softmax_scaled`].
+///
+/// # Safety
+/// AVX2; 1 <= k <= 8, m <= k; `out` holds `cv.len()` rows of `w` = K + m (+ K when `save`) columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn choose_batch_avx2(
+    p: &GumbelParams,
+    cv: &[[f32; MAX_K]],
+    ci: &[[u32; MAX_K]],
+    g: &[[f32; MAX_K]],
+    out: &mut [u32],
+    w: usize,
+    save: bool,
+) {
+    let (k, m, inv_tau) = (p.k, p.m, (1.0 / p.tau) as f32);
+    let mut rows = out.chunks_exact_mut(w).enumerate();
+    while let Some((i, a)) = rows.next() {
+        a[..k].copy_from_slice(&ci[i][..k]);
+        if let Some((j, b)) = rows.next() {
+            b[..k].copy_from_slice(&ci[j][..k]);
+            choose8_avx2::<2>([&cv[i], &cv[j]], [&g[i], &g[j]], k, m, inv_tau, [a, b], save);
+        } else {
+            choose8_avx2::<1>([&cv[i]], [&g[i]], k, m, inv_tau, [a], save);
+        }
     }
-    _mm256_storeu_ps(z.as_mut_ptr(), _mm256_div_ps(e, c(sum)));
+}
+
+/// The choice (columns K..K+m) and, when `save`, the y bits (columns K+m..2K+m) of N rows; see
+/// [`choose_batch_avx2`].
+///
+/// # Safety
+/// As [`choose_batch_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn choose8_avx2<const N: usize>(
+    cv: [&[f32; MAX_K]; N],
+    g: [&[f32; MAX_K]; N],
+    k: usize,
+    m: usize,
+    inv_tau: f32,
+    out: [&mut [u32]; N],
+    save: bool,
+) {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm256_set1_ps(v);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), lane));
+    let zv: [__m256; N] =
+        std::array::from_fn(|j| _mm256_add_ps(_mm256_loadu_ps(cv[j].as_ptr()), _mm256_loadu_ps(g[j].as_ptr())));
+    let mut open: [__m256; N] = std::array::from_fn(|j| _mm256_blendv_ps(c(f32::NEG_INFINITY), zv[j], valid));
+    for s in 0..m {
+        for j in 0..N {
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(open[j], hmax8(open[j]))) as u32;
+            let best = hit.trailing_zeros();
+            // SAFETY: the row holds K + m >= k + s + 1 columns.
+            *out[j].get_unchecked_mut(k + s) = best;
+            let taken = _mm256_cmpeq_epi32(lane, _mm256_set1_epi32(best as i32));
+            open[j] = _mm256_blendv_ps(open[j], c(f32::NEG_INFINITY), _mm256_castsi256_ps(taken));
+        }
+    }
+    if !save {
+        return;
+    }
+    for j in 0..N {
+        let x = _mm256_mul_ps(zv[j], c(inv_tau));
+        let mx = hmax8(_mm256_blendv_ps(c(f32::NEG_INFINITY), x, valid));
+        // exp_f32(x - max), lane by lane: clamp (NaN kept), n = round(x log2 e), e^r by the polynomial.
+        let x = _mm256_sub_ps(x, mx);
+        let x = _mm256_min_ps(c(88.376_26), _mm256_max_ps(c(-87.336_55), x));
+        let t = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), c(12_582_912.0));
+        let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(12_582_912f32.to_bits() as i32));
+        let fx = _mm256_sub_ps(t, c(12_582_912.0));
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(fx, c(0.693_359_4)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(fx, c(-2.121_944_4e-4)));
+        let zz = _mm256_mul_ps(r, r);
+        let mut y = _mm256_add_ps(_mm256_mul_ps(c(1.987_569_1e-4), r), c(1.398_199_9e-3));
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(8.333_452e-3));
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(4.166_579_6e-2));
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(1.666_666_5e-1));
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(5.000_000_1e-1));
+        y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, zz), r), c(1.0));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)));
+        let e = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(scale)), valid); // lanes past K: +0
+                                                                                    // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
+                                                                                    // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+        let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+        let yv = _mm256_castps_si256(_mm256_div_ps(e, _mm256_broadcastss_ps(h)));
+        let dst = &mut out[j][k + m..2 * k + m];
+        if k == LANES {
+            _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, yv);
+        } else {
+            // Only the first k lanes: the row's y columns end there.
+            _mm256_maskstore_epi32(dst.as_mut_ptr() as *mut i32, _mm256_castps_si256(valid), yv);
+        }
+    }
 }
 
 #[inline(always)]
@@ -571,13 +633,10 @@ fn noise_batch<const AVX2: bool>(p: &GumbelParams, t0: usize, ci: &[[u32; MAX_K]
     }
 }
 
-/// z[..k] <- softmax(z[..k] * inv_tau): scale, max, exp(z - max), sum in order, divide. The one
+/// z[..k] <- softmax(z[..k] * inv_tau): scale, max, exp(z - max), sum ([`softmax_sum`]), divide. The one
 /// definition of the weights arithmetic on the CPU (select's saved y and the weights op).
 #[inline(always)]
-fn softmax_scaled<T: Real, const AVX2: bool>(z: &mut [T; MAX_K], k: usize, inv_tau: T) {
-    if AVX2 && T::softmax_avx2(z, k, inv_tau) {
-        return;
-    }
+fn softmax_scaled<T: Real>(z: &mut [T; MAX_K], k: usize, inv_tau: T) {
     for v in &mut z[..k] {
         *v = v.mul(inv_tau);
     }
@@ -587,21 +646,35 @@ fn softmax_scaled<T: Real, const AVX2: bool>(z: &mut [T; MAX_K], k: usize, inv_t
             mx = v;
         }
     }
-    let mut sum = T::ZERO;
     for v in &mut z[..k] {
         *v = v.sub(mx).exp();
-        sum = sum.add(*v);
     }
+    let sum = softmax_sum(&z[..k]);
     for v in &mut z[..k] {
         *v = v.div(sum);
     }
+}
+
+/// The sum of the softmax terms in a fixed order that one AVX2 register computes without leaving
+/// registers: 8 lane sums (lane l adds z[l], z[l + 8], ... in order, the rows past K count as 0),
+/// then the tree ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). Every CPU path (f32 and f64,
+/// portable and AVX2) sums in this order, so they give the same bits; the GPU kernels sum in index
+/// order, which can differ in the last bit.
+#[inline(always)]
+fn softmax_sum<T: Real>(z: &[T]) -> T {
+    let mut a = [T::ZERO; LANES];
+    for (i, &v) in z.iter().enumerate() {
+        a[i % LANES] = a[i % LANES].add(v);
+    }
+    let b = [a[0].add(a[4]), a[1].add(a[5]), a[2].add(a[6]), a[3].add(a[7])];
+    b[0].add(b[2]).add(b[1].add(b[3]))
 }
 
 /// The end of one row of the selection: `out` gets the K candidates `ci`, then the m chosen
 /// positions of the top m of cv + g, then (when `save` is true) the K weights
 /// y = softmax((cv + g) / tau) as f32 bits.
 #[inline(always)]
-fn choose_row<T: Real, const AVX2: bool>(
+fn choose_row<T: Real>(
     p: &GumbelParams,
     cv: &[T; MAX_K],
     ci: &[u32; MAX_K],
@@ -628,7 +701,7 @@ fn choose_row<T: Real, const AVX2: bool>(
         out[k + s] = best as u32;
     }
     if save {
-        softmax_scaled::<T, AVX2>(&mut z, k, T::from_f64(1.0 / p.tau)); // z is y from here
+        softmax_scaled(&mut z, k, T::from_f64(1.0 / p.tau)); // z is y from here
         for (o, v) in out[k + p.m..2 * k + p.m].iter_mut().zip(&z[..k]) {
             *o = v.to_f32().to_bits();
         }
@@ -668,7 +741,7 @@ pub(super) fn weights_row<T: Real>(
         // Same rounding steps as the reference: (cand + g) in T, then `* (1/tau)` (candle's `t / tau`).
         z[i] = l.add(T::from_f32(g[i]));
     }
-    softmax_scaled::<T, false>(&mut z, k, inv_tau);
+    softmax_scaled(&mut z, k, inv_tau);
     y.copy_from_slice(&z[..k]);
     Ok(())
 }
@@ -732,8 +805,16 @@ pub(super) fn select_block_impl<T: Real, const AVX2: bool>(
             T::top_k::<AVX2>(r.row(data, tb + i), p.k, &mut cv[i], &mut ci[i]).map_err(|e| (tb + i, e))?;
         }
         noise_batch::<AVX2>(p, tb, &ci[..n], &mut g[..n]);
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && p.k <= LANES {
+            if let Some(cvf) = T::as_f32_rows(&cv[..n]) {
+                // SAFETY: AVX2 is true only inside the `*_avx2` block functions (AVX2 CPUs); K <= 8.
+                unsafe { choose_batch_avx2(p, cvf, &ci[..n], &g[..n], ob, w, save) };
+                continue;
+            }
+        }
         for (i, o) in ob.chunks_exact_mut(w).enumerate() {
-            choose_row::<T, AVX2>(p, &cv[i], &ci[i], &g[i], o, save);
+            choose_row(p, &cv[i], &ci[i], &g[i], o, save);
         }
     }
     Ok(())
