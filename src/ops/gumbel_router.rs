@@ -571,15 +571,21 @@ pub struct FusedRouting {
 /// candidates, row-major on the host. On the CPU it reads the storage in place (no copy); on a GPU
 /// it copies only the K + m index columns.
 fn host_indices(cand_sel: &Tensor, k: usize, m: usize, hard: bool) -> Result<Vec<u32>> {
+    // Blocks of rows in parallel (rayon), each row's experts into its own slots.
     let pick = |rows: &[u32], w: usize| -> Vec<u32> {
-        let mut out = Vec::with_capacity(rows.len() / w * if hard { m } else { k });
-        for r in rows.chunks_exact(w) {
-            if hard {
-                out.extend(r[k..k + m].iter().map(|&s| r[s as usize]));
-            } else {
-                out.extend_from_slice(&r[..k]);
+        let per = if hard { m } else { k };
+        let mut out = vec![0u32; rows.len() / w * per];
+        out.par_chunks_mut(per * ROWS_PER_TASK).zip(rows.par_chunks(w * ROWS_PER_TASK)).for_each(|(o, b)| {
+            for (o, r) in o.chunks_exact_mut(per).zip(b.chunks_exact(w)) {
+                if hard {
+                    for (o, &s) in o.iter_mut().zip(&r[k..k + m]) {
+                        *o = r[s as usize];
+                    }
+                } else {
+                    o.copy_from_slice(&r[..k]);
+                }
             }
-        }
+        });
         out
     };
     if cand_sel.device().is_cpu() {

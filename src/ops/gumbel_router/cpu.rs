@@ -539,14 +539,34 @@ pub(super) unsafe fn top_k_f32_avx2(
     //    Counted 8 survivors at a time: for each survivor j, broadcast it and add (sv[j] > lane) to
     //    the counts of every lane (no horizontal sum, one loop exit per row).
     let mut cnt = [0u32; SURVIVORS + LANES];
-    match n.div_ceil(LANES) {
-        0 | 1 => rank_lanes::<1>(&sv, n, &mut cnt),
-        2 => rank_lanes::<2>(&sv, n, &mut cnt),
-        3 => rank_lanes::<3>(&sv, n, &mut cnt),
-        4 => rank_lanes::<4>(&sv, n, &mut cnt),
-        5 => rank_lanes::<5>(&sv, n, &mut cnt),
-        _ => rank_lanes::<{ SURVIVORS / LANES }>(&sv, n, &mut cnt),
+    if n <= 3 * LANES {
+        // The common case (about 2K survivors): slot r takes the one lane whose count is r, found
+        // with a compare per register (no loop over the survivors). Lanes past n count >= n >= K.
+        // A rank r < K held by no lane or by several means a tie at or above the K-th value (rare
+        // for real logits): the insertion path orders equal values by index.
+        rank_lanes::<3>(&sv, n, &mut cnt);
+        let c0 = _mm256_loadu_si256(cnt.as_ptr() as *const __m256i);
+        let c1 = _mm256_loadu_si256(cnt.as_ptr().add(LANES) as *const __m256i);
+        let c2 = _mm256_loadu_si256(cnt.as_ptr().add(2 * LANES) as *const __m256i);
+        let hits = |r: i32| -> u32 {
+            let rv = _mm256_set1_epi32(r);
+            let m = |c: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c, rv))) as u32;
+            m(c0) | m(c1) << LANES | m(c2) << (2 * LANES)
+        };
+        for r in 0..k {
+            let hit = hits(r as i32);
+            if hit.count_ones() != 1 {
+                return top_k_insertion(lg, k, cv, ci);
+            }
+            let i = hit.trailing_zeros() as usize;
+            cv[r] = sv[i];
+            ci[r] = si[i];
+        }
+        return Ok(());
     }
+    // Many survivors: rank = a permutation of 0..n exactly when the survivors are distinct; a tie
+    // takes the insertion path.
+    rank_lanes::<{ SURVIVORS / LANES }>(&sv, n, &mut cnt);
     let mut ranks = 0u64; // n <= SURVIVORS < 64
     for i in 0..n {
         let gt = cnt[i];
