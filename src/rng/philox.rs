@@ -165,7 +165,7 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
         let even = _mm256_mul_epu32(a, m); // lanes 0, 2, 4, 6 as 64-bit products
         let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m); // lanes 1, 3, 5, 7
         let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-        let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+        let lo = _mm256_mullo_epi32(a, m); // the low words, wrapping
         (hi, lo)
     }
     #[inline(always)]
