@@ -548,13 +548,17 @@ pub(super) unsafe fn top_k_f32_avx2(
         let c0 = _mm256_loadu_si256(cnt.as_ptr() as *const __m256i);
         let c1 = _mm256_loadu_si256(cnt.as_ptr().add(LANES) as *const __m256i);
         let c2 = _mm256_loadu_si256(cnt.as_ptr().add(2 * LANES) as *const __m256i);
-        let hits = |r: i32| -> u32 {
+        // (A function, not a closure: closures do not inherit the caller's target features.)
+        #[inline(always)]
+        unsafe fn hits(c: [__m256i; 3], r: i32) -> u32 {
             let rv = _mm256_set1_epi32(r);
-            let m = |c: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c, rv))) as u32;
-            m(c0) | m(c1) << LANES | m(c2) << (2 * LANES)
-        };
+            let m0 = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c[0], rv))) as u32;
+            let m1 = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c[1], rv))) as u32;
+            let m2 = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c[2], rv))) as u32;
+            m0 | m1 << LANES | m2 << (2 * LANES)
+        }
         for r in 0..k {
-            let hit = hits(r as i32);
+            let hit = hits([c0, c1, c2], r as i32);
             if hit.count_ones() != 1 {
                 return top_k_insertion(lg, k, cv, ci);
             }
