@@ -96,6 +96,7 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
     /// The exp of the softmax: [`exp_f32`] for f32, libm for f64 (the gradient-check precision).
     fn exp(self) -> Self;
     /// Rows as f32 (for the one-register AVX2 paths), None for f64.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn as_f32_rows(rows: &[[Self; MAX_K]]) -> Option<&[[f32; MAX_K]]>;
     fn is_finite(self) -> bool;
     /// Top-K of a row into `cv`/`ci` (best first, ties to the lower index); Err(expert) at the
