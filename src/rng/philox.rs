@@ -47,6 +47,14 @@ pub fn u32_to_open_unit(x: u32) -> f32 {
     ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
 }
 
+// The constants of `ln_pos` and of its 8-lane twin in `gumbel_noise_avx2`.
+const LN2_HI: f32 = f32::from_bits(0x3f31_7180); // 6.9313812256e-01
+const LN2_LO: f32 = f32::from_bits(0x3717_f7d1); // 9.0580006145e-06
+const LG1: f32 = f32::from_bits(0x3f2a_aaaa); // 0.66666662693
+const LG2: f32 = f32::from_bits(0x3ecc_ce13); // 0.40000972152
+const LG3: f32 = f32::from_bits(0x3e91_e9ee); // 0.28498786688
+const LG4: f32 = f32::from_bits(0x3e78_9e26); // 0.24279078841
+
 /// Natural log of a positive, normal, finite f32 (the only inputs the noise has: u in (0, 1) from
 /// 23 bits, and -ln u in [2^-24, 16.7]); error under 1 ulp. The musl/FreeBSD `logf` algorithm
 /// (ln(1 + f) = 2 atanh(f / (2 + f)) with a degree-4 polynomial in s^2), written with plain IEEE
@@ -55,13 +63,7 @@ pub fn u32_to_open_unit(x: u32) -> f32 {
 /// than a libm call when vectorized. The GPU kernels use their `logf`, which may differ by an ulp.
 #[inline(always)]
 pub fn ln_pos(x: f32) -> f32 {
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7180); // 6.9313812256e-01
-    const LN2_LO: f32 = f32::from_bits(0x3717_f7d1); // 9.0580006145e-06
-    const LG1: f32 = f32::from_bits(0x3f2a_aaaa); // 0.66666662693
-    const LG2: f32 = f32::from_bits(0x3ecc_ce13); // 0.40000972152
-    const LG3: f32 = f32::from_bits(0x3e91_e9ee); // 0.28498786688
-    const LG4: f32 = f32::from_bits(0x3e78_9e26); // 0.24279078841
-                                                  // x = 2^k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
+    // x = 2^k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
     let ix = x.to_bits().wrapping_add(0x3f80_0000 - 0x3f35_04f3);
     let k = (ix >> 23) as i32 - 0x7f;
     let f = f32::from_bits((ix & 0x007f_ffff) + 0x3f35_04f3) - 1.0;
@@ -179,22 +181,16 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
         let s = _mm256_div_ps(f, _mm256_add_ps(c(2.0), f));
         let z = _mm256_mul_ps(s, s);
         let w = _mm256_mul_ps(z, z);
-        let t1 = _mm256_mul_ps(
-            w,
-            _mm256_add_ps(c(f32::from_bits(0x3ecc_ce13)), _mm256_mul_ps(w, c(f32::from_bits(0x3e78_9e26)))),
-        );
-        let t2 = _mm256_mul_ps(
-            z,
-            _mm256_add_ps(c(f32::from_bits(0x3f2a_aaaa)), _mm256_mul_ps(w, c(f32::from_bits(0x3e91_e9ee)))),
-        );
+        let t1 = _mm256_mul_ps(w, _mm256_add_ps(c(LG2), _mm256_mul_ps(w, c(LG4))));
+        let t2 = _mm256_mul_ps(z, _mm256_add_ps(c(LG1), _mm256_mul_ps(w, c(LG3))));
         let r = _mm256_add_ps(t2, t1);
         let hfsq = _mm256_mul_ps(_mm256_mul_ps(c(0.5), f), f);
         let dk = _mm256_cvtepi32_ps(k);
         let a = _mm256_mul_ps(s, _mm256_add_ps(hfsq, r));
-        let a = _mm256_add_ps(a, _mm256_mul_ps(dk, c(f32::from_bits(0x3717_f7d1))));
+        let a = _mm256_add_ps(a, _mm256_mul_ps(dk, c(LN2_LO)));
         let a = _mm256_sub_ps(a, hfsq);
         let a = _mm256_add_ps(a, f);
-        _mm256_add_ps(a, _mm256_mul_ps(dk, c(f32::from_bits(0x3f31_7180))))
+        _mm256_add_ps(a, _mm256_mul_ps(dk, c(LN2_HI)))
     }
     let [k0, k1] = key_from_seed(seed);
     let c3 = (Stream::Gumbel as u32) << 16 | (layer & 0xffff);

@@ -55,30 +55,58 @@ pub(super) fn noise_row<const AVX2: bool>(
 /// no softmax weight can tell apart from 0. NaN stays NaN.
 #[inline(always)]
 pub(super) fn exp_f32(x: f32) -> f32 {
-    const LO: f32 = -87.336_55; // ln(2^-126)
-    const HI: f32 = 88.376_26;
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
-    const C2: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = if x < LO {
-        LO
-    } else if x > HI {
-        HI
+    let x = if x < EXP_LO {
+        EXP_LO
+    } else if x > EXP_HI {
+        EXP_HI
     } else {
         x
     };
-    let t = x * LOG2E + MAGIC;
-    let n = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32; // round(x log2 e)
-    let fx = t - MAGIC;
-    let r = x - fx * C1;
-    let r = r - fx * C2;
+    let t = x * std::f32::consts::LOG2_E + EXP_MAGIC;
+    let n = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32; // round(x log2 e)
+    let fx = t - EXP_MAGIC;
+    let r = x - fx * EXP_C1;
+    let r = r - fx * EXP_C2;
     let z = r * r;
-    let y = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
-        * r
-        + 5.000_000_1e-1;
+    let [p0, p1, p2, p3, p4, p5] = EXP_P;
+    let y = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5;
     let y = y * z + r + 1.0;
     y * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+// The constants of `exp_f32` and of its 8-lane twin `exp8_avx2`.
+const EXP_LO: f32 = -87.336_55; // ln(2^-126)
+const EXP_HI: f32 = 88.376_26;
+const EXP_C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
+const EXP_C2: f32 = -2.121_944_4e-4;
+const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+/// The degree-5 polynomial for e^r, highest power first.
+#[allow(clippy::excessive_precision)]
+const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+
+/// [`exp_f32`] on 8 lanes: the same operations in the same order (no FMA), so the same bits.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // The clamp as max then min: NaN stays NaN (the second operand is returned for NaN).
+    let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+    let t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _mm256_set1_ps(EXP_MAGIC));
+    let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(EXP_MAGIC.to_bits() as i32));
+    let fx = _mm256_sub_ps(t, _mm256_set1_ps(EXP_MAGIC));
+    let r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C1)));
+    let r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C2)));
+    let z = _mm256_mul_ps(r, r);
+    let mut y = _mm256_set1_ps(EXP_P[0]);
+    for &p in &EXP_P[1..] {
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(p));
+    }
+    let y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0));
+    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
 }
 
 /// The float types the CPU kernels run in.
@@ -259,25 +287,9 @@ unsafe fn choose8_avx2<const N: usize>(
     for j in 0..N {
         let x = _mm256_mul_ps(zv[j], c(inv_tau));
         let mx = hmax8(_mm256_blendv_ps(c(f32::NEG_INFINITY), x, valid));
-        // exp_f32(x - max), lane by lane: clamp (NaN kept), n = round(x log2 e), e^r by the polynomial.
-        let x = _mm256_sub_ps(x, mx);
-        let x = _mm256_min_ps(c(88.376_26), _mm256_max_ps(c(-87.336_55), x));
-        let t = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), c(12_582_912.0));
-        let n = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(12_582_912f32.to_bits() as i32));
-        let fx = _mm256_sub_ps(t, c(12_582_912.0));
-        let r = _mm256_sub_ps(x, _mm256_mul_ps(fx, c(0.693_359_4)));
-        let r = _mm256_sub_ps(r, _mm256_mul_ps(fx, c(-2.121_944_4e-4)));
-        let zz = _mm256_mul_ps(r, r);
-        let mut y = _mm256_add_ps(_mm256_mul_ps(c(1.987_569_1e-4), r), c(1.398_199_9e-3));
-        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(8.333_452e-3));
-        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(4.166_579_6e-2));
-        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(1.666_666_5e-1));
-        y = _mm256_add_ps(_mm256_mul_ps(y, r), c(5.000_000_1e-1));
-        y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, zz), r), c(1.0));
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127)));
-        let e = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(scale)), valid); // lanes past K: +0
-                                                                                    // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
-                                                                                    // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+        let e = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(x, mx)), valid); // lanes past K: +0
+                                                                       // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
+                                                                       // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
         let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
