@@ -16,6 +16,9 @@ use gumbel_moe::ops::{
     ExpertOrder, ExpertSort,
 };
 
+mod common;
+use common::host::router_config;
+
 const CPU: Device = Device::Cpu;
 
 /// SplitMix64: a test-local generator.
@@ -275,21 +278,13 @@ fn split_rows_gives_each_experts_block() -> Result<()> {
 
 // ---------- the whole MoE layer ----------
 
+/// The shared router test config (7 experts over 12-dim tokens) with capacity, both router losses
+/// and the implementation set.
 fn layer_config(kind: &str, m: usize, k: usize, hard: bool, cf: f64, imp: &str) -> Config {
-    let mut c = Config::default();
-    c.model.n_embd = 12;
-    c.model.n_head = 1;
-    c.model.n_layer = 2;
-    c.model.moe.num_experts = 7;
-    c.model.moe.expert_hidden = 16;
+    let mut c = router_config(kind, 7, 12, m, k, hard);
     c.model.moe.capacity_factor = cf;
     c.model.moe.balance_coef = 0.1;
     c.model.moe.z_coef = 0.01;
-    c.model.router.kind = kind.into();
-    c.model.router.top_m = m;
-    c.model.router.prefilter = k;
-    c.model.router.hard = hard;
-    c.model.router.init_std = 1.0;
     c.model.router.implementation = imp.into();
     c
 }
