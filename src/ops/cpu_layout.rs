@@ -64,3 +64,22 @@ pub fn u32_slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [u32
         other => candle_core::bail!("{op}: {what} must be u32, got {:?}", other.dtype()),
     }
 }
+
+/// An output buffer of `n` elements that the caller's kernel writes in full before anything reads
+/// it: left uninitialized in release builds (as Candle's own `alloc_uninit`; a zero fill of the
+/// router's 6.5 MB output was a serial memset before the parallel rows), filled with `poison` in
+/// debug builds so that a kernel that skips an element fails the tests that compare it (choose a
+/// poison no kernel writes: NaN, u32::MAX).
+pub fn output_vec<T: Copy>(n: usize, poison: T) -> Vec<T> {
+    if cfg!(debug_assertions) {
+        return vec![poison; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: T is Copy plain data (f32, f64, u32 here); every caller's kernel writes all n elements
+    // before the vector is read or returned (debug builds check that through the poison).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}

@@ -53,7 +53,7 @@
 //! per device) are thin entry points `<op>_f32`: one thread per row for select and weights, one per
 //! output element for weights_bwd. The CPU kernels live in `gumbel_router/cpu.rs`.
 
-use super::cpu_layout::{u32_slice, Rows};
+use super::cpu_layout::{output_vec, u32_slice, Rows};
 use crate::rng;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -185,7 +185,7 @@ impl GumbelSelect {
     fn cpu<T: Real>(&self, data: &[T], r: Rows) -> Result<Vec<u32>> {
         let p = &self.p;
         let w = self.width();
-        let mut out = vec![0u32; r.rows * w];
+        let mut out = output_vec(r.rows * w, u32::MAX); // every column of every row is written
         out.par_chunks_mut(w * ROWS_PER_TASK).enumerate().try_for_each(|(b, o)| {
             select_block(data, r, p, b * ROWS_PER_TASK, o, w, self.save_y).map_err(|(t, e)| {
                 candle_core::Error::Msg(format!(
@@ -288,7 +288,7 @@ impl GumbelWeights {
         let inv_tau = T::from_f64(1.0 / p.tau);
         // Saved y are f32 bits: f64 (gradient checks) computes y at full precision.
         let y_col = if T::IS_F32 { self.y_col(rc.cols) } else { 0 };
-        let mut y = vec![T::ZERO; rl.rows * k];
+        let mut y = output_vec(rl.rows * k, T::from_f64(f64::NAN)); // every weight is written
         y.par_chunks_mut(k * ROWS_PER_TASK).enumerate().try_for_each(|(b, yb)| {
             weights_block(lg, rl, cand, rc, p, b * ROWS_PER_TASK, yb, inv_tau, y_col).map_err(|(t, i)| {
                 candle_core::Error::Msg(format!(
@@ -574,7 +574,7 @@ fn host_indices(cand_sel: &Tensor, k: usize, m: usize, hard: bool) -> Result<Vec
     // Blocks of rows in parallel (rayon), each row's experts into its own slots.
     let pick = |rows: &[u32], w: usize| -> Vec<u32> {
         let per = if hard { m } else { k };
-        let mut out = vec![0u32; rows.len() / w * per];
+        let mut out = output_vec(rows.len() / w * per, u32::MAX); // every slot is written
         out.par_chunks_mut(per * ROWS_PER_TASK).zip(rows.par_chunks(w * ROWS_PER_TASK)).for_each(|(o, b)| {
             for (o, r) in o.chunks_exact_mut(per).zip(b.chunks_exact(w)) {
                 if hard {
