@@ -167,8 +167,14 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
         let even = _mm256_mul_epu32(a, m); // lanes 0, 2, 4, 6 as 64-bit products
         let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m); // lanes 1, 3, 5, 7
         let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-        let lo = _mm256_mullo_epi32(a, m); // the low words, wrapping
+        let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd)); // wrapping
         (hi, lo)
+    }
+    #[inline(always)]
+    unsafe fn mulhi8(a: __m256i, m: __m256i) -> __m256i {
+        let even = _mm256_mul_epu32(a, m);
+        let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
+        _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd)
     }
     #[inline(always)]
     unsafe fn ln8(x: __m256) -> __m256 {
@@ -200,7 +206,7 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
     let mut c = [_mm256_set1_epi32(step as i32); N];
     let mut d = [_mm256_set1_epi32(c3 as i32); N];
     let (mut k0, mut k1) = (k0, k1);
-    for round in 0..10 {
+    for round in 0..9 {
         if round > 0 {
             k0 = k0.wrapping_add(W0);
             k1 = k1.wrapping_add(W1);
@@ -214,6 +220,11 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
             c[i] = _mm256_xor_si256(_mm256_xor_si256(hi0, d[i]), kv1);
             d[i] = lo0;
         }
+    }
+    // Round 10 only for the first output word, the one the noise uses: a = hi(M1 c) ^ b ^ k0.
+    let kv0 = _mm256_set1_epi32(k0.wrapping_add(W0) as i32);
+    for i in 0..N {
+        a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhi8(c[i], m1), b[i]), kv0);
     }
     // u32_to_open_unit, then -ln(-ln u).
     let neg = _mm256_set1_ps(-0.0);
