@@ -434,8 +434,11 @@ impl GumbelWeightsBwd {
     fn cpu<T: Real>(&self, y: &[T], ry: Rows, dy: &[T], rd: Rows, cand: &[u32], rc: Rows) -> Result<Vec<T>> {
         let (k, e) = (self.p.k, self.e);
         let inv_tau = T::from_f64(1.0 / self.p.tau);
-        let mut dl = vec![T::ZERO; ry.rows * e];
+        // Zeroed row by row inside the parallel loop (a zeroed allocation is a serial memset when
+        // the allocator reuses memory).
+        let mut dl = output_vec(ry.rows * e, T::from_f64(f64::NAN));
         dl.par_chunks_mut(e.max(1)).with_min_len(ROWS_PER_TASK).enumerate().try_for_each(|(t, o)| {
+            o.fill(T::ZERO);
             let c = &rc.row(cand, t)[..k];
             bwd_row(ry.row(y, t), rd.row(dy, t), c, o, inv_tau).map_err(|i| {
                 candle_core::Error::Msg(format!(
