@@ -171,12 +171,6 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
         (hi, lo)
     }
     #[inline(always)]
-    unsafe fn mulhi8(a: __m256i, m: __m256i) -> __m256i {
-        let even = _mm256_mul_epu32(a, m);
-        let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
-        _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd)
-    }
-    #[inline(always)]
     unsafe fn ln8(x: __m256) -> __m256 {
         let c = |v: f32| _mm256_set1_ps(v);
         let ix = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x3f80_0000 - 0x3f35_04f3));
@@ -224,7 +218,7 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
     // Round 10 only for the first output word, the one the noise uses: a = hi(M1 c) ^ b ^ k0.
     let kv0 = _mm256_set1_epi32(k0.wrapping_add(W0) as i32);
     for i in 0..N {
-        a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhi8(c[i], m1), b[i]), kv0);
+        a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhilo8(c[i], m1).0, b[i]), kv0); // lo unused: dropped
     }
     // u32_to_open_unit, then -ln(-ln u).
     let neg = _mm256_set1_ps(-0.0);
