@@ -215,10 +215,11 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
             d[i] = lo0;
         }
     }
-    // Round 10 only for the first output word, the one the noise uses: a = hi(M1 c) ^ b ^ k0.
+    // Round 10 only for the first output word, the one the noise uses: a = hi(M1 c) ^ b ^ k0 (the
+    // low word of mulhilo8 is not used here).
     let kv0 = _mm256_set1_epi32(k0.wrapping_add(W0) as i32);
     for i in 0..N {
-        a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhilo8(c[i], m1).0, b[i]), kv0); // lo unused: dropped
+        a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhilo8(c[i], m1).0, b[i]), kv0);
     }
     // u32_to_open_unit, then -ln(-ln u).
     let neg = _mm256_set1_ps(-0.0);
