@@ -287,9 +287,10 @@ unsafe fn choose8_avx2<const N: usize>(
     for j in 0..N {
         let x = _mm256_mul_ps(zv[j], c(inv_tau));
         let mx = hmax8(_mm256_blendv_ps(c(f32::NEG_INFINITY), x, valid));
-        let e = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(x, mx)), valid); // lanes past K: +0
-                                                                       // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
-                                                                       // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+        // Lanes past K: +0.
+        let e = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(x, mx)), valid);
+        // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
+        // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
         let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
@@ -670,8 +671,8 @@ fn noise_batch<const AVX2: bool>(p: &GumbelParams, t0: usize, ci: &[[u32; MAX_K]
     }
 }
 
-/// z[..k] <- softmax(z[..k] * inv_tau): scale, max, exp(z - max), sum ([`softmax_sum`]), divide. The one
-/// definition of the weights arithmetic on the CPU (select's saved y and the weights op).
+/// z[..k] <- softmax(z[..k] * inv_tau): scale, max, exp(z - max), sum ([`softmax_sum`]), divide.
+/// The one definition of the weights arithmetic on the CPU (select's saved y and the weights op).
 #[inline(always)]
 fn softmax_scaled<T: Real>(z: &mut [T; MAX_K], k: usize, inv_tau: T) {
     for v in &mut z[..k] {
