@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::cpu_layout::Rows;
+use super::cpu_layout::{u32_slice, Rows};
 
 /// (y (T, K), cand_sel (T, >= K + m) u32) -> (T, m) weights equal to 1/m; the selected positions
 /// within K are columns K..K+m of `cand_sel` (the output of `GumbelSelect`).
@@ -74,9 +74,7 @@ impl CustomOp2 for StraightThrough {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = self.shape(l1, l2)?;
-        if !matches!(s2, CpuStorage::U32(_)) {
-            candle_core::bail!("{}: cand_sel must be u32, got {:?}", self.name(), s2.dtype());
-        }
+        u32_slice(s2, "cand_sel", self.name())?;
         let n = shape.elem_count();
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(vec![self.value() as f32; n]),
