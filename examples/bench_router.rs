@@ -159,12 +159,15 @@ fn main() -> Result<()> {
     println!("  straight-through op              {st_op}");
     println!("  forward + loss (no backward)     {loss}");
     println!("  weights op fwd + bwd alone       {w_fb}");
-    println!("calibration: one read of the {} MB of logits (1 thread) {read}", t * e * 4 >> 20);
-    println!(
-        "goal: fused forward <= 5 ms on this CPU: {} (median {:.2} ms, fastest {:.2} ms)",
-        if fused_fwd.wall <= 5.0 { "met" } else { "not met" },
-        fused_fwd.wall,
-        fused_fwd.min
-    );
+    println!("calibration: one read of the {} MB of logits (1 thread) {read}", (t * e * 4) >> 20);
+    // The goal is stated for one shape only.
+    if (t, e, k, m) == (65_536, 64, 8, 1) {
+        println!(
+            "goal: fused forward <= 5 ms on this CPU: {} (median {:.2} ms, fastest {:.2} ms)",
+            if fused_fwd.wall <= 5.0 { "met" } else { "not met" },
+            fused_fwd.wall,
+            fused_fwd.min
+        );
+    }
     Ok(())
 }
