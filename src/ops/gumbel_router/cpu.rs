@@ -6,11 +6,12 @@ use super::*;
 // CPU row kernels: the Rust twins of gm_select_row / gm_weights_row / gm_weights_bwd_elem.
 //
 // Where the time goes (T = 65,536, E = 64, K = 8): the top-K scan of the E logits, then per
-// candidate one Philox call and two logs, then the softmax over K. So the top-K is a threshold
-// filter plus a rank counted 8 survivors at a time (f32), rows go in batches of `BATCH` (all
-// top-Ks, then all noise, then the choices), the noise is 8 candidates per AVX2 register with two
-// rows' chains interleaved (`rng::gumbel_noise_avx2`; `rng::gumbel_noise_lanes` in the portable
-// build), the select op saves y for the weights op (no second pass over the logits), the softmax of
+// candidate one Philox call and two logs, then the softmax over K. So the top-K of 8 rows at a time
+// is a sorting network with the rows in AVX2 lanes (`top8_avx2`, K <= 8, E a multiple of 8), else
+// per row a threshold filter plus a rank counted 8 survivors at a time (f32); rows go in batches of
+// `BATCH` (all top-Ks, then all noise, then the choices), the noise is 8 candidates per AVX2
+// register with two rows' chains interleaved (`rng::gumbel_noise_avx2`; `rng::gumbel_noise_lanes`
+// in the portable build), the select op saves y for the weights op (no second pass over the logits), the softmax of
 // K <= 8 is one register, and the row loops are compiled twice (baseline and AVX2+FMA+POPCNT,
 // picked at run time). No FMA contraction happens in either build, so both give the same bits
 // (tested).
@@ -135,10 +136,18 @@ pub(super) trait Real: Copy + PartialOrd + Send + Sync + std::fmt::Display + 'st
         cv: &mut [Self; MAX_K],
         ci: &mut [u32; MAX_K],
     ) -> std::result::Result<(), usize>;
+    /// Top-K of 8 rows at once into `cv`/`ci` (8 rows each); returns the mask of the rows done
+    /// (the others go through [`Real::top_k`]). 0 where no batched path applies.
+    fn top_k_8rows<const AVX2: bool>(
+        rows: [&[Self]; LANES],
+        k: usize,
+        cv: &mut [[Self; MAX_K]],
+        ci: &mut [[u32; MAX_K]],
+    ) -> u32;
 }
 
 macro_rules! real {
-    ($t:ty, $is_f32:expr, $exp:expr, $top_k:ident, $as_f32s:expr) => {
+    ($t:ty, $is_f32:expr, $exp:expr, $top_k:ident, $top_k_8rows:ident, $as_f32s:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const IS_F32: bool = $is_f32;
@@ -191,11 +200,49 @@ macro_rules! real {
             ) -> std::result::Result<(), usize> {
                 $top_k::<AVX2>(lg, k, cv, ci)
             }
+            #[inline(always)]
+            fn top_k_8rows<const AVX2: bool>(
+                rows: [&[Self]; LANES],
+                k: usize,
+                cv: &mut [[Self; MAX_K]],
+                ci: &mut [[u32; MAX_K]],
+            ) -> u32 {
+                $top_k_8rows::<AVX2>(rows, k, cv, ci)
+            }
         }
     };
 }
-real!(f32, true, exp_f32, top_k_f32_dispatch, Some);
-real!(f64, false, f64::exp, top_k_f64_dispatch, |_| None);
+real!(f32, true, exp_f32, top_k_f32_dispatch, top_k_8rows_f32, Some);
+real!(f64, false, f64::exp, top_k_f64_dispatch, top_k_8rows_none, |_| None);
+
+/// [`Real::top_k_8rows`] for f32: the network of `top8_avx2` where it applies.
+#[inline(always)]
+fn top_k_8rows_f32<const AVX2: bool>(
+    rows: [&[f32]; LANES],
+    k: usize,
+    cv: &mut [[f32; MAX_K]],
+    ci: &mut [[u32; MAX_K]],
+) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && top8_avx2::fits(rows[0].len(), k) {
+        // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs;
+        // the rows of one tensor all hold E logits.
+        return unsafe { top8_avx2::top8_rows(rows, k, cv, ci) };
+    }
+    let _ = (rows, k, cv, ci);
+    0
+}
+
+/// [`Real::top_k_8rows`] for f64 (the gradient-check precision): no batched path.
+#[inline(always)]
+fn top_k_8rows_none<const AVX2: bool>(
+    _rows: [&[f64]; LANES],
+    _k: usize,
+    _cv: &mut [[f64; MAX_K]],
+    _ci: &mut [[u32; MAX_K]],
+) -> u32 {
+    0
+}
 
 /// The largest of 8 lanes, broadcast (exact in any order).
 ///
@@ -627,9 +674,11 @@ unsafe fn rank_lanes<const R: usize>(sv: &[f32; SURVIVORS + LANES], n: usize, cn
     }
 }
 
-/// Rows per batch of the selection: first the top-K of every row (branchy), then the noise of
-/// all of them (branch-free, two rows' Philox chains interleaved), then the choice.
+/// Rows per batch of the selection: first the top-K of every row (8 rows at a time, or one by
+/// one), then the noise of all of them (branch-free, two rows' Philox chains interleaved), then the
+/// choice. At most 32 (a u32 holds the batch's rows left to the per-row top-K), a multiple of 8.
 pub(super) const BATCH: usize = 16;
+const _: () = assert!(BATCH <= 32 && BATCH.is_multiple_of(LANES));
 /// Rows whose noise is drawn together (interleaved chains).
 #[cfg(target_arch = "x86_64")]
 const NX: usize = 2;
@@ -839,7 +888,21 @@ pub(super) fn select_block_impl<T: Real, const AVX2: bool>(
     let mut g = [[0f32; MAX_K]; BATCH];
     for (b, ob) in out.chunks_mut(w * BATCH).enumerate() {
         let (tb, n) = (t0 + b * BATCH, ob.len() / w);
-        for i in 0..n {
+        // Eight rows at a time where the network applies, then the rows it left and the tail.
+        let mut left = 0u32; // bit i: row i still needs the per-row top-K
+        for i0 in (0..n).step_by(LANES) {
+            let rows = n.min(i0 + LANES) - i0;
+            let done = if AVX2 && rows == LANES {
+                let rs = std::array::from_fn(|j| r.row(data, tb + i0 + j));
+                T::top_k_8rows::<AVX2>(rs, p.k, &mut cv[i0..i0 + LANES], &mut ci[i0..i0 + LANES])
+            } else {
+                0
+            };
+            left |= (!done & ((1 << rows) - 1)) << i0;
+        }
+        while left != 0 {
+            let i = left.trailing_zeros() as usize;
+            left &= left - 1;
             T::top_k::<AVX2>(r.row(data, tb + i), p.k, &mut cv[i], &mut ci[i]).map_err(|e| (tb + i, e))?;
         }
         noise_batch::<AVX2>(p, tb, &ci[..n], &mut g[..n]);
