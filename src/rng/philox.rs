@@ -195,17 +195,35 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
     let [k0, k1] = key_from_seed(seed);
     let c3 = (Stream::Gumbel as u32) << 16 | (layer & 0xffff);
     let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
-    let mut a: [__m256i; N] = std::array::from_fn(|i| _mm256_set1_epi32(token[i] as i32));
-    let mut b: [__m256i; N] = std::array::from_fn(|i| _mm256_loadu_si256(expert[i].as_ptr() as *const __m256i));
-    let mut c = [_mm256_set1_epi32(step as i32); N];
-    let mut d = [_mm256_set1_epi32(c3 as i32); N];
-    let (mut k0, mut k1) = (k0, k1);
-    for round in 0..9 {
-        if round > 0 {
-            k0 = k0.wrapping_add(W0);
-            k1 = k1.wrapping_add(W1);
-        }
-        let (kv0, kv1) = (_mm256_set1_epi32(k0 as i32), _mm256_set1_epi32(k1 as i32));
+    let set = |v: u32| _mm256_set1_epi32(v as i32);
+    let key = |r: u32| (k0.wrapping_add(r.wrapping_mul(W0)), k1.wrapping_add(r.wrapping_mul(W1)));
+    // The counter is (token, expert, step, c3): only the expert differs between lanes. So the
+    // products of the first three rounds that do not depend on it are scalars per row (and round
+    // 1's M1 * step one for all rows): 4 of the 19 vector products are not needed.
+    let (mut a, mut b, mut c, mut d) = ([set(0); N], [set(0); N], [set(0); N], [set(0); N]);
+    let (h1s, l1s) = mulhilo(M1, step);
+    let ((ka0, kb0), (ka1, kb1), (ka2, kb2)) = (key(0), key(1), key(2));
+    for i in 0..N {
+        // Round 1: a = hi(M1 step) ^ expert ^ k, b = lo(M1 step), c and d per row.
+        let (h0, l0) = mulhilo(M0, token[i]);
+        let a1 = _mm256_xor_si256(_mm256_loadu_si256(expert[i].as_ptr() as *const __m256i), set(h1s ^ ka0));
+        let (c1, d1) = (h0 ^ c3 ^ kb0, l0);
+        // Round 2: M0 * a per lane, M1 * c per row.
+        let (hv, lv) = mulhilo8(a1, m0);
+        let (h1, l1) = mulhilo(M1, c1);
+        let (a2, b2) = (h1 ^ l1s ^ ka1, l1);
+        let (c2, d2) = (_mm256_xor_si256(hv, set(d1 ^ kb1)), lv);
+        // Round 3: M0 * a per row, M1 * c per lane.
+        let (h0, l0) = mulhilo(M0, a2);
+        let (hv, lv) = mulhilo8(c2, m1);
+        a[i] = _mm256_xor_si256(hv, set(b2 ^ ka2));
+        b[i] = lv;
+        c[i] = _mm256_xor_si256(d2, set(h0 ^ kb2));
+        d[i] = set(l0);
+    }
+    for round in 3..9 {
+        let (k0, k1) = key(round);
+        let (kv0, kv1) = (set(k0), set(k1));
         for i in 0..N {
             let (hi0, lo0) = mulhilo8(a[i], m0);
             let (hi1, lo1) = mulhilo8(c[i], m1);
@@ -217,7 +235,7 @@ pub unsafe fn gumbel_noise_avx2<const N: usize>(
     }
     // Round 10 only for the first output word, the one the noise uses: a = hi(M1 c) ^ b ^ k0 (the
     // low word of mulhilo8 is not used here).
-    let kv0 = _mm256_set1_epi32(k0.wrapping_add(W0) as i32);
+    let kv0 = set(key(9).0);
     for i in 0..N {
         a[i] = _mm256_xor_si256(_mm256_xor_si256(mulhilo8(c[i], m1).0, b[i]), kv0);
     }
