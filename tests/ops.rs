@@ -61,9 +61,13 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     a.to_dtype(DType::F64)?.sub(&b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
 }
 
-/// (T, E, K, m) shapes: E not a multiple of 32, K = 1, K = E, m = 2, T = 1.
-const SHAPES: [(usize, usize, usize, usize); 8] = [
+/// (T, E, K, m) shapes: E not a multiple of 32, K = 1, K = E, m = 2, T = 1. With AVX2, the rows
+/// of (64, 64, 8, 1), (24, 8, 8, 2) and (19, 40, 5, 2) go 8 at a time through the sorting-network
+/// top-K (E a multiple of 8, K <= 8; 19 rows leave a tail of 3 for the per-row path).
+const SHAPES: [(usize, usize, usize, usize); 10] = [
     (1, 8, 1, 1),
+    (24, 8, 8, 2),
+    (19, 40, 5, 2),
     (5, 37, 4, 2),
     (17, 100, 16, 2),
     (64, 64, 8, 1),
@@ -229,7 +233,15 @@ fn finite_difference_gradcheck() -> Result<()> {
 /// The fused op's first pick is a sample from softmax over the top-K logits (Gumbel-max).
 #[test]
 fn selection_frequencies_follow_softmax_over_candidates() -> Result<()> {
-    let (e, k, n) = (37usize, 6usize, 40_000usize);
+    // E = 37: the per-row top-K; E = 64, K = 8: the sorting network (with AVX2).
+    for (e, k) in [(37usize, 6usize), (64, 8)] {
+        selection_frequencies(e, k)?;
+    }
+    Ok(())
+}
+
+fn selection_frequencies(e: usize, k: usize) -> Result<()> {
+    let n = 40_000usize;
     let row = logits(1, e, 77, 1.0, DType::F32)?.to_vec2::<f32>()?.remove(0);
     let x = Tensor::from_vec(row.repeat(n), (n, e), &Device::Cpu)?;
     // Every token sees the same logits and its own noise (keyed by its token index).

@@ -119,48 +119,37 @@ unsafe fn cx(v: &mut [__m256; LANES], a: usize, b: usize) {
     v[b] = _mm256_min_ps(x, y);
 }
 
+/// A comparator network written out as straight-line [`cx`] calls: as a loop over a table of pairs,
+/// the compiler kept `v` in memory and the op ran slower than the per-row path it replaces.
+macro_rules! network {
+    ($v:ident: $(($a:literal, $b:literal)),* $(,)?) => {
+        $(cx($v, $a, $b);)*
+    };
+}
+
 /// Sorts 8 lanes-wise keys in descending order: the 19-comparator, depth-6 network for n = 8
 /// (Knuth, TAOCP 5.3.4).
 #[inline(always)]
 unsafe fn sort8(v: &mut [__m256; LANES]) {
-    // Written out: as a loop over a table the compiler kept `v` in memory.
-    cx(v, 0, 2);
-    cx(v, 1, 3);
-    cx(v, 4, 6);
-    cx(v, 5, 7);
-    cx(v, 0, 4);
-    cx(v, 1, 5);
-    cx(v, 2, 6);
-    cx(v, 3, 7);
-    cx(v, 0, 1);
-    cx(v, 2, 3);
-    cx(v, 4, 5);
-    cx(v, 6, 7);
-    cx(v, 2, 4);
-    cx(v, 3, 5);
-    cx(v, 1, 4);
-    cx(v, 3, 6);
-    cx(v, 1, 2);
-    cx(v, 3, 4);
-    cx(v, 5, 6);
+    // One line per layer.
+    network!(v:
+        (0, 2), (1, 3), (4, 6), (5, 7),
+        (0, 4), (1, 5), (2, 6), (3, 7),
+        (0, 1), (2, 3), (4, 5), (6, 7),
+        (2, 4), (3, 5),
+        (1, 4), (3, 6),
+        (1, 2), (3, 4), (5, 6),
+    );
 }
 
 /// Sorts a bitonic sequence of 8 in descending order (strides 4, 2, 1).
 #[inline(always)]
 unsafe fn bitonic8(v: &mut [__m256; LANES]) {
-    // Written out, as in `sort8`.
-    cx(v, 0, 4);
-    cx(v, 1, 5);
-    cx(v, 2, 6);
-    cx(v, 3, 7);
-    cx(v, 0, 2);
-    cx(v, 1, 3);
-    cx(v, 4, 6);
-    cx(v, 5, 7);
-    cx(v, 0, 1);
-    cx(v, 2, 3);
-    cx(v, 4, 5);
-    cx(v, 6, 7);
+    network!(v:
+        (0, 4), (1, 5), (2, 6), (3, 7),
+        (0, 2), (1, 3), (4, 6), (5, 7),
+        (0, 1), (2, 3), (4, 5), (6, 7),
+    );
 }
 
 /// out[j] lane i = r[i] lane j.
