@@ -6,7 +6,8 @@
 # 2. a training run of configs/shakespeare-char-gpu.toml on the GPU: TRAIN_STEPS steps (default 150;
 #    0 skips it), at most TRAIN_S seconds (default 240), evaluating every EVAL_INTERVAL steps (default
 #    50, 20 batches) and over the whole validation split at the end; its metrics.jsonl goes to $OUT
-#    and tok/s and losses are printed. Extra `--set k=v` for it in TRAIN_SET.
+#    and tok/s and losses are printed. Extra `--set k=v` for it in TRAIN_SET (the config sets
+#    train.tf32 = true; TRAIN_SET="--set train.tf32=false" gives the full-f32 matmuls to compare).
 # 3. generation on the GPU from the run's final checkpoint.
 set -uo pipefail
 P="${1:-target/gpu}"

@@ -151,6 +151,10 @@ pub struct TrainConfig {
     pub final_full_eval: bool,
     /// "cpu", "cuda", "cuda:N" or "metal".
     pub device: String,
+    /// CUDA only: f32 matmuls in TF32 on tensor cores (cuBLAS, through Candle's
+    /// `set_gemm_reduced_precision_f32`), as nanoGPT's `allow_tf32 = True`. Off by default (full
+    /// f32, PyTorch's default); no effect on the CPU or Metal.
+    pub tf32: bool,
     /// Telemetry: an expert is "dead" when it got no tokens in the last this-many steps.
     pub dead_expert_window: usize,
 }
@@ -226,6 +230,7 @@ impl Default for Config {
                 keep_last: 2,
                 final_full_eval: true,
                 device: "cpu".into(),
+                tf32: false,
                 dead_expert_window: 100,
             },
         }

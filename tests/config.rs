@@ -45,6 +45,8 @@ fn the_cpu_recipe_is_nanogpts() {
     let g = Config::from_file(&configs_dir().join("shakespeare-char-gpu.toml"), &[]).unwrap();
     assert_eq!((g.model.block_size, g.model.n_layer, g.model.n_head, g.model.n_embd), (256, 6, 6, 384));
     assert_eq!((g.train.batch_size, g.train.max_iters, g.model.dropout, g.model.moe.num_experts), (64, 5000, 0.2, 16));
+    // TF32 matmuls as in nanoGPT's GPU recipe; the CPU recipe keeps the default (off).
+    assert!(g.train.tf32 && !c.train.tf32);
 }
 
 #[test]

@@ -128,6 +128,10 @@ impl Trainer {
         with_train: bool,
     ) -> Result<Self> {
         let device = device_from_str(&cfg.train.device)?;
+        if device.is_cuda() {
+            // A process-wide cuBLAS setting in Candle: the last trainer built decides.
+            candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
+        }
         let text = load_text(&cfg.data.source)?;
         let (train_text, val_text) = split_text(&text, cfg.data.train_fraction);
         let tokenizer = match tok {
