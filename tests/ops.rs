@@ -62,12 +62,15 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// (T, E, K, m) shapes: E not a multiple of 32, K = 1, K = E, m = 2, T = 1. With AVX2, the rows
-/// of (64, 64, 8, 1), (24, 8, 8, 2) and (19, 40, 5, 2) go 8 at a time through the sorting-network
-/// top-K (E a multiple of 8, K <= 8; 19 rows leave a tail of 3 for the per-row path).
-const SHAPES: [(usize, usize, usize, usize); 10] = [
+/// of (64, 64, 8, 1), (24, 8, 8, 2), (19, 40, 5, 2), (20, 64, 12, 3) and (16, 16, 16, 2) go 8 at a
+/// time through the sorting-network top-K (E a multiple of 8, K <= 16; 19 and 20 rows leave tails
+/// for the per-row path), and K = 12, 16 take the two-register choice and softmax.
+const SHAPES: [(usize, usize, usize, usize); 12] = [
     (1, 8, 1, 1),
     (24, 8, 8, 2),
     (19, 40, 5, 2),
+    (20, 64, 12, 3),
+    (16, 16, 16, 2),
     (5, 37, 4, 2),
     (17, 100, 16, 2),
     (64, 64, 8, 1),
@@ -101,6 +104,9 @@ fn forward_matches_reference() -> Result<()> {
                 let d = max_abs_diff(&y, &r.y)?;
                 assert!(d < tol, "y differs by {d} ({dtype:?} T={t} E={e} K={k} tau={tau})");
                 let f = gumbel_route(&x, &p, true)?;
+                // y as the select op saved it (computed in the same pass, copied by the weights op).
+                let d = max_abs_diff(&f.y, &r.y)?;
+                assert!(d < tol, "saved y differs by {d} ({dtype:?} T={t} E={e} K={k} tau={tau})");
                 assert_eq!(f.weights.dims2()?, (t, m));
                 let d = max_abs_diff(&f.weights, &r.w)?;
                 assert!(d == 0.0, "straight-through weights differ by {d}");

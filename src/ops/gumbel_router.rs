@@ -40,7 +40,7 @@
 //! Precision: f32 on every backend; the CPU also runs f64 (for finite-difference gradient checks).
 //! The CPU forward is multi-threaded over blocks of rows (rayon) with no per-element allocation;
 //! on x86-64 with AVX2 the row kernels run an AVX2 build (a sorting-network top-K of 8 rows at a
-//! time, `gumbel_router/top8_avx2.rs`, else threshold + left-pack + rank per row; 8-lane Philox and
+//! time, `gumbel_router/network_avx2.rs`, else threshold + left-pack + rank per row; 8-lane Philox and
 //! logs; one-register softmax), else a portable build; see `gumbel_router/cpu.rs`.
 //! The f32 softmax uses a Cephes-style `exp` (about 1 ulp), so y matches the reference softmax to
 //! ~1e-7, not bit for bit. Limits:
@@ -63,7 +63,7 @@ use rayon::prelude::*;
 mod cpu;
 use cpu::*;
 #[cfg(target_arch = "x86_64")]
-mod top8_avx2;
+mod network_avx2;
 
 /// Largest pre-filter K the kernels accept (`GM_MAX_K` in `kernels/gumbel_router.cuh`).
 pub const MAX_K: usize = 32;

@@ -7,7 +7,7 @@ use super::*;
 //
 // Where the time goes (T = 65,536, E = 64, K = 8): the top-K scan of the E logits, then per
 // candidate one Philox call and two logs, then the softmax over K. So the top-K of 8 rows at a time
-// is a sorting network with the rows in AVX2 lanes (`top8_avx2`, K <= 8, E a multiple of 8), else
+// is a sorting network with the rows in AVX2 lanes (`network_avx2`, K <= 16, E a multiple of 8), else
 // per row a threshold filter plus a rank counted 8 survivors at a time (f32); rows go in batches of
 // `BATCH` (all top-Ks, then all noise, then the choices), the noise is 8 candidates per AVX2
 // register with two rows' chains interleaved (`rng::gumbel_noise_avx2`; `rng::gumbel_noise_lanes`
@@ -36,6 +36,17 @@ pub(super) fn noise_row<const AVX2: bool>(
     let mut c = 0;
     while c < k {
         let lanes: &[u32; LANES] = ci[c..c + LANES].try_into().expect("MAX_K is a multiple of LANES");
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && c + LANES < k {
+            // Two registers of candidates (K > 8): their Philox chains interleaved.
+            let next: &[u32; LANES] = ci[c + LANES..c + 2 * LANES].try_into().expect("MAX_K is a multiple of 16");
+            // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs.
+            let [a, b] = unsafe { rng::gumbel_noise_avx2(p.seed, p.step, p.layer, [token; 2], [lanes, next]) };
+            g[c..c + LANES].copy_from_slice(&a);
+            g[c + LANES..c + 2 * LANES].copy_from_slice(&b);
+            c += 2 * LANES;
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         let v = if AVX2 {
             // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs.
@@ -215,7 +226,7 @@ macro_rules! real {
 real!(f32, true, exp_f32, top_k_f32_dispatch, top_k_8rows_f32, Some);
 real!(f64, false, f64::exp, top_k_f64_dispatch, top_k_8rows_none, |_| None);
 
-/// [`Real::top_k_8rows`] for f32: the network of `top8_avx2` where it applies.
+/// [`Real::top_k_8rows`] for f32: the network of `network_avx2` where it applies.
 #[inline(always)]
 fn top_k_8rows_f32<const AVX2: bool>(
     rows: [&[f32]; LANES],
@@ -224,10 +235,10 @@ fn top_k_8rows_f32<const AVX2: bool>(
     ci: &mut [[u32; MAX_K]],
 ) -> u32 {
     #[cfg(target_arch = "x86_64")]
-    if AVX2 && top8_avx2::fits(rows[0].len(), k) {
+    if AVX2 && network_avx2::fits(rows[0].len(), k) {
         // SAFETY: AVX2 is true only inside the `*_avx2` block functions, run only on AVX2 CPUs;
         // the rows of one tensor all hold E logits.
-        return unsafe { top8_avx2::top8_rows(rows, k, cv, ci) };
+        return unsafe { network_avx2::top_k_8rows(rows, k, cv, ci) };
     }
     let _ = (rows, k, cv, ci);
     0
@@ -258,9 +269,10 @@ unsafe fn hmax8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_broadcastss_ps(h)
 }
 
-/// [`choose_row`] for a batch of rows with K <= 8 f32 candidates, each row's perturbed values
-/// z = cv + g in one AVX2 register, two rows at a time (their chains interleaved), the same results
-/// as the scalar loops (tested) without a data-dependent branch:
+/// [`choose_row`] for a batch of rows with K <= 16 f32 candidates. For K <= 8, each row's perturbed
+/// values z = cv + g in one AVX2 register, two rows at a time (their chains interleaved); for
+/// 8 < K <= 16, in two registers, one row at a time ([`choose16_avx2`]). The same results as the
+/// scalar loops (tested) without a data-dependent branch:
 /// - each of the m rounds takes the lowest lane holding the maximum of the untaken lanes (the
 ///   scalar strict-> scan's tie rule) and sets it to -inf;
 /// - y = softmax(z * inv_tau): the scale, [`exp_f32`] and the division lane-parallel with the same
@@ -268,7 +280,7 @@ unsafe fn hmax8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 ///   same bits as [`softmax_scaled`].
 ///
 /// # Safety
-/// AVX2; 1 <= k <= 8, m <= k; `out` holds `cv.len()` rows of `w` = K + m (+ K when `save`) columns.
+/// AVX2; 1 <= k <= 16, m <= k; `out` holds `cv.len()` rows of `w` = K + m (+ K when `save`) columns.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -282,6 +294,13 @@ unsafe fn choose_batch_avx2(
     save: bool,
 ) {
     let (k, m, inv_tau) = (p.k, p.m, (1.0 / p.tau) as f32);
+    if k > LANES {
+        for (i, a) in out.chunks_exact_mut(w).enumerate() {
+            a[..k].copy_from_slice(&ci[i][..k]);
+            choose16_avx2(&cv[i], &g[i], k, m, inv_tau, a, save);
+        }
+        return;
+    }
     let mut rows = out.chunks_exact_mut(w).enumerate();
     while let Some((i, a)) = rows.next() {
         a[..k].copy_from_slice(&ci[i][..k]);
@@ -350,6 +369,61 @@ unsafe fn choose8_avx2<const N: usize>(
             _mm256_maskstore_epi32(dst.as_mut_ptr() as *mut i32, _mm256_castps_si256(valid), yv);
         }
     }
+}
+
+/// The choice and the y bits of one row with 8 < K <= 16 candidates, in two registers: z[0..8]
+/// and z[8..16] (the lanes past K are -inf for the choice and 0 in the sum). The sum's lane l is
+/// z[l] + z[l + 8], [`softmax_sum`]'s order, so the same bits as [`softmax_scaled`].
+///
+/// # Safety
+/// AVX2; 8 < k <= 16, m <= k; `out` holds K + m (+ K when `save`) columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn choose16_avx2(
+    cv: &[f32; MAX_K],
+    g: &[f32; MAX_K],
+    k: usize,
+    m: usize,
+    inv_tau: f32,
+    out: &mut [u32],
+    save: bool,
+) {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm256_set1_ps(v);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((k - LANES) as i32), lane));
+    let za = _mm256_add_ps(_mm256_loadu_ps(cv.as_ptr()), _mm256_loadu_ps(g.as_ptr()));
+    let zb = _mm256_add_ps(_mm256_loadu_ps(cv.as_ptr().add(LANES)), _mm256_loadu_ps(g.as_ptr().add(LANES)));
+    let (mut oa, mut ob) = (za, _mm256_blendv_ps(c(f32::NEG_INFINITY), zb, valid));
+    for s in 0..m {
+        let mx = hmax8(_mm256_max_ps(oa, ob));
+        let ha = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(oa, mx)) as u32;
+        let hb = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(ob, mx)) as u32;
+        let best = (ha | hb << LANES).trailing_zeros() as i32;
+        // SAFETY: the row holds K + m >= k + s + 1 columns.
+        *out.get_unchecked_mut(k + s) = best as u32;
+        let ta = _mm256_cmpeq_epi32(lane, _mm256_set1_epi32(best));
+        let tb = _mm256_cmpeq_epi32(lane, _mm256_set1_epi32(best - LANES as i32));
+        oa = _mm256_blendv_ps(oa, c(f32::NEG_INFINITY), _mm256_castsi256_ps(ta));
+        ob = _mm256_blendv_ps(ob, c(f32::NEG_INFINITY), _mm256_castsi256_ps(tb));
+    }
+    if !save {
+        return;
+    }
+    let (xa, xb) = (_mm256_mul_ps(za, c(inv_tau)), _mm256_mul_ps(zb, c(inv_tau)));
+    let mx = hmax8(_mm256_max_ps(xa, _mm256_blendv_ps(c(f32::NEG_INFINITY), xb, valid)));
+    let ea = exp8_avx2(_mm256_sub_ps(xa, mx));
+    let eb = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(xb, mx)), valid); // lanes past K: +0
+                                                                     // softmax_sum: lane sums z[l] + z[l + 8], then ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+    let e = _mm256_add_ps(ea, eb);
+    let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+    let sum = _mm256_broadcastss_ps(h);
+    let dst = &mut out[k + m..2 * k + m];
+    _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm256_castps_si256(_mm256_div_ps(ea, sum)));
+    let yb = _mm256_castps_si256(_mm256_div_ps(eb, sum));
+    _mm256_maskstore_epi32(dst.as_mut_ptr().add(LANES) as *mut i32, _mm256_castps_si256(valid), yb);
 }
 
 #[inline(always)]
@@ -907,9 +981,9 @@ pub(super) fn select_block_impl<T: Real, const AVX2: bool>(
         }
         noise_batch::<AVX2>(p, tb, &ci[..n], &mut g[..n]);
         #[cfg(target_arch = "x86_64")]
-        if AVX2 && p.k <= LANES {
+        if AVX2 && p.k <= 2 * LANES {
             if let Some(cvf) = T::as_f32_rows(&cv[..n]) {
-                // SAFETY: AVX2 is true only inside the `*_avx2` block functions (AVX2 CPUs); K <= 8.
+                // SAFETY: AVX2 is true only inside the `*_avx2` block functions (AVX2 CPUs); K <= 16.
                 unsafe { choose_batch_avx2(p, cvf, &ci[..n], &g[..n], ob, w, save) };
                 continue;
             }

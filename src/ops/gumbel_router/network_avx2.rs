@@ -1,4 +1,4 @@
-//! The select op's top-K for eight f32 rows at once, one row per AVX2 lane (K <= 8, E a multiple
+//! The select op's top-K for eight f32 rows at once, one row per AVX2 lane (K <= 16, E a multiple
 //! of 8, E <= 1024): a sorting network over keys that carry their expert index, with an exactness
 //! check that sends the rare undecided row to the per-row path (`cpu::top_k_f32_avx2`).
 //!
@@ -6,9 +6,10 @@
 //!   index (nb = the bits of E - 1). The keys of a row are distinct, and as floats they are ordered
 //!   like their *buckets* (the logit with those bits cleared, a monotone rounding toward zero),
 //!   then by index. So plain `max`/`min` sort them, and the index travels inside the value.
-//! - **Network.** Per group of 8 experts: an 8x8 transpose puts the 8 rows in the lanes, a
-//!   19-comparator network sorts the group's 8 keys, and a bitonic merge keeps the best 8 of the
-//!   running 8 and the group (8 + 12 comparators). The largest key the merges drop is kept too.
+//! - **Network.** The best R = 8 (K <= 8) or 16 keys of each row are kept sorted in R registers.
+//!   Per group of 8 experts: an 8x8 transpose puts the 8 rows in the lanes, a 19-comparator network
+//!   sorts the group's 8 keys, and a bitonic merge keeps the best R of the running R and the group
+//!   (8 + 12 comparators for R = 8, 8 + 32 for R = 16). The largest key the merges drop is kept too.
 //! - **Exactness.** A row's K best keys are its top K (larger value, then lower index) when their
 //!   buckets are strictly decreasing and above the bucket of every other key (the kept keys past K
 //!   and the largest dropped one): then no two of the values that decide the answer are equal, and
@@ -16,10 +17,10 @@
 //!   logits at the top: -0 and +0, or values within 2^-(23 - nb) relative; 0.06% of random rows at
 //!   E = 64) and rows with a non-finite logit are left to the caller.
 //!
-//! Per 8 rows of E = 64: 9 transposes and 8 x 19 + 7 x 20 comparators of 2 instructions each, no
-//! branch on the data. The per-row path it replaces (a threshold filter, a left-pack and a rank
-//! count) was latency-bound: the select op without noise went from 4.9 to 2.6 ms (T = 65,536,
-//! 1 thread).
+//! Per 8 rows of E = 64, K <= 8: 9 transposes and 8 x 19 + 7 x 20 comparators of 2 instructions
+//! each, no branch on the data. The per-row path it replaces (a threshold filter, a left-pack and a
+//! rank count) was latency-bound: the select op without noise went from 4.9 to 2.6 ms
+//! (T = 65,536, 1 thread). For 8 < K <= 16 the per-row path is an insertion scan.
 
 use super::{LANES, MAX_K};
 use std::arch::x86_64::*;
@@ -27,10 +28,10 @@ use std::arch::x86_64::*;
 /// Largest E whose expert index the key holds (10 mantissa bits).
 pub(super) const MAX_E: usize = 1024;
 
-/// Whether [`top8_rows`] takes rows of `e` logits for pre-filter `k`.
+/// Whether [`top_k_8rows`] takes rows of `e` logits for pre-filter `k`.
 #[inline(always)]
 pub(super) fn fits(e: usize, k: usize) -> bool {
-    (1..=LANES).contains(&k) && e >= LANES && e.is_multiple_of(LANES) && e <= MAX_E
+    (1..=2 * LANES).contains(&k) && k <= e && e.is_multiple_of(LANES) && e <= MAX_E
 }
 
 /// The top-`k` of 8 rows of E logits into `cv`/`ci` (best first), for the rows whose bit is set in
@@ -40,21 +41,37 @@ pub(super) fn fits(e: usize, k: usize) -> bool {
 /// AVX2 (callers: the `*_avx2` block functions); [`fits`]`(E, k)`; every row holds E logits;
 /// `cv` and `ci` hold 8 rows.
 #[inline(always)]
-pub(super) unsafe fn top8_rows(
+pub(super) unsafe fn top_k_8rows(
+    rows: [&[f32]; LANES],
+    k: usize,
+    cv: &mut [[f32; MAX_K]],
+    ci: &mut [[u32; MAX_K]],
+) -> u32 {
+    if k <= LANES {
+        top_r::<LANES>(rows, k, cv, ci)
+    } else {
+        top_r::<{ 2 * LANES }>(rows, k, cv, ci)
+    }
+}
+
+/// [`top_k_8rows`] keeping the best R keys per row (R = 8 or 16, K <= R).
+#[inline(always)]
+unsafe fn top_r<const R: usize>(
     rows: [&[f32]; LANES],
     k: usize,
     cv: &mut [[f32; MAX_K]],
     ci: &mut [[u32; MAX_K]],
 ) -> u32 {
     let e = rows[0].len();
-    debug_assert!(fits(e, k) && rows.iter().all(|r| r.len() == e) && cv.len() == LANES && ci.len() == LANES);
+    debug_assert!(fits(e, k) && k <= R && rows.iter().all(|r| r.len() == e) && cv.len() == LANES && ci.len() == LANES);
     let nb = (usize::BITS - (e - 1).leading_zeros()).max(3);
     let low = (1i32 << nb) - 1;
     let hi = _mm256_castsi256_ps(_mm256_set1_epi32(!low));
     let zero = _mm256_setzero_ps();
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mut best = [zero; LANES]; // (8 rows) per rank, best first
-    let mut dropped = _mm256_set1_ps(f32::NEG_INFINITY); // (8 rows) the largest dropped key
+    let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut best = [neg_inf; R]; // (8 rows) per rank, best first; -inf until E >= R keys came
+    let mut dropped = neg_inf; // (8 rows) the largest dropped key
     let mut bad = zero; // NaN in the lane of a row with a non-finite logit (x * 0)
     for g in 0..e / LANES {
         let idx = _mm256_castsi256_ps(_mm256_add_epi32(lane, _mm256_set1_epi32((g * LANES) as i32)));
@@ -67,27 +84,28 @@ pub(super) unsafe fn top8_rows(
         }
         sort8(&mut v);
         if g == 0 {
-            best = v;
+            best[..LANES].copy_from_slice(&v);
             continue;
         }
-        // best[i] vs v[7 - i]: the larger 8 form a bitonic sequence, the smaller 8 are dropped.
-        let lo: [__m256; LANES] = std::array::from_fn(|i| _mm256_min_ps(best[i], v[LANES - 1 - i]));
+        // The group, padded with -inf to R and reversed, against best: the larger R form a bitonic
+        // sequence (only the last 8 ranks can change), the smaller ones are dropped.
+        let lo: [__m256; LANES] = std::array::from_fn(|i| _mm256_min_ps(best[R - LANES + i], v[LANES - 1 - i]));
         for i in 0..LANES {
-            best[i] = _mm256_max_ps(best[i], v[LANES - 1 - i]);
+            best[R - LANES + i] = _mm256_max_ps(best[R - LANES + i], v[LANES - 1 - i]);
         }
         let m4: [__m256; 4] = std::array::from_fn(|i| _mm256_max_ps(lo[i], lo[i + 4]));
         let m = _mm256_max_ps(_mm256_max_ps(m4[0], m4[2]), _mm256_max_ps(m4[1], m4[3]));
         dropped = _mm256_max_ps(dropped, m);
-        bitonic8(&mut best);
+        bitonic(&mut best);
     }
     // The exactness check on the buckets (floats: -0 == +0 counts as equal).
-    let t: [__m256; LANES] = std::array::from_fn(|j| _mm256_and_ps(best[j], hi));
+    let t: [__m256; R] = std::array::from_fn(|j| _mm256_and_ps(best[j], hi));
     let mut ok = _mm256_cmp_ps::<_CMP_ORD_Q>(bad, bad);
     for j in 0..k - 1 {
         ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(t[j], t[j + 1]));
     }
     let mut rest = _mm256_and_ps(dropped, hi);
-    if k < LANES {
+    if k < R {
         rest = _mm256_max_ps(rest, t[k]);
     }
     ok = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(t[k - 1], rest));
@@ -95,17 +113,22 @@ pub(super) unsafe fn top8_rows(
     if done == 0 {
         return 0;
     }
-    // (8 rows) per rank -> (8 ranks) per row; the index is the key's low bits.
-    let per_row = transpose8(best);
+    // (8 rows) per rank -> (8 ranks) per row, 8 ranks at a time; the index is the key's low bits.
     let low = _mm256_set1_epi32(low);
-    for i in 0..LANES {
-        if done >> i & 1 == 0 {
-            continue;
+    for c in (0..R).step_by(LANES) {
+        let per_row = transpose8(best[c..c + LANES].try_into().expect("R is a multiple of 8"));
+        for i in 0..LANES {
+            if done >> i & 1 == 1 {
+                let ids = _mm256_and_si256(_mm256_castps_si256(per_row[i]), low);
+                _mm256_storeu_si256(ci[i].as_mut_ptr().add(c) as *mut __m256i, ids);
+            }
         }
-        let ids = _mm256_and_si256(_mm256_castps_si256(per_row[i]), low);
-        _mm256_storeu_si256(ci[i].as_mut_ptr() as *mut __m256i, ids);
-        for j in 0..k {
-            cv[i][j] = rows[i][ci[i][j] as usize];
+    }
+    for i in 0..LANES {
+        if done >> i & 1 == 1 {
+            for j in 0..k {
+                cv[i][j] = rows[i][ci[i][j] as usize];
+            }
         }
     }
     done
@@ -113,7 +136,7 @@ pub(super) unsafe fn top8_rows(
 
 /// Compare-exchange of the descending networks: v[a] <- max, v[b] <- min.
 #[inline(always)]
-unsafe fn cx(v: &mut [__m256; LANES], a: usize, b: usize) {
+unsafe fn cx<const N: usize>(v: &mut [__m256; N], a: usize, b: usize) {
     let (x, y) = (v[a], v[b]);
     v[a] = _mm256_max_ps(x, y);
     v[b] = _mm256_min_ps(x, y);
@@ -150,6 +173,20 @@ unsafe fn bitonic8(v: &mut [__m256; LANES]) {
         (0, 2), (1, 3), (4, 6), (5, 7),
         (0, 1), (2, 3), (4, 5), (6, 7),
     );
+}
+
+/// Sorts a bitonic sequence of R = 8 or 16 in descending order: for 16, stride 8, then each half.
+#[inline(always)]
+unsafe fn bitonic<const R: usize>(v: &mut [__m256; R]) {
+    if R == LANES {
+        bitonic8((&mut v[..]).try_into().expect("R = 8"));
+        return;
+    }
+    let v16: &mut [__m256; 2 * LANES] = (&mut v[..]).try_into().expect("R = 16");
+    network!(v16: (0, 8), (1, 9), (2, 10), (3, 11), (4, 12), (5, 13), (6, 14), (7, 15));
+    let (a, b) = v16.split_at_mut(LANES);
+    bitonic8(a.try_into().expect("8"));
+    bitonic8(b.try_into().expect("8"));
 }
 
 /// out[j] lane i = r[i] lane j.
@@ -215,12 +252,15 @@ mod tests {
     /// and indices), ties, near ties, signed zeros and non-finite rows included; and continuous
     /// logits almost never leave the network.
     #[test]
-    fn top8_rows_matches_insertion() {
+    fn top_k_8rows_matches_insertion() {
         if !std::is_x86_feature_detected!("avx2") {
             return;
         }
         let (mut done_rows, mut plain_rows, mut plain_done) = (0, 0, 0);
-        for &(e, k) in &[(8usize, 8usize), (8, 1), (16, 8), (64, 8), (64, 1), (64, 5), (128, 7), (256, 8), (1024, 8)] {
+        let shapes = [(8usize, 8usize), (8, 1), (16, 8), (64, 8), (64, 1), (64, 5), (128, 7), (256, 8), (1024, 8)];
+        // R = 16: K from 9 to 16, E = K included.
+        let wide = [(16usize, 16usize), (16, 9), (24, 12), (64, 16), (64, 9), (256, 16), (1024, 16)];
+        for &(e, k) in shapes.iter().chain(&wide) {
             for seed in 0..120u32 {
                 let kind = seed % 6;
                 let rows: Vec<Vec<f32>> = (0..LANES as u32).map(|i| logits(seed * 8 + i, e, kind)).collect();
@@ -228,7 +268,7 @@ mod tests {
                 // SAFETY: AVX2 checked above; fits(e, k) for every pair in the list.
                 let done = unsafe {
                     assert!(fits(e, k));
-                    top8_rows(std::array::from_fn(|i| &rows[i][..]), k, &mut cv, &mut ci)
+                    top_k_8rows(std::array::from_fn(|i| &rows[i][..]), k, &mut cv, &mut ci)
                 };
                 for (i, lg) in rows.iter().enumerate() {
                     let (mut wv, mut wi) = ([0f32; MAX_K], [0u32; MAX_K]);
