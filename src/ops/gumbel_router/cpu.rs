@@ -6,15 +6,18 @@ use super::*;
 // CPU row kernels: the Rust twins of gm_select_row / gm_weights_row / gm_weights_bwd_elem.
 //
 // Where the time goes (T = 65,536, E = 64, K = 8): the top-K scan of the E logits, then per
-// candidate one Philox call and two logs, then the softmax over K. So the top-K of 8 rows at a time
-// is a sorting network with the rows in AVX2 lanes (`network_avx2`, K <= 16, E a multiple of 8), else
-// per row a threshold filter plus a rank counted 8 survivors at a time (f32); rows go in batches of
-// `BATCH` (all top-Ks, then all noise, then the choices), the noise is 8 candidates per AVX2
-// register with two rows' chains interleaved (`rng::gumbel_noise_avx2`; `rng::gumbel_noise_lanes`
-// in the portable build), the select op saves y for the weights op (no second pass over the logits), the softmax of
-// K <= 8 is one register, and the row loops are compiled twice (baseline and AVX2+FMA+POPCNT,
-// picked at run time). No FMA contraction happens in either build, so both give the same bits
-// (tested).
+// candidate one Philox call and two logs, then the softmax over K. So:
+// - the top-K of 8 rows at a time is a sorting network with the rows in AVX2 lanes
+//   (`network_avx2`: f32, K <= 16, E a multiple of 8), else per row a threshold filter plus a rank
+//   counted 8 survivors at a time (f32, K <= 8), else an insertion scan;
+// - rows go in batches of `BATCH` (all top-Ks, then all noise, then the choices);
+// - the noise is 8 candidates per AVX2 register with two chains interleaved (two rows for K <= 8,
+//   a row's two registers for K <= 16; `rng::gumbel_noise_avx2`, `rng::gumbel_noise_lanes` in the
+//   portable build);
+// - the select op saves y for the weights op (no second pass over the logits);
+// - the choice and the softmax of K <= 8 are one register, of K <= 16 two;
+// - the row loops are compiled twice (baseline and AVX2+FMA+POPCNT, picked at run time). No FMA
+//   contraction happens in either build, so both give the same bits (tested).
 
 /// Noise lanes per Philox batch (8 u32 = one AVX2 register).
 pub(super) const LANES: usize = 8;
