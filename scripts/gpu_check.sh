@@ -34,5 +34,6 @@ cat <<MSG
 Run it on the GPU machine with the device tool (target/ is ignored, so carry the pack):
   run(command="bash ${PACK#"$ROOT"/}/gpu_run.sh ${PACK#"$ROOT"/}", carry=["${PACK#"$ROOT"/}"], timeout_s=420)
 It prints the correctness table (CUDA vs CPU per op), the timing table, RESULT: PASS/FAIL, then
-trains configs/shakespeare-char-gpu.toml for TRAIN_S seconds (default 180) and prints its tok/s.
+trains configs/shakespeare-char-gpu.toml for TRAIN_STEPS steps (default 150, at most TRAIN_S = 240 s)
+and prints its tok/s.
 MSG
