@@ -272,6 +272,21 @@ unsafe fn hmax8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_broadcastss_ps(h)
 }
 
+/// The sum of 8 lanes in [`softmax_sum`]'s tree order, broadcast: (a0 + a4, a1 + a5, a2 + a6,
+/// a3 + a7), then ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum8(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+    _mm256_broadcastss_ps(h)
+}
+
 /// [`choose_row`] for a batch of rows with K <= 16 f32 candidates. For K <= 8, each row's perturbed
 /// values z = cv + g in one AVX2 register, two rows at a time (their chains interleaved); for
 /// 8 < K <= 16, in two registers, one row at a time ([`choose16_avx2`]). The same results as the
@@ -358,12 +373,7 @@ unsafe fn choose8_avx2<const N: usize>(
         let mx = hmax8(_mm256_blendv_ps(c(f32::NEG_INFINITY), x, valid));
         // Lanes past K: +0.
         let e = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(x, mx)), valid);
-        // The sum in `softmax_sum`'s tree order: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then
-        // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
-        let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
-        let yv = _mm256_castps_si256(_mm256_div_ps(e, _mm256_broadcastss_ps(h)));
+        let yv = _mm256_castps_si256(_mm256_div_ps(e, hsum8(e)));
         let dst = &mut out[j][k + m..2 * k + m];
         if k == LANES {
             _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, yv);
@@ -416,13 +426,10 @@ unsafe fn choose16_avx2(
     let (xa, xb) = (_mm256_mul_ps(za, c(inv_tau)), _mm256_mul_ps(zb, c(inv_tau)));
     let mx = hmax8(_mm256_max_ps(xa, _mm256_blendv_ps(c(f32::NEG_INFINITY), xb, valid)));
     let ea = exp8_avx2(_mm256_sub_ps(xa, mx));
-    let eb = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(xb, mx)), valid); // lanes past K: +0
-                                                                     // softmax_sum: lane sums z[l] + z[l + 8], then ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
-    let e = _mm256_add_ps(ea, eb);
-    let h = _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps::<1>(e));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
-    let sum = _mm256_broadcastss_ps(h);
+    // Lanes past K: +0.
+    let eb = _mm256_and_ps(exp8_avx2(_mm256_sub_ps(xb, mx)), valid);
+    // softmax_sum's order: lane sums z[l] + z[l + 8], then the tree of hsum8.
+    let sum = hsum8(_mm256_add_ps(ea, eb));
     let dst = &mut out[k + m..2 * k + m];
     _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, _mm256_castps_si256(_mm256_div_ps(ea, sum)));
     let yb = _mm256_castps_si256(_mm256_div_ps(eb, sum));
