@@ -39,9 +39,10 @@
 //!
 //! Precision: f32 on every backend; the CPU also runs f64 (for finite-difference gradient checks).
 //! The CPU forward is multi-threaded over blocks of rows (rayon) with no per-element allocation;
-//! on x86-64 with AVX2 the row kernels run an AVX2 build (a sorting-network top-K of 8 rows at a
-//! time, `gumbel_router/network_avx2.rs`, else threshold + left-pack + rank per row; 8-lane Philox and
-//! logs; one-register softmax), else a portable build; see `gumbel_router/cpu.rs`.
+//! on x86-64 with AVX2 the row kernels run an AVX2 build (for K <= 16 a sorting-network top-K of 8
+//! rows at a time, `gumbel_router/network_avx2.rs`, else threshold + left-pack + rank per row;
+//! 8-lane Philox and logs; the choice and softmax in one register for K <= 8, two for K <= 16),
+//! else a portable build; see `gumbel_router/cpu.rs`.
 //! The f32 softmax uses a Cephes-style `exp` (about 1 ulp), so y matches the reference softmax to
 //! ~1e-7, not bit for bit. Limits:
 //! 1 <= K <= min(E, 32), m <= K, tau > 0. Non-finite logits: the CPU ops fail with the row and
