@@ -4,8 +4,8 @@
 //! (marginalisation) and the Gumbel router runs one (hard, straight-through top-1); the model is
 //! otherwise the same (the CPU config with an MoE in every block). Full training steps: forward,
 //! backward and AdamW, after a warm-up step, taken round-robin (one step of each model per round)
-//! so machine load hits all alike; medians over the rounds. Our goal: >= 3x at E = 10,
-//! >= 20x at E = 100.
+//! so machine load hits all alike; medians over the rounds. Targets (the `goal` column): >= 3x at
+//! E = 10, >= 20x at E = 100.
 //!
 //! `cargo run --release --example bench_paper_speed -- [CONFIG] [ROUNDS] [k=v ...]`
 

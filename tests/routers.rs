@@ -1,6 +1,6 @@
-//! Tests of the router experiments (issue 4): Gumbel top-m without replacement (soft and hard),
-//! noisy top-k with Shazeer's losses, sigmoid routing with a loss-free balancing bias, hash
-//! routing, REINFORCE with its surrogate, and the refusal of expert-choice routing.
+//! Tests of the routers beyond the Gumbel and softmax defaults: Gumbel top-m without replacement
+//! (soft and hard), noisy top-k with Shazeer's losses, sigmoid routing with a loss-free balancing
+//! bias, hash routing, REINFORCE with its surrogate, and the refusal of expert-choice routing.
 //!
 //! Expected values are computed independently of the code under test: host f64 math, central
 //! finite differences, exact expectations by enumerating the experts, and chi-square /
