@@ -3,7 +3,7 @@
 #   examples/gpu_check.rs  CUDA vs CPU for every custom op, forward and backward, then timings;
 #   the gumbel-moe CLI     for a training run of configs/shakespeare-char-gpu.toml on the GPU.
 # Both go xz-compressed to target/gpu/ with run_on_gpu.sh, scripts/gpu_run.sh and the dataset file
-# (the GPU machine has no hub cache), and the script prints the device-tool call that runs them.
+# (the GPU machine has no hub cache), and the script prints how to run them there.
 # Needs the pinned CUDA 13.0 toolchain (bash $ROOT/../shared/gpu/setup_cuda_pip.sh). Builds in
 # CARGO_TARGET_DIR (default target-cuda beside target/) so the CPU target/ is untouched; a first build
 # takes ~15 min on 2 cores (candle-kernels). PACK_DIR overrides target/gpu.
@@ -31,8 +31,9 @@ cp "$ROOT/../shared/data/tinyshakespeare/input.txt" "$PACK/input.txt" 2>/dev/nul
   || find "$ROOT/../shared/data" -name input.txt -exec cp -L {} "$PACK/input.txt" \; -quit
 ls -la "$PACK"
 cat <<MSG
-Run it on the GPU machine with the device tool (target/ is ignored, so carry the pack):
-  run(command="bash ${PACK#"$ROOT"/}/gpu_run.sh ${PACK#"$ROOT"/}", carry=["${PACK#"$ROOT"/}"], timeout_s=420)
+Copy ${PACK#"$ROOT"/} to a CUDA machine, into the same place in a checkout of this repository, and run
+there, from the repository root:
+  bash ${PACK#"$ROOT"/}/gpu_run.sh ${PACK#"$ROOT"/}
 It prints the correctness table (CUDA vs CPU per op), the timing table, RESULT: PASS/FAIL, then
 trains configs/shakespeare-char-gpu.toml for TRAIN_STEPS steps (default 150, at most TRAIN_S = 240 s)
 and prints its tok/s.
