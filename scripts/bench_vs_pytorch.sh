@@ -9,9 +9,14 @@
 # count the two run back to back (ours 1T, torch 1T, ours 2T, torch 2T, ...), so a change of load
 # on the machine hits both; the table gives the median over the repeats.
 #
-# The timed step is the same on both sides: forward + loss, backward, AdamW step, after 3 warm-up
-# steps; the batch is drawn before the clock starts. bench_step does not clip gradients, so
-# torch_gpt.py runs with --no-clip here (TORCH_CLIP=1 adds clip_grad_norm_ to the PyTorch step).
+# The timed step is the same on both sides: forward + loss and backward of each micro-batch
+# (train.grad_accum), gradient clipping, AdamW step, after 3 warm-up steps. Clipping follows
+# bench_step: its current version times Trainer::train_step, which clips; the older one timed its
+# own step without clipping, and torch_gpt.py then runs with --no-clip (TORCH_CLIP=1|0 forces).
+#
+# Threads: N per run in all. With train.threads (below) our run has min(N, grad_accum) workers,
+# micro-batches side by side, with N / workers intra-op threads each (RAYON_NUM_THREADS =
+# CANDLE_NUM_THREADS); PyTorch runs the micro-batches in turn with torch.set_num_threads(N).
 #
 # Python: a venv in .venv-bench/ (git-ignored) with torch from PyPI, made on first use. PyPI's
 # Linux torch wheel is the CUDA build; it is installed with its CUDA libraries (torch does not
@@ -28,6 +33,7 @@
 #                     that holds a Cargo.toml, else this repo); CARGO_TARGET_DIR is honoured
 #   BENCH_THREADS_KEY=1|0  pass / never pass `--set train.threads=N` to bench_step (default: when
 #                     TrainConfig in CRATE_DIR/src/config.rs has a `threads` field)
+#   TORCH_CLIP=1|0    clip in the PyTorch step or not (default: as bench_step, see above)
 #   DATA=path         the training text (default: ../shared/data/tinyshakespeare/input.txt if there)
 #   TORCH_ARGS="..."  extra torch_gpt.py arguments, e.g. "--attn manual" or "--adamw foreach"
 #   DEVICE=cuda       also (or, with THREADS="", only) the GPU pass: configs/shakespeare-char-gpu.toml
@@ -37,6 +43,7 @@
 #                     build --release --features cuda --example bench_step; toolchain as in
 #                     scripts/gpu_check.sh). DEVICE=cpu skips it.
 #   RAW=file          also write every measurement there (TSV)
+#   OMP_WAIT_POLICY, KMP_*, ...: inherited by the PyTorch runs (e.g. PASSIVE on a shared machine)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -161,28 +168,45 @@ record() { # device model threads side rep tok/s
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
 }
 
+# bench_step's tok/s of MODEL (moe | dense) from its output: the `RESULT model=.. tok_per_s=..`
+# lines of newer versions, else the markdown table's tok/s column (found by its header).
+parse_ours() {
+  local out=$1 key=$2 row v
+  v="$(sed -n "s/^RESULT model=$key .*tok_per_s=\([0-9.]*\).*/\1/p" <<<"$out" | tail -1)"
+  if [ -z "$v" ]; then
+    [ "$key" = moe ] && row="moe" || row="dense twin"
+    v="$(awk -F'|' -v row="$row" '
+      /^\| model/ { for (i = 2; i < NF; i++) { h = $i; gsub(/ /, "", h); if (h == "tok/s") col = i } }
+      col && $2 ~ "^ *" row { x = $col; gsub(/ /, "", x); print x }' <<<"$out" | tail -1)"
+  fi
+  echo "$v"
+}
+
 # ours DEVICE THREADS REP BIN CONFIG SET...: one bench_step run (config + dense twin).
+# INTRA (RAYON_NUM_THREADS = CANDLE_NUM_THREADS, Candle's intra-op threads) and WORKERS
+# (the data-parallel workers the run is expected to have) are set by the caller.
 ours() {
   local dev=$1 n=$2 rep=$3 bin=$4 cfg=$5
   shift 5
   local env=() out
   if [ "$n" != "-" ]; then
-    env=(RAYON_NUM_THREADS="$n" CANDLE_NUM_THREADS="$n")
+    env=(RAYON_NUM_THREADS="$INTRA" CANDLE_NUM_THREADS="$INTRA")
   fi
   if ! out="$(cd "$CRATE_DIR" && env "${env[@]}" "$bin" "$cfg" "$STEPS" "$@" 2>&1)"; then
     log "$out"
     die "bench_step failed"
   fi
-  local moe dense
-  moe="$(awk -F'|' '/^\| moe/ {gsub(/ /, "", $7); print $7}' <<<"$out")"
-  dense="$(awk -F'|' '/^\| dense twin/ {gsub(/ /, "", $7); print $7}' <<<"$out")"
+  local moe dense workers
+  moe="$(parse_ours "$out" moe)"
+  dense="$(parse_ours "$out" dense)"
   [ -n "$moe" ] && [ -n "$dense" ] || {
     log "$out"
-    die "could not read tok/s from bench_step's table"
+    die "could not read tok/s from bench_step's output"
   }
+  workers="$(sed -n 's/^RESULT model=moe workers=\([0-9]*\).*/\1/p' <<<"$out" | tail -1)"
   record "$dev" moe "$n" ours "$rep" "$moe"
   record "$dev" dense "$n" ours "$rep" "$dense"
-  log "   gumbel-moe  $dev ${n}T #$rep: moe $moe, dense $dense tok/s"
+  log "   gumbel-moe  $dev ${n}T #$rep: moe $moe, dense $dense tok/s${workers:+ ($workers workers x $INTRA intra-op threads)}"
 }
 
 # theirs DEVICE MODEL THREADS REP ARG...: one torch_gpt.py run.
@@ -195,7 +219,7 @@ theirs() {
     args=(--threads "$n")
   fi
   [ "$model" = dense ] && args+=(--dense)
-  [ "${TORCH_CLIP:-0}" = 1 ] || args+=(--no-clip)
+  [ "$TORCH_CLIP" = 1 ] || args+=(--no-clip)
   # shellcheck disable=SC2086
   if ! out="$(env "${env[@]}" "$PY" "$HERE/scripts/torch_gpt.py" --steps "$STEPS" --warmup "$WARMUP" --lr 1e-4 \
     "${args[@]}" "$@" ${TORCH_ARGS:-} 2>&1)"; then
@@ -218,6 +242,14 @@ theirs() {
 
 # ---------------------------------------------------------------- run
 setup_python
+# A busy machine spoils both sides, PyTorch's most: its OpenMP threads spin at each barrier, and
+# with a core taken by another process its 2-thread steps measured 10-15x slower than 1-thread
+# ones (OMP_WAIT_POLICY=PASSIVE, passed through, softens that).
+read -r load1 _ </proc/loadavg 2>/dev/null || load1=0
+if awk -v l="$load1" 'BEGIN { exit !(l >= 1.0) }'; then
+  log "note: load average $load1 on $(nproc) cores before the run: other processes compete for the cores and the"
+  log "      numbers, PyTorch's multi-threaded ones most (OpenMP threads spin), mean little; rerun on a quiet machine"
+fi
 log "== python: $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
 
 run_cuda=0
@@ -227,18 +259,33 @@ cpu) run_cuda=0 ;;
 *) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ -x "$CUDA_BIN" ]; then run_cuda=1; fi ;;
 esac
 
+# Clipping: the crate's Trainer::train_step clips (train.grad_clip); the older bench_step timed
+# its own step (examples/common/step_timer.rs) without clipping. The PyTorch step does the same.
+if [ -z "${TORCH_CLIP:-}" ]; then
+  if grep -q 'train_step' "$CRATE_DIR/examples/bench_step.rs" 2>/dev/null; then TORCH_CLIP=1; else TORCH_CLIP=0; fi
+fi
+
 if [ -n "$THREADS" ]; then
   build
   OUR_SETS=("${OUR_DATA[@]}")
   use_key=0
   if threads_key; then use_key=1; fi
+  # With train.threads = N the crate runs min(N, grad_accum) micro-batches side by side; each
+  # worker gets N / workers intra-op threads, so every run uses N threads in all.
+  accum="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("train", {}).get("grad_accum", 1))' "$CONFIG")"
   log "== CPU: $(basename "$CONFIG") and its dense twin, threads: $THREADS; $STEPS steps after $WARMUP warm-up, $REPEATS repeats"
-  log "   ours: $BIN$([ "$use_key" = 1 ] && echo ' with --set train.threads=N') (RAYON_NUM_THREADS=CANDLE_NUM_THREADS=N)"
+  log "   ours: $BIN$([ "$use_key" = 1 ] && echo " with --set train.threads=N (grad_accum $accum)")"
+  log "   PyTorch: torch_gpt.py --threads N, gradient clipping $([ "$TORCH_CLIP" = 1 ] && echo on || echo off) (as bench_step)"
   log "   data: ${DATA:-data.source of the config}"
   for rep in $(seq 1 "$REPEATS"); do
     for n in $THREADS; do
       extra=()
-      [ "$use_key" = 1 ] && extra=(--set "train.threads=$n")
+      WORKERS=1
+      if [ "$use_key" = 1 ]; then
+        extra=(--set "train.threads=$n")
+        WORKERS=$((n < accum ? n : accum))
+      fi
+      INTRA=$((n / WORKERS > 0 ? n / WORKERS : 1))
       ours cpu "$n" "$rep" "$BIN" "$CONFIG" "${OUR_SETS[@]}" "${extra[@]}"
       theirs cpu moe "$n" "$rep" --config "$CONFIG" --device cpu "${TORCH_DATA[@]}"
       theirs cpu dense "$n" "$rep" --config "$CONFIG" --device cpu "${TORCH_DATA[@]}"
@@ -250,6 +297,7 @@ if [ "$run_cuda" = 1 ]; then
   [ -x "$CUDA_BIN" ] || die "DEVICE=cuda: no CUDA build of bench_step at $CUDA_BIN (see the header)"
   "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || die "DEVICE=cuda: torch sees no GPU"
   log "== CUDA: $(basename "$GPU_CONFIG") and its dense twin; $STEPS steps after $WARMUP warm-up, $REPEATS repeats"
+  INTRA=-
   for rep in $(seq 1 "$REPEATS"); do
     ours cuda - "$rep" "$CUDA_BIN" "$GPU_CONFIG" "${OUR_DATA[@]}" --set train.device=cuda
     theirs cuda moe - "$rep" --config "$GPU_CONFIG" --device cuda "${TORCH_DATA[@]}"
@@ -260,11 +308,11 @@ fi
 [ -n "${RAW:-}" ] && cp "$RESULTS" "$RAW"
 
 # ---------------------------------------------------------------- table
-python3 - "$RESULTS" "$REPEATS" "$STEPS" "$(basename "$CONFIG")" "$(basename "$GPU_CONFIG")" <<'PY'
+python3 - "$RESULTS" "$REPEATS" "$STEPS" "$(basename "$CONFIG")" "$(basename "$GPU_CONFIG")" "$TORCH_CLIP" <<'PY'
 import statistics
 import sys
 
-path, repeats, steps, cpu_cfg, gpu_cfg = sys.argv[1:]
+path, repeats, steps, cpu_cfg, gpu_cfg, clip = sys.argv[1:]
 cells = {}
 for line in open(path):
     dev, model, threads, side, _rep, tok = line.rstrip("\n").split("\t")
@@ -277,7 +325,8 @@ def name(dev, model):
 def fmt(v):
     return f"{v:,.0f}"
 
-print(f"\nTraining step (forward, backward, AdamW), tok/s, median of {repeats} x {steps} steps:\n")
+what = "forward, backward, clipping, AdamW" if clip == "1" else "forward, backward, AdamW; no clipping"
+print(f"\nTraining step ({what}), tok/s, median of {repeats} runs of {steps} steps:\n")
 print("| model | threads | gumbel-moe tok/s | PyTorch eager tok/s | ratio |")
 print("|---|---:|---:|---:|---:|")
 order = sorted(cells, key=lambda k: (k[0] != "cpu", k[1] != "moe", k[2]))

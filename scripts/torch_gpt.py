@@ -33,8 +33,9 @@ Parameter names are the crate's (`h.1.moe.experts.3.c_fc.weight`, `h.1.moe.route
 
 Prints, after the timed steps, one machine-readable line
     tok_per_s=... step_ms=... fwd_ms=... bwd_ms=... opt_ms=... params=... loss_first=... loss_last=...
-The timed step is: forward + loss (+ .item()), backward, clip (unless --no-clip), AdamW step,
-zero_grad. The batch is drawn before the clock starts, as examples/common/step_timer.rs does.
+The timed step is: for each of the train.grad_accum micro-batches forward + loss (+ .item()) and
+backward (gradients summed), then clip (unless --no-clip), AdamW step, zero_grad; tokens per step
+= batch_size x grad_accum x block_size. The batches are drawn before the clock starts.
 
 Examples:
   python scripts/torch_gpt.py --threads 2 --steps 20
@@ -145,10 +146,10 @@ def merge(dst, src, prefix, origin):
     for k, v in src.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in dst:
-            if k == "threads" and prefix == "train":
-                # A newer crate's data-parallel thread count: no meaning for the PyTorch twin.
-                continue
-            sys.exit(f"{origin}: unknown config key `{key}`")
+            # A key of a newer crate (e.g. train.threads, the data-parallel workers, or an
+            # implementation switch): said, not fatal, as it may not change the network.
+            print(f"# note: {origin}: config key `{key}` is unknown to torch_gpt.py, ignored", file=sys.stderr)
+            continue
         d = dst[k]
         if isinstance(d, dict):
             if not isinstance(v, dict):
@@ -624,7 +625,8 @@ def main():
         f"{torch.backends.cpu.get_cpu_capability()}); config {os.path.relpath(path, REPO)} {' '.join(sets)}".rstrip()
     )
     print(
-        f"# {m['n_layer']} layers, C={m['n_embd']}, {m['n_head']} heads, T={m['block_size']}, B={t['batch_size']}, "
+        f"# {m['n_layer']} layers, C={m['n_embd']}, {m['n_head']} heads, T={m['block_size']}, "
+        f"B={t['batch_size']} x {t['grad_accum']} micro-batches, "
         f"V={m['vocab_size']}, MoE blocks (0-based) {moe_layers}, E={m['moe']['num_experts']}, hidden {expert_hidden(cfg)}, "
         f"top_m={m['router']['top_m']}/K={m['router']['prefilter']}, router input {m['router']['input']}; "
         f"{n_params} parameters; attention {a.attn}; AdamW {opt_kind}; clip {'off' if a.no_clip else t['grad_clip']}"
@@ -636,21 +638,26 @@ def main():
     fwd = bwd = optt = 0.0
     losses = []
     total = a.warmup + a.steps
+    accum = t["grad_accum"]
     for step in range(total):
         tau = tau_at(m["router"], step)
         lr = lr_at(t, step) if a.schedule else base_lr
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        x, y = data.get(device)
+        batches = [data.get(device) for _ in range(accum)]
         sync()
-        t0 = time.perf_counter()
-        logits, aux = model(x, tau)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss = ce + aux
-        lv = ce.item()  # a sync point, as the crate's loss.to_scalar()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
+        tf = tb = lv = 0.0
+        cur = time.perf_counter()
+        for x, y in batches:  # micro-batches (train.grad_accum); gradients summed
+            logits, aux = model(x, tau)
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss = (ce + aux) / accum
+            lv += ce.item() / accum  # a sync point, as the crate's loss.to_scalar()
+            ta = time.perf_counter()
+            loss.backward()
+            sync()
+            tz = time.perf_counter()
+            tf, tb, cur = tf + (ta - cur), tb + (tz - ta), tz
         t2 = time.perf_counter()
         if not a.no_clip and t["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
@@ -662,11 +669,11 @@ def main():
             sys.exit(f"non-finite loss at step {step}")
         losses.append(lv)
         if step >= a.warmup:
-            fwd, bwd, optt = fwd + (t1 - t0), bwd + (t2 - t1), optt + (t3 - t2)
+            fwd, bwd, optt = fwd + tf, bwd + tb, optt + (t3 - t2)
         if a.log_every and (step % a.log_every == 0 or step == total - 1):
             print(f"step {step}: loss {lv:.4f} (aux {aux.item():.4f}, tau {tau:.3f}, lr {lr:.2e})")
     n = max(a.steps, 1)
-    tok = a.steps * t["batch_size"] * m["block_size"]
+    tok = a.steps * t["batch_size"] * accum * m["block_size"]
     secs = fwd + bwd + optt
     print(
         f"tok_per_s={tok / secs if secs > 0 else float('nan'):.1f} step_ms={secs / n * 1e3:.2f} fwd_ms={fwd / n * 1e3:.2f} "
