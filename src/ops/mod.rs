@@ -15,28 +15,49 @@
 //! [`straight_through`]: the hard router's straight-through weights (exactly 1/m forward, the soft
 //! gradient of the chosen experts backward) as one op.
 //!
+//! Layer ops, fused each way (CPU kernels; other devices run their plain-tensor twins):
+//! [`linear`] (x W^T + b: dx, dW, db from one backward op), [`layer_norm`] (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`bias_add`]
+//! (the bias gradient as a row sum), [`gelu`] (exact GELU, one pass each way), [`attention`] (the
+//! causal attention core from the (B, T, 3C) projection, rotary and mask inside, flash-style
+//! backward), [`expert_mlp`] (every expert's GELU MLP over its block of sorted rows, one op each
+//! way).
+//!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
 //! dropped on every backend; the backward is the same op on the gradient).
 pub mod adamw;
+pub mod attention;
 pub mod balance_stats;
+pub mod bias_add;
 pub mod combine;
 pub mod cpu_layout;
 pub mod dispatch_common;
 pub mod dropout;
+pub mod expert_mlp;
 pub mod expert_sort;
+pub mod float;
 pub mod gather_rows;
+pub mod gelu;
+pub mod gemm;
 pub mod gumbel_router;
+pub mod layer_norm;
+pub mod linear;
 #[cfg(feature = "metal")]
 pub mod metal_glue;
 pub mod straight_through;
 
+pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
 pub use balance_stats::{balance_stats, balance_stats_reference, BalanceStats, BalanceStatsBwd};
+pub use bias_add::{bias_add, BiasAdd, ColSum};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
 pub use dropout::{dropout_reference, philox_dropout, PhiloxDropout};
+pub use expert_mlp::{expert_mlp, expert_mlp_reference, ExpertMlp, ExpertMlpBwd, ExpertParams};
 pub use expert_sort::{expert_sort, expert_sort_reference, ExpertOrder, ExpertSort};
 pub use gather_rows::{gather_rows, gather_rows_reference, split_rows, GatherRows, GatherRowsBwd};
+pub use gelu::{gelu, gelu_reference, Gelu, GeluBwd};
 pub use gumbel_router::{
     gumbel_route, gumbel_select, gumbel_weights, FusedRouting, GumbelParams, GumbelSelect, GumbelWeights,
     GumbelWeightsBwd,
 };
+pub use layer_norm::{norm, norm_reference, Norm as NormOp, NormBwd};
+pub use linear::{linear, linear_reference, Linear as LinearOp, LinearBwd};
 pub use straight_through::{straight_through, StraightThrough};

@@ -1,0 +1,111 @@
+//! A bounds-checked matrix product over slices for the CPU kernels of the fused ops, on the same
+//! `gemm` crate (and microkernels) as Candle's own matmul. [`matmul`] is single-threaded (for ops
+//! that parallelise over their own pieces: experts, heads); [`matmul_par`] threads as Candle's
+//! matmul does (`RAYON_NUM_THREADS`).
+
+/// A matrix view: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// Row-major (rows, cols).
+    pub fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    /// The transpose of row-major (cols, rows) data: (rows, cols) of it without a copy.
+    pub fn t(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, rs: 1, cs: rows }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst (m, n) row-major = a (m, k) b (k, n), or dst += a b with `accumulate`; one thread.
+pub fn matmul<T: 'static + super::float::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    product(dst, a, b, accumulate, gemm::Parallelism::None)
+}
+
+/// [`matmul`] on Candle's thread count.
+pub fn matmul_par<T: 'static + super::float::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    let n = candle_core::utils::get_num_threads();
+    let par = if n > 1 { gemm::Parallelism::Rayon(n) } else { gemm::Parallelism::None };
+    product(dst, a, b, accumulate, par)
+}
+
+fn product<T: 'static + super::float::Float>(
+    dst: &mut [T],
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() == m * n && a.fits() && b.fits(),
+        "matmul: shapes ({m}, {k}) x ({}, {n}) into {}",
+        b.rows,
+        dst.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(T::ZERO);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index of the three views inside their slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_triple_loop_with_transposes_and_accumulate() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.91).cos()).collect(); // (n, k)
+        let mut dst = vec![1.0; m * n];
+        matmul(&mut dst, Mat::rows(&a, m, k), Mat::t(&bt, k, n), true);
+        for i in 0..m {
+            for j in 0..n {
+                let want = 1.0 + (0..k).map(|l| a[i * k + l] * bt[j * k + l]).sum::<f64>();
+                assert!((dst[i * n + j] - want).abs() < 1e-12, "({i}, {j}): {} vs {want}", dst[i * n + j]);
+            }
+        }
+    }
+}

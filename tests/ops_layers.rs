@@ -1,0 +1,319 @@
+//! The fused layer ops (`ops::norm`, `ops::bias_add`, `ops::gelu`) against their plain-tensor
+//! twins, forward and backward, on odd shapes in f32 and f64, and against f64 finite differences.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use common::host::{assert_grad_matches_fd, Rng};
+use gumbel_moe::ops::{bias_add, gelu, gelu_reference, norm, norm_reference, NormOp};
+
+fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Tensor::from_vec(rng.normals(n, std), shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+fn max_abs(a: &Tensor) -> Result<f64> {
+    a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// Forward values and the gradients of sum(y * w) for each input, of `f` at `inputs`.
+fn value_and_grads(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    w: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let g = (&y * w)?.sum_all()?.backward()?;
+    let grads = ts.iter().map(|t| g.get(t).expect("every input gets a gradient").clone()).collect();
+    Ok((y, grads))
+}
+
+/// Fused and twin agree to `tol` (relative to the largest magnitude) forward and backward.
+fn check_twin(
+    name: &str,
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    twin: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    out_shape: &[usize],
+    tol: f64,
+) -> Result<()> {
+    let mut rng = Rng(99);
+    let w = randn(&mut rng, out_shape, 1.0, inputs[0].dtype())?;
+    let (yf, gf) = value_and_grads(fused, inputs, &w)?;
+    let (yt, gt) = value_and_grads(twin, inputs, &w)?;
+    let d = max_abs_diff(&yf, &yt)?;
+    assert!(d <= tol * (1.0 + max_abs(&yt)?), "{name} forward: max diff {d:e}");
+    for (i, (a, b)) in gf.iter().zip(&gt).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "{name} grad {i} shape");
+        let d = max_abs_diff(a, b)?;
+        assert!(d <= tol * (1.0 + max_abs(b)?), "{name} grad of input {i}: max diff {d:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn norm_matches_twin_on_odd_shapes() -> Result<()> {
+    let mut rng = Rng(1);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for shape in [vec![1usize, 1], vec![3, 7], vec![2, 37, 19], vec![5, 129], vec![70, 33]] {
+            let c = *shape.last().unwrap();
+            let x = (randn(&mut rng, &shape, 2.0, dtype)? + 0.7)?;
+            let g = (randn(&mut rng, &[c], 0.5, dtype)? + 1.0)?;
+            let b = randn(&mut rng, &[c], 0.5, dtype)?;
+            for rms in [false, true] {
+                let op = NormOp { eps: 1e-5, rms };
+                let fused = |t: &[Tensor]| norm(&t[0], &t[1], t.get(2), op);
+                let twin = |t: &[Tensor]| norm_reference(&t[0], &t[1], t.get(2), op);
+                let what = format!("norm rms={rms} {dtype:?} {shape:?}");
+                check_twin(&what, &fused, &twin, &[x.clone(), g.clone()], &shape, tol)?;
+                if !rms {
+                    check_twin(&what, &fused, &twin, &[x.clone(), g.clone(), b.clone()], &shape, tol)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn norm_gradients_match_finite_differences() -> Result<()> {
+    let mut rng = Rng(2);
+    let (t, c) = (5, 6);
+    let x = randn(&mut rng, &[t, c], 1.5, DType::F64)?;
+    let g0 = (randn(&mut rng, &[c], 0.3, DType::F64)? + 1.0)?;
+    let b0 = randn(&mut rng, &[c], 0.3, DType::F64)?;
+    let w = randn(&mut rng, &[t, c], 1.0, DType::F64)?;
+    for rms in [false, true] {
+        let op = NormOp { eps: 1e-5, rms };
+        let loss = |x: &Tensor| (norm(x, &g0, Some(&b0).filter(|_| !rms), op)? * &w)?.sum_all();
+        assert_grad_matches_fd(loss, &x, 1e-6, &format!("norm rms={rms} "))?;
+        // The gain and the bias, as (1, C) points.
+        let lg = |g: &Tensor| (norm(&x, &g.flatten_all()?, Some(&b0).filter(|_| !rms), op)? * &w)?.sum_all();
+        assert_grad_matches_fd(lg, &g0.reshape((1, c))?, 1e-6, &format!("norm gamma rms={rms} "))?;
+        if !rms {
+            let lb = |b: &Tensor| (norm(&x, &g0, Some(&b.flatten_all()?), op)? * &w)?.sum_all();
+            assert_grad_matches_fd(lb, &b0.reshape((1, c))?, 1e-6, "norm beta ")?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bias_add_matches_twin_and_finite_differences() -> Result<()> {
+    let mut rng = Rng(3);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for shape in [vec![1usize, 1], vec![3, 7], vec![2, 65, 5], vec![200, 3]] {
+            let c = *shape.last().unwrap();
+            let x = randn(&mut rng, &shape, 1.0, dtype)?;
+            let b = randn(&mut rng, &[c], 1.0, dtype)?;
+            let fused = |t: &[Tensor]| bias_add(&t[0], &t[1]);
+            let twin = |t: &[Tensor]| t[0].broadcast_add(&t[1]);
+            check_twin(&format!("bias_add {dtype:?} {shape:?}"), &fused, &twin, &[x, b], &shape, tol)?;
+        }
+    }
+    let x = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
+    let b = randn(&mut rng, &[1, 3], 1.0, DType::F64)?;
+    let w = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
+    assert_grad_matches_fd(|b| (bias_add(&x, &b.flatten_all()?)? * &w)?.sum_all(), &b, 1e-6, "bias ")?;
+    assert_grad_matches_fd(|x| (bias_add(x, &b.flatten_all()?)? * &w)?.sum_all(), &x, 1e-6, "bias x ")?;
+    Ok(())
+}
+
+#[test]
+fn gelu_matches_twin_and_finite_differences() -> Result<()> {
+    let mut rng = Rng(4);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 5e-7)] {
+        for shape in [vec![1usize], vec![3, 7], vec![2, 33, 129]] {
+            // Wide inputs reach both tails (Phi near 0 and near 1).
+            let x = randn(&mut rng, &shape, 4.0, dtype)?;
+            let fused = |t: &[Tensor]| gelu(&t[0]);
+            let twin = |t: &[Tensor]| gelu_reference(&t[0]);
+            check_twin(&format!("gelu {dtype:?} {shape:?}"), &fused, &twin, &[x], &shape, tol)?;
+        }
+    }
+    let x = randn(&mut rng, &[6, 5], 2.0, DType::F64)?;
+    let w = randn(&mut rng, &[6, 5], 1.0, DType::F64)?;
+    assert_grad_matches_fd(|x| (gelu(x)? * &w)?.sum_all(), &x, 1e-6, "gelu ")?;
+    // The f32 kernel (polynomial erf and exp) against f64 math, element by element.
+    let xs: Vec<f64> = (0..4001).map(|i| -10.0 + i as f64 * 0.005).collect();
+    let y = gelu(&Tensor::new(xs.iter().map(|&v| v as f32).collect::<Vec<f32>>(), &Device::Cpu)?)?.to_vec1::<f32>()?;
+    for (&x, &got) in xs.iter().zip(&y) {
+        let x32 = x as f32 as f64;
+        let want = x32 * 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x32 / 2f64.sqrt()));
+        assert!((got as f64 - want).abs() <= 2e-7 * (1.0 + want.abs()), "gelu({x32}) = {got}, want {want}");
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_attention_matches_twin_on_odd_shapes() -> Result<()> {
+    use gumbel_moe::ops::{causal_attention, causal_attention_reference, RopeTables};
+    use std::sync::Arc;
+    let mut rng = Rng(5);
+    for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-5)] {
+        for (b, t, nh, hs) in [(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 4), (3, 13, 2, 6), (1, 33, 4, 8)] {
+            let c = nh * hs;
+            let qkv = randn(&mut rng, &[b, t, 3 * c], 1.5, dtype)?;
+            for rope in [None, Some(Arc::new(RopeTables::new(hs, t + 3, 10000.0)))] {
+                let fused = |x: &[Tensor]| causal_attention(&x[0], nh, rope.as_ref());
+                let twin = |x: &[Tensor]| causal_attention_reference(&x[0], nh, rope.as_ref());
+                let what = format!("attention {dtype:?} b={b} t={t} nh={nh} hs={hs} rope={}", rope.is_some());
+                check_twin(&what, &fused, &twin, std::slice::from_ref(&qkv), &[b, t, c], tol)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn causal_attention_gradient_matches_finite_differences_and_is_causal() -> Result<()> {
+    use gumbel_moe::ops::{causal_attention, RopeTables};
+    use std::sync::Arc;
+    let mut rng = Rng(6);
+    let (t, nh, hs) = (5, 2, 4);
+    let c = nh * hs;
+    let rope = Arc::new(RopeTables::new(hs, t, 10000.0));
+    let x = randn(&mut rng, &[t, 3 * c], 1.0, DType::F64)?;
+    let w = randn(&mut rng, &[1, t, c], 1.0, DType::F64)?;
+    let f = |x: &Tensor| (causal_attention(&x.unsqueeze(0)?, nh, Some(&rope))? * &w)?.sum_all();
+    assert_grad_matches_fd(f, &x, 1e-6, "attention ")?;
+    // Causality: changing the last position's q, k, v leaves every earlier output unchanged.
+    let y0 = causal_attention(&x.unsqueeze(0)?, nh, Some(&rope))?;
+    let bump = Tensor::cat(
+        &[
+            Tensor::zeros((t - 1, 3 * c), DType::F64, &Device::Cpu)?,
+            Tensor::ones((1, 3 * c), DType::F64, &Device::Cpu)?,
+        ],
+        0,
+    )?;
+    let y1 = causal_attention(&(&x + bump)?.unsqueeze(0)?, nh, Some(&rope))?;
+    let early = max_abs_diff(&y0.narrow(1, 0, t - 1)?, &y1.narrow(1, 0, t - 1)?)?;
+    assert_eq!(early, 0.0, "earlier positions saw the last one");
+    assert!(max_abs_diff(&y0.narrow(1, t - 1, 1)?, &y1.narrow(1, t - 1, 1)?)? > 1e-3);
+    Ok(())
+}
+
+#[test]
+fn expert_mlp_matches_twin_including_empty_experts() -> Result<()> {
+    use gumbel_moe::ops::{expert_mlp, expert_mlp_reference, ExpertParams};
+    let mut rng = Rng(7);
+    for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 3e-5)] {
+        for bias in [true, false] {
+            let (c, h) = (5, 7);
+            // Experts 1 and 3 get no rows.
+            let offsets = [0u32, 4, 4, 13, 13, 14];
+            let e = offsets.len() - 1;
+            let n = *offsets.last().unwrap() as usize;
+            let per = if bias { 4 } else { 2 };
+            let mut inputs = vec![randn(&mut rng, &[n, c], 1.0, dtype)?];
+            for _ in 0..e {
+                inputs.push(randn(&mut rng, &[h, c], 0.5, dtype)?);
+                if bias {
+                    inputs.push(randn(&mut rng, &[h], 0.5, dtype)?);
+                }
+                inputs.push(randn(&mut rng, &[c, h], 0.5, dtype)?);
+                if bias {
+                    inputs.push(randn(&mut rng, &[c], 0.5, dtype)?);
+                }
+            }
+            let run = |x: &[Tensor], fused: bool| -> Result<Tensor> {
+                let ep: Vec<ExpertParams> = (0..e)
+                    .map(|i| {
+                        let p = &x[1 + per * i..1 + per * (i + 1)];
+                        if bias {
+                            ExpertParams { w1: &p[0], b1: Some(&p[1]), w2: &p[2], b2: Some(&p[3]) }
+                        } else {
+                            ExpertParams { w1: &p[0], b1: None, w2: &p[1], b2: None }
+                        }
+                    })
+                    .collect();
+                if fused {
+                    expert_mlp(&x[0], &ep, &offsets)
+                } else {
+                    expert_mlp_reference(&x[0], &ep, &offsets)
+                }
+            };
+            let what = format!("expert_mlp {dtype:?} bias={bias}");
+            let w = randn(&mut Rng(99), &[n, c], 1.0, dtype)?;
+            let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let (yf, yt) = (run(&ts, true)?, run(&ts, false)?);
+            let (gf, gt) = ((&yf * &w)?.sum_all()?.backward()?, (&yt * &w)?.sum_all()?.backward()?);
+            let d = max_abs_diff(&yf, &yt)?;
+            assert!(d <= tol * (1.0 + max_abs(&yt)?), "{what} forward: {d:e}");
+            for (i, t) in ts.iter().enumerate() {
+                let got = gf.get(t).unwrap_or_else(|| panic!("{what}: input {i} got no gradient from the fused op"));
+                // The twin gives the experts without rows no gradient at all: zeros.
+                let want = gt.get(t).cloned().unwrap_or(t.zeros_like()?);
+                let d = max_abs_diff(got, &want)?;
+                assert!(d <= tol * (1.0 + max_abs(&want)?), "{what} grad of input {i}: {d:e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn expert_mlp_gradient_matches_finite_differences() -> Result<()> {
+    use gumbel_moe::ops::{expert_mlp, ExpertParams};
+    let mut rng = Rng(8);
+    let (c, h) = (3, 4);
+    let offsets = [0u32, 2, 2, 5];
+    let x = randn(&mut rng, &[5, c], 1.0, DType::F64)?;
+    let w1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h, c], 0.7, DType::F64)).collect::<Result<_>>()?;
+    let b1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h], 0.7, DType::F64)).collect::<Result<_>>()?;
+    let w2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c, h], 0.7, DType::F64)).collect::<Result<_>>()?;
+    let b2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c], 0.7, DType::F64)).collect::<Result<_>>()?;
+    let w = randn(&mut rng, &[5, c], 1.0, DType::F64)?;
+    let loss = |x: &Tensor, w1_2: Option<&Tensor>| -> Result<Tensor> {
+        let ep: Vec<ExpertParams> = (0..3)
+            .map(|i| ExpertParams {
+                w1: if i == 2 { w1_2.unwrap_or(&w1s[2]) } else { &w1s[i] },
+                b1: Some(&b1s[i]),
+                w2: &w2s[i],
+                b2: Some(&b2s[i]),
+            })
+            .collect();
+        (expert_mlp(x, &ep, &offsets)? * &w)?.sum_all()
+    };
+    assert_grad_matches_fd(|x| loss(x, None), &x, 1e-6, "expert_mlp x ")?;
+    assert_grad_matches_fd(|w1| loss(&x, Some(w1)), &w1s[2], 1e-6, "expert_mlp W1 of expert 2 ")?;
+    Ok(())
+}
+
+#[test]
+fn linear_matches_twin_and_finite_differences() -> Result<()> {
+    use gumbel_moe::ops::{linear, linear_reference};
+    let mut rng = Rng(9);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        for (lead, inp, out) in
+            [(vec![1usize], 1usize, 1usize), (vec![3], 7, 5), (vec![2, 9], 33, 65), (vec![130], 4, 3)]
+        {
+            let mut xs = lead.clone();
+            xs.push(inp);
+            let mut ys = lead.clone();
+            ys.push(out);
+            let x = randn(&mut rng, &xs, 1.0, dtype)?;
+            let w = randn(&mut rng, &[out, inp], 0.5, dtype)?;
+            let b = randn(&mut rng, &[out], 0.5, dtype)?;
+            let what = format!("linear {dtype:?} {xs:?} -> {out}");
+            let fused = |t: &[Tensor]| linear(&t[0], &t[1], t.get(2));
+            let twin = |t: &[Tensor]| linear_reference(&t[0], &t[1], t.get(2));
+            check_twin(&what, &fused, &twin, &[x.clone(), w.clone(), b], &ys, tol)?;
+            check_twin(&what, &fused, &twin, &[x, w], &ys, tol)?;
+        }
+    }
+    let x = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
+    let w0 = randn(&mut rng, &[2, 3], 1.0, DType::F64)?;
+    let b0 = randn(&mut rng, &[2], 1.0, DType::F64)?;
+    let m = randn(&mut rng, &[4, 2], 1.0, DType::F64)?;
+    assert_grad_matches_fd(|x| (linear(x, &w0, Some(&b0))? * &m)?.sum_all(), &x, 1e-6, "linear x ")?;
+    assert_grad_matches_fd(|w| (linear(&x, w, Some(&b0))? * &m)?.sum_all(), &w0, 1e-6, "linear W ")?;
+    Ok(())
+}
