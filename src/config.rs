@@ -37,6 +37,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// "layer" (LayerNorm) or "rms" (RMSNorm).
     pub norm: String,
+    /// The layers as fused ops (`ops::{norm, bias_add, gelu, causal_attention}`: one op each way,
+    /// CPU kernels) rather than their plain-tensor twins; same math, same parameters.
+    pub fused_layers: bool,
     /// MoE feed-forward in every n-th block (1 = every block); other blocks get a dense MLP.
     /// 0 = no MoE at all: the dense twin of the same active compute.
     pub moe_every: usize,
@@ -157,6 +160,10 @@ pub struct TrainConfig {
     pub tf32: bool,
     /// Telemetry: an expert is "dead" when it got no tokens in the last this-many steps.
     pub dead_expert_window: usize,
+    /// CPU threads that run a step's micro-batches (`grad_accum`) side by side, each
+    /// single-threaded inside; gradients are summed in micro-batch order, so the result does not
+    /// depend on this number. 0 = one per core, at most `grad_accum`. See `train::parallel`.
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -174,6 +181,7 @@ impl Default for Config {
                 positions: "learned".into(),
                 rope_theta: 10000.0,
                 norm: "layer".into(),
+                fused_layers: true,
                 moe_every: 1,
                 moe: MoeConfig {
                     num_experts: 8,
@@ -232,6 +240,7 @@ impl Default for Config {
                 device: "cpu".into(),
                 tf32: false,
                 dead_expert_window: 100,
+                threads: 0,
             },
         }
     }

@@ -37,6 +37,7 @@ pub struct Gpt {
     dropout: f64,
     block_size: usize,
     vocab_size: usize,
+    fused: bool,
 }
 
 /// What one forward pass returns.
@@ -80,14 +81,23 @@ impl Gpt {
                 Ffn::Dense(Mlp::new(cfg, 4 * m.n_embd, vb.pp("mlp"))?)
             };
             blocks.push(Block {
-                ln_1: Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_1"))?,
+                ln_1: Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_1"))?,
                 attn: CausalSelfAttention::new(cfg, i, vb.pp("attn"))?,
-                ln_2: Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_2"))?,
+                ln_2: Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_2"))?,
                 ffn,
             });
         }
-        let ln_f = Norm::new(m.n_embd, &m.norm, m.bias, vb.pp("ln_f"))?;
-        Ok(Self { wte, wpe, blocks, ln_f, dropout: m.dropout, block_size: m.block_size, vocab_size: m.vocab_size })
+        let ln_f = Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_f"))?;
+        Ok(Self {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            dropout: m.dropout,
+            block_size: m.block_size,
+            vocab_size: m.vocab_size,
+            fused: m.fused_layers,
+        })
     }
 
     pub fn block_size(&self) -> usize {
@@ -134,8 +144,11 @@ impl Gpt {
         }
         let x = self.ln_f.forward(&x)?;
         // LM head tied to the token embedding: (B*T, C) x (C, V) -> (B, T, V).
-        let (b, t, c) = x.dims3()?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.embeddings().t()?)?.reshape((b, t, self.vocab_size))?;
+        let logits = if self.fused {
+            crate::ops::linear(&x, self.wte.embeddings(), None)? // (B, T, V)
+        } else {
+            crate::ops::linear_reference(&x, self.wte.embeddings(), None)?
+        };
         Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps })
     }
 }

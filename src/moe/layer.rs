@@ -132,6 +132,13 @@ impl MoeLayer {
         let idx = Tensor::from_slice(&r.indices, (n, r.m), xf.device())?; // (N, m) u32
         let order = expert_sort(&idx, e, cap)?;
         let xs = gather_rows(xf, &order)?; // (N_kept, C), grouped by expert
+        let grouped: Option<Vec<_>> = self.experts.iter().map(|x| x.gelu_params()).collect();
+        if let (Some(params), true) = (grouped, xs.dim(0)? > 0) {
+            // Every expert in one op each way.
+            let ys = crate::ops::expert_mlp(&xs, &params, &order.offsets)?; // (N_kept, C)
+            let y = combine(&ys, &r.weights, &order)?; // (N, C)
+            return Ok((y, order.tokens_per_expert(), order.dropped()));
+        }
         let mut outs = Vec::with_capacity(e);
         for (expert, rows) in self.experts.iter().zip(split_rows(&xs, &order.offsets)?) {
             if let Some(rows) = rows {

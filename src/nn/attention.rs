@@ -14,6 +14,7 @@ pub struct CausalSelfAttention {
     rotary: Option<Rotary>,
     dropout: f64,
     layer: u32,
+    fused: bool,
 }
 
 impl CausalSelfAttention {
@@ -28,12 +29,13 @@ impl CausalSelfAttention {
             None
         };
         Ok(Self {
-            c_attn: linear(c, 3 * c, m.bias, 0.02, vb.pp("c_attn"))?,
-            c_proj: linear(c, c, m.bias, proj_std, vb.pp("c_proj"))?,
+            c_attn: linear(c, 3 * c, m.bias, 0.02, vb.pp("c_attn"))?.fused(m.fused_layers),
+            c_proj: linear(c, c, m.bias, proj_std, vb.pp("c_proj"))?.fused(m.fused_layers),
             n_head: m.n_head,
             rotary,
             dropout: m.dropout,
             layer: layer as u32,
+            fused: m.fused_layers,
         })
     }
 
@@ -42,6 +44,13 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let site = self.layer * 4;
+        if self.fused && (self.dropout == 0.0 || !ctx.train) {
+            // One op: rotary, causal mask, softmax and PV, straight from the projection's layout.
+            let y = crate::ops::causal_attention(&qkv, self.n_head, self.rotary.as_ref().map(|r| r.tables()))?;
+            let y = self.c_proj.forward(&y)?; // (B, T, C)
+            return ops::dropout(&y, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, site + 1);
+        }
         let split = |i: usize| -> Result<Tensor> {
             qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous()
         }; // (B, nh, T, hs)
@@ -53,7 +62,6 @@ impl CausalSelfAttention {
         let scale = 1.0 / (hs as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, nh, T, T)
         let att = ops::softmax(&att)?;
-        let site = self.layer * 4;
         let att = ops::dropout(&att, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, site)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)

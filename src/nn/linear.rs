@@ -1,9 +1,6 @@
-//! A Linear layer with nanoGPT's init (weight ~ N(0, std), bias = 0) whose forward flattens the
-//! leading dimensions into one, so every matmul is 2-D.
-//!
-//! `candle_nn::Linear` on (B, T, C) input broadcasts the weight to (B, C, out) and runs a batched
-//! matmul: its backward then builds B copies of the weight gradient and sums them, which measured
-//! as a large share of a CPU training step. One (B*T, C) x (C, out) matmul avoids that.
+//! A Linear layer with nanoGPT's init (weight ~ N(0, std), bias = 0): the `ops::linear` op (one
+//! node each way: matmul over the flattened leading dimensions, bias, and dx, dW, db from one
+//! backward op) or its plain-tensor twin.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -12,32 +9,37 @@ use candle_nn::{Init, VarBuilder};
 pub struct Linear {
     weight: Tensor,       // (out, in)
     bias: Option<Tensor>, // (out)
+    fused: bool,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, fused: true }
+    }
+
+    /// Through `ops::linear` (true, the default) or its plain-tensor twin.
+    pub fn fused(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 }
 
 impl Module for Linear {
     /// x: (..., in) -> (..., out)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap_or(&0);
-        let n = x.elem_count() / inp.max(1);
-        let y = x.reshape((n, inp))?.matmul(&self.weight.t()?)?; // (N, out)
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        y.reshape(out)
+        if self.fused {
+            crate::ops::linear(x, &self.weight, self.bias.as_ref())
+        } else {
+            crate::ops::linear_reference(x, &self.weight, self.bias.as_ref())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub struct Mlp {
     c_fc: Linear,
     c_gate: Option<Linear>,
     c_proj: Linear,
+    fused: bool,
 }
 
 impl Mlp {
@@ -20,10 +21,27 @@ impl Mlp {
         let m = &cfg.model;
         let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
         let swiglu = m.moe.activation == "swiglu";
+        let fused = m.fused_layers;
+        let lin = |i, o, std, name| linear(i, o, m.bias, std, vb.pp(name)).map(|l| l.fused(fused));
         Ok(Self {
-            c_fc: linear(m.n_embd, hidden, m.bias, 0.02, vb.pp("c_fc"))?,
-            c_gate: if swiglu { Some(linear(m.n_embd, hidden, m.bias, 0.02, vb.pp("c_gate"))?) } else { None },
-            c_proj: linear(hidden, m.n_embd, m.bias, proj_std, vb.pp("c_proj"))?,
+            c_fc: lin(m.n_embd, hidden, 0.02, "c_fc")?,
+            c_gate: if swiglu { Some(lin(m.n_embd, hidden, 0.02, "c_gate")?) } else { None },
+            c_proj: lin(hidden, m.n_embd, proj_std, "c_proj")?,
+            fused,
+        })
+    }
+
+    /// The weights of a GELU MLP for `ops::expert_mlp` (None for SwiGLU, or when the layers are
+    /// not fused).
+    pub fn gelu_params(&self) -> Option<crate::ops::ExpertParams<'_>> {
+        if self.c_gate.is_some() || !self.fused {
+            return None;
+        }
+        Some(crate::ops::ExpertParams {
+            w1: self.c_fc.weight(),
+            b1: self.c_fc.bias(),
+            w2: self.c_proj.weight(),
+            b2: self.c_proj.bias(),
         })
     }
 
@@ -32,7 +50,9 @@ impl Mlp {
         let h = self.c_fc.forward(x)?; // (..., H)
         let h = match &self.c_gate {
             Some(g) => (candle_nn::ops::silu(&g.forward(x)?)? * h)?,
-            None => h.gelu_erf()?, // exact GELU, as PyTorch nn.GELU()
+            // Exact GELU, as PyTorch nn.GELU().
+            None if self.fused => crate::ops::gelu(&h)?,
+            None => crate::ops::gelu_reference(&h)?,
         };
         self.c_proj.forward(&h)
     }

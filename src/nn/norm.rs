@@ -1,7 +1,9 @@
-//! LayerNorm and RMSNorm written from differentiable ops (Candle's fused `layer_norm`/`rms_norm`
-//! and the `LayerNorm`/`RmsNorm` modules on contiguous input have no backward).
+//! LayerNorm and RMSNorm: the `ops::norm` op (one pass each way) or its plain-tensor twin
+//! (Candle's own `layer_norm`/`rms_norm` and the `LayerNorm`/`RmsNorm` modules on contiguous input
+//! have no backward).
 
-use candle_core::{Result, Tensor, D};
+use crate::ops::{norm, norm_reference, NormOp};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 const EPS: f64 = 1e-5;
@@ -11,32 +13,26 @@ pub struct Norm {
     weight: Tensor,
     bias: Option<Tensor>,
     rms: bool,
+    fused: bool,
 }
 
 impl Norm {
     /// `kind`: "layer" or "rms"; the gain starts at 1, the bias (LayerNorm with `bias`) at 0.
-    pub fn new(dim: usize, kind: &str, bias: bool, vb: VarBuilder) -> Result<Self> {
+    /// `fused`: through `ops::norm` rather than its plain-tensor twin.
+    pub fn new(dim: usize, kind: &str, bias: bool, fused: bool, vb: VarBuilder) -> Result<Self> {
         let rms = kind == "rms";
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = if bias && !rms { Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Norm { weight, bias, rms })
+        Ok(Norm { weight, bias, rms, fused })
     }
 
     /// x: (..., d) -> (..., d)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xn = if self.rms {
-            let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (..., 1)
-            x.broadcast_div(&(ms + EPS)?.sqrt()?)?
+        let op = NormOp { eps: EPS, rms: self.rms };
+        if self.fused {
+            norm(x, &self.weight, self.bias.as_ref(), op)
         } else {
-            let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            xc.broadcast_div(&(var + EPS)?.sqrt()?)?
-        };
-        let y = xn.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+            norm_reference(x, &self.weight, self.bias.as_ref(), op)
         }
     }
 }

@@ -1,30 +1,29 @@
 //! Rotary position embeddings (RoPE, Su et al. 2021), half-split layout as in GPT-NeoX/Llama,
 //! written from differentiable ops (narrow, mul, cat).
 
+use crate::ops::attention::RopeTables;
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct Rotary {
     cos: Tensor, // (T_max, hs/2)
     sin: Tensor, // (T_max, hs/2)
+    tables: Arc<RopeTables>,
 }
 
 impl Rotary {
     pub fn new(head_size: usize, max_t: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
-        let half = head_size / 2;
-        let mut cos = Vec::with_capacity(max_t * half);
-        let mut sin = Vec::with_capacity(max_t * half);
-        for t in 0..max_t {
-            for i in 0..half {
-                let freq = 1.0 / theta.powf(2.0 * i as f64 / head_size as f64);
-                let a = t as f64 * freq;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let cos = Tensor::from_vec(cos, (max_t, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_t, half), device)?.to_dtype(dtype)?;
-        Ok(Rotary { cos, sin })
+        let tables = RopeTables::new(head_size, max_t, theta);
+        let half = tables.half;
+        let cos = Tensor::from_slice(&tables.cos, (max_t, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_slice(&tables.sin, (max_t, half), device)?.to_dtype(dtype)?;
+        Ok(Rotary { cos, sin, tables: Arc::new(tables) })
+    }
+
+    /// The host tables, for the fused attention op.
+    pub fn tables(&self) -> &Arc<RopeTables> {
+        &self.tables
     }
 
     /// x: (B, nh, T, hs) -> (B, nh, T, hs), rotated by position.
