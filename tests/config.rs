@@ -36,7 +36,8 @@ fn the_cpu_recipe_is_nanogpts() {
     let c = Config::from_file(&configs_dir().join("shakespeare-char-cpu.toml"), &[]).unwrap();
     let m = &c.model;
     assert_eq!((m.block_size, m.n_layer, m.n_head, m.n_embd), (64, 4, 4, 128));
-    assert_eq!((c.train.batch_size, c.train.max_iters), (12, 2000));
+    // nanoGPT's 12 sequences per step (as micro-batches that run side by side).
+    assert_eq!((c.train.batch_size * c.train.grad_accum, c.train.max_iters), (12, 2000));
     assert_eq!((c.train.lr, c.train.min_lr, m.dropout), (1e-3, 1e-4, 0.0));
     // The MoE keeps the dense twin's active compute: m experts of width h = one 4 x n_embd MLP.
     assert_eq!(m.router.top_m * c.expert_hidden(), 4 * m.n_embd, "active compute differs from the dense twin");

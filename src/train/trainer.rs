@@ -5,6 +5,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::metrics::{self, MetricsWriter};
 use super::optim::{AdamW, AdamWConfig};
+use super::parallel::{worker_count, Workers};
 use super::schedule::{lr_at, tau_at};
 use super::telemetry::{LayerStep, Telemetry};
 use crate::config::Config;
@@ -50,6 +51,8 @@ pub struct Trainer {
     pub out_dir: PathBuf,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Threads that run micro-batches and evaluation batches side by side.
+    pub workers: Workers,
 }
 
 /// Outcome of `Trainer::fit`.
@@ -127,6 +130,10 @@ impl Trainer {
         router: &RouterFactory,
         with_train: bool,
     ) -> Result<Self> {
+        // Before the first tensor op: with several workers, Candle's own ops run single-threaded.
+        let n_workers =
+            if cfg.train.device == "cpu" { worker_count(cfg.train.threads, cfg.train.grad_accum) } else { 1 };
+        let workers = Workers::new(n_workers)?;
         let device = device_from_str(&cfg.train.device)?;
         if device.is_cuda() {
             // A process-wide cuBLAS setting in Candle: the last trainer built decides.
@@ -183,86 +190,87 @@ impl Trainer {
             state,
             out_dir: out_dir.to_path_buf(),
             progress: true,
+            workers,
         })
-    }
-
-    fn to_tensor(&self, ids: &[u32], rows: usize) -> Result<Tensor> {
-        Ok(Tensor::from_slice(ids, (rows, ids.len() / rows), &self.device)?)
     }
 
     /// Mean loss (cross-entropy only) over `n` random batches of `b` keyed by EVAL_KEY.
     pub fn estimate_loss(&self, b: &Batcher, n: usize) -> Result<f64> {
         let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
         let ctx = Ctx::eval(self.cfg.seed, tau);
-        let mut sum = 0.0;
-        for i in 0..n {
+        let (model, device, rows) = (&self.model, &self.device, b.batch_size());
+        let losses = self.workers.map(n, |i| {
             let (x, y) = b.random_batch(EVAL_KEY + i as u64, 0);
-            let rows = b.batch_size();
-            sum += self.eval_batch_loss(&x, &y, rows, &ctx)?;
-        }
-        Ok(sum / n as f64)
-    }
-
-    /// Mean cross-entropy of one evaluation batch (no noise, no dropout).
-    fn eval_batch_loss(&self, x: &[u32], y: &[u32], rows: usize, ctx: &Ctx) -> Result<f64> {
-        let out = self.model.forward(&self.to_tensor(x, rows)?, ctx)?;
-        Ok(cross_entropy(&out.logits, &self.to_tensor(y, rows)?)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            eval_batch_loss(model, device, &x, &y, rows, &ctx)
+        })?;
+        Ok(losses.iter().sum::<f64>() / n as f64)
     }
 
     /// Exact mean loss over every token of the validation split (non-overlapping windows).
     pub fn full_val_loss(&self) -> Result<f64> {
         let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
         let ctx = Ctx::eval(self.cfg.seed, tau);
-        let (mut sum, mut count) = (0.0, 0usize);
-        for (x, y, rows) in self.val.sequential_batches() {
-            sum += self.eval_batch_loss(&x, &y, rows, &ctx)? * y.len() as f64;
-            count += y.len();
-        }
+        let batches = self.val.sequential_batches();
+        let (model, device) = (&self.model, &self.device);
+        let sums = self.workers.map(batches.len(), |i| {
+            let (x, y, rows) = &batches[i];
+            Ok((eval_batch_loss(model, device, x, y, *rows, &ctx)? * y.len() as f64, y.len()))
+        })?;
+        let (sum, count) = sums.iter().fold((0.0, 0usize), |(s, c), &(x, n)| (s + x, c + n));
         Ok(sum / count.max(1) as f64)
     }
 
-    /// One optimizer step (all micro-batches). Returns (mean loss, mean aux loss, grad norm, the
-    /// routing of each MoE layer).
-    fn train_step(&mut self) -> Result<(f64, f64, f64, Vec<LayerStep>)> {
+    /// One optimizer step (all micro-batches, side by side on the workers). Returns (mean loss,
+    /// mean aux loss, grad norm, the routing of each MoE layer).
+    pub fn train_step(&mut self) -> Result<(f64, f64, f64, Vec<LayerStep>)> {
         let step = self.state.step;
         let train = self.train.as_ref().context("trainer built without training data")?;
         let accum = self.cfg.train.grad_accum;
         let tau = tau_at(&self.cfg.model.router, step as usize);
         let named = self.params.named();
+        let (model, cfg, device) = (&self.model, &self.cfg, &self.device);
+        let baseline0 = self.state.reinforce_baseline;
+        let micro = |i: usize, baseline: Option<f64>| {
+            micro_step(
+                model,
+                train,
+                cfg,
+                device,
+                &named,
+                Ctx { train: true, step, tau, seed: cfg.seed, micro: i as u32 },
+                baseline,
+            )
+        };
+        let outs: Vec<MicroOut> = if self.sequential_micro_batches() {
+            // Router state moves after each micro-batch: they run in order.
+            let mut outs = Vec::with_capacity(accum);
+            let mut baseline = baseline0;
+            for i in 0..accum {
+                let o = micro(i, baseline)?;
+                baseline = o.baseline;
+                outs.push(o);
+            }
+            outs
+        } else {
+            self.workers.map(accum, |i| micro(i, baseline0))?
+        };
         let mut grads: Vec<Option<Tensor>> = vec![None; named.len()];
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
         let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
         let mut routing = vec![LayerStep { tokens: vec![0; e], ..LayerStep::default() }; moe_layers];
-        for micro in 0..accum as u32 {
-            let (x, y) = train.random_batch(step, micro);
-            let rows = train.batch_size();
-            let ctx = Ctx { train: true, step, tau, seed: self.cfg.seed, micro };
-            let out = self.model.forward(&self.to_tensor(&x, rows)?, &ctx)?;
-            let targets = self.to_tensor(&y, rows)?;
-            let ce = cross_entropy(&out.logits, &targets)?;
-            let mut loss = (&ce + &out.aux_loss)?;
-            // REINFORCE routers: the score-function surrogate, whose value is not a loss (not logged),
-            // only its gradient reaches the router.
-            let decay = self.cfg.model.router.reinforce_baseline_decay;
-            let mut baseline = self.state.reinforce_baseline.unwrap_or(f64::NAN);
-            if let Some(s) = router_surrogate(&out, &targets, &mut baseline, decay)? {
-                loss = (loss + s)?;
-                self.state.reinforce_baseline = Some(baseline);
+        // Summed in micro-batch order, whatever the number of workers.
+        for out in outs {
+            if let Some(b) = out.baseline {
+                self.state.reinforce_baseline = Some(b);
             }
-            let lv = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let av = out.aux_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() || !av.is_finite() {
-                bail!("non-finite loss at step {step} (cross-entropy {lv}, aux {av}): training stopped; the last checkpoint is kept");
-            }
-            loss_sum += lv;
-            aux_sum += av;
-            let gs = (loss / accum as f64)?.backward()?;
-            for (i, (_, v)) in named.iter().enumerate() {
-                if let Some(g) = gs.get(v.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
+            loss_sum += out.ce;
+            aux_sum += out.aux;
+            for (acc, g) in grads.iter_mut().zip(out.grads) {
+                if let Some(g) = g {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
                     });
                 }
             }
@@ -290,6 +298,12 @@ impl Trainer {
         self.state.step += 1;
         self.state.rng_next_step = self.state.step;
         Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
+    }
+
+    /// Whether routing carries state from one micro-batch to the next (the REINFORCE baseline, the
+    /// sigmoid-bias router's expert bias), so the micro-batches must run in order.
+    fn sequential_micro_batches(&self) -> bool {
+        matches!(self.cfg.model.router.kind.as_str(), "reinforce" | "sigmoid_bias")
     }
 
     fn tokens_per_step(&self) -> u64 {
@@ -406,6 +420,59 @@ impl Trainer {
             "wall_s": wall_s, "tok_per_s": tok_per_s}))?;
         Ok(FitSummary { step: self.state.step, val_loss, wall_s, tok_per_s })
     }
+}
+
+/// Mean cross-entropy of one evaluation batch (no noise, no dropout).
+fn eval_batch_loss(model: &Gpt, device: &Device, x: &[u32], y: &[u32], rows: usize, ctx: &Ctx) -> Result<f64> {
+    let out = model.forward(&Tensor::from_slice(x, (rows, x.len() / rows), device)?, ctx)?;
+    let targets = Tensor::from_slice(y, (rows, y.len() / rows), device)?;
+    Ok(cross_entropy(&out.logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// What one micro-batch gives the step: its parameter gradients (already divided by the number
+/// of micro-batches), its losses, routing statistics and the REINFORCE baseline after it.
+struct MicroOut {
+    grads: Vec<Option<Tensor>>,
+    ce: f64,
+    aux: f64,
+    moe_stats: Vec<crate::moe::layer::MoeStats>,
+    baseline: Option<f64>,
+}
+
+/// Forward and backward of micro-batch `ctx.micro` of step `ctx.step`.
+fn micro_step(
+    model: &Gpt,
+    train: &Batcher,
+    cfg: &Config,
+    device: &Device,
+    named: &[(String, candle_core::Var)],
+    ctx: Ctx,
+    baseline: Option<f64>,
+) -> Result<MicroOut> {
+    let (step, accum) = (ctx.step, cfg.train.grad_accum);
+    let (x, y) = train.random_batch(step, ctx.micro);
+    let rows = train.batch_size();
+    let out = model.forward(&Tensor::from_slice(&x, (rows, x.len() / rows), device)?, &ctx)?;
+    let targets = Tensor::from_slice(&y, (rows, y.len() / rows), device)?;
+    let ce = cross_entropy(&out.logits, &targets)?;
+    let mut loss = (&ce + &out.aux_loss)?;
+    // REINFORCE routers: the score-function surrogate, whose value is not a loss (not logged),
+    // only its gradient reaches the router.
+    let decay = cfg.model.router.reinforce_baseline_decay;
+    let mut b = baseline.unwrap_or(f64::NAN);
+    let mut baseline_after = baseline;
+    if let Some(s) = router_surrogate(&out, &targets, &mut b, decay)? {
+        loss = (loss + s)?;
+        baseline_after = Some(b);
+    }
+    let lv = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let av = out.aux_loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !lv.is_finite() || !av.is_finite() {
+        bail!("non-finite loss at step {step} (cross-entropy {lv}, aux {av}): training stopped; the last checkpoint is kept");
+    }
+    let gs = (loss / accum as f64)?.backward()?;
+    let grads = named.iter().map(|(_, v)| gs.get(v.as_tensor()).cloned()).collect();
+    Ok(MicroOut { grads, ce: lv, aux: av, moe_stats: out.moe_stats, baseline: baseline_after })
 }
 
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0 = no clipping); returns

@@ -1,0 +1,68 @@
+//! Data parallelism on the CPU: a step's micro-batches run side by side, one per worker thread,
+//! each single-threaded inside (as two processes would), and their gradients are summed in
+//! micro-batch order. The result is the same for any number of workers.
+//!
+//! Why not parallel ops: a training step of the CPU recipe is ~1,000 small ops; Candle's elementwise
+//! pool and gemm's rayon pool make every one wait for all workers, and on 2 cores the two pools
+//! oversubscribe. Two independent micro-batches keep both cores busy without any of that.
+//!
+//! Intra-op threading is a process-wide setting of Candle, read from the environment:
+//! `RAYON_NUM_THREADS` (gemm, rayon's global pool) and `CANDLE_NUM_THREADS` (elementwise ops).
+//! With more than one worker, [`Workers::new`] sets both to 1 unless the user already set them.
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+/// A pool of `n` worker threads for micro-batches (and evaluation batches).
+pub struct Workers {
+    pool: Option<rayon::ThreadPool>,
+    n: usize,
+}
+
+/// How many workers `train.threads` asks for with `accum` micro-batches per step: 0 = one per
+/// core, never more than there are micro-batches.
+pub fn worker_count(threads: usize, accum: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let want = if threads == 0 { cores } else { threads };
+    want.clamp(1, accum.max(1))
+}
+
+impl Workers {
+    /// `n` workers; with n > 1 the ops inside each run single-threaded (see the module header).
+    pub fn new(n: usize) -> Result<Self> {
+        if n <= 1 {
+            return Ok(Self { pool: None, n: 1 });
+        }
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                // Read by Candle at each matmul (gemm's thread count) and when its elementwise
+                // pool starts. Set before the first op of the run.
+                std::env::set_var(var, "1");
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("gumbel-moe-worker-{i}"))
+            // Candle's backward walks the graph recursively (as the binary's main thread).
+            .stack_size(512 << 20)
+            .build()
+            .context("starting the data-parallel worker threads")?;
+        Ok(Self { pool: Some(pool), n })
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// `f(0), ..., f(count - 1)`, in parallel over the workers; results in index order.
+    pub fn map<T: Send>(&self, count: usize, f: impl Fn(usize) -> Result<T> + Sync + Send) -> Result<Vec<T>> {
+        match &self.pool {
+            None => (0..count).map(f).collect(),
+            Some(pool) => pool.install(|| (0..count).into_par_iter().with_max_len(1).map(f).collect()),
+        }
+    }
+}
