@@ -167,6 +167,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    gumbel_moe::train::alloc::tune_allocator();
     // Candle's backward walks the graph recursively: give it a large stack.
     let h = std::thread::Builder::new().stack_size(512 << 20).spawn(move || run(cli)).context("spawning the worker")?;
     match h.join() {
