@@ -137,6 +137,35 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     s
 }
 
+/// max of a non-empty slice, 8 lanes at a time.
+#[inline]
+fn max_of<T: Float>(a: &[T]) -> T {
+    let mut acc = [a[0]; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    rest.iter().fold(acc.into_iter().fold(a[0], T::max), |m, &v| m.max(v))
+}
+
+/// sum of a slice with 8 accumulators, added in a fixed order.
+#[inline]
+fn sum_of<T: Float>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l];
+        }
+    }
+    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    rest.iter().fold(s, |s, &v| s + v)
+}
+
 impl CausalAttention {
     fn load<T: Float>(&self, rows: &[T], t: usize, c: usize, hs: usize, h: usize) -> Head<T> {
         let take = |part: usize| -> Vec<T> {
@@ -162,18 +191,17 @@ impl CausalAttention {
         let mut p = out_vec::<T>(t * t);
         matmul(&mut p, Mat::rows(&hd.q, t, hs), Mat::t(&hd.k, hs, t), false); // q k^T
         for (i, row) in p.chunks_mut(t).enumerate() {
-            let mut m = T::from_f64(f64::NEG_INFINITY);
-            for v in row[..=i].iter_mut() {
+            let live = &mut row[..=i];
+            // Separate passes (scale, max, exp, sum, normalise) so each one vectorizes.
+            for v in live.iter_mut() {
                 *v = *v * scale;
-                m = m.max(*v);
             }
-            let mut sum = T::ZERO;
-            for v in row[..=i].iter_mut() {
+            let m = max_of(live);
+            for v in live.iter_mut() {
                 *v = (*v - m).exp();
-                sum = sum + *v;
             }
-            let inv = T::ONE / sum;
-            for v in row[..=i].iter_mut() {
+            let inv = T::ONE / sum_of(live);
+            for v in live.iter_mut() {
                 *v = *v * inv;
             }
             row[i + 1..].fill(T::ZERO);
