@@ -58,6 +58,15 @@ impl Workers {
         false
     }
 
+    /// Runs `f` inside the worker pool, so the rayon-parallel loops in it (the fused AdamW) use
+    /// every worker.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            None => f(),
+            Some(pool) => pool.install(f),
+        }
+    }
+
     /// `f(0), ..., f(count - 1)`, in parallel over the workers; results in index order.
     pub fn map<T: Send>(&self, count: usize, f: impl Fn(usize) -> Result<T> + Sync + Send) -> Result<Vec<T>> {
         match &self.pool {

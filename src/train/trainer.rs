@@ -292,9 +292,13 @@ impl Trainer {
                 r.top1 += mean(&s.top1_prob)?;
             }
         }
-        let norm = clip_grads(&mut grads, self.cfg.train.grad_clip)?;
         let lr = lr_at(&self.cfg.train, step as usize);
-        self.opt.step(&grads, lr)?;
+        let (clip, opt) = (self.cfg.train.grad_clip, &mut self.opt);
+        let norm = self.workers.install(move || -> Result<f64> {
+            let norm = clip_grads(&mut grads, clip)?;
+            opt.step(&grads, lr)?;
+            Ok(norm)
+        })?;
         self.state.step += 1;
         self.state.rng_next_step = self.state.step;
         Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
