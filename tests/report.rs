@@ -216,7 +216,7 @@ fn plot_command_draws_both_plots_and_names_a_missing_file() {
 #[test]
 fn compare_trains_reports_and_reuses() {
     let d = tempfile::tempdir().unwrap();
-    let src = common::shared_data().join("tinyshakespeare/input.txt");
+    let src = common::shakespeare_path();
     let base = d.path().join("tiny.toml");
     std::fs::write(
         &base,
