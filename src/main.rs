@@ -63,8 +63,8 @@ enum Cmd {
         device: Option<String>,
     },
     /// Train several routers (or variants) on the same data, seed and step budget, then write
-    /// OUT/report.md, OUT/report.json, OUT/val_loss.png and OUT/NAME/load.png. Finished runs with
-    /// the same config are reused; unfinished ones with a checkpoint are resumed.
+    /// OUT/report.md, OUT/report.json, OUT/val_loss.png, OUT/train_loss.png and OUT/NAME/load.png.
+    /// Finished runs with the same config are reused; unfinished ones with a checkpoint are resumed.
     Compare {
         /// Base TOML config shared by every run.
         #[arg(long)]
@@ -90,7 +90,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Draw RUN_DIR/val_loss.png and RUN_DIR/load.png from RUN_DIR/metrics.jsonl.
+    /// Draw RUN_DIR/val_loss.png, RUN_DIR/train_loss.png and RUN_DIR/load.png from RUN_DIR/metrics.jsonl.
     Plot {
         /// A run folder (holding metrics.jsonl).
         run_dir: PathBuf,
