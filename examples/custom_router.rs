@@ -1,6 +1,6 @@
 //! Writing your own router: a cosine router (X-MoE, Chi et al. 2022) in ~50 lines, trained end to
 //! end with the stock trainer. Run: `cargo run --release --example custom_router -- [STEPS]`
-//! (reads Tiny Shakespeare through the hub cache; set HF_HOME=../shared/data/hf-cache offline).
+//! (reads the repo's data/tinyshakespeare.txt; each run replaces the last one in runs/custom-router).
 
 use anyhow::Result;
 use candle_core::{Tensor, D};
@@ -8,6 +8,7 @@ use candle_nn::{Init, VarBuilder};
 use gumbel_moe::moe::routers::{host_logits, index_tensor, top_k};
 use gumbel_moe::moe::{RouteCtx, Router, Routing};
 use gumbel_moe::nn::ops::softmax;
+use gumbel_moe::train::IfRunExists;
 use gumbel_moe::{train::Trainer, Config};
 
 /// Scores are cosine similarities between the token and a learned embedding per expert, divided
@@ -50,11 +51,11 @@ impl Router for CosineRouter {
 fn main() -> Result<()> {
     let steps = std::env::args().nth(1).unwrap_or_else(|| "200".into());
     let overrides = [format!("train.max_iters={steps}"), format!("train.lr_decay_iters={steps}")];
-    let cfg = Config::from_file("configs/shakespeare-char-cpu.toml".as_ref(), &overrides)?;
+    let cfg = Config::default_recipe(&overrides)?;
     let factory = |cfg: &Config, _layer: usize, vb: VarBuilder| -> candle_core::Result<Box<dyn Router>> {
         Ok(Box::new(CosineRouter::new(cfg, vb)?))
     };
-    let mut trainer = Trainer::new_with_router(cfg, "runs/custom-router".as_ref(), &factory)?;
+    let mut trainer = Trainer::new_with(cfg, "runs/custom-router".as_ref(), &factory, IfRunExists::Overwrite)?;
     let summary = trainer.fit()?;
     println!("cosine router: {} steps, val loss {:.4}, {:.0} tok/s", summary.step, summary.val_loss, summary.tok_per_s);
     Ok(())

@@ -9,6 +9,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The default config, configs/shakespeare-char-cpu.toml, built in: `gumbel-moe train` without
+/// `--config` trains it.
+pub const DEFAULT_CONFIG: &str = include_str!("../configs/shakespeare-char-cpu.toml");
+/// Its name (runs go to `runs/<name>`), and how errors refer to it.
+pub const DEFAULT_CONFIG_NAME: &str = "shakespeare-char-cpu";
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -117,7 +123,9 @@ pub struct RouterConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// A local text file, or hf://OWNER/NAME/FILE (a dataset repo on the Hugging Face hub).
+    /// A local text file, or hf://OWNER/NAME/FILE (a dataset repo on the Hugging Face hub). A
+    /// relative path is looked up in the current directory, then in the crate folder
+    /// (`data::source::resolve_local`); the default is the repo's Tiny Shakespeare.
     pub source: String,
     /// "char" or "bpe" (byte-level BPE trained on the training split).
     pub tokenizer: String,
@@ -213,7 +221,7 @@ impl Default for Config {
                 },
             },
             data: DataConfig {
-                source: "hf://SamPIngram/tinyshakespeare/input.txt".into(),
+                source: "data/tinyshakespeare.txt".into(),
                 tokenizer: "char".into(),
                 bpe_vocab_size: 1024,
                 train_fraction: 0.9,
@@ -324,6 +332,11 @@ impl Config {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::resolve(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The built-in default config ([`DEFAULT_CONFIG`]) with `overrides`.
+    pub fn default_recipe(overrides: &[String]) -> Result<Config> {
+        Self::resolve(DEFAULT_CONFIG, &format!("built-in {DEFAULT_CONFIG_NAME}.toml"), overrides)
     }
 
     /// The resolved config as pretty JSON (saved as config.json in checkpoints).

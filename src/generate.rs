@@ -11,7 +11,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 #[derive(Clone, Debug)]
 pub struct SampleConfig {
     pub max_new_tokens: usize,
-    /// 0 = greedy (argmax).
+    /// Finite and >= 0; 0 = greedy (argmax).
     pub temperature: f64,
     /// Keep only the k most likely tokens; 0 = all.
     pub top_k: usize,
@@ -55,6 +55,9 @@ pub fn generate(
     device: &Device,
     ctx: Ctx,
 ) -> Result<String> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
+    }
     let mut ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one character");

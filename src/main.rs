@@ -3,10 +3,12 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gumbel_moe::config::DEFAULT_CONFIG_NAME;
 use gumbel_moe::generate::{generate, SampleConfig};
 use gumbel_moe::nn::Ctx;
 use gumbel_moe::report::{compare, plot_run, CompareArgs};
 use gumbel_moe::train::schedule::tau_at;
+use gumbel_moe::train::IfRunExists;
 use gumbel_moe::{train::Trainer, Config};
 use std::path::PathBuf;
 
@@ -21,18 +23,26 @@ struct Cli {
 enum Cmd {
     /// Train a model from a config (or continue one with --resume).
     Train {
-        /// TOML config file (see configs/). Optional with --resume.
+        /// TOML config file (see configs/). Without it (and without --resume) the built-in default,
+        /// configs/shakespeare-char-cpu.toml, is trained.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a config key, e.g. --set model.router.tau_min=0.3 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Output directory for metrics.jsonl and checkpoints (default runs/<config name>).
+        /// Output directory for metrics.jsonl and checkpoints (default runs/<config name>; with
+        /// --resume, the checkpoint's own run directory). A new run refuses a directory that already
+        /// holds a run.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue from a checkpoint directory or a run directory (its newest checkpoint).
+        /// Continue from a checkpoint directory or a run directory (its newest checkpoint). Only the
+        /// newest checkpoint of a run continues in place; from an older one, branch off with --out.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Start afresh in an --out directory that holds an earlier run: deletes that run's
+        /// checkpoints, best/, config.json, metrics.jsonl and plots first (other files are kept).
+        #[arg(long)]
+        overwrite: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -45,9 +55,11 @@ enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 500)]
         max_new_tokens: usize,
-        #[arg(long, default_value_t = 0.8)]
+        /// Sampling temperature, finite and >= 0; 0 = greedy (always the most likely token).
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = parse_temperature)]
         temperature: f64,
-        #[arg(long, default_value_t = 200)]
+        /// Sample only among the K most likely tokens; 0 = no limit (all tokens).
+        #[arg(long, default_value_t = 200, value_name = "K")]
         top_k: usize,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
@@ -63,8 +75,8 @@ enum Cmd {
         device: Option<String>,
     },
     /// Train several routers (or variants) on the same data, seed and step budget, then write
-    /// OUT/report.md, OUT/report.json, OUT/val_loss.png and OUT/NAME/load.png. Finished runs with
-    /// the same config are reused; unfinished ones with a checkpoint are resumed.
+    /// OUT/report.md, OUT/report.json, OUT/val_loss.png, OUT/train_loss.png and OUT/NAME/load.png.
+    /// Finished runs with the same config are reused; unfinished ones with a checkpoint are resumed.
     Compare {
         /// Base TOML config shared by every run.
         #[arg(long)]
@@ -90,7 +102,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Draw RUN_DIR/val_loss.png and RUN_DIR/load.png from RUN_DIR/metrics.jsonl.
+    /// Draw RUN_DIR/val_loss.png, RUN_DIR/train_loss.png and RUN_DIR/load.png from RUN_DIR/metrics.jsonl.
     Plot {
         /// A run folder (holding metrics.jsonl).
         run_dir: PathBuf,
@@ -99,23 +111,39 @@ enum Cmd {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, overrides, out, resume, quiet } => {
+        Cmd::Train { config, overrides, out, resume, overwrite, quiet } => {
+            let if_exists = if overwrite { IfRunExists::Overwrite } else { IfRunExists::Refuse };
             let mut trainer = match (&resume, &config) {
                 (Some(ckpt), _) => {
                     if config.is_some() {
                         eprintln!("note: --resume uses the checkpoint's config.json; --config is ignored");
                     }
-                    Trainer::resume(ckpt, &overrides, out.as_deref())?
+                    Trainer::resume_with(ckpt, &overrides, out.as_deref(), if_exists)?
                 }
-                (None, Some(path)) => {
-                    let cfg = Config::from_file(path, &overrides)?;
-                    let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("run".into());
+                (None, config) => {
+                    let (cfg, name) = match config {
+                        Some(path) => {
+                            let name = path.file_stem().map(|s| s.to_string_lossy().to_string());
+                            (Config::from_file(path, &overrides)?, name.unwrap_or("run".into()))
+                        }
+                        None => (Config::default_recipe(&overrides)?, DEFAULT_CONFIG_NAME.to_string()),
+                    };
                     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(name));
-                    Trainer::new(cfg, &out)?
+                    if overwrite && !gumbel_moe::train::run_dir::run_files(&out)?.is_empty() {
+                        eprintln!("note: --overwrite: deleting the earlier run's files in {}", out.display());
+                    }
+                    Trainer::new_with(cfg, &out, &gumbel_moe::moe::build_router, if_exists)?
                 }
-                (None, None) => anyhow::bail!("train needs --config FILE or --resume DIR"),
             };
             trainer.progress = !quiet;
+            if resume.is_some() && trainer.steps_left() == 0 {
+                eprintln!(
+                    "note: the checkpoint is at step {}, already at or past train.max_iters = {}: nothing \
+                     left to train, only the final evaluation runs (train further with --set \
+                     train.max_iters=N, N > {})",
+                    trainer.state.step, trainer.cfg.train.max_iters, trainer.state.step
+                );
+            }
             eprintln!(
                 "training {} parameters on {} ({} steps) -> {}",
                 trainer.params.num_elements(),
@@ -163,6 +191,15 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--temperature`: a finite number >= 0.
+fn parse_temperature(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(t) => Err(format!("the temperature must be finite and >= 0 (0 = greedy), got {t}")),
+        Err(_) => Err(format!("the temperature must be a number >= 0 (0 = greedy), got `{s}`")),
+    }
 }
 
 fn main() -> Result<()> {

@@ -1,25 +1,32 @@
 //! Tests of the data layer: text sources (local and hub cache), tokenizers, split and batches.
 //!
-//! The corpora come from `../shared/data/` beside the project root (see its README for the facts
-//! checked here). Environment variables are process-global, so the only test that sets them
-//! (`hub_offline`) holds `ENV` and every other test avoids the hub.
+//! The corpus is the repo's `data/tinyshakespeare.txt`; the hub tests read the small hub cache in
+//! `tests/fixtures/hf-cache` (see its README). Environment variables are process-global, so the
+//! only test that sets them (`hub_cache_from_the_environment`) holds `ENV`; the other hub tests
+//! pass the cache explicitly.
 
-use gumbel_moe::data::{load_text, split_text, Batcher, Tokenizer, TokenizerKind};
-use std::path::PathBuf;
+use gumbel_moe::data::{load_text, load_text_with, split_text, Batcher, HubOptions, Tokenizer, TokenizerKind};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Guards the process environment (HF_HOME, HF_HUB_OFFLINE).
 static ENV: Mutex<()> = Mutex::new(());
 
-fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn shakespeare() -> String {
-    let path = shared("tinyshakespeare/input.txt");
-    load_text(path.to_str().expect("utf-8 path")).expect("tiny shakespeare")
+    load_text(crate_dir().join("data/tinyshakespeare.txt").to_str().expect("utf-8 path")).expect("tiny shakespeare")
 }
+
+/// The fixture hub cache, offline.
+fn fixture_hub() -> HubOptions {
+    HubOptions { cache_dir: Some(crate_dir().join("tests/fixtures/hf-cache/hub")), offline: true }
+}
+
+const FIXTURE: &str = "hf://gumbel-moe-fixtures/shakespeare-head";
 
 /// The first `n` bytes of `s`, cut back to a char boundary.
 fn prefix(s: &str, n: usize) -> &str {
@@ -39,40 +46,105 @@ fn local_file_loads_with_known_size() {
     assert_eq!(text.lines().count(), 40_000);
 }
 
+/// The configs name `data/tinyshakespeare.txt`. Cargo runs tests in the crate root, so this finds
+/// it from the current directory; `tests/checkpoint_safety.rs` trains from another directory, where
+/// only the fallback to the crate folder finds it.
 #[test]
-fn hub_offline() {
-    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-    let _restore = RestoreEnv::save(&["HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE"]);
-    let home = shared("hf-cache");
-    std::env::remove_var("HF_HUB_CACHE");
-    std::env::remove_var("HUGGINGFACE_HUB_CACHE");
-    std::env::set_var("HF_HOME", &home);
-    std::env::set_var("HF_HUB_OFFLINE", "1");
+fn relative_paths_fall_back_to_the_crate_folder() {
+    let p = gumbel_moe::data::source::resolve_local("data/tinyshakespeare.txt");
+    assert!(p.is_file(), "{}", p.display());
+    assert_eq!(load_text("data/tinyshakespeare.txt").unwrap().len(), 1_115_394);
+    // A relative name found nowhere: the error says where it looked.
+    let err = format!("{:#}", load_text("data/no-such-corpus.txt").unwrap_err());
+    for part in ["data/no-such-corpus.txt", "current directory", "crate directory", env!("CARGO_MANIFEST_DIR")] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+}
 
-    // The cached hub file is byte for byte the local copy.
-    let hub = load_text("hf://SamPIngram/tinyshakespeare/input.txt").expect("offline hub load");
-    assert_eq!(hub.len(), 1_115_394);
-    assert!(hub == shakespeare(), "hub file differs from the local copy");
+#[test]
+fn hub_files_load_from_an_explicit_cache() {
+    // The cached files are the first bytes of the local corpus, as the fixture README says.
+    let text = shakespeare();
+    let head = load_text_with(&format!("{FIXTURE}/input.txt"), &fixture_hub()).expect("offline hub load");
+    assert_eq!(head.len(), 3005);
+    assert!(text.starts_with(&head), "hub file is not the head of data/tinyshakespeare.txt");
+    // A file in a folder of the repo: its snapshot link has one more `../`.
+    let scene = load_text_with(&format!("{FIXTURE}/parts/scene2.txt"), &fixture_hub()).unwrap();
+    assert_eq!(scene.len(), 1040);
+    assert!(text[head.len()..].starts_with(&scene));
 
-    // A file the cache lacks fails fast, naming the repo, the file and that it was offline.
+    // A file the cache lacks fails fast, naming the repo, the file, the cache and that it was offline.
     let t0 = Instant::now();
-    let err = load_text("hf://SamPIngram/tinyshakespeare/no/such.txt").unwrap_err().to_string();
+    let err = load_text_with(&format!("{FIXTURE}/no/such.txt"), &fixture_hub()).unwrap_err().to_string();
     assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
-    for part in ["SamPIngram/tinyshakespeare", "no/such.txt", "offline", "hf-cache"] {
+    for part in ["gumbel-moe-fixtures/shakespeare-head", "no/such.txt", "offline", "fixtures/hf-cache"] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
     // So does a repo the cache lacks.
-    let err = load_text("hf://nobody/nothing/input.txt").unwrap_err().to_string();
+    let err = load_text_with("hf://nobody/nothing/input.txt", &fixture_hub()).unwrap_err().to_string();
     assert!(err.contains("nobody/nothing") && err.contains("offline"), "{err}");
-
-    // "true" works as well as "1".
-    std::env::set_var("HF_HUB_OFFLINE", "true");
-    let t0 = Instant::now();
-    assert!(load_text("hf://SamPIngram/tinyshakespeare/missing.txt").is_err());
-    assert!(t0.elapsed() < Duration::from_secs(5));
 }
 
-/// Puts environment variables back as they were when dropped (CI sets HF_HOME itself).
+/// A checkout without symlink support turns each snapshot link into a small file holding the link
+/// text; the loader follows it to the blob.
+#[test]
+fn hub_cache_with_flattened_links() {
+    let src = crate_dir().join("tests/fixtures/hf-cache/hub");
+    let dir = tempfile::tempdir().unwrap();
+    copy_flattening_links(&src, dir.path());
+    let link = dir.path().join(
+        "datasets--gumbel-moe-fixtures--shakespeare-head/snapshots/b94639155ce994b894fd935b4effd1baf41fb7bf/input.txt",
+    );
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file(), "the copy must hold a plain file");
+    let hub = HubOptions { cache_dir: Some(dir.path().to_path_buf()), offline: true };
+    let head = load_text_with(&format!("{FIXTURE}/input.txt"), &hub).unwrap();
+    assert_eq!(head.len(), 3005);
+    assert_eq!(load_text_with(&format!("{FIXTURE}/parts/scene2.txt"), &hub).unwrap().len(), 1040);
+}
+
+/// Copies a tree, writing each symlink as a plain file that holds its target.
+fn copy_flattening_links(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let meta = std::fs::symlink_metadata(&from).unwrap();
+        if meta.file_type().is_symlink() {
+            std::fs::write(&to, std::fs::read_link(&from).unwrap().to_str().unwrap()).unwrap();
+        } else if meta.is_dir() {
+            copy_flattening_links(&from, &to);
+        } else {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+}
+
+/// `load_text` takes the cache from HF_HOME and offline mode from HF_HUB_OFFLINE.
+#[test]
+fn hub_cache_from_the_environment() {
+    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let _restore = RestoreEnv::save(&["HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE"]);
+    std::env::remove_var("HF_HUB_CACHE");
+    std::env::remove_var("HUGGINGFACE_HUB_CACHE");
+    std::env::set_var("HF_HOME", crate_dir().join("tests/fixtures/hf-cache"));
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    assert_eq!(HubOptions::from_env(), HubOptions { cache_dir: None, offline: true });
+    let head = load_text(&format!("{FIXTURE}/input.txt")).expect("offline hub load through HF_HOME");
+    assert!(shakespeare().starts_with(&head) && head.len() == 3005);
+    let err = load_text(&format!("{FIXTURE}/missing.txt")).unwrap_err().to_string();
+    assert!(err.contains("offline") && err.contains("fixtures/hf-cache/hub"), "{err}");
+
+    // "true" works as well as "1"; anything else is online.
+    std::env::set_var("HF_HUB_OFFLINE", "true");
+    assert!(HubOptions::from_env().offline);
+    let t0 = Instant::now();
+    assert!(load_text(&format!("{FIXTURE}/missing.txt")).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    std::env::set_var("HF_HUB_OFFLINE", "0");
+    assert!(!HubOptions::from_env().offline);
+}
+
+/// Puts environment variables back as they were when dropped.
 struct RestoreEnv(Vec<(&'static str, Option<std::ffi::OsString>)>);
 
 impl RestoreEnv {

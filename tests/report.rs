@@ -2,7 +2,8 @@
 //! computation from synthetic metrics files, valid PNG plots, and one tiny end-to-end comparison.
 
 mod common;
-use gumbel_moe::report::plot::{load_heatmap, val_loss_chart};
+use gumbel_moe::report::colours::series_colours;
+use gumbel_moe::report::plot::{ema, load_heatmap, train_loss_chart, val_loss_chart};
 use gumbel_moe::report::{plan_runs, plot_run, run_state, Report, RunPlan, RunState, RunSummary};
 use gumbel_moe::Config;
 use serde_json::{json, Value};
@@ -183,9 +184,53 @@ fn plots_are_valid_pngs() {
     load_heatmap(&d.path().join("l.png"), "run: expert load", &steps, &load).unwrap();
     let (w, h) = png_dims(&d.path().join("l.png"));
     assert!(w == 1000 && h > 300, "{w}x{h}");
+    // Training loss: every log line of several runs, smoothed.
+    let noisy = |phase: f64| -> Vec<(u64, f64)> {
+        (1..=200u64).map(|s| (s, 4.0 / (1.0 + s as f64 / 50.0) + 0.2 * (s as f64 * 1.7 + phase).sin())).collect()
+    };
+    let runs: Vec<(String, Vec<(u64, f64)>)> = (0..12).map(|i| (format!("run{i}"), noisy(i as f64))).collect();
+    train_loss_chart(&d.path().join("t.png"), &runs).unwrap();
+    assert_eq!(png_dims(&d.path().join("t.png")), (960, 600));
     // Nothing to draw is an error, not an empty picture.
     assert!(val_loss_chart(&d.path().join("e.png"), &[("x".into(), vec![])]).is_err());
+    assert!(train_loss_chart(&d.path().join("e.png"), &[("x".into(), vec![(1, f64::NAN)])]).is_err());
     assert!(load_heatmap(&d.path().join("e.png"), "t", &[], &[]).is_err());
+}
+
+/// Every series of a chart has its own colour, for any number of runs; the first ten (the usual
+/// comparison) are also far apart.
+#[test]
+fn series_colours_are_distinct() {
+    for n in 1..=60 {
+        let c = series_colours(n);
+        assert_eq!(c.len(), n);
+        for i in 0..n {
+            for j in 0..i {
+                assert_ne!(c[i], c[j], "{n} series: {i} and {j} share {:?}", c[i]);
+            }
+        }
+    }
+    let c = series_colours(10);
+    let dist = |a: &plotters::style::RGBColor, b: &plotters::style::RGBColor| {
+        let d = |x: u8, y: u8| (x as f64 - y as f64).powi(2);
+        (d(a.0, b.0) + d(a.1, b.1) + d(a.2, b.2)).sqrt()
+    };
+    for i in 0..10 {
+        for j in 0..i {
+            assert!(dist(&c[i], &c[j]) > 60.0, "{i} {:?} and {j} {:?} are too close", c[i], c[j]);
+        }
+    }
+}
+
+/// The smoothing starts at the first value (no pull toward 0) and follows a step change.
+#[test]
+fn train_loss_ema_is_bias_corrected() {
+    let pts: Vec<(f64, f64)> = (0..40).map(|i| (i as f64, if i < 20 { 3.0 } else { 1.0 })).collect();
+    let s = ema(&pts, 0.8);
+    assert_eq!(s.len(), 40);
+    assert!((s[0].1 - 3.0).abs() < 1e-12 && (s[19].1 - 3.0).abs() < 1e-12, "{:?}", &s[..2]);
+    assert!(s[20].1 < 3.0 && s[20].1 > 2.0, "one step after the change: {}", s[20].1);
+    assert!((s[39].1 - 1.0).abs() < 0.05, "{}", s[39].1);
 }
 
 #[test]
@@ -204,7 +249,7 @@ fn plot_command_draws_both_plots_and_names_a_missing_file() {
         ],
     );
     let wrote = plot_run(d.path()).unwrap();
-    assert_eq!(wrote, [d.path().join("val_loss.png"), d.path().join("load.png")]);
+    assert_eq!(wrote, [d.path().join("val_loss.png"), d.path().join("train_loss.png"), d.path().join("load.png")]);
     for p in wrote {
         png_dims(&p);
     }
@@ -216,7 +261,7 @@ fn plot_command_draws_both_plots_and_names_a_missing_file() {
 #[test]
 fn compare_trains_reports_and_reuses() {
     let d = tempfile::tempdir().unwrap();
-    let src = common::shared_data().join("tinyshakespeare/input.txt");
+    let src = common::shakespeare_path();
     let base = d.path().join("tiny.toml");
     std::fs::write(
         &base,
@@ -243,9 +288,15 @@ fn compare_trains_reports_and_reuses() {
     let o = run();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    for f in
-        ["report.md", "report.json", "val_loss.png", "gumbel/load.png", "gumbel/train.log", "dense_ffn/metrics.jsonl"]
-    {
+    for f in [
+        "report.md",
+        "report.json",
+        "val_loss.png",
+        "train_loss.png",
+        "gumbel/load.png",
+        "gumbel/train.log",
+        "dense_ffn/metrics.jsonl",
+    ] {
         assert!(out.join(f).exists(), "{f} missing; stderr: {err}");
     }
     assert!(!out.join("dense_ffn/load.png").exists());

@@ -175,8 +175,10 @@ fn bad_checkpoints_name_the_problem() {
     let d = tempfile::tempdir().unwrap();
     trainer("gumbel", &["train.max_iters=3"], d.path()).fit().unwrap();
     let ck = d.path().join("ckpt-0000003");
-    // A model of another width: the error names the tensor and both shapes.
-    let other = trainer("gumbel", &["model.n_embd=48"], d.path());
+    // A model of another width: the error names the tensor and both shapes. (Models built only to
+    // load into get their own, empty, directories: `d` holds a run.)
+    let scratch = tempfile::tempdir().unwrap();
+    let other = trainer("gumbel", &["model.n_embd=48"], scratch.path());
     let e = format!("{:#}", checkpoint::load_weights(&ck.join("model.safetensors"), &other.params).unwrap_err());
     assert!(e.contains("h.0.attn.c_attn.bias") && e.contains("[96]") && e.contains("[144]"), "{e}");
     // A missing tensor.
@@ -184,7 +186,7 @@ fn bad_checkpoints_name_the_problem() {
     m.remove("ln_f.weight");
     let partial = d.path().join("partial.safetensors");
     candle_core::safetensors::save(&m, &partial).unwrap();
-    let same = trainer("gumbel", &[], d.path());
+    let same = trainer("gumbel", &[], scratch.path());
     let e = format!("{:#}", checkpoint::load_weights(&partial, &same.params).unwrap_err());
     assert!(e.contains("missing tensor ln_f.weight"), "{e}");
     // A truncated file.
@@ -233,8 +235,8 @@ fn generation_is_seeded_and_continues_the_prompt() {
 /// (the fused softmax `exp`, the chunked balance sums and the combine order round differently).
 #[test]
 fn fused_and_reference_routers_train_identically() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for hard in ["true", "false"] {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let h = format!("model.router.hard={hard}");
         trainer("gumbel", &["model.router.impl=\"fused\"", &h], a.path()).fit().unwrap();
         trainer("gumbel", &["model.router.impl=\"reference\"", &h], b.path()).fit().unwrap();
@@ -258,7 +260,5 @@ fn fused_and_reference_routers_train_identically() {
             }
         }
         assert_eq!(n, 6);
-        std::fs::remove_file(a.path().join("metrics.jsonl")).unwrap();
-        std::fs::remove_file(b.path().join("metrics.jsonl")).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! `gumbel-moe compare`: trains each planned run as a child process of the same binary (reusing
-//! finished ones), then writes report.md / report.json and the plots; and `gumbel-moe plot`.
+//! finished ones), then writes report.md / report.json and the plots (val_loss.png,
+//! train_loss.png, NAME/load.png); and `gumbel-moe plot`.
 //!
 //! Each run trains with `train --config BASE --set ... --out DIR/NAME --quiet`, its stdout and
 //! stderr in DIR/NAME/train.log. A run folder whose config.json is this run's config is reused when
@@ -7,7 +8,7 @@
 //! moved to DIR/.prev/NAME (replacing an older one there) and the run trains from scratch.
 
 use super::plan::{plan_runs, run_state, RunPlan, RunState};
-use super::plot::{load_heatmap, val_loss_chart};
+use super::plot::{load_heatmap, train_loss_chart, val_loss_chart};
 use super::summary::{read_run, router_of, RunMetrics, RunSummary};
 use super::table::Report;
 use crate::config::Config;
@@ -86,7 +87,7 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
     let report = Report::new(&title, rows);
     report.write(&a.out)?;
     // Plots: a missing one is a warning, not a failed comparison.
-    let mut curves = Vec::new();
+    let (mut curves, mut train_curves) = (Vec::new(), Vec::new());
     for p in &plans {
         let dir = a.out.join(&p.name);
         let Ok(m) = RunMetrics::read(&dir) else { continue };
@@ -97,8 +98,12 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
             }
         }
         curves.push((p.name.clone(), m.val_loss));
+        train_curves.push((p.name.clone(), m.train_loss));
     }
     if let Err(e) = val_loss_chart(&a.out.join("val_loss.png"), &curves) {
+        eprintln!("warning: {e:#}");
+    }
+    if let Err(e) = train_loss_chart(&a.out.join("train_loss.png"), &train_curves) {
         eprintln!("warning: {e:#}");
     }
     eprintln!("{}", report.sentence());
@@ -155,7 +160,8 @@ fn train_one(exe: &Path, a: &CompareArgs, p: &RunPlan, state: &RunState) -> Resu
     Ok(())
 }
 
-/// `gumbel-moe plot RUN_DIR`: RUN_DIR/val_loss.png and RUN_DIR/load.png from its metrics.jsonl.
+/// `gumbel-moe plot RUN_DIR`: RUN_DIR/val_loss.png, RUN_DIR/train_loss.png and RUN_DIR/load.png
+/// from its metrics.jsonl.
 /// Returns the files written; a plot with nothing to draw is skipped with a warning, both
 /// skipped is an error.
 pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -166,6 +172,11 @@ pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
     let vl = dir.join("val_loss.png");
     match val_loss_chart(&vl, &[(name.clone(), m.val_loss.clone())]) {
         Ok(()) => wrote.push(vl),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    let tl = dir.join("train_loss.png");
+    match train_loss_chart(&tl, &[(name.clone(), m.train_loss.clone())]) {
+        Ok(()) => wrote.push(tl),
         Err(e) => problems.push(format!("{e:#}")),
     }
     let lp = dir.join("load.png");

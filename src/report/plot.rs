@@ -1,10 +1,13 @@
-//! PNG plots with plotters' bitmap backend: validation-loss curves of several runs on one chart,
-//! and a run's expert load over time as a heat map (one panel per MoE layer).
+//! PNG plots with plotters' bitmap backend: validation-loss curves of several runs on one chart (a
+//! point per evaluation), their training loss (every log line, faint, under an exponential moving
+//! average) on another, and a run's expert load over time as a heat map (one panel per MoE layer).
+//! Each run has its own colour ([`series_colours`]).
 //!
 //! Text is drawn with DejaVu Sans Mono, embedded in the binary (assets/fonts, Bitstream Vera
 //! license beside it) and registered with plotters' `ab_glyph` backend, so plotting needs no
 //! system fonts, fontconfig or C library.
 
+use super::colours::series_colours;
 use anyhow::{anyhow, bail, Result};
 use plotters::prelude::*;
 use std::path::Path;
@@ -28,50 +31,107 @@ fn err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
     move |e| anyhow!("drawing {}: {e}", path.display())
 }
 
-/// One curve per run: `(name, [(step, val_loss)])`, drawn into `path` with a legend. Runs without
-/// points are left out; at least one point is needed.
+/// Weight of the past in the training-loss EMA: light smoothing, about 5 log lines.
+pub const TRAIN_LOSS_EMA: f64 = 0.8;
+
+/// One curve per run: `(name, [(step, val_loss)])`, a marker on each evaluation, drawn into `path`
+/// with a legend. Runs without points are left out; at least one point is needed.
 pub fn val_loss_chart(path: &Path, runs: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
+    let series: Vec<Series> = runs.iter().map(|(n, p)| Series { name: n, raw: finite(p), smooth: None }).collect();
+    curves_chart(path, "validation loss", "val loss", &series)
+}
+
+/// The training loss of each run: `(name, [(step, train_loss)])` of every log line, drawn faint,
+/// with its bias-corrected EMA ([`TRAIN_LOSS_EMA`]) on top. Runs without points are left out; at
+/// least one point is needed.
+pub fn train_loss_chart(path: &Path, runs: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|(n, p)| {
+            let raw = finite(p);
+            let smooth = Some(ema(&raw, TRAIN_LOSS_EMA));
+            Series { name: n, raw, smooth }
+        })
+        .collect();
+    curves_chart(path, "training loss", "train loss", &series)
+}
+
+/// Exponential moving average with the start-up bias removed (as TensorBoard's smoothing):
+/// s_k = beta s_(k-1) + (1 - beta) x_k, reported as s_k / (1 - beta^k).
+pub fn ema(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
+    let (mut s, mut w) = (0.0, 0.0);
+    points
+        .iter()
+        .map(|&(x, y)| {
+            s = beta * s + (1.0 - beta) * y;
+            w = beta * w + (1.0 - beta);
+            (x, s / w)
+        })
+        .collect()
+}
+
+fn finite(p: &[(u64, f64)]) -> Vec<(f64, f64)> {
+    p.iter().filter(|(_, v)| v.is_finite()).map(|&(s, v)| (s as f64, v)).collect()
+}
+
+/// One run on a chart: its points, and a smoothed line drawn over them (then the points are faint
+/// lines without markers).
+struct Series<'a> {
+    name: &'a str,
+    raw: Vec<(f64, f64)>,
+    smooth: Option<Vec<(f64, f64)>>,
+}
+
+fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Result<()> {
     register_font();
-    let pts = runs.iter().flat_map(|(_, p)| p.iter()).filter(|(_, v)| v.is_finite());
-    let (mut x1, mut y0, mut y1) = (1u64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(s, v) in pts {
+    let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(s, v) in runs.iter().flat_map(|r| r.raw.iter()) {
         (x1, y0, y1) = (x1.max(s), y0.min(v), y1.max(v));
     }
     if !y0.is_finite() {
-        bail!("no validation loss to plot for {}", path.display());
+        bail!("no {title} to plot for {}", path.display());
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let e = err(path);
     let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(&e)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("validation loss", (FAMILY, 24))
+        .caption(title, (FAMILY, 24))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..x1 as f64, (y0 - pad)..(y1 + pad))
+        .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))
         .map_err(&e)?;
     chart
         .configure_mesh()
         .x_desc("step")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_desc("val loss")
+        .y_desc(y_desc)
         .label_style((FAMILY, 14))
         .axis_desc_style((FAMILY, 16))
         .draw()
         .map_err(&e)?;
-    for (i, (name, p)) in runs.iter().enumerate() {
-        let p: Vec<(f64, f64)> = p.iter().filter(|(_, v)| v.is_finite()).map(|&(s, v)| (s as f64, v)).collect();
-        if p.is_empty() {
+    let colours = series_colours(runs.len());
+    for (r, &colour) in runs.iter().zip(&colours) {
+        if r.raw.is_empty() {
             continue;
         }
-        let color = Palette99::pick(i).to_rgba();
+        let line = match &r.smooth {
+            Some(smooth) => {
+                let faint = colour.mix(0.25).stroke_width(1);
+                chart.draw_series(LineSeries::new(r.raw.iter().copied(), faint)).map_err(&e)?;
+                smooth
+            }
+            None => &r.raw,
+        };
         chart
-            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(line.iter().copied(), colour.stroke_width(2)))
             .map_err(&e)?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
-        chart.draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled()))).map_err(&e)?;
+            .label(r.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(2)));
+        if r.smooth.is_none() {
+            chart.draw_series(r.raw.iter().map(|&q| Circle::new(q, 3, colour.filled()))).map_err(&e)?;
+        }
     }
     chart
         .configure_series_labels()

@@ -12,6 +12,8 @@ use std::path::Path;
 pub struct RunMetrics {
     /// (step, val_loss) of every evaluation (eval_iters batches; not the final full-split one).
     pub val_loss: Vec<(u64, f64)>,
+    /// (step, train_loss) of every log line (the loss of that step's batch).
+    pub train_loss: Vec<(u64, f64)>,
     /// Steps of the log lines with `tokens_per_expert`, and at each, [layer][expert] tokens.
     pub load_steps: Vec<u64>,
     pub load: Vec<Vec<Vec<u64>>>,
@@ -44,6 +46,9 @@ impl RunMetrics {
             let Some(step) = v.get("step").and_then(Value::as_u64) else { continue };
             if let Some(l) = v.get("val_loss").and_then(Value::as_f64) {
                 m.val_loss.push((step, l));
+            }
+            if let Some(l) = v.get("train_loss").and_then(Value::as_f64) {
+                m.train_loss.push((step, l));
             }
             if let Some(t) = v.get("tokens_per_expert") {
                 if let Ok(t) = serde_json::from_value::<Vec<Vec<u64>>>(t.clone()) {

@@ -4,9 +4,14 @@
 //! - `config.json`: the resolved config, `tokenizer.json`: the tokenizer (Hugging Face format),
 //! - `trainer_state.json`: steps done, best validation loss, the RNG position.
 //!
-//! Written atomically: everything goes into a temporary sibling directory which is then renamed into
-//! place, so a kill during a save leaves the previous checkpoint intact.
+//! Written atomically: everything goes into a temporary sibling directory `.tmp-NAME-PID`, synced,
+//! then renamed into place, so a kill during a save leaves the previous checkpoint intact (the
+//! replacement order is in `run_dir`'s header). Parameters with a NaN or an infinity are never
+//! saved, and never loaded: the error names the tensor.
 
+use super::finite::{first_non_finite, first_non_finite_in_file};
+use super::fs_steps::FsSteps;
+use super::run_dir;
 use super::AdamW;
 use crate::config::Config;
 use crate::data::{Tokenizer, TokenizerKind};
@@ -39,7 +44,9 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const STATE_FILE: &str = "trainer_state.json";
 
-/// Writes a checkpoint to `dir` atomically (replacing an older one there).
+/// Writes a checkpoint to `dir` atomically (replacing an older one there), every file-system
+/// step through `fs`. Refuses, before writing anything in place, when a parameter or an optimizer
+/// moment holds a NaN or an infinity; the error names the tensor.
 pub fn save(
     dir: &Path,
     params: &Params,
@@ -47,33 +54,56 @@ pub fn save(
     cfg: &Config,
     tok: &Tokenizer,
     state: &TrainerState,
+    fs: &FsSteps,
 ) -> Result<()> {
     let parent = dir.parent().context("checkpoint dir has no parent")?;
     let name = dir.file_name().context("checkpoint dir has no name")?.to_string_lossy().to_string();
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    let named = params.named();
+    if let Some(bad) = first_non_finite(named.iter().map(|(n, v)| (n.as_str(), v.as_tensor())))? {
+        bail!(
+            "not saving checkpoint {}: parameter {bad} holds NaN or infinity after step {} (training \
+             diverged); the checkpoints already saved are kept",
+            dir.display(),
+            state.step
+        );
     }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    save_weights(&tmp.join(MODEL_FILE), params)?;
-    opt.save(&tmp.join(OPTIMIZER_FILE))?;
-    std::fs::write(tmp.join(CONFIG_FILE), cfg.to_json()?)?;
-    tok.save(&tmp.join(TOKENIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    fs.create_dir_all(parent)?;
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    fs.remove_tree(&tmp)?;
+    fs.create_dir(&tmp)?;
+    fs.write_with(&tmp.join(MODEL_FILE), |p| save_weights(p, params))?;
+    fs.write_with(&tmp.join(OPTIMIZER_FILE), |p| opt.save(p))?;
+    if let Some(bad) = first_non_finite_in_file(&tmp.join(OPTIMIZER_FILE))? {
+        let _ = std::fs::remove_dir_all(&tmp);
+        bail!(
+            "not saving checkpoint {}: optimizer state {bad} holds NaN or infinity after step {} (training \
+             diverged); the checkpoints already saved are kept",
+            dir.display(),
+            state.step
+        );
+    }
+    let write = |p: &Path, text: String| std::fs::write(p, text).with_context(|| format!("writing {}", p.display()));
+    fs.write_with(&tmp.join(CONFIG_FILE), |p| write(p, cfg.to_json()?))?;
+    fs.write_with(&tmp.join(TOKENIZER_FILE), |p| tok.save(p))?;
+    fs.write_with(&tmp.join(STATE_FILE), |p| write(p, serde_json::to_string_pretty(state)?))?;
     // Sync the files before the rename makes them the checkpoint.
     for f in [MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE] {
-        std::fs::File::open(tmp.join(f))?.sync_all()?;
+        fs.sync(&tmp.join(f))?;
     }
+    fs.sync(&tmp)?;
     if dir.exists() {
+        // Between these two renames `dir` is missing and `.old-NAME-PID` is the complete previous
+        // checkpoint: loading falls back to it and `run_dir::recover` renames it back.
         let old = parent.join(format!(".old-{name}-{}", std::process::id()));
-        std::fs::rename(dir, &old)?;
-        std::fs::rename(&tmp, dir)?;
-        std::fs::remove_dir_all(&old)?;
+        fs.remove_tree(&old)?;
+        fs.rename(dir, &old)?;
+        fs.rename(&tmp, dir)?;
+        fs.sync(parent)?;
+        run_dir::trash(&old, fs)?;
     } else {
-        std::fs::rename(&tmp, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+        fs.rename(&tmp, dir)?;
     }
-    Ok(())
+    fs.sync(parent)
 }
 
 pub fn save_weights(path: &Path, params: &Params) -> Result<()> {
@@ -102,6 +132,13 @@ pub fn load_weights(path: &Path, params: &Params) -> Result<()> {
                 var.dims()
             );
         }
+        if first_non_finite([(name.as_str(), t)])?.is_some() {
+            bail!(
+                "{}: tensor {name} holds NaN or infinity (saved after training diverged): this checkpoint \
+                 cannot be evaluated, sampled from or resumed; use an earlier one",
+                path.display()
+            );
+        }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     if let Some(extra) = map.keys().find(|k| !named.iter().any(|(n, _)| n == *k)) {
@@ -126,22 +163,37 @@ pub fn tokenizer_kind(cfg: &Config) -> TokenizerKind {
 }
 
 /// Resolves `path` to a checkpoint directory: itself if it holds `model.safetensors`, else the
-/// newest `ckpt-*` inside it (a run directory).
+/// newest `ckpt-*` inside it (a run directory). A checkpoint caught mid-replacement (`best` renamed
+/// to `.old-best-PID` by a save that was killed before the new one arrived) is found under that name.
 pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
     if path.join(MODEL_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    if !path.is_dir() {
+    if !path.exists() {
+        if let Some(aside) = run_dir::renamed_aside(path).filter(|p| p.join(MODEL_FILE).exists()) {
+            return Ok(aside);
+        }
         bail!("checkpoint {} does not exist", path.display());
     }
-    let mut ckpts: Vec<PathBuf> = std::fs::read_dir(path)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")) && p.join(MODEL_FILE).exists()
-        })
-        .collect();
-    ckpts.sort();
-    ckpts.pop().with_context(|| format!("{} holds no checkpoint (no {MODEL_FILE}, no ckpt-* dir)", path.display()))
+    if !path.is_dir() {
+        bail!("checkpoint {} is not a directory", path.display());
+    }
+    run_dir::checkpoints(path)?
+        .pop()
+        .map(|(_, p)| p)
+        .with_context(|| format!("{} holds no checkpoint (no {MODEL_FILE}, no ckpt-* dir)", path.display()))
+}
+
+/// Refuses optimizer state with a NaN or an infinity (before a resume loads it).
+pub fn check_optimizer_finite(path: &Path) -> Result<()> {
+    if let Some(bad) = first_non_finite_in_file(path)? {
+        bail!(
+            "{}: optimizer state {bad} holds NaN or infinity (saved after training diverged): this \
+             checkpoint cannot be resumed; use an earlier one",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Reads config, tokenizer and state of the checkpoint at (or newest under) `path`.

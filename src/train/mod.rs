@@ -1,13 +1,28 @@
 //! Training: the optimizer with named state, LR and temperature schedules, checkpoints, metrics,
 //! router telemetry and the loop that ties them together.
+//!
+//! - [`run_dir`]: a run's files, refusing to overwrite one, recovery after a cut-short save, pruning.
+//! - [`fs_steps`]: every file-system step of a save, counted (and, for the crash tests, stoppable).
+//! - [`finite`]: NaN / infinity checks before a save and after a load.
+//! - [`resume`]: continuing a run from a checkpoint, in place or as a branch.
+//! - [`resume_check`]: which `--set` changes a resume refuses, and why.
+//! - [`parallel`]: a step's micro-batches side by side on worker threads; [`alloc`]: allocator
+//!   thresholds for the loop.
 pub mod alloc;
 pub mod checkpoint;
+pub mod finite;
+pub mod fs_steps;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;
+pub mod resume;
+pub mod resume_check;
+pub mod run_dir;
 pub mod schedule;
 pub mod telemetry;
 pub mod trainer;
 
+pub use fs_steps::FsSteps;
 pub use optim::AdamW;
+pub use run_dir::IfRunExists;
 pub use trainer::{device_from_str, Trainer};

@@ -3,9 +3,11 @@
 //! checkpoint continues bit for bit where it stopped.
 
 use super::checkpoint::{self, TrainerState};
-use super::metrics::{self, MetricsWriter};
+use super::fs_steps::FsSteps;
+use super::metrics::MetricsWriter;
 use super::optim::{AdamW, AdamWConfig};
 use super::parallel::{worker_count, Workers};
+use super::run_dir::{self, IfRunExists};
 use super::schedule::{lr_at, tau_at};
 use super::telemetry::{LayerStep, Telemetry};
 use crate::config::Config;
@@ -53,6 +55,9 @@ pub struct Trainer {
     pub progress: bool,
     /// Threads that run micro-batches and evaluation batches side by side.
     pub workers: Workers,
+    /// The file-system steps of every save and prune ([`FsSteps::failing_at`] stops one, for the
+    /// crash tests).
+    pub fs: FsSteps,
 }
 
 /// Outcome of `Trainer::fit`.
@@ -65,47 +70,32 @@ pub struct FitSummary {
 }
 
 impl Trainer {
-    /// A fresh run from `cfg`, writing to `out_dir`.
+    /// A fresh run from `cfg`, writing to `out_dir`. Refuses a directory that already holds a run
+    /// (see [`run_dir`]).
     pub fn new(cfg: Config, out_dir: &Path) -> Result<Self> {
-        Self::build(cfg, out_dir, None, &crate::moe::build_router)
+        Self::new_with(cfg, out_dir, &crate::moe::build_router, IfRunExists::Refuse)
     }
 
-    /// A fresh run with user-defined routers.
+    /// A fresh run with user-defined routers (refusing a directory that holds a run).
     pub fn new_with_router(cfg: Config, out_dir: &Path, router: &RouterFactory) -> Result<Self> {
-        Self::build(cfg, out_dir, None, router)
+        Self::new_with(cfg, out_dir, router, IfRunExists::Refuse)
     }
 
-    /// Continues from the checkpoint at (or newest under) `ckpt`; `overrides` (`key=value`) may
-    /// change anything that does not change parameter shapes (e.g. train.max_iters).
-    pub fn resume(ckpt: &Path, overrides: &[String], out_dir: Option<&Path>) -> Result<Self> {
-        let loaded = checkpoint::load(ckpt)?;
-        let text = toml::to_string(&loaded.cfg)?;
-        let mut cfg = Config::resolve(&text, &loaded.dir.join("config.json").display().to_string(), overrides)?;
-        cfg.model.vocab_size = loaded.tokenizer.vocab_size();
-        if shape_changed(&cfg, &loaded.cfg) {
-            bail!("--set may not change the model's shape on resume (checkpoint {})", loaded.dir.display());
+    /// A fresh run; `if_exists` says what to do when `out_dir` holds an earlier run. With
+    /// [`IfRunExists::Overwrite`] that run's files are deleted once the model is built.
+    pub fn new_with(cfg: Config, out_dir: &Path, router: &RouterFactory, if_exists: IfRunExists) -> Result<Self> {
+        if if_exists == IfRunExists::Refuse {
+            run_dir::refuse_if_run(out_dir)?;
         }
-        let out = match out_dir {
-            Some(o) => o.to_path_buf(),
-            None => loaded.dir.parent().context("checkpoint has no parent dir")?.to_path_buf(),
-        };
-        let mut t = Self::build(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router)?;
-        checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
-        t.opt.load(&loaded.dir.join(checkpoint::OPTIMIZER_FILE))?;
-        if t.opt.step_count() != loaded.state.step {
-            bail!(
-                "checkpoint {}: optimizer step {} != trainer step {}",
-                loaded.dir.display(),
-                t.opt.step_count(),
-                loaded.state.step
-            );
+        let t = Self::build(cfg, out_dir, None, router)?;
+        if if_exists == IfRunExists::Overwrite {
+            run_dir::clear(out_dir, &t.fs)?;
         }
-        t.state = loaded.state;
-        metrics::truncate_after(&t.out_dir, t.state.step)?;
         Ok(t)
     }
 
     /// Loads a checkpoint for evaluation or generation (no training data needed beyond validation).
+    /// Refuses weights with a NaN or an infinity, naming the tensor.
     pub fn for_inference(ckpt: &Path, device: Option<&str>) -> Result<Self> {
         let loaded = checkpoint::load(ckpt)?;
         let mut cfg = loaded.cfg.clone();
@@ -119,7 +109,12 @@ impl Trainer {
         Ok(t)
     }
 
-    fn build(cfg: Config, out_dir: &Path, tok: Option<Tokenizer>, router: &RouterFactory) -> Result<Self> {
+    /// Steps left before `train.max_iters` (0 when the run is already there or past it).
+    pub fn steps_left(&self) -> u64 {
+        (self.cfg.train.max_iters as u64).saturating_sub(self.state.step)
+    }
+
+    pub(super) fn build(cfg: Config, out_dir: &Path, tok: Option<Tokenizer>, router: &RouterFactory) -> Result<Self> {
         Self::build_inner(cfg, out_dir, tok, router, true)
     }
 
@@ -191,6 +186,7 @@ impl Trainer {
             out_dir: out_dir.to_path_buf(),
             progress: true,
             workers,
+            fs: FsSteps::new(),
         })
     }
 
@@ -315,28 +311,28 @@ impl Trainer {
         (t.batch_size * t.grad_accum * self.cfg.model.block_size) as u64
     }
 
+    /// Saves checkpoint `name` of the run directory; a parameter or moment with a NaN or an
+    /// infinity stops training with an error naming it, and nothing is saved.
     fn save_checkpoint(&self, name: &str) -> Result<()> {
-        checkpoint::save(&self.out_dir.join(name), &self.params, &self.opt, &self.cfg, &self.tokenizer, &self.state)
+        let dir = self.out_dir.join(name);
+        checkpoint::save(&dir, &self.params, &self.opt, &self.cfg, &self.tokenizer, &self.state, &self.fs)
+            .with_context(|| format!("training stopped at step {}", self.state.step))
     }
 
-    /// Removes all but the newest `keep_last` periodic checkpoints.
-    fn prune_checkpoints(&self) -> Result<()> {
-        let mut ckpts: Vec<PathBuf> = std::fs::read_dir(&self.out_dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-")))
-            .collect();
-        ckpts.sort();
-        let keep = self.cfg.train.keep_last.max(1);
-        for old in ckpts.iter().take(ckpts.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old)?;
-        }
-        Ok(())
+    /// Writes the run's config.json (through a temporary file, so it is never half written).
+    fn write_run_config(&self) -> Result<()> {
+        let path = self.out_dir.join(checkpoint::CONFIG_FILE);
+        let tmp = self.out_dir.join(format!(".tmp-{}", checkpoint::CONFIG_FILE));
+        std::fs::write(&tmp, self.cfg.to_json()?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
     }
 
     /// Trains until `train.max_iters`, logging, evaluating and checkpointing as configured.
     pub fn fit(&mut self) -> Result<FitSummary> {
         std::fs::create_dir_all(&self.out_dir).with_context(|| format!("cannot create {}", self.out_dir.display()))?;
-        std::fs::write(self.out_dir.join("config.json"), self.cfg.to_json()?)?;
+        // Temporary directories of a save that was cut short (and a best/ renamed aside) first.
+        run_dir::recover(&self.out_dir, &self.fs)?;
+        self.write_run_config()?;
         let mut metrics = MetricsWriter::open(&self.out_dir)?;
         let t = self.cfg.train.clone();
         let max = t.max_iters as u64;
@@ -406,7 +402,7 @@ impl Trainer {
             if (t.ckpt_interval > 0 && done % t.ckpt_interval as u64 == 0) || done == max {
                 self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
                 self.save_checkpoint(&format!("ckpt-{done:07}"))?;
-                self.prune_checkpoints()?;
+                run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
             }
         }
         pb.finish_and_clear();
@@ -497,12 +493,4 @@ pub fn clip_grads(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
-}
-
-fn shape_changed(a: &Config, b: &Config) -> bool {
-    let (x, y) = (&a.model, &b.model);
-    (x.vocab_size, x.block_size, x.n_layer, x.n_head, x.n_embd, x.bias, &x.positions, &x.norm, x.moe_every)
-        != (y.vocab_size, y.block_size, y.n_layer, y.n_head, y.n_embd, y.bias, &y.positions, &y.norm, y.moe_every)
-        || (x.moe.num_experts, x.moe.expert_hidden, &x.moe.activation, &x.router.kind)
-            != (y.moe.num_experts, y.moe.expert_hidden, &y.moe.activation, &y.router.kind)
 }

@@ -1,4 +1,4 @@
-//! Shared test helpers: a tiny config on the shared Tiny Shakespeare file.
+//! Shared test helpers: a tiny config on the repo's Tiny Shakespeare file.
 #![allow(dead_code)]
 
 pub mod host;
@@ -6,16 +6,16 @@ pub mod host;
 use gumbel_moe::Config;
 use std::path::PathBuf;
 
-/// ../shared/data relative to the crate (CI clones the repo beside a copy of shared/).
-pub fn shared_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+/// The repo's copy of Tiny Shakespeare (data/tinyshakespeare.txt).
+pub fn shakespeare_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/tinyshakespeare.txt")
 }
 
-/// A tiny model (2 layers, 32 wide, 4 experts) that trains a step in milliseconds.
-pub fn tiny_config(router: &str, extra: &[&str]) -> Config {
-    let src = shared_data().join("tinyshakespeare/input.txt");
-    let mut o: Vec<String> = vec![
-        format!("data.source={:?}", src.display().to_string()),
+/// The `key=value` overrides of [`tiny_config`] before `extra`: a tiny model (2 layers, 32 wide,
+/// 4 experts) that trains a step in milliseconds.
+pub fn tiny_overrides(router: &str) -> Vec<String> {
+    vec![
+        format!("data.source={:?}", shakespeare_path().display().to_string()),
         "model.block_size=16".into(),
         "model.n_layer=2".into(),
         "model.n_head=2".into(),
@@ -33,7 +33,12 @@ pub fn tiny_config(router: &str, extra: &[&str]) -> Config {
         "train.log_interval=1".into(),
         "train.ckpt_interval=3".into(),
         "train.final_full_eval=false".into(),
-    ];
+    ]
+}
+
+/// A tiny model (2 layers, 32 wide, 4 experts) that trains a step in milliseconds.
+pub fn tiny_config(router: &str, extra: &[&str]) -> Config {
+    let mut o = tiny_overrides(router);
     o.extend(extra.iter().map(|s| s.to_string()));
     Config::resolve("", "tiny", &o).expect("tiny config")
 }
