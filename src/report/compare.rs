@@ -116,6 +116,15 @@ fn train_one(exe: &Path, a: &CompareArgs, p: &RunPlan, state: &RunState) -> Resu
     let dir = a.out.join(&p.name);
     let mut cmd = Command::new(exe);
     cmd.arg("train");
+    // Runs side by side share the cores: each gets cores / jobs threads (workers and intra-op).
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let share = (cores / a.jobs.max(1)).max(1).to_string();
+    if std::env::var_os("GUMBEL_MOE_THREADS").is_none() {
+        cmd.env("GUMBEL_MOE_THREADS", &share);
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        cmd.env("RAYON_NUM_THREADS", &share);
+    }
     match state {
         RunState::Partial => {
             eprintln!("{}: unfinished with this config, resuming", p.name);

@@ -20,9 +20,14 @@ pub struct Workers {
 }
 
 /// How many workers `train.threads` asks for with `accum` micro-batches per step: 0 = one per
-/// core, never more than there are micro-batches.
+/// core (or `GUMBEL_MOE_THREADS`, which `compare --jobs N` sets to cores / N for its runs), never
+/// more than there are micro-batches.
 pub fn worker_count(threads: usize, accum: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::env::var("GUMBEL_MOE_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let want = if threads == 0 { cores } else { threads };
     want.clamp(1, accum.max(1))
 }
@@ -73,5 +78,21 @@ impl Workers {
             None => (0..count).map(f).collect(),
             Some(pool) => pool.install(|| (0..count).into_par_iter().with_max_len(1).map(f).collect()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_never_outnumber_micro_batches() {
+        assert_eq!(worker_count(3, 2), 2);
+        assert_eq!(worker_count(1, 4), 1);
+        assert_eq!(worker_count(5, 1), 1);
+        assert!((1..=8).contains(&worker_count(0, 8)));
+        let w = Workers::new(2).unwrap();
+        let got = w.map(5, |i| Ok(i * i)).unwrap();
+        assert_eq!(got, vec![0, 1, 4, 9, 16], "results come back in index order");
     }
 }
