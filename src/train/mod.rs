@@ -19,6 +19,7 @@ pub mod resume;
 pub mod resume_check;
 pub mod run_dir;
 pub mod schedule;
+pub mod step;
 pub mod telemetry;
 pub mod trainer;
 
