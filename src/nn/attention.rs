@@ -45,7 +45,9 @@ impl CausalSelfAttention {
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         let site = self.layer * 4;
-        if self.fused && (self.dropout == 0.0 || !ctx.train) {
+        // On other devices the op would run its twin, which uploads its tables and mask per call:
+        // the path below keeps them on the device.
+        if self.fused && x.device().is_cpu() && (self.dropout == 0.0 || !ctx.train) {
             // One op: rotary, causal mask, softmax and PV, straight from the projection's layout.
             let y = crate::ops::causal_attention(&qkv, self.n_head, self.rotary.as_ref().map(|r| r.tables()))?;
             let y = self.c_proj.forward(&y)?; // (B, T, C)

@@ -3,7 +3,7 @@
 //! `candle_nn::ops::softmax_last_dim` is a fused kernel without backward: gradients stop there
 //! silently. This softmax is written from `exp`, `sum` and `div`, which all have backward.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// Softmax over the last dimension, with gradient. The max is detached: softmax is shift-invariant,
 /// so the gradient is unchanged and exp never overflows.
@@ -38,9 +38,4 @@ pub fn dropout(x: &Tensor, p: f64, train: bool, seed: u64, step: u64, micro: u32
     crate::ops::philox_dropout(x, &d)
 }
 
-/// An additive causal mask (T, T): 0 on and below the diagonal, a large negative number above.
-/// A finite value (not -inf) keeps every intermediate finite.
-pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
-    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
-}
+pub use crate::ops::attention::causal_mask;

@@ -1,7 +1,7 @@
 //! Rotary position embeddings (RoPE, Su et al. 2021), half-split layout as in GPT-NeoX/Llama,
-//! written from differentiable ops (narrow, mul, cat).
+//! written from differentiable ops (`ops::attention::rotate_half`) on tables kept on the device.
 
-use crate::ops::attention::RopeTables;
+use crate::ops::attention::{rotate_half, RopeTables};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -28,15 +28,8 @@ impl Rotary {
 
     /// x: (B, nh, T, hs) -> (B, nh, T, hs), rotated by position.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (_b, _h, t, hs) = x.dims4()?;
-        let half = hs / 2;
-        let cos = self.cos.narrow(0, 0, t)?; // (T, hs/2)
-        let sin = self.sin.narrow(0, 0, t)?;
-        let x1 = x.narrow(3, 0, half)?;
-        let x2 = x.narrow(3, half, half)?;
-        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Tensor::cat(&[r1, r2], 3)
+        let t = x.dim(2)?;
+        rotate_half(x, &self.cos.narrow(0, 0, t)?, &self.sin.narrow(0, 0, t)?)
     }
 }
 

@@ -68,26 +68,34 @@ pub fn causal_attention_reference(qkv: &Tensor, n_head: usize, rope: Option<&Arc
     let split = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, hs))?.transpose(1, 2)?.contiguous();
     let (mut q, mut k, v) = (split(0)?, split(1)?, split(2)?); // (B, nh, T, hs)
     if let Some(r) = rope {
-        let cos =
-            Tensor::from_slice(&r.cos, (r.t_max, r.half), qkv.device())?.to_dtype(qkv.dtype())?.narrow(0, 0, t)?;
-        let sin =
-            Tensor::from_slice(&r.sin, (r.t_max, r.half), qkv.device())?.to_dtype(qkv.dtype())?.narrow(0, 0, t)?;
-        let rot = |x: &Tensor| -> Result<Tensor> {
-            let (x1, x2) = (x.narrow(3, 0, r.half)?, x.narrow(3, r.half, r.half)?);
-            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-            Tensor::cat(&[r1, r2], 3)
-        };
-        q = rot(&q)?;
-        k = rot(&k)?;
+        let table =
+            |v: &[f32]| Tensor::from_slice(v, (r.t_max, r.half), qkv.device())?.to_dtype(qkv.dtype())?.narrow(0, 0, t);
+        let (cos, sin) = (table(&r.cos)?, table(&r.sin)?);
+        q = rotate_half(&q, &cos, &sin)?;
+        k = rotate_half(&k, &cos, &sin)?;
     }
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
-    let mask = Tensor::from_vec(mask, (t, t), qkv.device())?.to_dtype(qkv.dtype())?;
+    let mask = causal_mask(t, qkv.dtype(), qkv.device())?;
     let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?.broadcast_add(&mask)?;
     let max = att.max_keepdim(D::Minus1)?.detach();
     let e = att.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
+}
+
+/// RoPE on (B, nh, T, hs) with cos, sin (T, hs / 2), from differentiable ops (narrow, mul, cat).
+pub fn rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[r1, r2], 3)
+}
+
+/// An additive causal mask (T, T): 0 on and below the diagonal, a large negative number above.
+/// A finite value (not -inf) keeps every intermediate finite.
+pub fn causal_mask(t: usize, dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { -1e9 })).collect();
+    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
 }
 
 /// Shapes of one call: (B, T, C, hs).
