@@ -43,7 +43,7 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// "layer" (LayerNorm) or "rms" (RMSNorm).
     pub norm: String,
-    /// The layers as fused ops (`ops::{norm, bias_add, gelu, causal_attention}`: one op each way,
+    /// The layers as fused ops (`ops::{linear, norm, gelu, causal_attention, expert_mlp}`: one op each way,
     /// CPU kernels) rather than their plain-tensor twins; same math, same parameters.
     pub fused_layers: bool,
     /// MoE feed-forward in every n-th block (1 = every block); other blocks get a dense MLP.

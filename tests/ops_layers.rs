@@ -1,11 +1,11 @@
-//! The fused layer ops (`ops::norm`, `ops::bias_add`, `ops::gelu`) against their plain-tensor
+//! The fused layer ops (`ops::{linear, norm, gelu, causal_attention, expert_mlp}`) against their plain-tensor
 //! twins, forward and backward, on odd shapes in f32 and f64, and against f64 finite differences.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::host::{assert_grad_matches_fd, Rng};
-use gumbel_moe::ops::{bias_add, gelu, gelu_reference, norm, norm_reference, NormOp};
+use gumbel_moe::ops::{gelu, gelu_reference, norm, norm_reference, NormOp};
 
 fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType) -> Result<Tensor> {
     let n = shape.iter().product();
@@ -101,27 +101,6 @@ fn norm_gradients_match_finite_differences() -> Result<()> {
             assert_grad_matches_fd(lb, &b0.reshape((1, c))?, 1e-6, "norm beta ")?;
         }
     }
-    Ok(())
-}
-
-#[test]
-fn bias_add_matches_twin_and_finite_differences() -> Result<()> {
-    let mut rng = Rng(3);
-    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-        for shape in [vec![1usize, 1], vec![3, 7], vec![2, 65, 5], vec![200, 3]] {
-            let c = *shape.last().unwrap();
-            let x = randn(&mut rng, &shape, 1.0, dtype)?;
-            let b = randn(&mut rng, &[c], 1.0, dtype)?;
-            let fused = |t: &[Tensor]| bias_add(&t[0], &t[1]);
-            let twin = |t: &[Tensor]| t[0].broadcast_add(&t[1]);
-            check_twin(&format!("bias_add {dtype:?} {shape:?}"), &fused, &twin, &[x, b], &shape, tol)?;
-        }
-    }
-    let x = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
-    let b = randn(&mut rng, &[1, 3], 1.0, DType::F64)?;
-    let w = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
-    assert_grad_matches_fd(|b| (bias_add(&x, &b.flatten_all()?)? * &w)?.sum_all(), &b, 1e-6, "bias ")?;
-    assert_grad_matches_fd(|x| (bias_add(x, &b.flatten_all()?)? * &w)?.sum_all(), &x, 1e-6, "bias x ")?;
     Ok(())
 }
 
@@ -315,5 +294,8 @@ fn linear_matches_twin_and_finite_differences() -> Result<()> {
     let m = randn(&mut rng, &[4, 2], 1.0, DType::F64)?;
     assert_grad_matches_fd(|x| (linear(x, &w0, Some(&b0))? * &m)?.sum_all(), &x, 1e-6, "linear x ")?;
     assert_grad_matches_fd(|w| (linear(&x, w, Some(&b0))? * &m)?.sum_all(), &w0, 1e-6, "linear W ")?;
+    // The bias gradient (a row sum of dy), as a (1, out) point.
+    let lb = |b: &Tensor| (linear(&x, &w0, Some(&b.flatten_all()?))? * &m)?.sum_all();
+    assert_grad_matches_fd(lb, &b0.reshape((1, 2))?, 1e-6, "linear b ")?;
     Ok(())
 }

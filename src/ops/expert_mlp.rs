@@ -190,8 +190,8 @@ impl ExpertMlp {
                 matmul(&mut g[gw2], Mat::t(dye, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
                 matmul(&mut g[gw1], Mat::t(&dpre, h, n), Mat::rows(xe, n, c), false); // dW1 = dH^T X
                 if self.bias {
-                    g[gb1].copy_from_slice(&super::bias_add::col_sum_cpu(&dpre, h));
-                    g[gb2].copy_from_slice(&super::bias_add::col_sum_cpu(dye, c));
+                    g[gb1].copy_from_slice(&super::float::col_sum(&dpre, h));
+                    g[gb2].copy_from_slice(&super::float::col_sum(dye, c));
                 }
                 let mut dx = out_vec::<T>(n * c);
                 matmul(&mut dx, Mat::rows(&dpre, n, h), Mat::rows(&p[w1], h, c), false); // dX = dH W1

@@ -3,6 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result};
+use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 pub trait Float:
@@ -102,27 +103,42 @@ impl Float for f64 {
     }
 }
 
-/// Cephes `expf` (x = n ln2 + r, a degree-5 polynomial for e^r, scaled by 2^n): no branches but
-/// clamps, so a loop over it vectorizes. Clamped to [-87.3, 88.4]: below, e^x < 2^-126 comes out as
-/// 2^-126 (no subnormals); above, ~2^127.5. Relative error about 1 ulp. NaN stays NaN.
+/// exp(x) for f32 without a libm call, so that loops over it (the router's softmax over K lanes,
+/// the layer ops) vectorize: Cephes `expf`
+/// (x = n ln2 + r, degree-5 polynomial for e^r, scale by 2^n), error about 1 ulp. Below -87.3
+/// (e^x < 2^-126) it returns 2^-126 instead of a subnormal, which no softmax weight can tell apart
+/// from 0. NaN stays NaN.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LO: f32 = -87.336_55;
-    const HI: f32 = 88.376_26;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    #[allow(clippy::excessive_precision)]
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
-    let x = x.clamp(LO, HI);
-    let t = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
-    let fx = t - MAGIC;
-    let r = x - fx * C1 - fx * C2;
-    let y = ((((P[0] * r + P[1]) * r + P[2]) * r + P[3]) * r + P[4]) * r + P[5];
-    let y = y * (r * r) + r + 1.0;
+    let x = if x < EXP_LO {
+        EXP_LO
+    } else if x > EXP_HI {
+        EXP_HI
+    } else {
+        x
+    };
+    let t = x * std::f32::consts::LOG2_E + EXP_MAGIC;
+    let n = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32; // round(x log2 e)
+    let fx = t - EXP_MAGIC;
+    let r = x - fx * EXP_C1;
+    let r = r - fx * EXP_C2;
+    let z = r * r;
+    let [p0, p1, p2, p3, p4, p5] = EXP_P;
+    let y = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5;
+    let y = y * z + r + 1.0;
     y * f32::from_bits(((n + 127) as u32) << 23)
 }
+
+// The constants of `exp_f32` and of its 8-lane twin `exp8_avx2`.
+pub(crate) const EXP_LO: f32 = -87.336_55; // ln(2^-126)
+pub(crate) const EXP_HI: f32 = 88.376_26;
+pub(crate) const EXP_C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
+pub(crate) const EXP_C2: f32 = -2.121_944_4e-4;
+pub(crate) const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+/// The degree-5 polynomial for e^r, highest power first.
+#[allow(clippy::excessive_precision)]
+pub(crate) const EXP_P: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
 /// A buffer of `n` elements that the caller writes in full before reading (see
 /// [`super::cpu_layout::output_vec`]; NaN-poisoned in debug builds).
@@ -138,20 +154,29 @@ pub fn contiguous(l: &candle_core::Layout, what: &str, op: &str) -> Result<(usiz
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Rows per block of [`col_sum`].
+const COL_SUM_BLOCK: usize = 64;
 
-    #[test]
-    fn exp_f32_matches_f64_exp() {
-        let mut worst = 0f64;
-        for i in 0..20_000 {
-            let x = (-87.0 + i as f64 * (175.0 / 20_000.0)) as f32;
-            let want = (x as f64).exp();
-            let got = exp_f32(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
+/// The column sums of `x` viewed as rows of `c` (bias gradients): blocks of rows in parallel, then
+/// the blocks' partial sums in order, so the result does not depend on the thread count.
+pub fn col_sum<T: Float>(x: &[T], c: usize) -> Vec<T> {
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(c * COL_SUM_BLOCK)
+        .map(|xs| {
+            let mut p = vec![T::ZERO; c];
+            for xr in xs.chunks(c) {
+                for j in 0..c {
+                    p[j] = p[j] + xr[j];
+                }
+            }
+            p
+        })
+        .collect();
+    let mut out = vec![T::ZERO; c];
+    for p in &partials {
+        for (o, &v) in out.iter_mut().zip(p) {
+            *o = *o + v;
         }
-        assert!(worst < 3e-7, "relative error {worst}");
-        assert!(exp_f32(f32::NAN).is_nan());
     }
+    out
 }

@@ -183,7 +183,7 @@ fn bwd_cpu<T: Float>(x: &[T], w: &[T], dy: &[T], n: usize, inp: usize, out: usiz
     matmul_par(dx, Mat::rows(dy, n, out), Mat::rows(w, out, inp), false); // dy W
     matmul_par(dw, Mat::t(dy, out, n), Mat::rows(x, n, inp), false); // dy^T x
     if bias {
-        db.copy_from_slice(&super::bias_add::col_sum_cpu(dy, out));
+        db.copy_from_slice(&super::float::col_sum(dy, out));
     }
     g
 }

@@ -16,18 +16,17 @@
 //! gradient of the chosen experts backward) as one op.
 //!
 //! Layer ops, fused each way (CPU kernels; other devices run their plain-tensor twins):
-//! [`linear`] (x W^T + b: dx, dW, db from one backward op), [`layer_norm`] (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`bias_add`]
-//! (the bias gradient as a row sum), [`gelu`] (exact GELU, one pass each way), [`attention`] (the
-//! causal attention core from the (B, T, 3C) projection, rotary and mask inside, flash-style
-//! backward), [`expert_mlp`] (every expert's GELU MLP over its block of sorted rows, one op each
-//! way).
+//! [`linear`] (x W^T + b: dx, dW and db, a row sum, from one backward op), [`layer_norm`]
+//! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`] (exact GELU, one pass
+//! each way), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
+//! mask inside, flash-style backward), [`expert_mlp`] (every expert's GELU MLP over its block of
+//! sorted rows, one op each way). Shared: [`float`] (element type, `exp_f32`, row sums), [`gemm`].
 //!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
 //! dropped on every backend; the backward is the same op on the gradient).
 pub mod adamw;
 pub mod attention;
 pub mod balance_stats;
-pub mod bias_add;
 pub mod combine;
 pub mod cpu_layout;
 pub mod dispatch_common;
@@ -47,7 +46,6 @@ pub mod straight_through;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
 pub use balance_stats::{balance_stats, balance_stats_reference, BalanceStats, BalanceStatsBwd};
-pub use bias_add::{bias_add, BiasAdd, ColSum};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
 pub use dropout::{dropout_reference, philox_dropout, PhiloxDropout};
 pub use expert_mlp::{expert_mlp, expert_mlp_reference, ExpertMlp, ExpertMlpBwd, ExpertParams};

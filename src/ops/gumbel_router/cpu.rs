@@ -64,40 +64,10 @@ pub(super) fn noise_row<const AVX2: bool>(
     }
 }
 
-/// exp(x) for f32 without a libm call, so that the softmax over K lanes vectorizes: Cephes `expf`
-/// (x = n ln2 + r, degree-5 polynomial for e^r, scale by 2^n), error about 1 ulp. Used only on
-/// x = z - max(z) <= 0; below -87.3 (e^x < 2^-126) it returns 2^-126 instead of a subnormal, which
-/// no softmax weight can tell apart from 0. NaN stays NaN.
-#[inline(always)]
-pub(super) fn exp_f32(x: f32) -> f32 {
-    let x = if x < EXP_LO {
-        EXP_LO
-    } else if x > EXP_HI {
-        EXP_HI
-    } else {
-        x
-    };
-    let t = x * std::f32::consts::LOG2_E + EXP_MAGIC;
-    let n = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32; // round(x log2 e)
-    let fx = t - EXP_MAGIC;
-    let r = x - fx * EXP_C1;
-    let r = r - fx * EXP_C2;
-    let z = r * r;
-    let [p0, p1, p2, p3, p4, p5] = EXP_P;
-    let y = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5;
-    let y = y * z + r + 1.0;
-    y * f32::from_bits(((n + 127) as u32) << 23)
-}
-
-// The constants of `exp_f32` and of its 8-lane twin `exp8_avx2`.
-const EXP_LO: f32 = -87.336_55; // ln(2^-126)
-const EXP_HI: f32 = 88.376_26;
-const EXP_C1: f32 = 0.693_359_4; // 0.693359375, ln2 split in two
-const EXP_C2: f32 = -2.121_944_4e-4;
-const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-/// The degree-5 polynomial for e^r, highest power first.
-#[allow(clippy::excessive_precision)]
-const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+// `exp_f32` and its constants live in `ops::float`, shared with the layer ops.
+pub(super) use crate::ops::float::exp_f32;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::float::{EXP_C1, EXP_C2, EXP_HI, EXP_LO, EXP_MAGIC, EXP_P};
 
 /// [`exp_f32`] on 8 lanes: the same operations in the same order (no FMA), so the same bits.
 ///
