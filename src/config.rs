@@ -49,6 +49,16 @@ pub struct ModelConfig {
     /// MoE feed-forward in every n-th block (1 = every block); other blocks get a dense MLP.
     /// 0 = no MoE at all: the dense twin of the same active compute.
     pub moe_every: usize,
+    /// Key/value heads of attention (grouped-query attention): query head h reads kv head
+    /// h / (n_head / n_kv_head). 0 = n_head (multi-head attention).
+    #[serde(default)]
+    pub n_kv_head: usize,
+    /// The LM head is the token embedding (GPT-2); false: its own `lm_head.weight` (V, C).
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    /// Epsilon of every LayerNorm / RMSNorm.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
     pub moe: MoeConfig,
     pub router: RouterConfig,
 }
@@ -127,7 +137,8 @@ pub struct DataConfig {
     /// relative path is looked up in the current directory, then in the crate folder
     /// (`data::source::resolve_local`); the default is the repo's Tiny Shakespeare.
     pub source: String,
-    /// "char" or "bpe" (byte-level BPE trained on the training split).
+    /// "char", "bpe" (byte-level BPE trained on the training split) or "hf" (the tokenizer.json of an
+    /// imported model, never trained).
     pub tokenizer: String,
     pub bpe_vocab_size: usize,
     /// Share of the characters used for training; the rest is validation (nanoGPT: 0.9).
@@ -174,6 +185,14 @@ pub struct TrainConfig {
     pub threads: usize,
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -191,6 +210,9 @@ impl Default for Config {
                 norm: "layer".into(),
                 fused_layers: true,
                 moe_every: 1,
+                n_kv_head: 0,
+                tie_embeddings: true,
+                norm_eps: default_norm_eps(),
                 moe: MoeConfig {
                     num_experts: 8,
                     expert_hidden: 0,
@@ -390,7 +412,7 @@ impl Config {
                 r.prefilter
             );
         }
-        one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe"])?;
+        one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe", "hf"])?;
         for (k, v) in [
             ("model.block_size", m.block_size),
             ("model.n_layer", m.n_layer),
@@ -482,6 +504,12 @@ impl Config {
         if t.eval_interval == 0 || t.log_interval == 0 || t.eval_iters == 0 {
             bail!("train.eval_interval, train.log_interval and train.eval_iters must be > 0");
         }
+        if m.n_kv_head > m.n_head || m.n_head % self.n_kv_head() != 0 {
+            bail!("model.n_kv_head = {} must divide model.n_head = {} (0 = n_head)", m.n_kv_head, m.n_head);
+        }
+        if !(m.norm_eps > 0.0 && m.norm_eps.is_finite()) {
+            bail!("model.norm_eps = {} must be finite and > 0", m.norm_eps);
+        }
         Ok(())
     }
 
@@ -490,6 +518,14 @@ impl Config {
         match self.model.moe.expert_hidden {
             0 => 4 * self.model.n_embd,
             h => h,
+        }
+    }
+
+    /// Key/value heads after applying the 0 = n_head default.
+    pub fn n_kv_head(&self) -> usize {
+        match self.model.n_kv_head {
+            0 => self.model.n_head,
+            k => k,
         }
     }
 
