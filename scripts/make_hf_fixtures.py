@@ -14,8 +14,8 @@
 
 Weights are drawn N(0, 0.2) (norm gains 1 + 0.1 N) and the seed is advanced until every router
 choice and every greedy step has a margin > 1e-3 over the runner-up, so no near-tie can flip a
-choice between two implementations. Run: python scripts/make_hf_fixtures.py (uses the venv of
-scripts/check_hf_export.py; see there).
+choice between two implementations. Run: python3 scripts/make_hf_fixtures.py (the Python of
+scripts/hf_env.py: the repo's .venv-bench, transformers installed on first use).
 """
 import hashlib
 import json
@@ -23,7 +23,12 @@ import os
 import shutil
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_env  # noqa: E402
+
+hf_env.ensure()
+
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -79,7 +84,9 @@ def router_margins(model, ids, k):
 
 
 def greedy(model, prompt, n):
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    # An explicit mask: without one, transformers masks every id equal to pad_token_id.
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n, pad_token_id=0)
     # The margin of each greedy pick over the runner-up.
     with torch.no_grad():
         logits = model(out).logits[0, prompt.shape[1] - 1 : -1]
