@@ -70,6 +70,7 @@ fn check_logits(ckpt: &Path, fixture_name: &str) -> f32 {
     let e = expected(fixture_name);
     let d = max_diff(&logits(ckpt, &e["input_ids"]), &e["logits"]);
     assert!(d <= TOL, "{fixture_name}: max |logit difference| {d} > {TOL}");
+    eprintln!("{fixture_name}: max |logit difference| to transformers {d:.2e}");
     d
 }
 
@@ -80,7 +81,10 @@ fn mixtral_import_matches_transformers_on_both_attention_paths() {
         let (_d, ckpt) = import(&dir, None, sets);
         let cfg = checkpoint::load(&ckpt).unwrap().cfg;
         assert_eq!((cfg.model.n_head, cfg.n_kv_head(), cfg.model.tie_embeddings), (4, 2, false));
-        assert_eq!((cfg.model.router.kind.as_str(), cfg.model.router.top_m, cfg.model.norm_eps), ("softmax_topk", 2, 1e-5));
+        assert_eq!(
+            (cfg.model.router.kind.as_str(), cfg.model.router.top_m, cfg.model.norm_eps),
+            ("softmax_topk", 2, 1e-5)
+        );
         check_logits(&ckpt, "hf-tiny-mixtral");
     }
     // The fixture's router choices are far from ties: a wrong detail is far off (eps here).
@@ -128,10 +132,11 @@ fn hub_import_offline_equals_folder_import() {
     let (h, d) = (tensors(&from_hub.join("model.safetensors")), tensors(&from_dir.join("model.safetensors")));
     assert_eq!(h, d);
     check_logits(&from_hub, "hf-tiny-mixtral");
-    let err = import_hf("hf://gumbel-moe-fixtures/no-such-model", Path::new("/nonexistent/x"), &ImportOptions {
-        hub: hub_cache(),
-        ..Default::default()
-    });
+    let err = import_hf(
+        "hf://gumbel-moe-fixtures/no-such-model",
+        Path::new("/nonexistent/x"),
+        &ImportOptions { hub: hub_cache(), ..Default::default() },
+    );
     assert!(err.is_err());
 }
 
@@ -144,14 +149,34 @@ fn import_then_export_reproduces_the_fixtures_bit_for_bit() {
         assert_eq!(export_hf(&ckpt, &out, &opts).unwrap().format.model_type(), format);
         assert_eq!(tensors(&out.join("model.safetensors")), tensors(&dir.join("model.safetensors")), "{format}");
         assert_eq!(metadata(&out.join("model.safetensors")).unwrap()["format"], "pt");
-        let read = |p: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+        let read =
+            |p: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
         let (ours, theirs) = (read(out.join("config.json")), read(dir.join("config.json")));
         for key in [
-            "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "num_experts_per_tok",
-            "tie_word_embeddings", "num_local_experts", "num_experts", "moe_intermediate_size", "decoder_sparse_step",
-            "norm_topk_prob", "shared_expert_intermediate_size", "qkv_bias", "router_aux_loss_coef", "bos_token_id",
-            "eos_token_id", "max_position_embeddings",
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "rms_norm_eps",
+            "rope_parameters",
+            "num_experts_per_tok",
+            "tie_word_embeddings",
+            "num_local_experts",
+            "num_experts",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
+            "norm_topk_prob",
+            "shared_expert_intermediate_size",
+            "qkv_bias",
+            "router_aux_loss_coef",
+            "bos_token_id",
+            "eos_token_id",
+            "max_position_embeddings",
         ] {
             assert_eq!(ours.get(key), theirs.get(key), "{format}: config.json key {key}");
         }
@@ -211,14 +236,24 @@ fn exports_of_other_routers_reimport_with_the_same_eval_logits() {
     let (d, ckpt) = import(&mixtral_dir().display().to_string(), None, &[]);
     let ids = &expected("hf-tiny-mixtral")["input_ids"];
     let cases: Vec<(&str, Box<dyn Fn(&mut Config)>, Format, Option<&str>)> = vec![
-        ("soft gumbel tau 0.5", Box::new(|c: &mut Config| {
-            let r = &mut c.model.router;
-            (r.kind, r.hard, r.top_m, r.prefilter, r.tau0, r.tau_min) = ("gumbel".into(), false, 2, 3, 0.5, 0.5);
-        }), Format::Mixtral, None),
-        ("hard gumbel m=1", Box::new(|c: &mut Config| {
-            let r = &mut c.model.router;
-            (r.kind, r.hard, r.top_m) = ("gumbel".into(), true, 1);
-        }), Format::Mixtral, Some("gumbel")),
+        (
+            "soft gumbel tau 0.5",
+            Box::new(|c: &mut Config| {
+                let r = &mut c.model.router;
+                (r.kind, r.hard, r.top_m, r.prefilter, r.tau0, r.tau_min) = ("gumbel".into(), false, 2, 3, 0.5, 0.5);
+            }),
+            Format::Mixtral,
+            None,
+        ),
+        (
+            "hard gumbel m=1",
+            Box::new(|c: &mut Config| {
+                let r = &mut c.model.router;
+                (r.kind, r.hard, r.top_m) = ("gumbel".into(), true, 1);
+            }),
+            Format::Mixtral,
+            Some("gumbel"),
+        ),
         ("switch m=1", Box::new(|c: &mut Config| c.model.router.top_m = 1), Format::Qwen2Moe, None),
         ("dense", Box::new(|c: &mut Config| c.model.router.kind = "dense".into()), Format::Mixtral, None),
     ];
@@ -250,7 +285,11 @@ fn export_refusals_name_the_key() {
         ("model.router.input", |c| c.model.router.input = "token".into(), None),
         ("model.router.kind", |c| c.model.router.kind = "hash".into(), None),
         ("model.router.kind", |c| c.model.router.kind = "sigmoid_bias".into(), None),
-        ("model.router.eval_mode", |c| (c.model.router.kind, c.model.router.eval_mode) = ("gumbel".into(), "sample".into()), None),
+        (
+            "model.router.eval_mode",
+            |c| (c.model.router.kind, c.model.router.eval_mode) = ("gumbel".into(), "sample".into()),
+            None,
+        ),
         ("model.router.hard", |c| (c.model.router.kind, c.model.router.hard) = ("gumbel".into(), true), None),
         ("model.moe_every", |c| c.model.moe_every = 2, Some(Format::Mixtral)),
         ("model.router.top_m", |c| c.model.router.top_m = 1, Some(Format::Mixtral)),
@@ -272,7 +311,8 @@ fn edited(src: &Path, dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> Path
     for f in ["model.safetensors", "tokenizer.json"] {
         std::fs::copy(src.join(f), out.join(f)).unwrap();
     }
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(out.join("config.json"), v.to_string()).unwrap();
     out
@@ -323,8 +363,9 @@ fn import_refusals_name_the_key() {
             }
         }
         write_safetensors(&from.join("model.safetensors"), &t).unwrap();
-        let err = import_hf(&from.display().to_string(), &d.path().join(format!("out-{key}")), &ImportOptions::default())
-            .unwrap_err();
+        let err =
+            import_hf(&from.display().to_string(), &d.path().join(format!("out-{key}")), &ImportOptions::default())
+                .unwrap_err();
         assert!(format!("{err:#}").contains(&format!("`{key}`")), "{key}: {err:#}");
     }
 }
@@ -351,5 +392,8 @@ fn export_with_logits_writes_our_logits_and_greedy_ids() {
     assert_eq!(l["input_ids"].dims(), &[2, 32]);
     assert_eq!(max_diff(&logits(&ckpt, &l["input_ids"]), &l["logits"]), 0.0);
     assert_eq!(l["greedy_ids"].dims(), &[1, 32]);
-    assert_eq!(l["greedy_ids"].i((0, ..8)).unwrap().to_vec1::<i64>().unwrap(), l["prompt_ids"].i(0).unwrap().to_vec1::<i64>().unwrap());
+    assert_eq!(
+        l["greedy_ids"].i((0, ..8)).unwrap().to_vec1::<i64>().unwrap(),
+        l["prompt_ids"].i(0).unwrap().to_vec1::<i64>().unwrap()
+    );
 }

@@ -115,14 +115,19 @@ fn grouped_query_attention_gradients_match_finite_differences() {
     let loss = (y * Tensor::from_slice(&r, (1, T, C), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
     let w = params.get("attn.c_attn.weight").unwrap();
     let g: Vec<f64> = loss.backward().unwrap().get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let l = |wa: &[f64]| -> f64 { reference(&x, wa, &wp, cfg.model.rope_theta).iter().zip(&r).map(|(a, b)| a * b).sum() };
+    let l =
+        |wa: &[f64]| -> f64 { reference(&x, wa, &wp, cfg.model.rope_theta).iter().zip(&r).map(|(a, b)| a * b).sum() };
     // Entries in the q, k and v blocks (k and v rows are shared by two query heads each).
     for idx in [3, C * C + 5, C * C + 9 * C + 2, (C + NKV * HS) * C + 7, (C + NKV * HS) * C + 6 * C + 15] {
         let (mut p, mut m) = (wa.clone(), wa.clone());
         p[idx] += 1e-5;
         m[idx] -= 1e-5;
         let fd = (l(&p) - l(&m)) / 2e-5;
-        assert!((fd - g[idx]).abs() < 1e-6 * (1.0 + fd.abs()), "entry {idx}: autograd {} vs finite difference {fd}", g[idx]);
+        assert!(
+            (fd - g[idx]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "entry {idx}: autograd {} vs finite difference {fd}",
+            g[idx]
+        );
     }
 }
 

@@ -225,7 +225,8 @@ impl Tokenizer {
         match &self.inner {
             Inner::Char(v) => v.encode(text),
             Inner::Hf(hf) => {
-                let e = hf.encode_fast(text, false).map_err(|e| anyhow!("encoding {} bytes failed: {e}", text.len()))?;
+                let e =
+                    hf.encode_fast(text, false).map_err(|e| anyhow!("encoding {} bytes failed: {e}", text.len()))?;
                 Ok(e.get_ids().to_vec())
             }
             Inner::Bpe { hf, .. } => {

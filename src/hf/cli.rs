@@ -28,7 +28,8 @@ pub struct ExportArgs {
 
 impl ExportArgs {
     pub fn run(&self) -> Result<()> {
-        let opts = ExportOptions { format: Format::parse(&self.format)?, tied: self.tied, with_logits: self.with_logits };
+        let opts =
+            ExportOptions { format: Format::parse(&self.format)?, tied: self.tied, with_logits: self.with_logits };
         let plan = export_hf(&self.checkpoint, &self.out, &opts)?;
         let j = serde_json::json!({"event": "exported", "out": self.out, "model_type": plan.format.model_type(),
             "num_experts_per_tok": plan.k, "renormalised": plan.renorm, "gate_scale": plan.gate_scale});
@@ -61,7 +62,10 @@ impl ImportArgs {
             ImportOptions { router: self.router.clone(), sets: self.overrides.clone(), hub: HubOptions::from_env() };
         let got = import_hf(&self.from, &self.out, &opts)?;
         if !got.exact {
-            eprintln!("note: the {} router does not route as the HF model at eval (norm_topk_prob = false)", got.cfg.model.router.kind);
+            eprintln!(
+                "note: the {} router does not route as the HF model at eval (norm_topk_prob = false)",
+                got.cfg.model.router.kind
+            );
         }
         let m = &got.cfg.model;
         let j = serde_json::json!({"event": "imported", "out": self.out, "model_type": got.format.model_type(),

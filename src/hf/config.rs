@@ -44,7 +44,8 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a Mixtral / Qwen2-MoE config.json", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a Mixtral / Qwen2-MoE config.json", path.display()))
     }
 
     pub fn format(&self) -> Result<Format> {
@@ -85,7 +86,9 @@ impl HfConfig {
         }
         let p = self.rope_parameters.as_ref().filter(|p| !p.is_null());
         if let Some(t) = p.and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).filter(|t| *t != "default") {
-            bail!("config.json key `rope_parameters.rope_type` = \"{t}\": only \"default\" (unscaled RoPE) is supported");
+            bail!(
+                "config.json key `rope_parameters.rope_type` = \"{t}\": only \"default\" (unscaled RoPE) is supported"
+            );
         }
         let from_params = p.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
         let default = if self.model_type == "mixtral" { 1e6 } else { 1e4 };
@@ -109,10 +112,15 @@ impl HfConfig {
         }
         let (c, nh) = (self.hidden_size, self.num_attention_heads);
         if nh == 0 || c % nh != 0 {
-            bail!("config.json keys `hidden_size` = {c}, `num_attention_heads` = {nh}: the width must split into heads");
+            bail!(
+                "config.json keys `hidden_size` = {c}, `num_attention_heads` = {nh}: the width must split into heads"
+            );
         }
         if let Some(hd) = self.head_dim.filter(|&hd| hd != c / nh) {
-            bail!("config.json key `head_dim` = {hd}: only hidden_size / num_attention_heads = {} is supported", c / nh);
+            bail!(
+                "config.json key `head_dim` = {hd}: only hidden_size / num_attention_heads = {} is supported",
+                c / nh
+            );
         }
         let m = &mut cfg.model;
         m.vocab_size = self.vocab_size;
@@ -144,7 +152,9 @@ impl HfConfig {
             }
             Format::Qwen2Moe => {
                 if let Some(l) = self.mlp_only_layers.as_ref().filter(|l| !l.is_empty()) {
-                    bail!("config.json key `mlp_only_layers` = {l:?}: only the decoder_sparse_step pattern is supported");
+                    bail!(
+                        "config.json key `mlp_only_layers` = {l:?}: only the decoder_sparse_step pattern is supported"
+                    );
                 }
                 m.moe_every = self.decoder_sparse_step.unwrap_or(1);
                 if m.moe_every == 0 || m.moe.num_experts == 0 {

@@ -78,7 +78,11 @@ pub fn plan(cfg: &Config, want: Option<Format>, step: u64) -> Result<Plan> {
             return Err(refuse("model.router.eval_mode", &r.eval_mode, "sampled routing at eval is not a function"))
         }
         "gumbel" if r.hard && r.top_m > 1 => {
-            return Err(refuse("model.router.hard", r.hard, "hard top-m > 1 weighs each expert 1/m, HF by its renormalised probability"))
+            return Err(refuse(
+                "model.router.hard",
+                r.hard,
+                "hard top-m > 1 weighs each expert 1/m, HF by its renormalised probability",
+            ))
         }
         "gumbel" if r.hard => (1, true, 1.0),
         // Soft: softmax(logits / tau) renormalised over the top m, i.e. HF's with the gate / tau.
@@ -90,11 +94,17 @@ pub fn plan(cfg: &Config, want: Option<Format>, step: u64) -> Result<Plan> {
     };
     let format = match want {
         Some(Format::Mixtral) if m.moe_every != 1 => {
-            return Err(refuse("model.moe_every", m.moe_every, "Mixtral has an MoE in every block; use --format qwen2-moe"))
+            return Err(refuse(
+                "model.moe_every",
+                m.moe_every,
+                "Mixtral has an MoE in every block; use --format qwen2-moe",
+            ))
         }
-        Some(Format::Mixtral) if !renorm => {
-            return Err(refuse("model.router.top_m", r.top_m, "softmax_topk with top_m = 1 weighs by the probability, Mixtral renormalises to 1; use --format qwen2-moe"))
-        }
+        Some(Format::Mixtral) if !renorm => return Err(refuse(
+            "model.router.top_m",
+            r.top_m,
+            "softmax_topk with top_m = 1 weighs by the probability, Mixtral renormalises to 1; use --format qwen2-moe",
+        )),
         Some(f) => f,
         None if m.moe_every == 1 && renorm => Format::Mixtral,
         None => Format::Qwen2Moe,
@@ -103,7 +113,12 @@ pub fn plan(cfg: &Config, want: Option<Format>, step: u64) -> Result<Plan> {
 }
 
 /// Splits our weights into the HF tensors of `plan`: (name, tensor) sorted by name.
-pub fn hf_tensors(cfg: &Config, named: &HashMap<String, Tensor>, plan: &Plan, lm_head: bool) -> Result<Vec<(String, Tensor)>> {
+pub fn hf_tensors(
+    cfg: &Config,
+    named: &HashMap<String, Tensor>,
+    plan: &Plan,
+    lm_head: bool,
+) -> Result<Vec<(String, Tensor)>> {
     let c = cfg.model.n_embd;
     let kv = cfg.n_kv_head() * (c / cfg.model.n_head);
     let mut out = Vec::new();
@@ -112,7 +127,8 @@ pub fn hf_tensors(cfg: &Config, named: &HashMap<String, Tensor>, plan: &Plan, lm
         let t = named.get(src).with_context(|| format!("the checkpoint has no tensor {src}"))?;
         if e.hf.len() == 3 {
             for (name, (start, len)) in e.hf.iter().zip([(0, c), (c, kv), (c + kv, kv)]) {
-                out.push((name.clone(), t.narrow(0, start, len)?.contiguous()?)); // q (C, C), k, v (kv, C)
+                out.push((name.clone(), t.narrow(0, start, len)?.contiguous()?));
+                // q (C, C), k, v (kv, C)
             }
         } else if e.ours.ends_with(".moe.router.weight") && plan.gate_scale != 1.0 {
             out.push((e.hf[0].clone(), (t * plan.gate_scale)?));
@@ -137,8 +153,14 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     let mut bytes = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
-            DType::F32 => (safetensors::Dtype::F32, t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::I64 => (safetensors::Dtype::I64, t.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            DType::I64 => (
+                safetensors::Dtype::I64,
+                t.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
             d => bail!("tensor {name}: cannot write dtype {d:?}"),
         };
         bytes.push((name.clone(), dtype, t.dims().to_vec(), data));
@@ -199,7 +221,9 @@ fn write_logits(path: &Path, model: &Gpt, vocab: usize, ctx: Ctx) -> Result<()> 
     let p = bs.min(8);
     let s = SampleConfig { max_new_tokens: (bs - p).min(24), temperature: 0.0, top_k: 0, seed: 0 };
     let greedy = generate_ids(model, &ids[..p], &s, &Device::Cpu, ctx)?;
-    let i64s = |v: &[u32], shape: (usize, usize)| Tensor::from_vec(v.iter().map(|&i| i as i64).collect::<Vec<_>>(), shape, &Device::Cpu);
+    let i64s = |v: &[u32], shape: (usize, usize)| {
+        Tensor::from_vec(v.iter().map(|&i| i as i64).collect::<Vec<_>>(), shape, &Device::Cpu)
+    };
     write_safetensors(
         path,
         &[

@@ -75,8 +75,12 @@ fn locate_hub(from: &str, hub: &HubOptions) -> Result<ModelFiles> {
         let r = repo.download_file().filename(file).local_files_only(hub.offline).send();
         let p = r.map_err(|e| {
             let how = if hub.offline { "offline: not in the hub cache" } else { "cannot fetch it" };
-            anyhow::anyhow!("file {file:?} of Hugging Face model {}/{} (revision main, hub cache {}): {how} ({e})",
-                parts[0], parts[1], cache.display())
+            anyhow::anyhow!(
+                "file {file:?} of Hugging Face model {}/{} (revision main, hub cache {}): {how} ({e})",
+                parts[0],
+                parts[1],
+                cache.display()
+            )
         })?;
         Ok(follow_flattened_link(p))
     };

@@ -47,8 +47,10 @@ fn choose_router(hf: &HfConfig, cfg: &mut Config, kind: &str) -> Result<bool> {
         "softmax_topk" => {
             r.kind = "softmax_topk".into();
             if renorm && k == 1 {
-                bail!("config.json key `num_experts_per_tok` = 1 with renormalised weights (each token's weight is 1): \
-                       softmax_topk weighs a single expert by its probability; import with --router gumbel");
+                bail!(
+                    "config.json key `num_experts_per_tok` = 1 with renormalised weights (each token's weight is 1): \
+                       softmax_topk weighs a single expert by its probability; import with --router gumbel"
+                );
             }
             if !renorm && k > 1 {
                 bail!("config.json key `norm_topk_prob` = false with num_experts_per_tok = {k}: softmax_topk renormalises \
@@ -105,8 +107,10 @@ fn drop_extras(map: &mut HashMap<String, Tensor>, cfg: &Config, f: Format) -> Re
         for p in ["q_proj", "k_proj", "v_proj"] {
             if let Some(b) = map.remove(&format!("model.layers.{i}.self_attn.{p}.bias")) {
                 if !all_zero(&b)? {
-                    bail!("config.json key `qkv_bias`: tensor model.layers.{i}.self_attn.{p}.bias is not zero; this \
-                           model has no attention biases");
+                    bail!(
+                        "config.json key `qkv_bias`: tensor model.layers.{i}.self_attn.{p}.bias is not zero; this \
+                           model has no attention biases"
+                    );
                 }
             }
         }
@@ -118,8 +122,11 @@ fn drop_extras(map: &mut HashMap<String, Tensor>, cfg: &Config, f: Format) -> Re
             }
             let silent = all_zero(&parts[0])? || all_zero(&parts[1])? || all_zero(&parts[2])?;
             if !silent {
-                bail!("config.json key `shared_expert_intermediate_size`: the shared expert of block {i} ({}) is not \
-                       zero; this model has no shared expert", names[2]);
+                bail!(
+                    "config.json key `shared_expert_intermediate_size`: the shared expert of block {i} ({}) is not \
+                       zero; this model has no shared expert",
+                    names[2]
+                );
             }
         }
     }
@@ -140,12 +147,20 @@ pub fn import_hf(from: &str, out: &Path, opts: &ImportOptions) -> Result<Importe
     let (tok, kind) = load_tokenizer(&files.tokenizer)?;
     cfg.data.tokenizer = kind.into();
     if tok.vocab_size() > hf.vocab_size {
-        bail!("{}: tokenizer.json has {} tokens, config.json key `vocab_size` = {}", from, tok.vocab_size(), hf.vocab_size);
+        bail!(
+            "{}: tokenizer.json has {} tokens, config.json key `vocab_size` = {}",
+            from,
+            tok.vocab_size(),
+            hf.vocab_size
+        );
     }
     let cfg = Config::resolve(&toml::to_string(&cfg)?, &format!("{from} (imported)"), &opts.sets)?;
     if let Some(w) = hf.window().filter(|&w| w < cfg.model.block_size) {
-        bail!("config.json key `sliding_window` = {w} is below model.block_size = {}: attention here sees the whole \
-               context (lower it with --set model.block_size={w})", cfg.model.block_size);
+        bail!(
+            "config.json key `sliding_window` = {w} is below model.block_size = {}: attention here sees the whole \
+               context (lower it with --set model.block_size={w})",
+            cfg.model.block_size
+        );
     }
     let mut map = read_tensors(&files, format)?;
     drop_extras(&mut map, &cfg, format)?;
@@ -153,28 +168,47 @@ pub fn import_hf(from: &str, out: &Path, opts: &ImportOptions) -> Result<Importe
     let _model = Gpt::new(&cfg, params.var_builder(cfg.seed, DType::F32, &Device::Cpu))?;
     let mut set = std::collections::HashSet::new();
     for e in mapping(&cfg, format, !cfg.model.tie_embeddings) {
-        let parts = e
-            .hf
-            .iter()
-            .map(|n| map.remove(n).with_context(|| format!("{from}: missing tensor {n} (for our {})", e.ours)))
-            .collect::<Result<Vec<_>>>()?;
+        let parts =
+            e.hf.iter()
+                .map(|n| map.remove(n).with_context(|| format!("{from}: missing tensor {n} (for our {})", e.ours)))
+                .collect::<Result<Vec<_>>>()?;
         let t = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
         let var = params.get(&e.ours).with_context(|| format!("our model has no tensor {}", e.ours))?;
         if t.dims() != var.dims() {
-            bail!("{from}: tensor {} has shape {:?} (as our {}) but the config makes it {:?}", e.hf.join(" + "), t.dims(), e.ours, var.dims());
+            bail!(
+                "{from}: tensor {} has shape {:?} (as our {}) but the config makes it {:?}",
+                e.hf.join(" + "),
+                t.dims(),
+                e.ours,
+                var.dims()
+            );
         }
         var.set(&t)?;
         set.insert(e.ours);
     }
     if let Some(extra) = map.keys().min() {
-        bail!("{from}: tensor {extra} has no place in a {} model of this config (unsupported feature?)", format.model_type());
+        bail!(
+            "{from}: tensor {extra} has no place in a {} model of this config (unsupported feature?)",
+            format.model_type()
+        );
     }
     if let Some((name, _)) = params.named().into_iter().find(|(n, _)| !set.contains(n)) {
         bail!("{from}: nothing in the HF model sets our tensor {name}");
     }
     let t = &cfg.train;
-    let opt = AdamW::new(params.named(), AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay })?;
-    let state = TrainerState { step: 0, best_val_loss: None, rng_seed: cfg.seed, rng_next_step: 0, tokens_seen: 0, wall_s: 0.0, reinforce_baseline: None };
+    let opt = AdamW::new(
+        params.named(),
+        AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+    )?;
+    let state = TrainerState {
+        step: 0,
+        best_val_loss: None,
+        rng_seed: cfg.seed,
+        rng_next_step: 0,
+        tokens_seen: 0,
+        wall_s: 0.0,
+        reinforce_baseline: None,
+    };
     checkpoint::save(out, &params, &opt, &cfg, &tok, &state, &FsSteps::new())?;
     Ok(Imported { cfg, format, exact })
 }

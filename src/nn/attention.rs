@@ -25,7 +25,7 @@ impl CausalSelfAttention {
         let m = &cfg.model;
         let c = m.n_embd;
         let kv = cfg.n_kv_head() * (c / m.n_head); // width of k (and of v)
-        // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+                                                   // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
         let rotary = if m.positions == "rotary" {
             Some(Rotary::new(c / m.n_head, m.block_size, m.rope_theta, vb.dtype(), vb.device())?)
