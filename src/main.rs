@@ -41,7 +41,8 @@ enum Cmd {
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Start a new run from this checkpoint's weights (fresh optimizer, schedule and step
-        /// count); its tokenizer is kept. With --config the names and shapes must match it.
+        /// count) with --config (default: the checkpoint's config) and --set; its tokenizer is
+        /// kept, and every tensor must match by name and shape.
         #[arg(long, conflicts_with = "resume")]
         init_from: Option<PathBuf>,
         /// Start afresh in an --out directory that holds an earlier run: deletes that run's
@@ -123,7 +124,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut trainer = match (&resume, &config) {
                 (None, _) if init_from.is_some() => {
                     let from = init_from.as_deref().context("--init-from")?;
-                    let out = out.context("--init-from needs --out (the new run's directory)")?;
+                    let stem = config.as_ref().and_then(|c| c.file_stem()).map(|s| PathBuf::from("runs").join(s));
+                    let out =
+                        out.or(stem).context("--init-from without --config needs --out (the new run's directory)")?;
                     Trainer::init_from(from, config.as_deref(), &overrides, &out, if_exists)?
                 }
                 (Some(ckpt), _) => {

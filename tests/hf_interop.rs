@@ -397,3 +397,54 @@ fn export_with_logits_writes_our_logits_and_greedy_ids() {
         l["prompt_ids"].i(0).unwrap().to_vec1::<i64>().unwrap()
     );
 }
+
+#[test]
+fn a_tokenizer_of_another_kind_imports_as_hf() {
+    let d = tempfile::tempdir().unwrap();
+    let from = edited(&fixture("hf-tiny-qwen2-moe"), d.path(), |_| {});
+    // A word-level vocabulary of 65 tokens split on whitespace: not a char vocabulary.
+    let mut vocab: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();
+    for (i, w) in ["<unk>", "the", "cat", "sat"].iter().enumerate() {
+        vocab.insert(w.to_string(), i.into());
+    }
+    for i in vocab.len()..60 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+    std::fs::write(from.join("tokenizer.json"), tok.to_string()).unwrap();
+    let out = d.path().join("ckpt");
+    import_hf(&from.display().to_string(), &out, &ImportOptions::default()).unwrap();
+    let l = checkpoint::load(&out).unwrap();
+    assert_eq!(l.cfg.data.tokenizer, "hf");
+    // 60 tokens for a vocabulary of 65 rows: a padded vocabulary loads.
+    assert_eq!((l.tokenizer.vocab_size(), l.cfg.model.vocab_size), (60, 65));
+    assert_eq!(l.tokenizer.encode("the cat  sat w7 dog").unwrap(), vec![1, 2, 3, 7, 0]);
+    check_logits(&out, "hf-tiny-qwen2-moe");
+    // It is never trained on a text.
+    let err = gumbel_moe::data::Tokenizer::train(&gumbel_moe::data::TokenizerKind::Hf, "some text").unwrap_err();
+    assert!(err.to_string().contains("data.tokenizer = \"hf\""), "{err}");
+}
+
+#[test]
+fn the_cli_imports_exports_and_refuses_naming_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_gumbel-moe")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr))
+    };
+    let (ck, ex) = (d.path().join("ck"), d.path().join("ex"));
+    let qwen = fixture("hf-tiny-qwen2-moe").display().to_string();
+    let (ok, out) = run(&["import-hf", "--from", &qwen, "--out", ck.to_str().unwrap()]);
+    assert!(ok && out.contains("\"model_type\":\"qwen2_moe\""), "{out}");
+    let (ok, out) =
+        run(&["export-hf", "--checkpoint", ck.to_str().unwrap(), "--out", ex.to_str().unwrap(), "--format", "mixtral"]);
+    assert!(!ok && out.contains("`model.moe_every`"), "{out}");
+    let (ok, out) = run(&["export-hf", "--checkpoint", ck.to_str().unwrap(), "--out", ex.to_str().unwrap(), "--tied"]);
+    assert!(ok && out.contains("\"model_type\":\"qwen2_moe\""), "{out}");
+    assert_eq!(
+        tensors(&ex.join("model.safetensors")),
+        tensors(&fixture("hf-tiny-qwen2-moe").join("model.safetensors"))
+    );
+}
