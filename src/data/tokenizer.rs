@@ -311,7 +311,7 @@ impl Tokenizer {
                 match kind {
                     TokenizerKind::Char => "WordLevel",
                     TokenizerKind::Bpe { .. } => "BPE",
-                    TokenizerKind::Hf => unreachable!("any model loads as hf"),
+                    TokenizerKind::Hf => "any model",
                 }
             ),
         };

@@ -116,11 +116,12 @@ fn drop_extras(map: &mut HashMap<String, Tensor>, cfg: &Config, f: Format) -> Re
         }
         if f == Format::Qwen2Moe && cfg.is_moe_layer(i) {
             let names = shared_expert_names(i);
-            let mut parts = Vec::new();
-            for n in &names {
-                parts.push(map.remove(n).with_context(|| format!("missing tensor {n}"))?);
+            let parts: Vec<Option<Tensor>> = names.iter().map(|n| map.remove(n)).collect();
+            // Silent when a projection is absent (width 0) or zero: silu(0) = 0.
+            let mut silent = false;
+            for p in &parts[..3] {
+                silent |= p.as_ref().map_or(Ok(true), all_zero)?;
             }
-            let silent = all_zero(&parts[0])? || all_zero(&parts[1])? || all_zero(&parts[2])?;
             if !silent {
                 bail!(
                     "config.json key `shared_expert_intermediate_size`: the shared expert of block {i} ({}) is not \
