@@ -58,10 +58,24 @@ pub fn generate(
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
         bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
     }
-    let mut ids = tok.encode(prompt)?;
+    let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one character");
     }
+    tok.decode(&generate_ids(model, &ids, s, device, ctx)?)
+}
+
+/// Continues the token ids `prompt` (non-empty) by `max_new_tokens` tokens, the model seeing the
+/// last `block_size` of them; returns prompt + continuation. Temperature 0 is greedy decoding
+/// (the first of equal maxima), as transformers' `generate(do_sample=False)`.
+pub fn generate_ids(model: &Gpt, prompt: &[u32], s: &SampleConfig, device: &Device, ctx: Ctx) -> Result<Vec<u32>> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
+    }
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give at least one token");
+    }
+    let mut ids = prompt.to_vec();
     let bs = model.block_size();
     for pos in 0..s.max_new_tokens {
         let start = ids.len().saturating_sub(bs);
@@ -71,7 +85,7 @@ pub fn generate(
         let last = logits.i((0, window.len() - 1))?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         ids.push(sample_token(&last, s, pos as u64) as u32);
     }
-    tok.decode(&ids)
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -5,10 +5,12 @@
 //! dispatch, the MoE layer), [`model`] (the decoder), [`data`] (text sources, tokenizers, batches),
 //! [`train`] (optimizer, schedules, checkpoints, the training loop), [`generate`] (sampling),
 //! [`rng`] (the Philox generator every backend shares), [`ops`] (the custom ops and their kernels),
-//! [`report`] (`compare` and `plot`: router comparisons, report tables, PNG charts).
+//! [`report`] (`compare` and `plot`: router comparisons, report tables, PNG charts), [`hf`]
+//! (Mixtral / Qwen2-MoE checkpoints to and from transformers).
 pub mod config;
 pub mod data;
 pub mod generate;
+pub mod hf;
 pub mod model;
 pub mod moe;
 pub mod nn;

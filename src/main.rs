@@ -1,5 +1,6 @@
 //! The `gumbel-moe` command line: train, generate, eval, compare (train several routers on one
-//! budget and report), plot (a run's curves).
+//! budget and report), plot (a run's curves), export-hf / import-hf (transformers Mixtral and
+//! Qwen2-MoE checkpoints).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -39,6 +40,11 @@ enum Cmd {
         /// newest checkpoint of a run continues in place; from an older one, branch off with --out.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Start a new run from this checkpoint's weights (fresh optimizer, schedule and step
+        /// count) with --config (default: the checkpoint's config) and --set; its tokenizer is
+        /// kept, and every tensor must match by name and shape.
+        #[arg(long, conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
         /// Start afresh in an --out directory that holds an earlier run: deletes that run's
         /// checkpoints, best/, config.json, metrics.jsonl and plots first (other files are kept).
         #[arg(long)]
@@ -107,13 +113,22 @@ enum Cmd {
         /// A run folder (holding metrics.jsonl).
         run_dir: PathBuf,
     },
+    ExportHf(gumbel_moe::hf::cli::ExportArgs),
+    ImportHf(gumbel_moe::hf::cli::ImportArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, overrides, out, resume, overwrite, quiet } => {
+        Cmd::Train { config, overrides, out, resume, init_from, overwrite, quiet } => {
             let if_exists = if overwrite { IfRunExists::Overwrite } else { IfRunExists::Refuse };
             let mut trainer = match (&resume, &config) {
+                (None, _) if init_from.is_some() => {
+                    let from = init_from.as_deref().context("--init-from")?;
+                    let stem = config.as_ref().and_then(|c| c.file_stem()).map(|s| PathBuf::from("runs").join(s));
+                    let out =
+                        out.or(stem).context("--init-from without --config needs --out (the new run's directory)")?;
+                    Trainer::init_from(from, config.as_deref(), &overrides, &out, if_exists)?
+                }
                 (Some(ckpt), _) => {
                     if config.is_some() {
                         eprintln!("note: --resume uses the checkpoint's config.json; --config is ignored");
@@ -184,6 +199,8 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::ExportHf(args) => args.run()?,
+        Cmd::ImportHf(args) => args.run()?,
         Cmd::Plot { run_dir } => {
             for p in plot_run(&run_dir)? {
                 println!("{}", p.display());

@@ -1,14 +1,15 @@
 //! The decoder: nanoGPT's GPT with an MoE feed-forward. Token embeddings (+ learned positions or
 //! rotary), pre-norm blocks of causal self-attention and a feed-forward that is an MoE layer in
 //! every `moe_every`-th block and a dense MLP elsewhere, a final norm and an LM head tied to the
-//! token embedding (as GPT-2/nanoGPT).
+//! token embedding (as GPT-2/nanoGPT) or, with `model.tie_embeddings = false`, its own.
 //!
 //! Parameter names (stable; the checkpoint format):
 //! `wte.weight`, `wpe.weight` (learned positions), `h.{i}.ln_1.{weight,bias}`,
 //! `h.{i}.attn.c_attn.{weight,bias}`, `h.{i}.attn.c_proj.*`, `h.{i}.ln_2.*`,
 //! dense blocks: `h.{i}.mlp.c_fc.*`, `h.{i}.mlp.c_proj.*` (`c_gate` for SwiGLU),
 //! MoE blocks: `h.{i}.moe.router.weight` (E, C), `h.{i}.moe.experts.{e}.c_fc.*`, `...c_proj.*`,
-//! `ln_f.*`. Linear weights are (out, in) as in PyTorch.
+//! `ln_f.*`, `lm_head.weight` (V, C) when untied. Linear weights are (out, in) as in PyTorch;
+//! `c_attn` rows are [q; k; v], (n_head + 2 n_kv_head) * head_size of them.
 
 use crate::config::{Config, Positions};
 use crate::moe::layer::MoeStats;
@@ -34,6 +35,8 @@ pub struct Gpt {
     wpe: Option<Embedding>,
     blocks: Vec<Block>,
     ln_f: Norm,
+    /// (V, C) untied output layer (`model.tie_embeddings = false`); None: the LM head is `wte`.
+    lm_head: Option<Tensor>,
     dropout: f64,
     block_size: usize,
     vocab_size: usize,
@@ -81,18 +84,20 @@ impl Gpt {
                 Ffn::Dense(Mlp::new(cfg, 4 * m.n_embd, vb.pp("mlp"))?)
             };
             blocks.push(Block {
-                ln_1: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_1"))?,
+                ln_1: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_1"))?.with_eps(m.norm_eps),
                 attn: CausalSelfAttention::new(cfg, i, vb.pp("attn"))?,
-                ln_2: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_2"))?,
+                ln_2: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_2"))?.with_eps(m.norm_eps),
                 ffn,
             });
         }
-        let ln_f = Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_f"))?;
+        let ln_f = Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_f"))?.with_eps(m.norm_eps);
+        let lm_head = if m.tie_embeddings { None } else { Some(emb(m.vocab_size, "lm_head")?.embeddings().clone()) };
         Ok(Self {
             wte,
             wpe,
             blocks,
             ln_f,
+            lm_head,
             dropout: m.dropout,
             block_size: m.block_size,
             vocab_size: m.vocab_size,
@@ -143,11 +148,12 @@ impl Gpt {
             x = (x + f)?;
         }
         let x = self.ln_f.forward(&x)?;
-        // LM head tied to the token embedding: (B*T, C) x (C, V) -> (B, T, V).
+        // LM head, tied to the token embedding unless untied: (B*T, C) x (C, V) -> (B, T, V).
+        let head = self.lm_head.as_ref().unwrap_or(self.wte.embeddings()); // (V, C)
         let logits = if self.fused {
-            crate::ops::linear(&x, self.wte.embeddings(), None)? // (B, T, V)
+            crate::ops::linear(&x, head, None)? // (B, T, V)
         } else {
-            crate::ops::linear_reference(&x, self.wte.embeddings(), None)?
+            crate::ops::linear_reference(&x, head, None)?
         };
         Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps })
     }

@@ -121,7 +121,7 @@ const NAMED_KEYS: [(&str, &str); 9] = [
     ("model.moe.activation", "gelu, swiglu"),
     ("model.positions", "learned, rotary"),
     ("train.device", "cpu, cuda, cuda:N, metal"),
-    ("data.tokenizer", "char, bpe"),
+    ("data.tokenizer", "char, bpe, hf"),
 ];
 
 #[test]

@@ -192,6 +192,8 @@ config_enum! {
         Char = "char",
         /// Byte-level BPE trained on the training split.
         Bpe = "bpe",
+        /// The tokenizer.json of an imported model, any kind, never trained.
+        Hf = "hf",
     }
 }
 

@@ -57,6 +57,16 @@ pub struct ModelConfig {
     /// MoE feed-forward in every n-th block (1 = every block); other blocks get a dense MLP.
     /// 0 = no MoE at all: the dense twin of the same active compute.
     pub moe_every: usize,
+    /// Key/value heads of attention (grouped-query attention): query head h reads kv head
+    /// h / (n_head / n_kv_head). 0 = n_head (multi-head attention).
+    #[serde(default)]
+    pub n_kv_head: usize,
+    /// The LM head is the token embedding (GPT-2); false: its own `lm_head.weight` (V, C).
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    /// Epsilon of every LayerNorm / RMSNorm.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
     pub moe: MoeConfig,
     pub router: RouterConfig,
 }
@@ -135,7 +145,8 @@ pub struct DataConfig {
     /// relative path is looked up in the current directory, then in the crate folder
     /// (`data::source::resolve_local`); the default is the repo's Tiny Shakespeare.
     pub source: String,
-    /// "char" or "bpe" (byte-level BPE trained on the training split).
+    /// "char", "bpe" (byte-level BPE trained on the training split) or "hf" (the tokenizer.json of an
+    /// imported model, never trained).
     pub tokenizer: TokenizerType,
     pub bpe_vocab_size: usize,
     /// Share of the characters used for training; the rest is validation (nanoGPT: 0.9).
@@ -182,6 +193,14 @@ pub struct TrainConfig {
     pub threads: usize,
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -199,6 +218,9 @@ impl Default for Config {
                 norm: NormKind::Layer,
                 fused_layers: true,
                 moe_every: 1,
+                n_kv_head: 0,
+                tie_embeddings: true,
+                norm_eps: default_norm_eps(),
                 moe: MoeConfig {
                     num_experts: 8,
                     expert_hidden: 0,
@@ -372,6 +394,14 @@ impl Config {
         match self.model.moe.expert_hidden {
             0 => 4 * self.model.n_embd,
             h => h,
+        }
+    }
+
+    /// Key/value heads after applying the 0 = n_head default.
+    pub fn n_kv_head(&self) -> usize {
+        match self.model.n_kv_head {
+            0 => self.model.n_head,
+            k => k,
         }
     }
 

@@ -103,6 +103,12 @@ impl Config {
         if t.eval_interval == 0 || t.log_interval == 0 || t.eval_iters == 0 {
             bail!("train.eval_interval, train.log_interval and train.eval_iters must be > 0");
         }
+        if m.n_kv_head > m.n_head || m.n_head % self.n_kv_head() != 0 {
+            bail!("model.n_kv_head = {} must divide model.n_head = {} (0 = n_head)", m.n_kv_head, m.n_head);
+        }
+        if !(m.norm_eps > 0.0 && m.norm_eps.is_finite()) {
+            bail!("model.norm_eps = {} must be finite and > 0", m.norm_eps);
+        }
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //!   encode uses a lookup table instead of that pipeline (it is much faster).
 //! - Bpe: a `BPE` model trained by the `tokenizers` crate's `BpeTrainer` over the 256 byte-level
 //!   symbols, with a `ByteLevel` pre-tokenizer (GPT-2 regex, no prefix space) and decoder.
+//! - Hf: any `tokenizer.json` (that of an imported Hugging Face model), used as it is; never trained.
 //!
 //! BPE text is encoded in chunks, in parallel. Chunks end only after a `'\n'` that has a
 //! non-whitespace character on both sides: the GPT-2 regex always makes such a newline a
@@ -37,6 +38,8 @@ pub enum TokenizerKind {
     Char,
     /// Byte-level BPE with at most `vocab_size` tokens (at least 256, the byte symbols).
     Bpe { vocab_size: usize },
+    /// A `tokenizer.json` of any kind, loaded (`data.tokenizer = "hf"`).
+    Hf,
 }
 
 /// A trained tokenizer: text to token ids and back.
@@ -49,6 +52,7 @@ pub struct Tokenizer {
 enum Inner {
     Char(Box<CharVocab>),
     Bpe { hf: Box<tokenizers::Tokenizer>, requested: usize },
+    Hf(Box<tokenizers::Tokenizer>),
 }
 
 /// A character vocabulary: id to char, and char to id through a table for ASCII and a map above.
@@ -208,6 +212,10 @@ impl Tokenizer {
                     .map_err(|e| anyhow!("BPE training (vocab_size {vocab_size}) failed: {e}"))?;
                 Inner::Bpe { hf: Box::new(hf), requested: vocab_size }
             }
+            TokenizerKind::Hf => bail!(
+                "data.tokenizer = \"hf\" is a tokenizer.json loaded with its model (gumbel-moe import-hf), not \
+                 one trained on the text: start from such a checkpoint (--init-from or --resume)"
+            ),
         };
         Ok(Self { inner })
     }
@@ -216,6 +224,11 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match &self.inner {
             Inner::Char(v) => v.encode(text),
+            Inner::Hf(hf) => {
+                let e =
+                    hf.encode_fast(text, false).map_err(|e| anyhow!("encoding {} bytes failed: {e}", text.len()))?;
+                Ok(e.get_ids().to_vec())
+            }
             Inner::Bpe { hf, .. } => {
                 let encodings = hf
                     .encode_batch_fast(bpe_chunks(text), false)
@@ -234,7 +247,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {
             Inner::Char(v) => v.decode(ids),
-            Inner::Bpe { hf, .. } => {
+            Inner::Bpe { hf, .. } | Inner::Hf(hf) => {
                 let n = hf.get_vocab_size(true);
                 if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= n) {
                     bail!("token id {id} at position {pos} is out of range for a BPE vocabulary of {n}");
@@ -248,7 +261,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match &self.inner {
             Inner::Char(v) => v.chars.len(),
-            Inner::Bpe { hf, .. } => hf.get_vocab_size(true),
+            Inner::Bpe { hf, .. } | Inner::Hf(hf) => hf.get_vocab_size(true),
         }
     }
 
@@ -257,6 +270,7 @@ impl Tokenizer {
         match &self.inner {
             Inner::Char(_) => TokenizerKind::Char,
             Inner::Bpe { requested, .. } => TokenizerKind::Bpe { vocab_size: *requested },
+            Inner::Hf(_) => TokenizerKind::Hf,
         }
     }
 
@@ -265,7 +279,7 @@ impl Tokenizer {
     pub fn save(&self, path: &Path) -> Result<()> {
         let hf = match &self.inner {
             Inner::Char(v) => v.to_hf()?,
-            Inner::Bpe { hf, .. } => (**hf).clone(),
+            Inner::Bpe { hf, .. } | Inner::Hf(hf) => (**hf).clone(),
         };
         hf.save(path, true).map_err(|e| anyhow!("cannot write tokenizer file {}: {e}", path.display()))
     }
@@ -277,6 +291,7 @@ impl Tokenizer {
         let hf =
             tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer file {name}: {e}"))?;
         let inner = match (kind, hf.get_model()) {
+            (TokenizerKind::Hf, _) => Inner::Hf(Box::new(hf)),
             (TokenizerKind::Char, ModelWrapper::WordLevel(_)) => {
                 Inner::Char(Box::new(char_vocab_of(&hf).with_context(|| format!("tokenizer file {name}"))?))
             }
@@ -296,6 +311,7 @@ impl Tokenizer {
                 match kind {
                     TokenizerKind::Char => "WordLevel",
                     TokenizerKind::Bpe { .. } => "BPE",
+                    TokenizerKind::Hf => "any model",
                 }
             ),
         };

@@ -1,4 +1,6 @@
-//! Causal multi-head self-attention (nanoGPT's CausalSelfAttention), with learned or rotary positions.
+//! Causal multi-head self-attention (nanoGPT's CausalSelfAttention), with learned or rotary positions
+//! and optionally grouped-query attention (`model.n_kv_head` < `n_head`: each kv head serves
+//! n_head / n_kv_head consecutive query heads, as Llama/Mixtral).
 
 use super::Linear;
 use super::{linear, ops, rotary::Rotary, Ctx};
@@ -11,6 +13,7 @@ pub struct CausalSelfAttention {
     c_attn: Linear,
     c_proj: Linear,
     n_head: usize,
+    n_kv_head: usize,
     rotary: Option<Rotary>,
     dropout: f64,
     layer: u32,
@@ -21,7 +24,8 @@ impl CausalSelfAttention {
     pub fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> Result<Self> {
         let m = &cfg.model;
         let c = m.n_embd;
-        // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        let kv = cfg.n_kv_head() * (c / m.n_head); // width of k (and of v)
+                                                   // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
         let rotary = if m.positions == Positions::Rotary {
             Some(Rotary::new(c / m.n_head, m.block_size, m.rope_theta, vb.dtype(), vb.device())?)
@@ -29,9 +33,10 @@ impl CausalSelfAttention {
             None
         };
         Ok(Self {
-            c_attn: linear(c, 3 * c, m.bias, 0.02, vb.pp("c_attn"))?.fused(m.fused_layers),
+            c_attn: linear(c, c + 2 * kv, m.bias, 0.02, vb.pp("c_attn"))?.fused(m.fused_layers),
             c_proj: linear(c, c, m.bias, proj_std, vb.pp("c_proj"))?.fused(m.fused_layers),
             n_head: m.n_head,
+            n_kv_head: cfg.n_kv_head(),
             rotary,
             dropout: m.dropout,
             layer: layer as u32,
@@ -39,11 +44,27 @@ impl CausalSelfAttention {
         })
     }
 
+    /// Grouped-query attention as multi-head attention: (B, T, C + 2 nkv hs) -> (B, T, 3C), each kv head
+    /// repeated for its n_head / n_kv_head query heads in a row (HF's `repeat_kv`).
+    fn expand_kv(&self, qkv: &Tensor) -> Result<Tensor> {
+        if self.n_kv_head == self.n_head {
+            return Ok(qkv.clone());
+        }
+        let (b, t, w) = qkv.dims3()?;
+        let hs = w / (self.n_head + 2 * self.n_kv_head);
+        let (c, kv, rep) = (self.n_head * hs, self.n_kv_head * hs, self.n_head / self.n_kv_head);
+        let repeat = |start: usize| -> Result<Tensor> {
+            let x = qkv.narrow(2, start, kv)?.reshape((b, t, self.n_kv_head, 1, hs))?; // (B, T, nkv, 1, hs)
+            x.broadcast_as((b, t, self.n_kv_head, rep, hs))?.reshape((b, t, c)) // (B, T, C)
+        };
+        Tensor::cat(&[&qkv.narrow(2, 0, c)?, &repeat(c)?, &repeat(c + kv)?], 2) // (B, T, 3C)
+    }
+
     /// x: (B, T, C), mask: (T, T) additive -> (B, T, C)
     pub fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hs = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        let qkv = self.expand_kv(&self.c_attn.forward(x)?)?; // (B, T, 3C)
         let site = self.layer * 4;
         // On other devices the op would run its twin, which uploads its tables and mask per call:
         // the path below keeps them on the device.

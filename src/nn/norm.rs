@@ -7,14 +7,13 @@ use crate::ops::{norm, norm_reference, NormOp};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-const EPS: f64 = 1e-5;
-
 #[derive(Clone, Debug)]
 pub struct Norm {
     weight: Tensor,
     bias: Option<Tensor>,
     rms: bool,
     fused: bool,
+    eps: f64,
 }
 
 impl Norm {
@@ -24,12 +23,18 @@ impl Norm {
         let rms = kind == NormKind::Rms;
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = if bias && !rms { Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Norm { weight, bias, rms, fused })
+        Ok(Norm { weight, bias, rms, fused, eps: 1e-5 })
+    }
+
+    /// The epsilon under the square root (`model.norm_eps`; 1e-5 unless set).
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
     }
 
     /// x: (..., d) -> (..., d)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let op = NormOp { eps: EPS, rms: self.rms };
+        let op = NormOp { eps: self.eps, rms: self.rms };
         if self.fused {
             norm(x, &self.weight, self.bias.as_ref(), op)
         } else {

@@ -159,6 +159,7 @@ pub fn tokenizer_kind(cfg: &Config) -> TokenizerKind {
     match cfg.data.tokenizer {
         TokenizerType::Bpe => TokenizerKind::Bpe { vocab_size: cfg.data.bpe_vocab_size },
         TokenizerType::Char => TokenizerKind::Char,
+        TokenizerType::Hf => TokenizerKind::Hf,
     }
 }
 
@@ -206,9 +207,10 @@ pub fn load(path: &Path) -> Result<Loaded> {
     let state: TrainerState = serde_json::from_str(&read(STATE_FILE)?)
         .with_context(|| format!("checkpoint {}: {STATE_FILE} is malformed", dir.display()))?;
     let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE), &tokenizer_kind(&cfg))?;
-    if tokenizer.vocab_size() != cfg.model.vocab_size {
+    // A padded vocabulary (an imported model's) has rows no token uses.
+    if tokenizer.vocab_size() > cfg.model.vocab_size {
         bail!(
-            "checkpoint {}: tokenizer has {} tokens but config model.vocab_size = {}",
+            "checkpoint {}: tokenizer has {} tokens, more than config model.vocab_size = {}",
             dir.display(),
             tokenizer.vocab_size(),
             cfg.model.vocab_size

@@ -6,12 +6,14 @@
 //! - [`finite`]: NaN / infinity checks before a save and after a load.
 //! - [`resume`]: continuing a run from a checkpoint, in place or as a branch.
 //! - [`resume_check`]: which `--set` changes a resume refuses, and why.
+//! - [`init_from`]: a new run from another checkpoint's weights (fresh optimizer and schedule).
 //! - [`parallel`]: a step's micro-batches side by side on worker threads; [`alloc`]: allocator
 //!   thresholds for the loop.
 pub mod alloc;
 pub mod checkpoint;
 pub mod finite;
 pub mod fs_steps;
+pub mod init_from;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

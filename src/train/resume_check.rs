@@ -35,6 +35,19 @@ pub fn refused_change(old: &Config, new: &Config) -> Option<String> {
         "the attention weights were trained for this split of n_embd into heads",
     );
     rule("model.n_embd", &a.n_embd, &b.n_embd, "it is the width of every weight matrix");
+    rule(
+        "model.n_kv_head",
+        &old.n_kv_head(),
+        &new.n_kv_head(),
+        "the attention's key and value projections have one block of rows per kv head",
+    );
+    rule(
+        "model.tie_embeddings",
+        &a.tie_embeddings,
+        &b.tie_embeddings,
+        "an untied model has its own lm_head.weight, a tied one reads the token embedding",
+    );
+    rule("model.norm_eps", &a.norm_eps, &b.norm_eps, "the norms' gains were trained with this epsilon");
     rule("model.bias", &a.bias, &b.bias, "it decides whether the Linear layers and norms have bias parameters");
     rule(
         "model.positions",
@@ -108,5 +121,16 @@ mod tests {
         assert_eq!(refused_change(&old, &new), None, "a char tokenizer has no BPE vocabulary");
         new.data.tokenizer = TokenizerType::Bpe;
         assert!(refused_change(&old, &new).unwrap().starts_with("data.tokenizer"));
+        let mut new = old.clone();
+        new.model.n_kv_head = old.model.n_head;
+        assert_eq!(refused_change(&old, &new), None, "n_kv_head = n_head is the default 0");
+        new.model.n_kv_head = 2;
+        assert!(refused_change(&old, &new).unwrap().starts_with("model.n_kv_head = 2"));
+        let mut new = old.clone();
+        new.model.tie_embeddings = false;
+        assert!(refused_change(&old, &new).unwrap().starts_with("model.tie_embeddings = false"));
+        let mut new = old.clone();
+        new.model.norm_eps = 1e-6;
+        assert!(refused_change(&old, &new).unwrap().starts_with("model.norm_eps"));
     }
 }
