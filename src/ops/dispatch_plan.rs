@@ -1,5 +1,5 @@
 //! The host dispatch plan: the (token, slot) pairs of a routing grouped by expert, with an optional
-//! expert capacity; the plain twin of [`expert_sort`](super::expert_sort).
+//! expert capacity; the plain twin of [`expert_sort`](super::expert_sort()).
 //!
 //! Order is deterministic: slot-major (every token's first choice before any second choice, as in
 //! GShard), tokens in order within a slot, so with a capacity the first choices are kept first.

@@ -20,8 +20,7 @@
 
 use super::backend::cpu::output_vec;
 use super::backend::fits;
-use candle_core::CpuStorage;
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, Result, Tensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -46,7 +45,7 @@ pub use weights::{GumbelWeights, GumbelWeightsBwd};
 pub const MAX_K: usize = 32;
 
 /// Rows per rayon task: enough work per task that scheduling costs little.
-pub(super) const ROWS_PER_TASK: usize = 256;
+const ROWS_PER_TASK: usize = 256;
 
 /// What keys and shapes the router ops.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,7 +67,7 @@ pub struct GumbelParams {
 }
 
 impl GumbelParams {
-    pub(crate) fn check(&self, e: usize) -> Result<()> {
+    fn check(&self, e: usize) -> Result<()> {
         if self.k == 0 || self.k > e.min(MAX_K) {
             candle_core::bail!("gumbel router op: need 1 <= K ({}) <= min(E ({e}), {MAX_K})", self.k);
         }
@@ -113,7 +112,7 @@ pub(crate) struct GumbelKernelArgs {
 impl GumbelKernelArgs {
     /// The kernel arguments for `p` over `rows` rows of width `e`; the strides are left 0 for the
     /// caller to fill in.
-    pub(crate) fn new(p: &GumbelParams, rows: usize, e: usize) -> Result<Self> {
+    fn new(p: &GumbelParams, rows: usize, e: usize) -> Result<Self> {
         Ok(Self {
             rows: fits(rows, "T", "gumbel router op")?,
             e: fits(e, "E", "gumbel router op")?,
