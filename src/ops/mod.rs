@@ -9,8 +9,10 @@
 //!
 //! [`expert_sort`], [`gather_rows`], [`combine`]: MoE dispatch / combine. Sort the token-slots by
 //! expert (GShard slot-major order with capacity drops), gather the rows to that order, and the
-//! weighted sum back to tokens, each with a backward op; deterministic (no float atomics). Shared
-//! layout and launch glue in [`dispatch_common`], kernels in `kernels/moe_dispatch.{cuh,cu,metal}`.
+//! weighted sum back to tokens, each with a backward op; deterministic (no float atomics). Their
+//! shared order layout and kernel arguments are in `dispatch_common`, kernels in
+//! `kernels/moe_dispatch.{cuh,cu,metal}`, the host plan they are checked against in
+//! [`dispatch_plan`].
 //!
 //! [`straight_through`]: the hard router's straight-through weights (exactly 1/m forward, the soft
 //! gradient of the chosen experts backward) as one op.
@@ -20,33 +22,38 @@
 //! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`] (exact GELU, one pass
 //! each way), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
 //! mask inside, flash-style backward), [`expert_mlp`] (every expert's GELU MLP over its block of
-//! sorted rows, one op each way). Shared: [`float`] (element type, `exp_f32`, row sums), [`gemm`].
+//! sorted rows, one op each way).
 //!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
-//! dropped on every backend; the backward is the same op on the gradient).
+//! dropped on every backend; the backward is the same op on the gradient). [`adamw`]: the fused
+//! in-place CPU optimizer step.
+//!
+//! Shared by all: `backend` (the CPU element type and row layouts, the one CUDA launch and the one
+//! Metal dispatch, the dtype check), `float` (`exp_f32`, column sums), `gemm`.
 pub mod adamw;
 pub mod attention;
+pub(crate) mod backend;
 pub mod balance_stats;
 pub mod combine;
-pub mod cpu_layout;
-pub mod dispatch_common;
+pub(crate) mod dispatch_common;
+pub mod dispatch_plan;
 pub mod dropout;
 pub mod expert_mlp;
 pub mod expert_sort;
-pub mod float;
+pub(crate) mod float;
 pub mod gather_rows;
 pub mod gelu;
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod gumbel_router;
 pub mod layer_norm;
 pub mod linear;
-#[cfg(feature = "metal")]
-pub mod metal_glue;
 pub mod straight_through;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
-pub use balance_stats::{balance_stats, balance_stats_reference, BalanceStats, BalanceStatsBwd};
+pub use balance_stats::{balance_stats, balance_stats_reference, expert_fractions, BalanceStats, BalanceStatsBwd};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
+pub use dispatch_common::OrderDims;
+pub use dispatch_plan::{capacity, plan, Plan};
 pub use dropout::{dropout_reference, philox_dropout, PhiloxDropout};
 pub use expert_mlp::{expert_mlp, expert_mlp_reference, ExpertMlp, ExpertMlpBwd, ExpertParams};
 pub use expert_sort::{expert_sort, expert_sort_reference, ExpertOrder, ExpertSort};
