@@ -910,3 +910,43 @@ fn invalid_settings_are_refused() {
     let msg = err.to_string();
     assert!(msg.contains("token 0") && msg.contains("layer 4"), "error should locate the non-finite logit: {msg}");
 }
+
+/// Routers other than the Gumbel op do not check their logits: the MoE layer flags non-finite
+/// logits on the device (read with the dispatch plan) and names the first one, on both paths.
+#[test]
+fn moe_layer_names_the_first_non_finite_logit() {
+    let (e, d, b, t) = (5, 3, 2, 4);
+    for kind in ["softmax_topk", "sigmoid_bias", "noisy_topk", "dense"] {
+        for imp in ["fused", "reference"] {
+            let mut cfg = router_config(kind, e, d, 2, 2, true);
+            cfg.model.router.implementation = imp.into();
+            let params = Params::new();
+            let layer = MoeLayer::new(&cfg, 1, params.var_builder(4, DType::F64, &CPU), &build_router).unwrap();
+            let mut rng = Rng(12);
+            for (_, v) in params.named() {
+                let vals = Tensor::from_vec(rng.normals(v.elem_count(), 0.5), v.shape(), &CPU).unwrap();
+                v.set(&vals.to_dtype(v.dtype()).unwrap()).unwrap(); // the sigmoid router's bias is f32
+            }
+            // Column 0 of x is 0 except for row 5 (batch 1, position 1), and router row 3 has
+            // f64::MAX there: logit (5, 3) is +inf, every other logit finite.
+            let rw = params.get("router.weight").unwrap();
+            let mut w = flat(rw.as_tensor());
+            w[3 * d] = f64::MAX;
+            rw.set(&Tensor::from_vec(w, (e, d), &CPU).unwrap()).unwrap();
+            let mut x = rng.normals(b * t * d, 1.0);
+            (0..b * t).for_each(|row| x[row * d] = 0.0);
+            let fine = Tensor::from_vec(x.clone(), (b, t, d), &CPU).unwrap();
+            x[5 * d] = 2.0;
+            let xt = Tensor::from_vec(x, (b, t, d), &CPU).unwrap();
+            let ctx = Ctx { train: true, step: 7, tau: 1.0, seed: 3, micro: 0 };
+            let err = match layer.forward(&xt, &ctx) {
+                Ok(_) => panic!("{kind} {imp}: an infinite logit must stop the layer"),
+                Err(e) => e.to_string(),
+            };
+            let want = "non-finite router logit inf at step 7, layer 1, token 5, expert 3: training diverged";
+            assert!(err.contains(want), "{kind} {imp}: {err}");
+            // The same layer with finite logits routes.
+            assert!(layer.forward(&fine, &ctx).is_ok(), "{kind} {imp}: finite logits refused");
+        }
+    }
+}

@@ -758,7 +758,68 @@ fn router_surrogate_through_the_model() {
     assert!(router_surrogate(&o2, &targets, &mut b2, 0.9).unwrap().is_none(), "no surrogate for softmax_topk");
 }
 
-// ---------- 6. expert choice is refused ----------
+// ---------- 6. the routing's tensors ----------
+
+/// Every built-in router, on both router implementations, returns its routing as tensors on the
+/// input's device: indices (T, m) u32 of distinct valid experts per token, weights (T, m), logits
+/// and probs (T, E) with probs = softmax(logits). The hash router, with the vocabulary known,
+/// looks its experts up on the device and matches the host hash.
+#[test]
+fn every_router_returns_device_tensors() {
+    let (e, d, t, v) = (6, 4, 12, 40);
+    let cases = [
+        ("gumbel", 2, 4, true, 2),
+        ("gumbel", 2, 4, false, 2),
+        ("gumbel", 3, 3, false, 3),
+        ("softmax_topk", 2, 2, true, 2),
+        ("dense", 1, 1, true, e),
+        ("noisy_topk", 2, 2, true, 2),
+        ("sigmoid_bias", 3, 3, true, 3),
+        ("hash", 1, 1, true, 1),
+        ("reinforce", 1, 1, true, 1),
+    ];
+    let mut rng = Rng(77);
+    let x = tensor2(&rng.normals(t * d, 1.0), t, d);
+    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7 + 1) % v as u32).collect();
+    for (kind, m, k, hard, want_m) in cases {
+        for imp in ["fused", "reference"] {
+            let label = format!("{kind} m={m} hard={hard} {imp}");
+            let mut cfg = router_config(kind, e, d, m, k, hard);
+            cfg.model.router.implementation = imp.into();
+            cfg.model.vocab_size = v;
+            let (router, _) = router_with(&cfg, &[], &mut Rng(5));
+            for ctx in [train_ctx(3, 2, 0.9), Ctx::eval(3, 0.9)] {
+                let rc = RouteCtx { ctx, layer: 1, token_ids: Some(Tensor::new(ids.as_slice(), &CPU).unwrap()) };
+                let r = router.route(&x, &rc).unwrap_or_else(|err| panic!("{label}: {err}"));
+                for (name, tensor) in [("indices", &r.indices), ("weights", &r.weights), ("logits", &r.logits), ("probs", &r.probs)] {
+                    assert!(tensor.device().same_device(x.device()), "{label}: {name} on {:?}", tensor.device());
+                }
+                assert_eq!(r.indices.dtype(), DType::U32, "{label}: indices dtype");
+                assert_eq!((r.m, r.indices.dims()), (want_m, &[t, want_m][..]), "{label}: indices shape");
+                assert_eq!(r.weights.dims(), &[t, want_m], "{label}: weights shape");
+                assert_eq!((r.logits.dims(), r.probs.dims()), (&[t, e][..], &[t, e][..]), "{label}: logits, probs");
+                let idx = index_vec(&r.indices);
+                for row in idx.chunks(want_m) {
+                    let set: std::collections::BTreeSet<u32> = row.iter().copied().collect();
+                    assert!(set.len() == want_m && row.iter().all(|&i| (i as usize) < e), "{label}: row {row:?}");
+                }
+                let (lg, pr) = (vec2(&r.logits), vec2(&r.probs));
+                for tok in 0..t {
+                    let want = host_softmax(&lg[tok]);
+                    for j in 0..e {
+                        assert_close(pr[tok][j], want[j], 1e-12, 1e-14, &format!("{label}: probs[{tok}][{j}]"));
+                    }
+                }
+                if kind == "hash" {
+                    let want: Vec<u32> = ids.iter().map(|&id| host_hash(id, e)).collect();
+                    assert_eq!(idx, want, "{label}: device table differs from the host hash");
+                }
+            }
+        }
+    }
+}
+
+// ---------- 7. expert choice is refused ----------
 
 #[test]
 fn expert_choice_is_refused_because_it_is_not_causal() {
