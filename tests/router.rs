@@ -450,7 +450,11 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
     let sampled = route(router.as_ref(), &xt, eval, 0);
     let trained = route(router.as_ref(), &xt, Ctx { train: true, ..eval }, 0);
-    assert_eq!(index_vec(&sampled.indices), index_vec(&trained.indices), "eval_mode=sample must use the training noise");
+    assert_eq!(
+        index_vec(&sampled.indices),
+        index_vec(&trained.indices),
+        "eval_mode=sample must use the training noise"
+    );
     let argmax: Vec<u32> = logits.iter().map(|l| host_topk(l, 1)[0] as u32).collect();
     assert_ne!(index_vec(&sampled.indices), argmax, "eval_mode=sample gave the noiseless argmax on all {t} tokens");
 }
@@ -506,13 +510,31 @@ fn balance_and_z_losses_match_host_math() {
     let zeros = Tensor::zeros((t, e), DType::F64, &CPU).unwrap();
     let uniform_p = gumbel_moe::nn::ops::softmax(&zeros).unwrap();
     let round_robin: Vec<u32> = (0..t * e).map(|i| (i % e) as u32).collect();
-    assert_close(scalar(&load_balance(&uniform_p, &u32_tensor(&round_robin)).unwrap()), 1.0, 1e-12, 0.0, "uniform balance");
+    assert_close(
+        scalar(&load_balance(&uniform_p, &u32_tensor(&round_robin)).unwrap()),
+        1.0,
+        1e-12,
+        0.0,
+        "uniform balance",
+    );
     // Equal counts alone give 1 whatever P is (sum_i P_i = 1).
-    assert_close(scalar(&load_balance(&pt, &u32_tensor(&round_robin)).unwrap()), 1.0, 1e-12, 0.0, "balance with uniform f");
+    assert_close(
+        scalar(&load_balance(&pt, &u32_tensor(&round_robin)).unwrap()),
+        1.0,
+        1e-12,
+        0.0,
+        "balance with uniform f",
+    );
     // All slots on one expert: E * P_j.
     let one = vec![2u32; t];
     let p2: f64 = logits.iter().map(|r| host_softmax(r)[2]).sum::<f64>() / t as f64;
-    assert_close(scalar(&load_balance(&pt, &u32_tensor(&one)).unwrap()), e as f64 * p2, 1e-12, 0.0, "balance, all on expert 2");
+    assert_close(
+        scalar(&load_balance(&pt, &u32_tensor(&one)).unwrap()),
+        e as f64 * p2,
+        1e-12,
+        0.0,
+        "balance, all on expert 2",
+    );
     // z-loss of zero logits: ln(E)^2.
     assert_close(scalar(&z_loss(&zeros).unwrap()), (e as f64).ln().powi(2), 1e-12, 0.0, "z-loss of zeros");
 }

@@ -162,7 +162,11 @@ fn soft_top_m_weights_are_the_renormalised_relaxed_sample() {
             let sel = host_topk(&pert, m);
             let z: f64 = sel.iter().map(|&q| y[q]).sum();
             for s in 0..m {
-                assert_eq!(index_vec(&r.indices)[tok * m + s] as usize, cand[sel[s]], "{imp}: token {tok} slot {s} expert");
+                assert_eq!(
+                    index_vec(&r.indices)[tok * m + s] as usize,
+                    cand[sel[s]],
+                    "{imp}: token {tok} slot {s} expert"
+                );
                 assert_close(wts[tok][s], y[sel[s]] / z, 1e-12, 1e-14, &format!("{imp}: soft weight [{tok}][{s}]"));
             }
         }
@@ -474,6 +478,31 @@ fn sigmoid_bias_resume_is_exact() {
     assert!(!biases.is_empty(), "no expert_bias in the checkpoint");
     assert!(biases.iter().all(|(_, v)| v.iter().any(|&x| x != 0.0)), "the bias never moved: vacuous");
     assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
+}
+
+/// The bias is fixed within a step and moves once after it, from integer load counts: a step's
+/// micro-batches side by side on 2 workers end with the same bits (bias included) as in turn on 1.
+#[test]
+fn sigmoid_bias_micro_batches_in_parallel_match_in_turn() {
+    use gumbel_moe::train::Trainer;
+    let weights = |threads: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let o = ["model.router.top_m=2", "model.router.bias_update_rate=0.01", "train.grad_accum=2", threads];
+        let mut t = Trainer::new(common::tiny_config("sigmoid_bias", &o), dir.path()).unwrap();
+        t.progress = false;
+        t.fit().unwrap();
+        let mut v: Vec<(String, Vec<f64>)> =
+            t.params.named().iter().map(|(k, v)| (k.clone(), flat(v.as_tensor()))).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        (t.workers.len(), v)
+    };
+    let ((w1, a), (w2, b)) = (weights("train.threads=1"), weights("train.threads=2"));
+    assert_eq!((w1, w2), (1, 2), "worker counts");
+    assert!(
+        a.iter().filter(|(k, _)| k.ends_with("expert_bias")).all(|(_, v)| v.iter().any(|&x| x != 0.0)),
+        "bias never moved"
+    );
+    assert_eq!(a, b, "2 workers and 1 worker end with different weights");
 }
 
 /// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the
@@ -791,7 +820,9 @@ fn every_router_returns_device_tensors() {
             for ctx in [train_ctx(3, 2, 0.9), Ctx::eval(3, 0.9)] {
                 let rc = RouteCtx { ctx, layer: 1, token_ids: Some(Tensor::new(ids.as_slice(), &CPU).unwrap()) };
                 let r = router.route(&x, &rc).unwrap_or_else(|err| panic!("{label}: {err}"));
-                for (name, tensor) in [("indices", &r.indices), ("weights", &r.weights), ("logits", &r.logits), ("probs", &r.probs)] {
+                for (name, tensor) in
+                    [("indices", &r.indices), ("weights", &r.weights), ("logits", &r.logits), ("probs", &r.probs)]
+                {
                     assert!(tensor.device().same_device(x.device()), "{label}: {name} on {:?}", tensor.device());
                 }
                 assert_eq!(r.indices.dtype(), DType::U32, "{label}: indices dtype");

@@ -2,9 +2,9 @@
 //! routing, and the keys a short training run writes to metrics.jsonl.
 
 mod common;
+use candle_core::{Device, Tensor};
 use common::tiny_config;
 use gumbel_moe::train::metrics;
-use candle_core::{Device, Tensor};
 use gumbel_moe::train::telemetry::{load_cv, LayerStep, StepRouting, Telemetry};
 use gumbel_moe::train::Trainer;
 

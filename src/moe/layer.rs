@@ -110,14 +110,17 @@ impl MoeLayer {
         let cap = capacity(self.capacity_factor, n * r.m, e);
         // Non-finite logits, flagged on the device; the flag comes back with the dispatch plan.
         let flag = nonfinite_flag(&r.logits)?; // (1,) u32
-        // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
+                                               // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
         let (y, tokens_per_expert, dropped) = if self.fused_dispatch {
             self.experts_fused(&xf, &r, cap, &flag, ctx)?
         } else {
             self.experts_reference(&xf, &r, cap, &flag, ctx)?
         };
-        let balance =
-            if self.fused_balance { load_balance_fused(&r.logits, &r.indices)? } else { load_balance(&r.probs, &r.indices)? };
+        let balance = if self.fused_balance {
+            load_balance_fused(&r.logits, &r.indices)?
+        } else {
+            load_balance(&r.probs, &r.indices)?
+        };
         let z = z_loss(&r.logits)?;
         let mut aux_loss = ((&balance * self.balance_coef)? + (&z * self.z_coef)?)?;
         if let Some(extra) = &r.aux_loss {

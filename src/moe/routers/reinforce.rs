@@ -46,7 +46,8 @@ impl Router for ReinforceRouter {
             let base = c.micro * t as u32;
             let g: Vec<f32> = (0..t)
                 .flat_map(|tok| {
-                    (0..self.e).map(move |ex| gumbel_noise(c.seed, c.step as u32, rc.layer, base + tok as u32, ex as u32))
+                    (0..self.e)
+                        .map(move |ex| gumbel_noise(c.seed, c.step as u32, rc.layer, base + tok as u32, ex as u32))
                 })
                 .collect();
             let dt = select_dtype(&logits);

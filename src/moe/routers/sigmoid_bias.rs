@@ -85,7 +85,7 @@ impl Router for SigmoidBiasRouter {
         let (e, m) = (self.e, self.m);
         let logits = self.gate.logits(x, rc)?; // (T, E)
         let s = (logits.neg()?.exp()? + 1.0)?.recip()?; // (T, E) sigmoid, with backward
-        // Choose by s + b (in f64 where the device has it: only the order matters).
+                                                        // Choose by s + b (in f64 where the device has it: only the order matters).
         let dt = select_dtype(&logits);
         let l = logits.detach().to_dtype(dt)?;
         let biased = (l.neg()?.exp()? + 1.0)?.recip()?.broadcast_add(&self.bias.as_tensor().detach().to_dtype(dt)?)?; // (T, E)
