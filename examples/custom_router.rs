@@ -38,8 +38,7 @@ impl Router for CosineRouter {
         let probs = softmax(&logits)?; // (T, E)
         let indices = top_k_indices(&logits, 1)?; // (T, 1) u32, on the device: no host copy
         let weights = probs.gather(&indices, 1)?; // (T, 1)
-                                                  // The MoE layer stops on non-finite logits, naming step, layer, token and expert.
-        Routing::new(indices, weights, logits, probs)
+        Routing::new(indices, weights, logits, probs) // the MoE layer stops on NaN logits, naming them
     }
 
     fn num_experts(&self) -> usize {

@@ -3,7 +3,7 @@
 //! in the same transfer as its dispatch offsets; only when it is set are the logits copied to the
 //! host to find where the bad value is.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// logits (T, E) -> (1,) u32 on their device, 1 when some logit may be NaN or infinite: the sum of
 /// all logits is not finite. (A finite sum that overflows also sets it; [`check_on_host`] decides.)
@@ -33,7 +33,7 @@ pub fn check_rows(rows: &[Vec<f64>], step: u64, layer: u32) -> Result<()> {
 /// Copies logits (T, E) to the host as f64 and stops on the first non-finite one. For the
 /// reference paths, and for the fused path once [`nonfinite_flag`] is set.
 pub fn checked_host_rows(logits: &Tensor, step: u64, layer: u32) -> Result<Vec<Vec<f64>>> {
-    let rows = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let rows = logits.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_vec2::<f64>()?; // f64 on the CPU (Metal has none)
     check_rows(&rows, step, layer)?;
     Ok(rows)
 }

@@ -108,9 +108,9 @@ impl MoeLayer {
         }
         let e = self.experts.len();
         let cap = capacity(self.capacity_factor, n * r.m, e);
-        // Non-finite logits, flagged on the device; the flag comes back with the dispatch plan.
-        let flag = nonfinite_flag(&r.logits)?; // (1,) u32
-                                               // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
+        // Non-finite logits, flagged on the device as (1,) u32; the flag comes back with the plan.
+        let flag = nonfinite_flag(&r.logits)?;
+        // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
         let (y, tokens_per_expert, dropped) = if self.fused_dispatch {
             self.experts_fused(&xf, &r, cap, &flag, ctx)?
         } else {

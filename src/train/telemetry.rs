@@ -180,7 +180,7 @@ impl Telemetry {
         let mut s = Summary::default();
         let (mut dropped, mut routed) = (0u64, 0u64);
         let scores = match (self.scores.take(), std::mem::take(&mut self.unscored)) {
-            (Some(v), false) => Some(v.to_dtype(DType::F64)?.to_vec2::<f64>()?),
+            (Some(v), false) => Some(v.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_vec2::<f64>()?),
             _ => None,
         };
         for (l, acc) in self.layers.iter_mut().enumerate() {

@@ -4,17 +4,18 @@
 //! Affinities s = sigmoid(x W) (T, E). A per-expert bias b is added for the choice only:
 //! the experts are the top m of s + b, and the weights are the s of the chosen, normalised to sum
 //! to 1 (gradient through s, none through b). After each optimizer step the bias moves by a fixed
-//! step toward balance, b_i += rate * sign(mean load - load_i), with load_i the token-slots expert i
-//! got in the step's training calls (all micro-batches, counted on the device) and mean load = their
-//! token-slots / E: overloaded experts get less attractive, idle ones more. Within a step the bias
-//! is fixed, so routing is a function of the input and the parameters.
+//! step toward balance, b_i += rate * sign(mean load - load_i), with load_i the token-slots expert
+//! i got in the step's training calls (all micro-batches, counted on the device) and mean load =
+//! their token-slots / E: overloaded experts get less attractive, idle ones more. Within a step
+//! the bias is fixed, so routing is a function of the input and the parameters.
 //!
 //! The bias is the non-trainable parameter `expert_bias` (E,), f32 whatever the model dtype (a
 //! 1e-3 step would vanish in bf16). It lives in the model's parameter set, so checkpoints save and
 //! restore it and a resume is exact; it never enters the autograd graph (detached for the choice,
 //! updated with `Var::set` in [`Router::after_step`]), so it has no gradient and the optimizer,
-//! which skips parameters without one, never touches it. `logits` = x W (z-loss) and `probs` = their softmax (Switch balance loss and
-//! entropy statistics); set `model.moe.balance_coef = 0` for the loss-free recipe.
+//! which skips parameters without one, never touches it. `logits` = x W (z-loss) and `probs` =
+//! their softmax (Switch balance loss and entropy statistics); set `model.moe.balance_coef = 0`
+//! for the loss-free recipe.
 
 use super::{select_dtype, top_k_indices, Gate};
 use crate::config::Config;
@@ -85,10 +86,12 @@ impl Router for SigmoidBiasRouter {
         let (e, m) = (self.e, self.m);
         let logits = self.gate.logits(x, rc)?; // (T, E)
         let s = (logits.neg()?.exp()? + 1.0)?.recip()?; // (T, E) sigmoid, with backward
-                                                        // Choose by s + b (in f64 where the device has it: only the order matters).
+
+        // Choose by s + b (in f64 where the device has it: only the order matters).
         let dt = select_dtype(&logits);
-        let l = logits.detach().to_dtype(dt)?;
-        let biased = (l.neg()?.exp()? + 1.0)?.recip()?.broadcast_add(&self.bias.as_tensor().detach().to_dtype(dt)?)?; // (T, E)
+        let l = logits.detach().to_dtype(dt)?; // (T, E)
+        let b = self.bias.as_tensor().detach().to_dtype(dt)?; // (E,)
+        let biased = (l.neg()?.exp()? + 1.0)?.recip()?.broadcast_add(&b)?; // (T, E)
         let indices = top_k_indices(&biased, m)?; // (T, m) u32
         let sel = s.gather(&indices, 1)?; // (T, m)
         let weights = sel.broadcast_div(&sel.sum_keepdim(D::Minus1)?)?; // (T, m), sums to 1

@@ -26,7 +26,8 @@ impl Router for SoftmaxTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let logits = self.gate.logits(x, rc)?; // (T, E)
         let probs = softmax(&logits)?; // (T, E)
-                                       // softmax is monotone: the top-m of the logits are the top-m of the probabilities.
+
+        // softmax is monotone: the top-m of the logits are the top-m of the probabilities.
         let indices = top_k_indices(&logits, self.m)?; // (T, m) u32
         let mut weights = probs.gather(&indices, 1)?; // (T, m)
         if self.m > 1 {
