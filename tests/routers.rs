@@ -480,29 +480,58 @@ fn sigmoid_bias_resume_is_exact() {
     assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
 }
 
-/// The bias is fixed within a step and moves once after it, from integer load counts: a step's
-/// micro-batches side by side on 2 workers end with the same bits (bias included) as in turn on 1.
+/// The bias is fixed within a step and moves once after it, from the load of all the step's
+/// training calls (host math on their indices), whether the calls run in turn or side by side.
 #[test]
-fn sigmoid_bias_micro_batches_in_parallel_match_in_turn() {
-    use gumbel_moe::train::Trainer;
-    let weights = |threads: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let o = ["model.router.top_m=2", "model.router.bias_update_rate=0.01", "train.grad_accum=2", threads];
-        let mut t = Trainer::new(common::tiny_config("sigmoid_bias", &o), dir.path()).unwrap();
-        t.progress = false;
-        t.fit().unwrap();
-        let mut v: Vec<(String, Vec<f64>)> =
-            t.params.named().iter().map(|(k, v)| (k.clone(), flat(v.as_tensor()))).collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        (t.workers.len(), v)
+fn sigmoid_bias_steps_once_from_the_load_of_every_call() {
+    let (e, d, t, m, rate) = (5, 6, 48, 2, 0.05);
+    let mut cfg = router_config("sigmoid_bias", e, d, m, m, true);
+    cfg.model.router.bias_update_rate = rate;
+    let mut rng = Rng(19);
+    let mut w = rng.normals(e * d, 1.0);
+    w[..d].iter_mut().for_each(|v| *v = 2.0); // expert 0 aligned with the positive tokens
+    let (router, params) = router_with(&cfg, &[("weight", w), ("expert_bias", vec![0.0; e])], &mut Rng(0));
+    let bias_var = params.get("expert_bias").unwrap();
+    let xs: Vec<Tensor> =
+        (0..2).map(|_| tensor2(&rng.normals(t * d, 1.0).iter().map(|v| v.abs()).collect::<Vec<_>>(), t, d)).collect();
+    let ctx = |micro| Ctx { micro, ..train_ctx(4, 3, 1.0) };
+    let before = flat(bias_var.as_tensor());
+    // In turn: both calls see the bias of before the step.
+    let routed: Vec<Vec<u32>> =
+        (0..2).map(|i| index_vec(&route(router.as_ref(), &xs[i], ctx(i as u32), 0).indices)).collect();
+    assert_eq!(flat(bias_var.as_tensor()), before, "routing moved the bias");
+    router.after_step().unwrap();
+    let mut load = vec![0usize; e];
+    routed.iter().flatten().for_each(|&i| load[i as usize] += 1);
+    let mean = (2 * t * m) as f64 / e as f64;
+    let sign = |v: f64| {
+        if v > 0.0 {
+            1.0
+        } else if v < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
     };
-    let ((w1, a), (w2, b)) = (weights("train.threads=1"), weights("train.threads=2"));
-    assert_eq!((w1, w2), (1, 2), "worker counts");
-    assert!(
-        a.iter().filter(|(k, _)| k.ends_with("expert_bias")).all(|(_, v)| v.iter().any(|&x| x != 0.0)),
-        "bias never moved"
-    );
-    assert_eq!(a, b, "2 workers and 1 worker end with different weights");
+    let want: Vec<f64> = (0..e).map(|i| (before[i] + rate * sign(mean - load[i] as f64)) as f32 as f64).collect();
+    assert!(load[0] as f64 > mean, "routing was not skewed ({load:?}): vacuous");
+    assert_eq!(flat(bias_var.as_tensor()), want, "bias after the step (load {load:?})");
+    router.after_step().unwrap();
+    assert_eq!(flat(bias_var.as_tensor()), want, "a second after_step without calls moved the bias");
+    // Side by side on two threads, from the same bias: the same step.
+    bias_var.set(&Tensor::from_vec(before.iter().map(|&b| b as f32).collect::<Vec<_>>(), e, &CPU).unwrap()).unwrap();
+    std::thread::scope(|s| {
+        let r = router.as_ref();
+        let calls: Vec<_> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| s.spawn(move || index_vec(&route(r, x, ctx(i as u32), 0).indices)))
+            .collect();
+        let again: Vec<Vec<u32>> = calls.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(again, routed, "routing on two threads differs");
+    });
+    router.after_step().unwrap();
+    assert_eq!(flat(bias_var.as_tensor()), want, "bias after a step whose calls ran side by side");
 }
 
 /// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the

@@ -287,10 +287,11 @@ impl Trainer {
         Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
     }
 
-    /// Whether routing carries state from one micro-batch to the next (the REINFORCE baseline), so
-    /// the micro-batches must run in order. (The sigmoid router's bias moves only after the step.)
+    /// Whether the micro-batches run in order: REINFORCE's baseline moves from one to the next. (The
+    /// sigmoid router's bias moves only after the step, from integer counts, so its micro-batches
+    /// could run side by side; they run in order, as they are timed.)
     fn sequential_micro_batches(&self) -> bool {
-        self.cfg.model.router.kind == "reinforce"
+        matches!(self.cfg.model.router.kind.as_str(), "reinforce" | "sigmoid_bias")
     }
 
     fn tokens_per_step(&self) -> u64 {
