@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
-use gumbel_moe::moe::routers::{host_logits, index_tensor, top_k};
+use gumbel_moe::moe::routers::top_k_indices;
 use gumbel_moe::moe::{RouteCtx, Router, Routing};
 use gumbel_moe::nn::ops::softmax;
 use gumbel_moe::train::IfRunExists;
@@ -32,15 +32,13 @@ fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Router for CosineRouter {
-    fn route(&self, x: &Tensor, rc: &RouteCtx) -> candle_core::Result<Routing> {
+    fn route(&self, x: &Tensor, _rc: &RouteCtx) -> candle_core::Result<Routing> {
         let cos = l2_normalize(x)?.matmul(&l2_normalize(&self.expert_emb)?.t()?)?; // (T, E)
-        let logits = (cos / self.temperature)?;
-        let host = host_logits(&logits, rc)?; // also stops on NaN, naming step and layer
+        let logits = (cos / self.temperature)?; // (T, E)
         let probs = softmax(&logits)?; // (T, E)
-        let indices: Vec<u32> = host.iter().map(|row| top_k(row, 1)[0] as u32).collect();
-        let idx = index_tensor(indices.clone(), host.len(), 1, &logits)?;
-        let weights = probs.gather(&idx, 1)?; // (T, 1)
-        Ok(Routing::new(indices, 1, weights, logits, probs))
+        let indices = top_k_indices(&logits, 1)?; // (T, 1) u32, on the device: no host copy
+        let weights = probs.gather(&indices, 1)?; // (T, 1)
+        Routing::new(indices, weights, logits, probs) // the MoE layer stops on NaN logits, naming them
     }
 
     fn num_experts(&self) -> usize {

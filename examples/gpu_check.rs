@@ -222,7 +222,7 @@ mod gpu {
 
     /// The balance-statistics op (ops::balance_stats and its backward op BalanceStatsBwd): CUDA vs
     /// CPU (f identical, P and dlogits to 1e-5, a second GPU run bit-identical), then the balance
-    /// loss as MoeLayer computes it, fused (index upload included) vs reference, timed on the GPU.
+    /// loss as MoeLayer computes it, fused vs reference (device indices), timed on the GPU.
     /// Returns whether every check passed.
     pub fn check_balance_stats(gpu: &Device, cpu: &Device) -> Result<bool> {
         use gumbel_moe::moe::losses::{load_balance, load_balance_fused};
@@ -265,11 +265,10 @@ mod gpu {
             .clamp(0f32, (e - 1) as f32)?
             .to_dtype(DType::U32)?
             .to_vec1()?;
-        // The loss as MoeLayer computes it: the fused path uploads the host indices first.
-        let fused = |x: &Tensor| -> Result<Tensor> {
-            load_balance_fused(x, &Tensor::new(host.as_slice(), gpu)?.reshape((t, m))?)
-        };
-        let reference = |x: &Tensor| -> Result<Tensor> { load_balance(&softmax(x)?, &host) };
+        // The loss as MoeLayer computes it, from the router's device indices.
+        let idx = Tensor::new(host.as_slice(), gpu)?.reshape((t, m))?; // (T, m) u32
+        let fused = |x: &Tensor| -> Result<Tensor> { load_balance_fused(x, &idx) };
+        let reference = |x: &Tensor| -> Result<Tensor> { load_balance(&softmax(x)?, &idx) };
         let e_loss = rel_err(&fused(&x)?, &reference(&x)?)?;
         let t_rf = median_ms(gpu, iters, || reference(&x).map(|_| ()))?;
         let t_ff = median_ms(gpu, iters, || fused(&x).map(|_| ()))?;

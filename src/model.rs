@@ -113,6 +113,17 @@ impl Gpt {
         self.vocab_size
     }
 
+    /// Every MoE layer's [`MoeLayer::after_step`]: the trainer calls it once after each optimizer
+    /// step (router state outside the gradient, e.g. the sigmoid router's balancing bias).
+    pub fn after_step(&self) -> Result<()> {
+        for block in &self.blocks {
+            if let Ffn::Moe(moe) = &block.ffn {
+                moe.after_step()?;
+            }
+        }
+        Ok(())
+    }
+
     /// idx: (B, T) u32 token ids, T <= block_size -> logits (B, T, V) and aux losses.
     pub fn forward(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
         let (_b, t) = idx.dims2()?;

@@ -299,6 +299,8 @@ fn moe_layer_fused_equals_reference() -> Result<()> {
         ("gumbel", 3, 3, false, 0.0), // soft, all K candidates
         ("gumbel", 2, 4, false, 0.5), // soft top-m < K
         ("dense", 1, 1, true, 0.0),
+        ("noisy_topk", 2, 2, true, 0.75),
+        ("reinforce", 1, 1, true, 1.0),
     ];
     for (kind, m, k, hard, cf) in cases {
         let label = format!("{kind} m={m} K={k} hard={hard} cf={cf}");

@@ -69,14 +69,15 @@ fn gumbel_max_chi_square(logits: &[f64], k: usize, tokens: usize, calls: &[(u64,
     for &(step, micro) in calls {
         let ctx = Ctx { train: true, step, tau: 0.7, seed: 2024, micro };
         let r = route(router.as_ref(), &x, ctx, 3);
+        let r_indices = index_vec(&r.indices); // (T, m) row-major
         assert_eq!(r.m, 1, "{label}: hard top-1 routing must have m = 1");
-        assert_eq!(r.indices.len(), tokens, "{label}: one index per token");
-        let distinct: BTreeSet<u32> = r.indices.iter().copied().collect();
+        assert_eq!(r_indices.len(), tokens, "{label}: one index per token");
+        let distinct: BTreeSet<u32> = r_indices.iter().copied().collect();
         assert!(
             distinct.len() > 1,
             "{label}: all {tokens} identical tokens of step {step} micro {micro} chose the same expert: noise is not per token"
         );
-        for &i in &r.indices {
+        for &i in &r_indices {
             counts[i as usize] += 1;
         }
     }
@@ -125,7 +126,7 @@ fn nothing_outside_the_prefilter_is_ever_selected() {
     let w = rng.normals(e * d, 1.0);
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d, DType::F32);
-    let ref_logits = host_logits(&x, &w, t, d, e);
+    let ref_logits = reference_logits(&x, &w, t, d, e);
     for k in [1, 5, e] {
         for m in [1, 2] {
             if m > k {
@@ -137,10 +138,11 @@ fn nothing_outside_the_prefilter_is_ever_selected() {
                 let router = router_from(&cfg, &tensor2(&w, e, d, DType::F32));
                 for step in 0..4u64 {
                     let r = route(router.as_ref(), &xt, train_ctx(5, step, 1.0), 0);
+                    let r_indices = index_vec(&r.indices); // (T, m) row-major
                     let got_logits = vec2(&r.logits);
                     let want_m = if hard { m } else { k };
                     assert_eq!(r.m, want_m, "{label}: experts per token");
-                    assert_eq!(r.indices.len(), t * want_m, "{label}: indices length");
+                    assert_eq!(r_indices.len(), t * want_m, "{label}: indices length");
                     assert_eq!(r.weights.dims(), &[t, want_m], "{label}: weights shape");
                     for tok in 0..t {
                         for j in 0..e {
@@ -153,7 +155,7 @@ fn nothing_outside_the_prefilter_is_ever_selected() {
                             );
                         }
                         let cand: BTreeSet<u32> = host_topk(&got_logits[tok], k).iter().map(|&i| i as u32).collect();
-                        let chosen = &r.indices[tok * want_m..(tok + 1) * want_m];
+                        let chosen = &r_indices[tok * want_m..(tok + 1) * want_m];
                         let chosen_set: BTreeSet<u32> = chosen.iter().copied().collect();
                         assert_eq!(
                             chosen_set.len(),
@@ -200,7 +202,7 @@ fn host_relaxed_grad(
     g: impl Fn(usize, usize) -> f64,
     tau: f64,
 ) -> Vec<f64> {
-    let logits = host_logits(x, w, t, d, e);
+    let logits = reference_logits(x, w, t, d, e);
     let mut grad = vec![0f64; e * d];
     for tok in 0..t {
         let cand = host_topk(&logits[tok], k);
@@ -249,6 +251,7 @@ fn hard_weights_are_exact_and_gradient_is_the_relaxed_one() {
         let wv = Var::from_tensor(&tensor2(&w, e, d, DType::F64)).unwrap();
         let router = router_from(&cfg, wv.as_tensor());
         let r = route(router.as_ref(), &tensor2(&x, t, d, DType::F64), train_ctx(seed, step, tau), layer);
+        let r_indices = index_vec(&r.indices); // (T, m) row-major
         let c = rng.normals(t * m, 1.0);
         let loss = (&r.weights * tensor2(&c, t, m, DType::F64)).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -257,7 +260,7 @@ fn hard_weights_are_exact_and_gradient_is_the_relaxed_one() {
             &x,
             &w,
             (t, d, e, k),
-            &r.indices,
+            &r_indices,
             m,
             &c,
             |tok, ex| noise_of(seed, step, layer, tok as u32, ex),
@@ -316,7 +319,7 @@ fn noise_is_philox_gumbel_keyed_by_token_and_global_expert() {
     let w = rng.normals(e * d, 1.0);
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d, DType::F64);
-    let ref_logits = host_logits(&x, &w, t, d, e);
+    let ref_logits = reference_logits(&x, &w, t, d, e);
     let base = micro * t as u32;
     let ctx = |seed| Ctx { train: true, step, tau, seed, micro };
     for (m, k) in [(1, 8), (1, 3), (2, 5)] {
@@ -326,6 +329,7 @@ fn noise_is_philox_gumbel_keyed_by_token_and_global_expert() {
         let mut per_seed = Vec::new();
         for seed in [42u64, 43] {
             let r = route(router.as_ref(), &xt, ctx(seed), layer);
+            let r_indices = index_vec(&r.indices); // (T, m) row-major
             let logits = vec2(&r.logits);
             for tok in 0..t {
                 for j in 0..e {
@@ -336,12 +340,12 @@ fn noise_is_philox_gumbel_keyed_by_token_and_global_expert() {
                     cand.iter().map(|&j| logits[tok][j] + noise_of(seed, step, layer, base + tok as u32, j)).collect();
                 let want: Vec<u32> = host_topk(&pert, m).iter().map(|&p| cand[p] as u32).collect();
                 assert_eq!(
-                    &r.indices[tok * m..(tok + 1) * m],
+                    &r_indices[tok * m..(tok + 1) * m],
                     want.as_slice(),
                     "{label} seed {seed}: token {tok} selection differs from host Gumbel-top-{m} with crate::rng noise"
                 );
             }
-            per_seed.push(r.indices);
+            per_seed.push(r_indices);
         }
         let differ = per_seed[0].chunks(m).zip(per_seed[1].chunks(m)).filter(|(a, b)| a != b).count();
         if k > m {
@@ -353,6 +357,7 @@ fn noise_is_philox_gumbel_keyed_by_token_and_global_expert() {
     let cfg = config("gumbel", e, d, 1, k, false);
     let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
     let r = route(router.as_ref(), &xt, ctx(42), layer);
+    let r_indices = index_vec(&r.indices); // (T, m) row-major
     let wts = vec2(&r.weights);
     for tok in 0..t {
         let cand = host_topk(&ref_logits[tok], k);
@@ -363,7 +368,7 @@ fn noise_is_philox_gumbel_keyed_by_token_and_global_expert() {
                 .collect::<Vec<_>>(),
         );
         for col in 0..k {
-            let ex = r.indices[tok * k + col] as usize;
+            let ex = r_indices[tok * k + col] as usize;
             let p = cand.iter().position(|&c| c == ex).expect("soft index outside the candidates");
             assert_close(wts[tok][col], y[p], 1e-12, 1e-14, &format!("soft weight of token {tok}, expert {ex}"));
         }
@@ -403,17 +408,18 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     let w = rng.normals(e * d, 1.0);
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d, DType::F64);
-    let logits = host_logits(&x, &w, t, d, e);
+    let logits = reference_logits(&x, &w, t, d, e);
     let eval = Ctx::eval(seed, tau);
     for (m, k) in [(1, 1), (1, 3), (1, e), (2, 4)] {
         let cfg = config("gumbel", e, d, m, k, true);
         assert_eq!(cfg.model.router.eval_mode, EvalMode::Argmax);
         let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
         let r = route(router.as_ref(), &xt, eval, 0);
+        let r_indices = index_vec(&r.indices); // (T, m) row-major
         for tok in 0..t {
             let want: Vec<u32> = host_topk(&logits[tok], m).iter().map(|&i| i as u32).collect();
             assert_eq!(
-                &r.indices[tok * m..(tok + 1) * m],
+                &r_indices[tok * m..(tok + 1) * m],
                 want.as_slice(),
                 "eval m={m} K={k}: token {tok} is not the top-{m} of its logits"
             );
@@ -422,17 +428,19 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     // Ties (all-zero logits) go to the lower expert index, as documented by `top_k`.
     let router = router_from(&config("gumbel", e, d, 2, 4, true), &tensor2(&w, e, d, DType::F64));
     let r = route(router.as_ref(), &Tensor::zeros((3, d), DType::F64, &CPU).unwrap(), eval, 0);
-    assert_eq!(r.indices, vec![0, 1, 0, 1, 0, 1], "eval with tied logits must pick the lowest indices");
+    let r_indices = index_vec(&r.indices); // (T, m) row-major
+    assert_eq!(r_indices, vec![0, 1, 0, 1, 0, 1], "eval with tied logits must pick the lowest indices");
     // Soft eval: weights = softmax(cand / tau), no noise.
     let k = 3;
     let router = router_from(&config("gumbel", e, d, 1, k, false), &tensor2(&w, e, d, DType::F64));
     let r = route(router.as_ref(), &xt, eval, 0);
+    let r_indices = index_vec(&r.indices); // (T, m) row-major
     let wts = vec2(&r.weights);
     for tok in 0..t {
         let cand = host_topk(&logits[tok], k);
         let y = host_softmax(&cand.iter().map(|&j| logits[tok][j] / tau).collect::<Vec<_>>());
         for col in 0..k {
-            assert_eq!(r.indices[tok * k + col] as usize, cand[col], "soft eval: candidate order of token {tok}");
+            assert_eq!(r_indices[tok * k + col] as usize, cand[col], "soft eval: candidate order of token {tok}");
             assert_close(wts[tok][col], y[col], 1e-12, 1e-14, &format!("soft eval weight [{tok}][{col}]"));
         }
     }
@@ -442,9 +450,13 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
     let sampled = route(router.as_ref(), &xt, eval, 0);
     let trained = route(router.as_ref(), &xt, Ctx { train: true, ..eval }, 0);
-    assert_eq!(sampled.indices, trained.indices, "eval_mode=sample must use the training noise");
+    assert_eq!(
+        index_vec(&sampled.indices),
+        index_vec(&trained.indices),
+        "eval_mode=sample must use the training noise"
+    );
     let argmax: Vec<u32> = logits.iter().map(|l| host_topk(l, 1)[0] as u32).collect();
-    assert_ne!(sampled.indices, argmax, "eval_mode=sample gave the noiseless argmax on all {t} tokens");
+    assert_ne!(index_vec(&sampled.indices), argmax, "eval_mode=sample gave the noiseless argmax on all {t} tokens");
 }
 
 // ---------- 6. auxiliary losses ----------
@@ -486,7 +498,7 @@ fn balance_and_z_losses_match_host_math() {
         assert_close(f[j], want, 0.0, 1e-15, &format!("f_{j}"));
     }
     assert_close(
-        scalar(&load_balance(&pt, &indices).unwrap()),
+        scalar(&load_balance(&pt, &u32_tensor(&indices)).unwrap()),
         host_balance(&logits, &indices, e),
         1e-12,
         0.0,
@@ -498,13 +510,31 @@ fn balance_and_z_losses_match_host_math() {
     let zeros = Tensor::zeros((t, e), DType::F64, &CPU).unwrap();
     let uniform_p = gumbel_moe::nn::ops::softmax(&zeros).unwrap();
     let round_robin: Vec<u32> = (0..t * e).map(|i| (i % e) as u32).collect();
-    assert_close(scalar(&load_balance(&uniform_p, &round_robin).unwrap()), 1.0, 1e-12, 0.0, "uniform balance");
+    assert_close(
+        scalar(&load_balance(&uniform_p, &u32_tensor(&round_robin)).unwrap()),
+        1.0,
+        1e-12,
+        0.0,
+        "uniform balance",
+    );
     // Equal counts alone give 1 whatever P is (sum_i P_i = 1).
-    assert_close(scalar(&load_balance(&pt, &round_robin).unwrap()), 1.0, 1e-12, 0.0, "balance with uniform f");
+    assert_close(
+        scalar(&load_balance(&pt, &u32_tensor(&round_robin)).unwrap()),
+        1.0,
+        1e-12,
+        0.0,
+        "balance with uniform f",
+    );
     // All slots on one expert: E * P_j.
     let one = vec![2u32; t];
     let p2: f64 = logits.iter().map(|r| host_softmax(r)[2]).sum::<f64>() / t as f64;
-    assert_close(scalar(&load_balance(&pt, &one).unwrap()), e as f64 * p2, 1e-12, 0.0, "balance, all on expert 2");
+    assert_close(
+        scalar(&load_balance(&pt, &u32_tensor(&one)).unwrap()),
+        e as f64 * p2,
+        1e-12,
+        0.0,
+        "balance, all on expert 2",
+    );
     // z-loss of zero logits: ln(E)^2.
     assert_close(scalar(&z_loss(&zeros).unwrap()), (e as f64).ln().powi(2), 1e-12, 0.0, "z-loss of zeros");
 }
@@ -522,7 +552,7 @@ fn layer_aux_loss_and_stats_match_host_math() {
     let x = rng.normals(n * d, 1.0);
     let out = layer.forward(&Tensor::from_vec(x.clone(), (b, t, d), &CPU).unwrap(), &train_ctx(1, 0, 1.0)).unwrap();
     let w = flat(params.get("router.weight").expect("router.weight").as_tensor());
-    let logits = host_logits(&x, &w, n, d, e);
+    let logits = reference_logits(&x, &w, n, d, e);
     let indices: Vec<u32> = logits.iter().flat_map(|r| host_topk(r, 2)).map(|i| i as u32).collect();
     let bal = host_balance(&logits, &indices, e);
     let z = host_z(&logits);
@@ -553,16 +583,17 @@ fn softmax_topk_switch_and_mixtral_weights() {
     let mut rng = Rng(31);
     let w = rng.normals(e * d, 1.0);
     let x = rng.normals(t * d, 1.0);
-    let logits = host_logits(&x, &w, t, d, e);
+    let logits = reference_logits(&x, &w, t, d, e);
     for m in [1usize, 2, 3] {
         let router = router_from(&config("softmax_topk", e, d, m, m, true), &tensor2(&w, e, d, DType::F64));
         let r = route(router.as_ref(), &tensor2(&x, t, d, DType::F64), train_ctx(0, 0, 1.0), 0);
+        let r_indices = index_vec(&r.indices); // (T, m) row-major
         assert_eq!(r.m, m);
         let wts = vec2(&r.weights);
         for tok in 0..t {
             let p = host_softmax(&logits[tok]);
             let top = host_topk(&logits[tok], m);
-            let got: Vec<usize> = r.indices[tok * m..(tok + 1) * m].iter().map(|&i| i as usize).collect();
+            let got: Vec<usize> = r_indices[tok * m..(tok + 1) * m].iter().map(|&i| i as usize).collect();
             assert_eq!(got, top, "m={m}: token {tok} indices are not the top-{m}");
             if m == 1 {
                 assert_close(
@@ -789,6 +820,7 @@ fn check_dispatch(cfg: &Config, ctx: Ctx, skew: bool, label: &str) -> usize {
     let router = build_router(cfg, 2, vb.pp("router")).unwrap();
     let xf = xt.reshape((n, d)).unwrap();
     let r = router.route(&xf, &RouteCtx::new(ctx, 2)).unwrap();
+    let r_indices = index_vec(&r.indices); // (T, m) row-major
     let mlps: Vec<Mlp> = (0..e).map(|i| Mlp::new(cfg, cfg.expert_hidden(), vb.pp("experts").pp(i)).unwrap()).collect();
     let wts = vec2(&r.weights);
     let m = r.m;
@@ -802,7 +834,7 @@ fn check_dispatch(cfg: &Config, ctx: Ctx, skew: bool, label: &str) -> usize {
     let mut dropped = 0;
     for slot in 0..m {
         for tok in 0..n {
-            let ex = r.indices[tok * m + slot] as usize;
+            let ex = r_indices[tok * m + slot] as usize;
             if load[ex] < cap {
                 load[ex] += 1;
                 kept[tok * m + slot] = true;
@@ -816,7 +848,7 @@ fn check_dispatch(cfg: &Config, ctx: Ctx, skew: bool, label: &str) -> usize {
         let mut want = vec![0f64; d];
         for slot in 0..m {
             if kept[tok * m + slot] {
-                let ex = r.indices[tok * m + slot] as usize;
+                let ex = r_indices[tok * m + slot] as usize;
                 let o = flat(&mlps[ex].forward(&xrow).unwrap());
                 (0..d).for_each(|q| want[q] += wts[tok][slot] * o[q]);
             }
@@ -899,4 +931,44 @@ fn invalid_settings_are_refused() {
     };
     let msg = err.to_string();
     assert!(msg.contains("token 0") && msg.contains("layer 4"), "error should locate the non-finite logit: {msg}");
+}
+
+/// Routers other than the Gumbel op do not check their logits: the MoE layer flags non-finite
+/// logits on the device (read with the dispatch plan) and names the first one, on both paths.
+#[test]
+fn moe_layer_names_the_first_non_finite_logit() {
+    let (e, d, b, t) = (5, 3, 2, 4);
+    for kind in ["softmax_topk", "sigmoid_bias", "noisy_topk", "dense"] {
+        for imp in ["fused", "reference"] {
+            let mut cfg = router_config(kind, e, d, 2, 2, true);
+            cfg.model.router.implementation = imp.parse().unwrap();
+            let params = Params::new();
+            let layer = MoeLayer::new(&cfg, 1, params.var_builder(4, DType::F64, &CPU), &build_router).unwrap();
+            let mut rng = Rng(12);
+            for (_, v) in params.named() {
+                let vals = Tensor::from_vec(rng.normals(v.elem_count(), 0.5), v.shape(), &CPU).unwrap();
+                v.set(&vals.to_dtype(v.dtype()).unwrap()).unwrap(); // the sigmoid router's bias is f32
+            }
+            // Column 0 of x is 0 except for row 5 (batch 1, position 1), and router row 3 has
+            // f64::MAX there: logit (5, 3) is +inf, every other logit finite.
+            let rw = params.get("router.weight").unwrap();
+            let mut w = flat(rw.as_tensor());
+            w[3 * d] = f64::MAX;
+            rw.set(&Tensor::from_vec(w, (e, d), &CPU).unwrap()).unwrap();
+            let mut x = rng.normals(b * t * d, 1.0);
+            (0..b * t).for_each(|row| x[row * d] = 0.0);
+            let fine = Tensor::from_vec(x.clone(), (b, t, d), &CPU).unwrap();
+            x[5 * d] = 2.0;
+            let xt = Tensor::from_vec(x, (b, t, d), &CPU).unwrap();
+            let ctx = Ctx { train: true, step: 7, tau: 1.0, seed: 3, micro: 0 };
+            let err = match layer.forward(&xt, &ctx) {
+                Ok(_) => panic!("{kind} {imp}: an infinite logit must stop the layer"),
+                Err(e) => e.to_string(),
+            };
+            let want = "non-finite router logit inf at step 7, layer 1, token 5, expert 3: training diverged";
+            assert!(err.contains(want), "{kind} {imp}: {err}");
+            // The same layer with finite logits routes.
+            assert!(layer.forward(&fine, &ctx).is_ok(), "{kind} {imp}: finite logits refused");
+        }
+    }
 }

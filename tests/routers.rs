@@ -92,7 +92,7 @@ fn gumbel_top2_sets_follow_plackett_luce() {
     let x1 = rng.normals(d, 1.0);
     let x: Vec<f64> = x1.repeat(t); // every token has the same logits, its own noise
     let xt = tensor2(&x, t, d);
-    let logits = host_logits(&x1, &w, 1, d, e).remove(0);
+    let logits = reference_logits(&x1, &w, 1, d, e).remove(0);
     let cand = host_topk(&logits, k);
     let p = host_softmax(&cand.iter().map(|&j| logits[j]).collect::<Vec<_>>());
     let pairs: Vec<(usize, usize)> = (0..k).flat_map(|a| (a + 1..k).map(move |b| (a, b))).collect();
@@ -108,7 +108,7 @@ fn gumbel_top2_sets_follow_plackett_luce() {
             for step in 0..4u64 {
                 let r = route(router.as_ref(), &xt, train_ctx(1000 + step, step, 0.9), 1);
                 assert_eq!(r.m, m, "{imp} hard={hard}: experts per token");
-                all.extend(r.indices);
+                all.extend(index_vec(&r.indices));
             }
             selections.push((format!("{imp} hard={hard}"), all));
         }
@@ -142,7 +142,7 @@ fn soft_top_m_weights_are_the_renormalised_relaxed_sample() {
     let w = rng.normals(e * d, 1.0);
     let x = rng.normals(t * d, 1.0);
     let xt = tensor2(&x, t, d);
-    let logits = host_logits(&x, &w, t, d, e);
+    let logits = reference_logits(&x, &w, t, d, e);
     let c = tensor2(&rng.normals(t * m, 1.0), t, m);
     let mut grads = Vec::new();
     for imp in ["reference", "fused"] {
@@ -162,7 +162,11 @@ fn soft_top_m_weights_are_the_renormalised_relaxed_sample() {
             let sel = host_topk(&pert, m);
             let z: f64 = sel.iter().map(|&q| y[q]).sum();
             for s in 0..m {
-                assert_eq!(r.indices[tok * m + s] as usize, cand[sel[s]], "{imp}: token {tok} slot {s} expert");
+                assert_eq!(
+                    index_vec(&r.indices)[tok * m + s] as usize,
+                    cand[sel[s]],
+                    "{imp}: token {tok} slot {s} expert"
+                );
                 assert_close(wts[tok][s], y[sel[s]] / z, 1e-12, 1e-14, &format!("{imp}: soft weight [{tok}][{s}]"));
             }
         }
@@ -199,8 +203,8 @@ fn host_noisy_topk(
     noise: Option<(u64, u64, u32)>,
     (load_coef, imp_coef): (f64, f64),
 ) -> (Vec<u32>, Vec<Vec<f64>>, f64) {
-    let clean = host_logits(x, wg, t, d, e);
-    let raw = host_logits(x, wn, t, d, e);
+    let clean = reference_logits(x, wg, t, d, e);
+    let raw = reference_logits(x, wn, t, d, e);
     let (mut indices, mut weights) = (Vec::new(), Vec::new());
     let (mut importance, mut load) = (vec![0f64; e], vec![0f64; e]);
     for tok in 0..t {
@@ -250,7 +254,7 @@ fn noisy_topk_matches_host_math() {
             let noise = if train { Some((seed, step, layer)) } else { None };
             let (idx, wts, aux) = host_noisy_topk(&x, &wg, &wn, (t, d, e, m), noise, (0.3, 0.7));
             let label = format!("noisy_topk m={m} {label}");
-            assert_eq!(r.indices, idx, "{label}: selection differs from the host top-m of H");
+            assert_eq!(index_vec(&r.indices), idx, "{label}: selection differs from the host top-m of H");
             for (tok, row) in vec2(&r.weights).iter().enumerate() {
                 for s in 0..m {
                     assert_close(row[s], wts[tok][s], 1e-12, 1e-14, &format!("{label}: weight [{tok}][{s}]"));
@@ -261,8 +265,8 @@ fn noisy_topk_matches_host_math() {
         }
         if m > 1 {
             // The noise changes the selection of some tokens.
-            let a = route(router.as_ref(), &xt, train_ctx(seed, step, 1.0), layer).indices;
-            let b = route(router.as_ref(), &xt, Ctx::eval(seed, 1.0), layer).indices;
+            let a = index_vec(&route(router.as_ref(), &xt, train_ctx(seed, step, 1.0), layer).indices);
+            let b = index_vec(&route(router.as_ref(), &xt, Ctx::eval(seed, 1.0), layer).indices);
             assert_ne!(a, b, "m={m}: training noise changed no selection among {t} tokens");
         }
     }
@@ -342,7 +346,7 @@ fn sigmoid_bias_selects_by_biased_scores_and_weights_by_scores() {
     let (router, params) = router_with(&cfg, &[("weight", w.clone()), ("expert_bias", bias.clone())], &mut Rng(0));
     // Eval: no bias update, so the loss is a function of W alone.
     let r = route(router.as_ref(), &xt, Ctx::eval(1, 1.0), 0);
-    let logits = host_logits(&x, &w, t, d, e);
+    let logits = reference_logits(&x, &w, t, d, e);
     let mut unbiased_differs = false;
     for tok in 0..t {
         let s: Vec<f64> = logits[tok].iter().map(|&l| sigmoid(l)).collect();
@@ -352,7 +356,7 @@ fn sigmoid_bias_selects_by_biased_scores_and_weights_by_scores() {
         let z: f64 = sel.iter().map(|&i| s[i]).sum();
         let wts = vec2(&r.weights);
         for q in 0..m {
-            assert_eq!(r.indices[tok * m + q] as usize, sel[q], "token {tok}: top-m of s + b");
+            assert_eq!(index_vec(&r.indices)[tok * m + q] as usize, sel[q], "token {tok}: top-m of s + b");
             assert_close(wts[tok][q], s[sel[q]] / z, 1e-12, 1e-14, &format!("weight [{tok}][{q}]"));
         }
     }
@@ -395,9 +399,11 @@ fn sigmoid_bias_moves_toward_balance_and_adamw_leaves_it_alone() {
     for step in 0..60u64 {
         let before: Vec<f64> = flat(bias_var.as_tensor());
         let out = layer.forward(&xt, &train_ctx(1, step, 1.0)).unwrap();
+        assert_eq!(flat(bias_var.as_tensor()), before, "step {step}: routing moved the bias");
+        layer.after_step().unwrap(); // what the trainer calls after each optimizer step
         let load = &out.stats.tokens_per_expert;
         let after = flat(bias_var.as_tensor());
-        // b_i += rate * sign(mean - load_i), mean = T m / E, from this call's counts.
+        // b_i += rate * sign(mean - load_i), mean = T m / E, from this step's counts.
         let mean = (t * m) as f64 / e as f64;
         for i in 0..e {
             let diff = mean - load[i] as f64;
@@ -428,6 +434,7 @@ fn sigmoid_bias_moves_toward_balance_and_adamw_leaves_it_alone() {
     // Eval calls never move the bias.
     let b = flat(bias_var.as_tensor());
     layer.forward(&xt, &Ctx::eval(1, 1.0)).unwrap();
+    layer.after_step().unwrap();
     assert_eq!(flat(bias_var.as_tensor()), b, "an eval call moved the bias");
     let first_max = first_max.unwrap();
     assert!(first_max as f64 > 2.0 * (t * m) as f64 / e as f64, "routing was not skewed ({first_max}): vacuous");
@@ -473,6 +480,60 @@ fn sigmoid_bias_resume_is_exact() {
     assert_eq!(wa, wb, "resumed weights (bias included) differ from the uninterrupted run");
 }
 
+/// The bias is fixed within a step and moves once after it, from the load of all the step's
+/// training calls (host math on their indices), whether the calls run in turn or side by side.
+#[test]
+fn sigmoid_bias_steps_once_from_the_load_of_every_call() {
+    let (e, d, t, m, rate) = (5, 6, 48, 2, 0.05);
+    let mut cfg = router_config("sigmoid_bias", e, d, m, m, true);
+    cfg.model.router.bias_update_rate = rate;
+    let mut rng = Rng(19);
+    let mut w = rng.normals(e * d, 1.0);
+    w[..d].iter_mut().for_each(|v| *v = 2.0); // expert 0 aligned with the positive tokens
+    let (router, params) = router_with(&cfg, &[("weight", w), ("expert_bias", vec![0.0; e])], &mut Rng(0));
+    let bias_var = params.get("expert_bias").unwrap();
+    let xs: Vec<Tensor> =
+        (0..2).map(|_| tensor2(&rng.normals(t * d, 1.0).iter().map(|v| v.abs()).collect::<Vec<_>>(), t, d)).collect();
+    let ctx = |micro| Ctx { micro, ..train_ctx(4, 3, 1.0) };
+    let before = flat(bias_var.as_tensor());
+    // In turn: both calls see the bias of before the step.
+    let routed: Vec<Vec<u32>> =
+        (0..2).map(|i| index_vec(&route(router.as_ref(), &xs[i], ctx(i as u32), 0).indices)).collect();
+    assert_eq!(flat(bias_var.as_tensor()), before, "routing moved the bias");
+    router.after_step().unwrap();
+    let mut load = vec![0usize; e];
+    routed.iter().flatten().for_each(|&i| load[i as usize] += 1);
+    let mean = (2 * t * m) as f64 / e as f64;
+    let sign = |v: f64| {
+        if v > 0.0 {
+            1.0
+        } else if v < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    };
+    let want: Vec<f64> = (0..e).map(|i| (before[i] + rate * sign(mean - load[i] as f64)) as f32 as f64).collect();
+    assert!(load[0] as f64 > mean, "routing was not skewed ({load:?}): vacuous");
+    assert_eq!(flat(bias_var.as_tensor()), want, "bias after the step (load {load:?})");
+    router.after_step().unwrap();
+    assert_eq!(flat(bias_var.as_tensor()), want, "a second after_step without calls moved the bias");
+    // Side by side on two threads, from the same bias: the same step.
+    bias_var.set(&Tensor::from_vec(before.iter().map(|&b| b as f32).collect::<Vec<_>>(), e, &CPU).unwrap()).unwrap();
+    std::thread::scope(|s| {
+        let r = router.as_ref();
+        let calls: Vec<_> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| s.spawn(move || index_vec(&route(r, x, ctx(i as u32), 0).indices)))
+            .collect();
+        let again: Vec<Vec<u32>> = calls.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(again, routed, "routing on two threads differs");
+    });
+    router.after_step().unwrap();
+    assert_eq!(flat(bias_var.as_tensor()), want, "bias after a step whose calls ran side by side");
+}
+
 /// The REINFORCE baseline is in the trainer state: 6 steps in one go and 3 + resume 3 end with the
 /// same weights and the same baseline.
 #[test]
@@ -509,7 +570,7 @@ fn hash_routing_is_a_fixed_uniform_function_of_the_id() {
     let r = hash_route(router.as_ref(), &ids, d, train_ctx(1, 0, 1.0), 0);
     assert_eq!(r.m, 1);
     let want: Vec<u32> = ids.iter().map(|&id| host_hash(id, e)).collect();
-    assert_eq!(r.indices, want, "routing differs from the host hash");
+    assert_eq!(index_vec(&r.indices), want, "routing differs from the host hash");
     assert_eq!(flat(&r.weights), vec![1.0; ids.len()], "hash weights must be 1");
     // One expert per id, whatever the position, layer, step, seed or mode.
     let mut rng = Rng(3);
@@ -517,13 +578,13 @@ fn hash_routing_is_a_fixed_uniform_function_of_the_id() {
     let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
     for (ctx, layer) in [(train_ctx(2, 5, 1.0), 0), (train_ctx(9, 77, 0.5), 3), (Ctx::eval(4, 1.0), 1)] {
         let r = hash_route(router.as_ref(), &shuffled, d, ctx, layer);
-        for (&id, &ex) in shuffled.iter().zip(&r.indices) {
+        for (&id, &ex) in shuffled.iter().zip(&index_vec(&r.indices)) {
             assert_eq!(*seen.entry(id).or_insert(ex), ex, "token id {id} went to two experts");
         }
     }
     // Ids spread uniformly over the experts.
     let mut counts = vec![0usize; e];
-    r.indices.iter().for_each(|&i| counts[i as usize] += 1);
+    index_vec(&r.indices).iter().for_each(|&i| counts[i as usize] += 1);
     chi_square(&counts, &vec![1.0 / e as f64; e], "hash: ids per expert vs uniform");
     // Without ids the router says what it needs.
     let err = router.route(&Tensor::zeros((3, d), DType::F32, &CPU).unwrap(), &RouteCtx::new(Ctx::eval(1, 1.0), 0));
@@ -612,7 +673,7 @@ fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
     let w = rng.normals(e * d, 0.8);
     let x1 = rng.normals(d, 1.0);
     let xt = tensor2(&x1.repeat(t), t, d);
-    let logits = host_logits(&x1, &w, 1, d, e).remove(0);
+    let logits = reference_logits(&x1, &w, 1, d, e).remove(0);
     let cfg = router_config("reinforce", e, d, 1, 1, true);
     let (router, _) = router_with(&cfg, &[("weight", w)], &mut Rng(0));
     let mut counts = vec![0usize; e];
@@ -621,7 +682,7 @@ fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
         assert_eq!(flat(&r.weights), vec![1.0; t], "forward weights are exactly 1");
         let lp = flat(r.log_prob.as_ref().expect("training routes carry log-probs"));
         let lse = logits.iter().map(|v| v.exp()).sum::<f64>().ln();
-        for (tok, &i) in r.indices.iter().enumerate() {
+        for (tok, &i) in index_vec(&r.indices).iter().enumerate() {
             counts[i as usize] += 1;
             assert_close(lp[tok], logits[i as usize] - lse, 1e-12, 1e-12, "log p(chosen)");
         }
@@ -630,7 +691,7 @@ fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
     let r = route(router.as_ref(), &xt, Ctx::eval(1, 1.0), 2);
     assert!(r.log_prob.is_none(), "no score log-probs at eval");
     let argmax = host_topk(&logits, 1)[0] as u32;
-    assert!(r.indices.iter().all(|&i| i == argmax), "eval must take the argmax");
+    assert!(index_vec(&r.indices).iter().all(|&i| i == argmax), "eval must take the argmax");
 }
 
 /// The surrogate's gradient, averaged over seeds, is the exact gradient of E[mean_t L_t], computed
@@ -662,7 +723,7 @@ fn reinforce_surrogate_gradient_is_unbiased() {
         })
         .collect();
     let w = flat(params.get("router.weight").unwrap().as_tensor());
-    let logits = host_logits(&x, &w, n, d, e);
+    let logits = reference_logits(&x, &w, n, d, e);
     let mut exact = vec![0f64; e * d];
     for tok in 0..n {
         let p = host_softmax(&logits[tok]);
@@ -755,7 +816,70 @@ fn router_surrogate_through_the_model() {
     assert!(router_surrogate(&o2, &targets, &mut b2, 0.9).unwrap().is_none(), "no surrogate for softmax_topk");
 }
 
-// ---------- 6. expert choice is refused ----------
+// ---------- 6. the routing's tensors ----------
+
+/// Every built-in router, on both router implementations, returns its routing as tensors on the
+/// input's device: indices (T, m) u32 of distinct valid experts per token, weights (T, m), logits
+/// and probs (T, E) with probs = softmax(logits). The hash router, with the vocabulary known,
+/// looks its experts up on the device and matches the host hash.
+#[test]
+fn every_router_returns_device_tensors() {
+    let (e, d, t, v) = (6, 4, 12, 40);
+    let cases = [
+        ("gumbel", 2, 4, true, 2),
+        ("gumbel", 2, 4, false, 2),
+        ("gumbel", 3, 3, false, 3),
+        ("softmax_topk", 2, 2, true, 2),
+        ("dense", 1, 1, true, e),
+        ("noisy_topk", 2, 2, true, 2),
+        ("sigmoid_bias", 3, 3, true, 3),
+        ("hash", 1, 1, true, 1),
+        ("reinforce", 1, 1, true, 1),
+    ];
+    let mut rng = Rng(77);
+    let x = tensor2(&rng.normals(t * d, 1.0), t, d);
+    let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7 + 1) % v as u32).collect();
+    for (kind, m, k, hard, want_m) in cases {
+        for imp in ["fused", "reference"] {
+            let label = format!("{kind} m={m} hard={hard} {imp}");
+            let mut cfg = router_config(kind, e, d, m, k, hard);
+            cfg.model.router.implementation = imp.parse().unwrap();
+            cfg.model.vocab_size = v;
+            let (router, _) = router_with(&cfg, &[], &mut Rng(5));
+            for ctx in [train_ctx(3, 2, 0.9), Ctx::eval(3, 0.9)] {
+                let rc = RouteCtx { ctx, layer: 1, token_ids: Some(Tensor::new(ids.as_slice(), &CPU).unwrap()) };
+                let r = router.route(&x, &rc).unwrap_or_else(|err| panic!("{label}: {err}"));
+                for (name, tensor) in
+                    [("indices", &r.indices), ("weights", &r.weights), ("logits", &r.logits), ("probs", &r.probs)]
+                {
+                    assert!(tensor.device().same_device(x.device()), "{label}: {name} on {:?}", tensor.device());
+                }
+                assert_eq!(r.indices.dtype(), DType::U32, "{label}: indices dtype");
+                assert_eq!((r.m, r.indices.dims()), (want_m, &[t, want_m][..]), "{label}: indices shape");
+                assert_eq!(r.weights.dims(), &[t, want_m], "{label}: weights shape");
+                assert_eq!((r.logits.dims(), r.probs.dims()), (&[t, e][..], &[t, e][..]), "{label}: logits, probs");
+                let idx = index_vec(&r.indices);
+                for row in idx.chunks(want_m) {
+                    let set: std::collections::BTreeSet<u32> = row.iter().copied().collect();
+                    assert!(set.len() == want_m && row.iter().all(|&i| (i as usize) < e), "{label}: row {row:?}");
+                }
+                let (lg, pr) = (vec2(&r.logits), vec2(&r.probs));
+                for tok in 0..t {
+                    let want = host_softmax(&lg[tok]);
+                    for j in 0..e {
+                        assert_close(pr[tok][j], want[j], 1e-12, 1e-14, &format!("{label}: probs[{tok}][{j}]"));
+                    }
+                }
+                if kind == "hash" {
+                    let want: Vec<u32> = ids.iter().map(|&id| host_hash(id, e)).collect();
+                    assert_eq!(idx, want, "{label}: device table differs from the host hash");
+                }
+            }
+        }
+    }
+}
+
+// ---------- 7. expert choice is refused ----------
 
 #[test]
 fn expert_choice_is_refused_because_it_is_not_causal() {

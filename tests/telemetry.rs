@@ -2,19 +2,37 @@
 //! routing, and the keys a short training run writes to metrics.jsonl.
 
 mod common;
+use candle_core::{Device, Tensor};
 use common::tiny_config;
 use gumbel_moe::train::metrics;
-use gumbel_moe::train::telemetry::{load_cv, LayerStep, Telemetry};
+use gumbel_moe::train::telemetry::{load_cv, LayerStep, StepRouting, Telemetry};
 use gumbel_moe::train::Trainer;
 
+/// One layer's synthetic step: its counts and its router scores.
+struct Layer {
+    tokens: Vec<u64>,
+    entropy: f64,
+    top1: f64,
+    dropped: u64,
+    routed: u64,
+}
+
+/// The routing the trainer would record: host counts, scores as an (L, 2) f64 tensor.
+fn recorded(layers: &[Layer]) -> StepRouting {
+    let counts =
+        layers.iter().map(|l| LayerStep { tokens: l.tokens.clone(), dropped: l.dropped, routed: l.routed }).collect();
+    let scores: Vec<f64> = layers.iter().flat_map(|l| [l.entropy, l.top1]).collect();
+    StepRouting { layers: counts, scores: Some(Tensor::from_vec(scores, (layers.len(), 2), &Device::Cpu).unwrap()) }
+}
+
 /// A deterministic pseudo-random routing: layer 1's expert 3 only gets tokens until step 4.
-fn step_routing(step: u64, layers: usize, experts: usize) -> Vec<LayerStep> {
+fn step_routing(step: u64, layers: usize, experts: usize) -> Vec<Layer> {
     (0..layers)
         .map(|l| {
             let tokens: Vec<u64> = (0..experts)
                 .map(|e| if l == 1 && e == 3 && step >= 4 { 0 } else { (step * 7 + l as u64 * 3 + e as u64 * 5) % 11 })
                 .collect();
-            LayerStep {
+            Layer {
                 tokens,
                 entropy: 0.1 * (step as f64 + l as f64),
                 top1: 0.5 + 0.01 * step as f64,
@@ -29,14 +47,14 @@ fn step_routing(step: u64, layers: usize, experts: usize) -> Vec<LayerStep> {
 fn summary_matches_direct_computation() {
     let (layers, experts, window, log_every) = (2, 5, 3u64, 4u64);
     let mut t = Telemetry::new(window as usize);
-    let all: Vec<Vec<LayerStep>> = (0..13).map(|s| step_routing(s, layers, experts)).collect();
+    let all: Vec<Vec<Layer>> = (0..13).map(|s| step_routing(s, layers, experts)).collect();
     let mut from = 0u64;
     for step in 0..13u64 {
-        t.record(step, &all[step as usize]);
+        t.record(step, &recorded(&all[step as usize])).unwrap();
         if (step + 1) % log_every != 0 && step != 12 {
             continue;
         }
-        let s = t.summary();
+        let s = t.summary().unwrap();
         let span = &all[from as usize..=step as usize];
         let mut frac = (0u64, 0u64);
         for l in 0..layers {
@@ -65,9 +83,9 @@ fn summary_matches_direct_computation() {
     // Layer 1's expert 3 is empty from step 4 on (and the synthetic counts hit 0 now and then).
     let mut t = Telemetry::new(3);
     for s in 0..7 {
-        t.record(s, &all[s as usize]);
+        t.record(s, &recorded(&all[s as usize])).unwrap();
     }
-    assert!(t.summary().dead_experts[1] >= 1);
+    assert!(t.summary().unwrap().dead_experts[1] >= 1);
 }
 
 #[test]
@@ -78,12 +96,13 @@ fn cv_edge_cases_and_progress_line() {
     // mean 2, std 2 -> 1.
     assert!((load_cv(&[4, 0, 4, 0]) - 1.0).abs() < 1e-12);
     let mut t = Telemetry::new(100);
-    t.record(0, &[LayerStep { tokens: vec![4, 0, 4, 0], entropy: 1.0, top1: 0.5, dropped: 1, routed: 8 }]);
-    let s = t.summary();
+    t.record(0, &recorded(&[Layer { tokens: vec![4, 0, 4, 0], entropy: 1.0, top1: 0.5, dropped: 1, routed: 8 }]))
+        .unwrap();
+    let s = t.summary().unwrap();
     assert_eq!(s.dead_experts, [2]);
     assert_eq!(s.progress(), "cv 1.00 dead 2 drop 12.5%");
     // A new interval starts empty; no MoE layer gives no progress text.
-    assert_eq!(Telemetry::new(5).summary().progress(), "");
+    assert_eq!(Telemetry::new(5).summary().unwrap().progress(), "");
 }
 
 /// A short run logs every telemetry key, one entry per MoE layer, and the load sums to the

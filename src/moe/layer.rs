@@ -2,11 +2,13 @@
 //! combine, plus the auxiliary losses and routing statistics of the call.
 
 use super::dispatch::{capacity, plan};
+use super::finite::{check_on_host, nonfinite_flag};
 use super::losses::{load_balance, load_balance_fused, z_loss};
 use super::{RouteCtx, Router, RouterFactory, Routing};
 use crate::config::{Config, RouterImpl};
 use crate::nn::{Ctx, Mlp};
-use crate::ops::{combine, expert_sort, gather_rows, split_rows};
+use crate::ops::expert_sort::expert_sort_with_flags;
+use crate::ops::{combine, gather_rows, split_rows};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -24,7 +26,10 @@ pub struct MoeLayer {
     fused_dispatch: bool,
 }
 
-/// Routing statistics of one call (host values, cheap to log).
+/// (y (N, C), kept slots per expert, dropped slots) of one dispatch.
+type Step = (Tensor, Vec<u32>, usize);
+
+/// Routing statistics of one call: host counts from the dispatch plan, device scalars.
 #[derive(Clone, Debug, Default)]
 pub struct MoeStats {
     pub tokens_per_expert: Vec<u32>,
@@ -80,6 +85,11 @@ impl MoeLayer {
         self.experts.len()
     }
 
+    /// The router's hook after each optimizer step ([`Router::after_step`]).
+    pub fn after_step(&self) -> Result<()> {
+        self.router.after_step()
+    }
+
     /// x: (B, T, C) -> y: (B, T, C) and the aux loss (no token ids: the hash router refuses).
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<MoeOutput> {
         self.forward_with_ids(x, ctx, None)
@@ -93,14 +103,21 @@ impl MoeLayer {
         let xf = x.reshape((n, c))?; // (N, C)
         let token_ids = token_ids.map(|ids| ids.flatten_all()).transpose()?; // (N,)
         let r = self.router.route(&xf, &RouteCtx { ctx: *ctx, layer: self.layer, token_ids })?;
+        if r.indices.dims() != [n, r.m] {
+            candle_core::bail!("router of layer {}: indices {:?} for {n} tokens", self.layer, r.indices.dims());
+        }
         let e = self.experts.len();
         let cap = capacity(self.capacity_factor, n * r.m, e);
+        // Non-finite logits, flagged on the device as (1,) u32; the flag comes back with the plan.
+        let flag = nonfinite_flag(&r.logits)?;
         // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
-        let (y, tokens_per_expert, dropped) =
-            if self.fused_dispatch { self.experts_fused(&xf, &r, cap)? } else { self.experts_reference(&xf, &r, cap)? };
+        let (y, tokens_per_expert, dropped) = if self.fused_dispatch {
+            self.experts_fused(&xf, &r, cap, &flag, ctx)?
+        } else {
+            self.experts_reference(&xf, &r, cap, &flag, ctx)?
+        };
         let balance = if self.fused_balance {
-            let idx = Tensor::new(r.indices.as_slice(), x.device())?.reshape((n, r.m))?; // (N, m) u32
-            load_balance_fused(&r.logits, &idx)?
+            load_balance_fused(&r.logits, &r.indices)?
         } else {
             load_balance(&r.probs, &r.indices)?
         };
@@ -126,11 +143,14 @@ impl MoeLayer {
 
     /// The fused path: sort the slots by expert on the device, gather the rows to that order, run
     /// each expert on its contiguous block, and combine with the routing weights. Only the E + 1
-    /// offsets come to the host. xf (N, C) -> (y (N, C), kept slots per expert, dropped slots).
-    fn experts_fused(&self, xf: &Tensor, r: &Routing, cap: usize) -> Result<(Tensor, Vec<u32>, usize)> {
-        let (n, e) = (xf.dim(0)?, self.experts.len());
-        let idx = Tensor::from_slice(&r.indices, (n, r.m), xf.device())?; // (N, m) u32
-        let order = expert_sort(&idx, e, cap)?;
+    /// offsets and the non-finite `flag` come to the host, in one copy. xf (N, C) -> (y (N, C),
+    /// kept slots per expert, dropped slots).
+    fn experts_fused(&self, xf: &Tensor, r: &Routing, cap: usize, flag: &Tensor, ctx: &Ctx) -> Result<Step> {
+        let e = self.experts.len();
+        let (order, flags) = expert_sort_with_flags(&r.indices, e, cap, flag)?;
+        if flags[0] != 0 {
+            check_on_host(&r.logits, ctx.step, self.layer)?;
+        }
         let xs = gather_rows(xf, &order)?; // (N_kept, C), grouped by expert
         let grouped: Option<Vec<_>> = self.experts.iter().map(|x| x.gelu_params()).collect();
         if let (Some(params), true) = (grouped, xs.dim(0)? > 0) {
@@ -153,10 +173,24 @@ impl MoeLayer {
         Ok((y, order.tokens_per_expert(), order.dropped()))
     }
 
-    /// The reference path: host plan, index_select per expert, weights, one index_add back.
-    fn experts_reference(&self, xf: &Tensor, r: &Routing, cap: usize) -> Result<(Tensor, Vec<u32>, usize)> {
+    /// The reference path: host plan (the indices and the non-finite `flag` copied in one
+    /// transfer), index_select per expert, weights, one index_add back.
+    fn experts_reference(&self, xf: &Tensor, r: &Routing, cap: usize, flag: &Tensor, ctx: &Ctx) -> Result<Step> {
         let (n, e) = (xf.dim(0)?, self.experts.len());
-        let p = plan(&r.indices, n, r.m, e, cap);
+        let mut host = Tensor::cat(&[&r.indices.flatten_all()?, flag], 0)?.to_vec1::<u32>()?;
+        if host.pop() != Some(0) {
+            check_on_host(&r.logits, ctx.step, self.layer)?;
+        }
+        if let Some(f) = host.iter().position(|&i| i as usize >= e) {
+            candle_core::bail!(
+                "router of layer {}: expert {} of token {}, slot {} is out of range (E = {e})",
+                self.layer,
+                host[f],
+                f / r.m,
+                f % r.m
+            );
+        }
+        let p = plan(&host, n, r.m, e, cap);
         let w_flat = r.weights.flatten_all()?; // (N * m)
         let mut outs = Vec::with_capacity(e);
         let mut rows = Vec::with_capacity(n * r.m);

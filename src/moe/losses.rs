@@ -14,11 +14,20 @@ use candle_core::{DType, Result, Tensor};
 
 pub use crate::ops::balance_stats::expert_fractions;
 
-/// E * sum_i f_i * P_i with probs: (T, E). Gradient flows through P.
-pub fn load_balance(probs: &Tensor, indices: &[u32]) -> Result<Tensor> {
+/// (E,) u32: how often each of the `e` experts occurs in `indices` (any shape, u32), counted on
+/// their device (one-hot rows summed).
+pub fn expert_counts(indices: &Tensor, e: usize) -> Result<Tensor> {
+    let flat = indices.detach().flatten_all()?.unsqueeze(1)?; // (N, 1)
+    let ids = Tensor::arange(0u32, e as u32, indices.device())?.unsqueeze(0)?; // (1, E)
+    flat.broadcast_eq(&ids)?.to_dtype(DType::U32)?.sum(0) // (E,)
+}
+
+/// E * sum_i f_i * P_i with probs: (T, E) and indices (T, m) u32 on the same device; f is counted
+/// there ([`expert_counts`]). Gradient flows through P.
+pub fn load_balance(probs: &Tensor, indices: &Tensor) -> Result<Tensor> {
     let e = probs.dim(1)?;
-    let f = expert_fractions(indices, e);
-    let f = Tensor::from_vec(f, e, probs.device())?.to_dtype(probs.dtype())?;
+    let n = indices.elem_count().max(1);
+    let f = (expert_counts(indices, e)?.to_dtype(probs.dtype())? / n as f64)?; // (E)
     let p = probs.mean(0)?; // (E)
     (p * f)?.sum_all()? * e as f64
 }

@@ -1,6 +1,7 @@
 //! The sparse mixture-of-experts feed-forward: routers (swappable through the [`Router`] trait),
 //! auxiliary losses, token dispatch and the MoE layer that ties them together.
 pub mod dispatch;
+pub mod finite;
 pub mod layer;
 pub mod losses;
 pub mod router;

@@ -9,7 +9,7 @@ use super::routers::{
 };
 use crate::config::{Config, RouterKind};
 use crate::nn::Ctx;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Where a routing call happens: the forward context, the layer index (keys the noise) and,
@@ -29,11 +29,11 @@ impl RouteCtx {
     }
 }
 
-/// The routing decision for T tokens.
+/// The routing decision for T tokens. Every tensor is on the device of the router's input.
 #[derive(Clone, Debug)]
 pub struct Routing {
-    /// (T, m) expert indices, row-major, on the host (dispatch groups tokens by expert on the host).
-    pub indices: Vec<u32>,
+    /// (T, m) u32 expert indices (the MoE layer sorts, counts and gathers them on the device).
+    pub indices: Tensor,
     /// Experts per token (m; E for dense; K for the soft Gumbel router with top_m = K).
     pub m: usize,
     /// (T, m) combine weights; the router's gradient flows through them.
@@ -51,16 +51,45 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// A routing with no router-specific loss and no score log-probabilities.
-    pub fn new(indices: Vec<u32>, m: usize, weights: Tensor, logits: Tensor, probs: Tensor) -> Self {
-        Self { indices, m, weights, logits, probs, aux_loss: None, log_prob: None }
+    /// A routing with no router-specific loss and no score log-probabilities: indices (T, m) u32,
+    /// weights (T, m), logits and probs (T, E), all on one device; m is the indices' width.
+    pub fn new(indices: Tensor, weights: Tensor, logits: Tensor, probs: Tensor) -> Result<Self> {
+        let (t, m) = indices.dims2().map_err(|_| shape_err("indices", "(T, m)", &indices))?;
+        let (lt, _) = logits.dims2().map_err(|_| shape_err("logits", "(T, E)", &logits))?;
+        if indices.dtype() != DType::U32 {
+            candle_core::bail!("routing: indices must be u32, got {:?}", indices.dtype());
+        }
+        if weights.dims() != [t, m] || lt != t || probs.dims() != logits.dims() {
+            candle_core::bail!(
+                "routing: indices {:?} and weights {:?} must be (T, m), logits {:?} and probs {:?} (T, E)",
+                indices.dims(),
+                weights.dims(),
+                logits.dims(),
+                probs.dims()
+            );
+        }
+        for (name, v) in [("indices", &indices), ("weights", &weights), ("probs", &probs)] {
+            if !v.device().same_device(logits.device()) {
+                candle_core::bail!("routing: {name} on {:?}, logits on {:?}", v.device(), logits.device());
+            }
+        }
+        Ok(Self { indices, m, weights, logits, probs, aux_loss: None, log_prob: None })
     }
 }
 
+fn shape_err(name: &str, want: &str, t: &Tensor) -> candle_core::Error {
+    candle_core::Error::Msg(format!("routing: {name} must be {want}, got {:?}", t.dims()))
+}
+
 pub trait Router: Send + Sync {
-    /// x: (T, d) -> routing of the T tokens.
+    /// x: (T, d) -> routing of the T tokens: a function of x, the context and the parameters.
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing>;
     fn num_experts(&self) -> usize;
+    /// Called by the trainer once after each optimizer step, for router state that moves with
+    /// training outside the gradient (the sigmoid router's balancing bias). Default: nothing.
+    fn after_step(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Builds the router of MoE layer `layer`; the default is [`build_router`]. Pass your own to

@@ -236,6 +236,21 @@ pub fn expert_sort(indices: &Tensor, e: usize, cap: usize) -> Result<ExpertOrder
     Ok(ExpertOrder { order, offsets, dims: OrderDims { t, m, e } })
 }
 
+/// [`expert_sort`] that also brings back `flags` (k,) u32 (on the device of the indices) in the
+/// same copy as the offsets: returns the order and the k flag values.
+pub fn expert_sort_with_flags(
+    indices: &Tensor,
+    e: usize,
+    cap: usize,
+    flags: &Tensor,
+) -> Result<(ExpertOrder, Vec<u32>)> {
+    let (t, m) = indices.dims2()?;
+    let order = indices.apply_op1_no_bwd(&ExpertSort { e, cap })?;
+    let mut offsets = Tensor::cat(&[&order.narrow(0, 0, e + 1)?, &flags.flatten_all()?], 0)?.to_vec1::<u32>()?;
+    let flags = offsets.split_off(e + 1);
+    Ok((ExpertOrder { order, offsets, dims: OrderDims { t, m, e } }, flags))
+}
+
 /// The reference: the same packed order built on the host from [`plan`](super::dispatch_plan::plan).
 pub fn expert_sort_reference(indices: &[u32], t: usize, m: usize, e: usize, cap: usize) -> Vec<u32> {
     let p = super::dispatch_plan::plan(indices, t, m, e, cap);

@@ -1,6 +1,8 @@
 //! Router telemetry: what every MoE layer's router did between two log lines of metrics.jsonl.
 //!
-//! The trainer feeds one [`LayerStep`] per MoE layer after every optimizer step; at each log line
+//! The trainer feeds a [`StepRouting`] after every optimizer step: one [`LayerStep`] of host counts
+//! per MoE layer (from the dispatch offsets the MoE layer already copies) and the router scores as
+//! a device tensor, summed on the device and copied once per log line. At each log line
 //! [`Telemetry::summary`] returns, per layer, the numbers of the steps since the previous log line
 //! and starts a new interval:
 //!
@@ -20,29 +22,70 @@
 //! (nothing about earlier steps is kept in the checkpoint). While fewer than `window` steps have
 //! been seen, the window is every step seen so far.
 
+use crate::moe::layer::MoeStats;
+use candle_core::{DType, Device, Result, Tensor};
 use serde_json::{json, Map, Value};
 
-/// One MoE layer's routing in one optimizer step (all micro-batches).
+/// One MoE layer's routing counts in one optimizer step (all micro-batches).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerStep {
     /// Token-slots kept per expert, summed over the micro-batches.
     pub tokens: Vec<u64>,
-    /// Router entropy (nats), mean over the micro-batches; NaN if the layer does not report it.
-    pub entropy: f64,
-    /// Top-1 router probability, mean over the micro-batches; NaN if not reported.
-    pub top1: f64,
     /// Token-slots dropped by the capacity limit.
     pub dropped: u64,
     /// Token-slots routed (tokens x experts per token).
     pub routed: u64,
 }
 
+/// Every MoE layer's routing in one optimizer step.
+#[derive(Clone, Debug, Default)]
+pub struct StepRouting {
+    /// One entry per MoE layer, in layer order.
+    pub layers: Vec<LayerStep>,
+    /// (L, 2), any device and float dtype: per MoE layer, the router entropy (nats) and top-1
+    /// probability, means over the micro-batches (NaN where the layer does not report them).
+    /// None: not reported.
+    pub scores: Option<Tensor>,
+}
+
+impl StepRouting {
+    /// A step of `layers` MoE layers over `e` experts with nothing routed yet.
+    pub fn new(layers: usize, e: usize) -> Self {
+        Self { layers: vec![LayerStep { tokens: vec![0; e], ..LayerStep::default() }; layers], scores: None }
+    }
+
+    /// Adds one of the step's `accum` micro-batches: its counts, and 1/accum of its scores, which
+    /// stay on the device (`dev`, where a NaN stands for a score a layer does not report).
+    pub fn add(&mut self, stats: &[MoeStats], accum: usize, dev: &Device) -> Result<()> {
+        let mut rows = Vec::with_capacity(stats.len());
+        for (r, s) in self.layers.iter_mut().zip(stats) {
+            r.tokens.resize(s.tokens_per_expert.len(), 0);
+            for (t, &c) in r.tokens.iter_mut().zip(&s.tokens_per_expert) {
+                *t += c as u64;
+            }
+            r.dropped += s.dropped as u64;
+            r.routed += s.routed as u64;
+            rows.push(match (&s.entropy, &s.top1_prob) {
+                (Some(a), Some(b)) => Tensor::stack(&[a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?], 0)?,
+                _ => Tensor::full(f32::NAN, 2, dev)?,
+            }); // (2,)
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let v = (Tensor::stack(&rows, 0)? / accum as f64)?; // (L, 2)
+        self.scores = Some(match self.scores.take() {
+            Some(acc) => (acc + v)?,
+            None => v,
+        });
+        Ok(())
+    }
+}
+
 /// Running sums of one layer since the last log line, and when each expert last got a token.
 #[derive(Clone, Debug, Default)]
 struct LayerAcc {
     tokens: Vec<u64>,
-    entropy: f64,
-    top1: f64,
     dropped: u64,
     routed: u64,
     steps: u64,
@@ -68,6 +111,10 @@ pub struct Summary {
 pub struct Telemetry {
     window: u64,
     layers: Vec<LayerAcc>,
+    /// (L, 2) sum of the interval's router scores, on their device.
+    scores: Option<Tensor>,
+    /// Some step of the interval had no scores: they are then NaN.
+    unscored: bool,
     /// The last step recorded.
     last_step: Option<u64>,
 }
@@ -89,11 +136,13 @@ pub fn load_cv(tokens: &[u64]) -> f64 {
 impl Telemetry {
     /// `window`: train.dead_expert_window (0 is taken as 1: no token in the last step).
     pub fn new(window: usize) -> Self {
-        Self { window: window.max(1) as u64, layers: Vec::new(), last_step: None }
+        Self { window: window.max(1) as u64, layers: Vec::new(), scores: None, unscored: false, last_step: None }
     }
 
-    /// Adds optimizer step `step`'s routing, one entry per MoE layer (the same layers every step).
-    pub fn record(&mut self, step: u64, layers: &[LayerStep]) {
+    /// Adds optimizer step `step`'s routing (the same layers every step). The scores are summed
+    /// on their device, with no copy.
+    pub fn record(&mut self, step: u64, routing: &StepRouting) -> Result<()> {
+        let layers = &routing.layers;
         if self.layers.len() != layers.len() {
             self.layers = vec![LayerAcc::default(); layers.len()];
         }
@@ -108,21 +157,33 @@ impl Telemetry {
                     acc.last_seen[e] = Some(step);
                 }
             }
-            acc.entropy += s.entropy;
-            acc.top1 += s.top1;
             acc.dropped += s.dropped;
             acc.routed += s.routed;
             acc.steps += 1;
         }
+        match &routing.scores {
+            Some(v) => {
+                self.scores = Some(match self.scores.take() {
+                    Some(acc) => (acc + v.detach())?,
+                    None => v.detach(),
+                })
+            }
+            None => self.unscored = true,
+        }
         self.last_step = Some(step);
+        Ok(())
     }
 
     /// The numbers since the last call (or since the start), then a new interval begins. Dead
-    /// experts are counted at the last recorded step.
-    pub fn summary(&mut self) -> Summary {
+    /// experts are counted at the last recorded step. Copies the interval's score sums to the host.
+    pub fn summary(&mut self) -> Result<Summary> {
         let mut s = Summary::default();
         let (mut dropped, mut routed) = (0u64, 0u64);
-        for acc in &mut self.layers {
+        let scores = match (self.scores.take(), std::mem::take(&mut self.unscored)) {
+            (Some(v), false) => Some(v.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.to_vec2::<f64>()?),
+            _ => None,
+        };
+        for (l, acc) in self.layers.iter_mut().enumerate() {
             let steps = acc.steps.max(1) as f64;
             let dead = match self.last_step {
                 // Seen in the window (last - window, last] when last_seen + window > last.
@@ -131,16 +192,22 @@ impl Telemetry {
             };
             s.load_cv.push(load_cv(&acc.tokens));
             s.dead_experts.push(dead);
-            s.router_entropy.push(acc.entropy / steps);
-            s.top1_prob.push(acc.top1 / steps);
+            // A layer without scores: NaN for a scored interval, 0 for an empty one.
+            let score = |i: usize| match &scores {
+                Some(v) => v.get(l).map_or(f64::NAN, |r| r[i] / steps),
+                None if acc.steps == 0 => 0.0,
+                None => f64::NAN,
+            };
+            s.router_entropy.push(score(0));
+            s.top1_prob.push(score(1));
             s.dropped_pct.push(if acc.routed > 0 { 100.0 * acc.dropped as f64 / acc.routed as f64 } else { 0.0 });
             s.tokens_per_expert.push(std::mem::replace(&mut acc.tokens, vec![0; acc.last_seen.len()]));
             dropped += acc.dropped;
             routed += acc.routed;
-            (acc.entropy, acc.top1, acc.dropped, acc.routed, acc.steps) = (0.0, 0.0, 0, 0, 0);
+            (acc.dropped, acc.routed, acc.steps) = (0, 0, 0);
         }
         s.dropped_frac = if routed > 0 { dropped as f64 / routed as f64 } else { 0.0 };
-        s
+        Ok(s)
     }
 }
 

@@ -11,7 +11,7 @@ use super::run_dir::{self, IfRunExists};
 use super::schedule::{lr_at, tau_at};
 pub use super::step::clip_grads;
 use super::step::{eval_batch_loss, micro_step, MicroOut};
-use super::telemetry::{LayerStep, Telemetry};
+use super::telemetry::{StepRouting, Telemetry};
 use crate::config::{Config, DeviceKind, RouterKind};
 use crate::data::{load_text, split_text, Batcher, Tokenizer};
 use crate::model::Gpt;
@@ -220,7 +220,7 @@ impl Trainer {
 
     /// One optimizer step (all micro-batches, side by side on the workers). Returns (mean loss,
     /// mean aux loss, grad norm, the routing of each MoE layer).
-    pub fn train_step(&mut self) -> Result<(f64, f64, f64, Vec<LayerStep>)> {
+    pub fn train_step(&mut self) -> Result<(f64, f64, f64, StepRouting)> {
         let step = self.state.step;
         let train = self.train.as_ref().context("trainer built without training data")?;
         let accum = self.cfg.train.grad_accum;
@@ -256,7 +256,7 @@ impl Trainer {
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
         let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
-        let mut routing = vec![LayerStep { tokens: vec![0; e], ..LayerStep::default() }; moe_layers];
+        let mut routing = StepRouting::new(moe_layers, e);
         // Summed in micro-batch order, whatever the number of workers.
         for out in outs {
             if let Some(b) = out.baseline {
@@ -272,23 +272,7 @@ impl Trainer {
                     });
                 }
             }
-            for (r, s) in routing.iter_mut().zip(&out.moe_stats) {
-                r.tokens.resize(s.tokens_per_expert.len(), 0);
-                for (t, &c) in r.tokens.iter_mut().zip(&s.tokens_per_expert) {
-                    *t += c as u64;
-                }
-                r.dropped += s.dropped as u64;
-                r.routed += s.routed as u64;
-                // A router that does not report a number gives NaN (null in metrics.jsonl).
-                let mean = |x: &Option<Tensor>| -> Result<f64> {
-                    Ok(match x {
-                        Some(v) => v.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 / accum as f64,
-                        None => f64::NAN,
-                    })
-                };
-                r.entropy += mean(&s.entropy)?;
-                r.top1 += mean(&s.top1_prob)?;
-            }
+            routing.add(&out.moe_stats, accum, &self.device)?;
         }
         let lr = lr_at(&self.cfg.train, step as usize);
         let (clip, opt) = (self.cfg.train.grad_clip, &mut self.opt);
@@ -297,13 +281,15 @@ impl Trainer {
             opt.step(&grads, lr)?;
             Ok(norm)
         })?;
+        self.model.after_step()?;
         self.state.step += 1;
         self.state.rng_next_step = self.state.step;
         Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
     }
 
-    /// Whether routing carries state from one micro-batch to the next (the REINFORCE baseline, the
-    /// sigmoid-bias router's expert bias), so the micro-batches must run in order.
+    /// Whether the micro-batches run in order: REINFORCE's baseline moves from one to the next. (The
+    /// sigmoid router's bias moves only after the step, from integer counts, so its micro-batches
+    /// could run side by side; they run in order, as they are timed.)
     fn sequential_micro_batches(&self) -> bool {
         matches!(self.cfg.model.router.kind, RouterKind::Reinforce | RouterKind::SigmoidBias)
     }
@@ -353,7 +339,7 @@ impl Trainer {
         while self.state.step < max {
             let step = self.state.step;
             let (loss, aux, norm, routing) = self.train_step()?;
-            telemetry.record(step, &routing);
+            telemetry.record(step, &routing)?;
             self.state.tokens_seen += self.tokens_per_step();
             let done = self.state.step;
             pb.set_position(done);
@@ -364,7 +350,7 @@ impl Trainer {
                 last_log = (Instant::now(), done);
                 let tau = tau_at(&self.cfg.model.router, step as usize);
                 let lr = lr_at(&t, step as usize);
-                let summary = telemetry.summary();
+                let summary = telemetry.summary()?;
                 let msg = format!("loss {loss:.4} tok/s {tok_s:.0} tau {tau:.3} {}", summary.progress());
                 pb.set_message(msg.trim_end().to_string());
                 line.insert("step".into(), json!(done));

@@ -66,12 +66,22 @@ pub fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
+/// A (T, m) u32 index tensor (e.g. `Routing::indices`) as a row-major host vector.
+pub fn index_vec(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<u32>().unwrap()
+}
+
+/// Host u32 indices as a (N,) CPU tensor.
+pub fn u32_tensor(v: &[u32]) -> Tensor {
+    Tensor::new(v, &candle_core::Device::Cpu).unwrap()
+}
+
 pub fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// Host logits x W^T in f64: x (T, d) row-major, w (E, d) row-major.
-pub fn host_logits(x: &[f64], w: &[f64], t: usize, d: usize, e: usize) -> Vec<Vec<f64>> {
+pub fn reference_logits(x: &[f64], w: &[f64], t: usize, d: usize, e: usize) -> Vec<Vec<f64>> {
     (0..t).map(|i| (0..e).map(|j| (0..d).map(|k| x[i * d + k] * w[j * d + k]).sum()).collect()).collect()
 }
 

@@ -1,7 +1,7 @@
 //! Dense routing: every token uses every expert, weighted by the softmax over all E. This is exact
 //! marginalisation over the expert choice, the baseline the Gumbel-Softmax estimator approximates.
 
-use super::{host_logits, Gate};
+use super::{all_experts, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
@@ -23,10 +23,9 @@ impl DenseRouter {
 impl Router for DenseRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let logits = self.gate.logits(x, rc)?; // (T, E)
-        let t = host_logits(&logits, rc)?.len();
         let probs = softmax(&logits)?; // (T, E)
-        let indices = (0..t).flat_map(|_| 0..self.e as u32).collect();
-        Ok(Routing::new(indices, self.e, probs.clone(), logits, probs))
+        let indices = all_experts(logits.dim(0)?, self.e, &logits)?; // (T, E) u32
+        Routing::new(indices, probs.clone(), logits, probs)
     }
 
     fn num_experts(&self) -> usize {

@@ -14,11 +14,13 @@
 //! The steps are separate functions (`prefilter`, `noise`, `relaxed`, `straight_through`), so a fused
 //! kernel can replace them one by one and tests can compare against each.
 
-use super::{host_logits, index_tensor, top_k, Gate};
+use super::{index_tensor, top_k, Gate};
 use crate::config::{Config, EvalMode, RouterConfig, RouterImpl};
+use crate::moe::finite::checked_host_rows;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
-use crate::ops::{gumbel_route, GumbelParams};
+use crate::ops::gumbel_router::{gumbel_select_saving_y, gumbel_weights};
+use crate::ops::GumbelParams;
 use crate::rng::gumbel_noise;
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -89,11 +91,33 @@ pub fn soft_top_m(y: &Tensor, sel: &Tensor) -> Result<Tensor> {
     ys.broadcast_div(&ys.sum_keepdim(D::Minus1)?)
 }
 
-/// The plain-tensor twin of the router after the gate matmul (`ops::gumbel_route` plus, for soft
-/// top-m, [`soft_top_m`]), from logits (T, E) and their host copy. Returns (indices (T, m')
-/// row-major, m', weights (T, m'), y (T, K)). m' = m when `hard`, or when soft with 1 <= m < K
-/// (the m largest perturbed candidates, weights [`soft_top_m`]); m' = K when soft with m = 0 or
-/// m >= K (the indices are then the K candidates in pre-filter order, the weights y).
+/// The router after the gate matmul in the fused ops (`ops::gumbel_router`), on the logits' device
+/// with no host copy: (indices (T, m') u32, weights (T, m')), m' as in [`reference_route`].
+pub fn fused_route(logits: &Tensor, p: &GumbelParams, hard: bool) -> Result<(Tensor, Tensor)> {
+    let (k, m) = (p.k, p.m);
+    let all_k = !hard && (m == 0 || m >= k);
+    let p = GumbelParams { m: if all_k { 0 } else { m }, ..*p };
+    let cand_sel = gumbel_select_saving_y(logits, &p)?; // (T, 2K + m) u32: candidates, positions, y
+    let y = gumbel_weights(logits, &cand_sel, &p)?; // (T, K), copied from the select pass (f32)
+    let cand = cand_sel.narrow(1, 0, k)?.contiguous()?; // (T, K) candidate experts, best first
+    if all_k {
+        return Ok((cand, y));
+    }
+    let sel = cand_sel.narrow(1, k, m)?.contiguous()?; // (T, m) selected positions within K
+    let indices = cand.gather(&sel, 1)?; // (T, m) experts
+    let weights = if hard {
+        crate::ops::straight_through(&y, &cand_sel, k, m)? // exactly 1/m forward, d y backward
+    } else {
+        soft_top_m(&y, &sel)?
+    };
+    Ok((indices, weights))
+}
+
+/// The plain-tensor twin of [`fused_route`], from logits (T, E) and their host copy, selecting on
+/// the host. Returns (indices (T, m') row-major on the host, m', weights (T, m'), y (T, K)).
+/// m' = m when `hard`, or when soft with 1 <= m < K (the m largest perturbed candidates, weights
+/// [`soft_top_m`]); m' = K when soft with m = 0 or m >= K (the indices are then the K candidates
+/// in pre-filter order, the weights y).
 pub fn reference_route(
     logits: &Tensor,
     host: &[Vec<f64>],
@@ -130,12 +154,12 @@ impl Router for GumbelRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let r = &self.cfg;
         let logits = self.gate.logits(x, rc)?; // (T, E)
-        let host = host_logits(&logits, rc)?;
         let probs = softmax(&logits)?; // (T, E)
         let tau = rc.ctx.tau;
         if !(tau > 0.0) {
             candle_core::bail!("gumbel router: temperature tau = {tau} must be > 0");
         }
+        let t = logits.dim(0)?;
         let p = GumbelParams {
             k: r.prefilter,
             m: r.top_m,
@@ -143,25 +167,19 @@ impl Router for GumbelRouter {
             seed: rc.ctx.seed,
             step: rc.ctx.step as u32,
             layer: rc.layer,
-            token_base: rc.ctx.micro * host.len() as u32,
+            token_base: rc.ctx.micro * t as u32,
             noisy: rc.ctx.train || r.eval_mode == EvalMode::Sample,
         };
-        let (indices, m, weights) = if r.implementation == RouterImpl::Fused {
-            // The same math in three custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels.
-            if r.hard || p.m >= p.k {
-                let f = gumbel_route(&logits, &p, r.hard)?;
-                (f.indices, f.m, f.weights)
-            } else {
-                // Soft top-m: the op's hard selection (the same Gumbel-top-m), weights from its y.
-                let f = gumbel_route(&logits, &p, true)?;
-                let sel = f.cand_sel.narrow(1, p.k, p.m)?.contiguous()?; // (T, m) positions within K
-                (f.indices, f.m, soft_top_m(&f.y, &sel)?)
-            }
+        let (indices, weights) = if r.implementation == RouterImpl::Fused {
+            // The same math in custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels; the
+            // select op stops on a non-finite logit.
+            fused_route(&logits, &p, r.hard)?
         } else {
+            let host = checked_host_rows(&logits, rc.ctx.step, rc.layer)?;
             let (indices, m, weights, _) = reference_route(&logits, &host, &p, r.hard)?;
-            (indices, m, weights)
+            (index_tensor(indices, t, m, &logits)?, weights)
         };
-        Ok(Routing::new(indices, m, weights, logits, probs))
+        Routing::new(indices, weights, logits, probs)
     }
 
     fn num_experts(&self) -> usize {

@@ -6,14 +6,21 @@
 //! bits are well spread, so ids map to experts near uniformly. The router needs the token ids:
 //! `Gpt::forward` passes them in `RouteCtx::token_ids`. The routing's `logits` are zeros (T, E) and
 //! `probs` uniform, constants of no parameter, so the balance loss and z-loss are constants too.
+//! With `model.vocab_size` known (always in a model) the router looks the experts up in a (V,)
+//! table on the device; without it (a router built on its own) it hashes a host copy of the ids.
 
 use super::token_ids;
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Mutex;
 
 pub struct HashRouter {
     e: usize,
+    /// model.vocab_size (0: not known, the ids are then hashed on the host).
+    vocab: usize,
+    /// (V,) u32 expert of every token id, on the device of the last call.
+    table: Mutex<Option<Tensor>>,
 }
 
 impl HashRouter {
@@ -22,7 +29,22 @@ impl HashRouter {
         if e == 0 {
             candle_core::bail!("hash router needs num_experts > 0");
         }
-        Ok(Self { e })
+        Ok(Self { e, vocab: cfg.model.vocab_size, table: Mutex::new(None) })
+    }
+
+    /// The (V,) expert table on `dev`, built once per device; None when V is not known.
+    fn table(&self, dev: &Device) -> Result<Option<Tensor>> {
+        if self.vocab == 0 {
+            return Ok(None);
+        }
+        let mut t = self.table.lock().map_err(|_| candle_core::Error::Msg("hash router: table poisoned".into()))?;
+        if let Some(tb) = t.as_ref().filter(|tb| tb.device().same_device(dev)) {
+            return Ok(Some(tb.clone()));
+        }
+        let v: Vec<u32> = (0..self.vocab as u32).map(|id| hash_expert(id, self.e)).collect();
+        let tb = Tensor::from_vec(v, self.vocab, dev)?;
+        *t = Some(tb.clone());
+        Ok(Some(tb))
     }
 }
 
@@ -42,12 +64,18 @@ pub fn hash_expert(id: u32, e: usize) -> u32 {
 impl Router for HashRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let t = x.dim(0)?;
-        let ids = token_ids(rc, t, "hash router")?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        let indices: Vec<u32> = ids.iter().map(|&id| hash_expert(id, self.e)).collect();
+        let ids = token_ids(rc, t, "hash router")?.to_dtype(DType::U32)?; // (T,)
+        let indices = match self.table(x.device())? {
+            Some(table) => table.index_select(&ids, 0)?.reshape((t, 1))?, // (T, 1) u32
+            None => {
+                let host: Vec<u32> = ids.to_vec1::<u32>()?.iter().map(|&id| hash_expert(id, self.e)).collect();
+                Tensor::from_vec(host, (t, 1), x.device())?
+            }
+        };
         let weights = Tensor::ones((t, 1), x.dtype(), x.device())?; // (T, 1), a constant
         let logits = Tensor::zeros((t, self.e), x.dtype(), x.device())?; // (T, E)
         let probs = (logits.ones_like()? / self.e as f64)?; // (T, E) uniform = softmax(zeros)
-        Ok(Routing::new(indices, 1, weights, logits, probs))
+        Routing::new(indices, weights, logits, probs)
     }
 
     fn num_experts(&self) -> usize {

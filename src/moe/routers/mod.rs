@@ -1,4 +1,5 @@
-//! The built-in routers, one per file, and the host-side helpers they share.
+//! The built-in routers, one per file, and the helpers they share: the gate, a device-side top-k
+//! and the host top-k of the reference twins.
 pub mod dense;
 pub mod gumbel;
 pub mod hash;
@@ -10,7 +11,7 @@ pub mod softmax_topk;
 use super::RouteCtx;
 use crate::config::{Config, RouterInput};
 use crate::nn::Linear;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, Module, VarBuilder};
 
 /// The router projection d -> E (no bias), weight ~ N(0, std).
@@ -72,23 +73,46 @@ pub fn token_ids(rc: &RouteCtx, t: usize, who: &str) -> Result<Tensor> {
     Ok(ids)
 }
 
-/// Copies (T, E) logits to the host as f64 and stops on a non-finite value, naming where it is.
-pub fn host_logits(logits: &Tensor, rc: &RouteCtx) -> Result<Vec<Vec<f64>>> {
-    let rows = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    for (t, row) in rows.iter().enumerate() {
-        if let Some(e) = row.iter().position(|v| !v.is_finite()) {
-            candle_core::bail!(
-                "non-finite router logit {} at step {}, layer {}, token {t}, expert {e}: training diverged",
-                row[e],
-                rc.ctx.step,
-                rc.layer
-            );
-        }
+/// The k largest scores of each row, largest first: scores (T, E) -> (T, k) u32 expert indices on
+/// the scores' device, with no copy to the host. On the CPU ties go to the lower index (argmax
+/// keeps the first maximum, Candle's CPU arg-sort is stable), as [`top_k`]; GPU sorts may order
+/// ties either way. A NaN score never panics the CPU sort: it ranks below every number (the MoE
+/// layer stops on non-finite logits once routing is done).
+pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
+    let (_, e) = scores.dims2()?;
+    if k == 0 || k > e {
+        candle_core::bail!("top-k routing: k = {k} must be in 1..={e} (the number of experts)");
     }
-    Ok(rows)
+    if k == 1 {
+        return scores.argmax_keepdim(D::Minus1); // (T, 1) u32
+    }
+    let s = if scores.device().is_cpu() {
+        // NaN -> -inf, so the CPU sort's comparator is a total order.
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, (), scores.device())?.to_dtype(scores.dtype())?;
+        scores.eq(scores)?.where_cond(scores, &neg_inf.broadcast_as(scores.shape())?)?
+    } else {
+        scores.contiguous()?
+    };
+    s.arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous() // (T, k) u32
 }
 
-/// Indices of the k largest values of `row`, largest first; ties go to the lower index.
+/// (T, E) u32 rows 0, 1, ..., E - 1 on `like`'s device: every expert, for dense routing.
+pub fn all_experts(t: usize, e: usize, like: &Tensor) -> Result<Tensor> {
+    Tensor::arange(0u32, e as u32, like.device())?.unsqueeze(0)?.broadcast_as((t, e))?.contiguous()
+}
+
+/// The dtype a router compares perturbed or biased scores in: f64 where the device has it (the
+/// choice is then the host's f64 choice), f32 on Metal.
+pub fn select_dtype(like: &Tensor) -> DType {
+    if like.device().is_metal() {
+        DType::F32
+    } else {
+        DType::F64
+    }
+}
+
+/// Host twin of [`top_k_indices`] for one row: the k largest values of `row`, largest first; ties
+/// go to the lower index.
 pub fn top_k(row: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));

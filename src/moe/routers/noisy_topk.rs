@@ -18,7 +18,7 @@
 //! Parameters: `weight` (E, d) = W_g and `noise.weight` (E, d) = W_noise (zero init by default,
 //! as in the paper). Shapes: T tokens, E experts, m kept per token.
 
-use super::{host_logits, index_tensor, router_linear, top_k, Gate};
+use super::{router_linear, top_k_indices, Gate};
 use crate::config::Config;
 use crate::moe::losses::cv_squared;
 use crate::moe::{RouteCtx, Router, Routing};
@@ -72,7 +72,6 @@ impl Router for NoisyTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let (e, m) = (self.e, self.m);
         let clean = self.gate.logits(x, rc)?; // (T, E)
-        host_logits(&clean, rc)?; // stops on a non-finite logit, naming where
         let std = softplus(&self.noise.forward(x)?)?; // (T, E) noise std per expert, > 0
         let t = clean.dim(0)?;
         let h = if rc.ctx.train {
@@ -83,38 +82,28 @@ impl Router for NoisyTopkRouter {
         } else {
             clean.clone()
         };
-        let host = host_logits(&h, rc)?;
         // Top m + 1 of each row: the kept experts, and the thresholds of the load estimator.
-        let order: Vec<Vec<usize>> = host.iter().map(|row| top_k(row, (m + 1).min(e))).collect();
-        let mut indices = Vec::with_capacity(t * m);
-        let mut keep = vec![0u8; t * e];
-        let mut thr_idx = vec![0u32; t * e];
-        for (tok, o) in order.iter().enumerate() {
-            for &i in &o[..m] {
-                indices.push(i as u32);
-                keep[tok * e + i] = 1;
-            }
-            for i in 0..e {
-                // kth_excluding(H, m, i): the (m+1)-th largest for a kept expert, else the m-th.
-                let q = if keep[tok * e + i] == 1 { m } else { m - 1 };
-                thr_idx[tok * e + i] = o[q.min(o.len() - 1)] as u32;
-            }
-        }
-        let keep = Tensor::from_vec(keep, (t, e), x.device())?; // (T, E) u8
-        let neg_inf = Tensor::full(f32::NEG_INFINITY, (t, e), x.device())?.to_dtype(h.dtype())?;
-        let gates = softmax(&keep.where_cond(&h, &neg_inf)?)?; // (T, E), zero outside the top m
-        let idx = index_tensor(indices.clone(), t, m, &clean)?;
-        let weights = gates.gather(&idx, 1)?; // (T, m): softmax over the kept values
+        let order = top_k_indices(&h.detach(), (m + 1).min(e))?; // (T, m + 1) u32, or (T, E) when m = E
+        let indices = order.narrow(1, 0, m)?.contiguous()?; // (T, m)
+        let ids = Tensor::arange(0u32, e as u32, x.device())?.reshape((1, 1, e))?;
+        let keep = indices.unsqueeze(2)?.broadcast_eq(&ids)?.sum(1)?; // (T, E) u8, 1 on the top m
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, (), x.device())?.to_dtype(h.dtype())?;
+        let gates = softmax(&keep.where_cond(&h, &neg_inf.broadcast_as((t, e))?)?)?; // (T, E), 0 off the top m
+        let weights = gates.gather(&indices, 1)?; // (T, m): softmax over the kept values
         let importance = gates.sum(0)?; // (E)
         let mut aux = (cv_squared(&importance)? * self.importance_coef)?;
         if m < e {
-            let thr = h.gather(&index_tensor(thr_idx, t, e, &clean)?, 1)?; // (T, E)
+            // kth_excluding(H, m, i): the (m+1)-th largest for a kept expert, else the m-th.
+            let kept_thr = order.narrow(1, m, 1)?.broadcast_as((t, e))?; // (T, E)
+            let other_thr = order.narrow(1, m - 1, 1)?.broadcast_as((t, e))?; // (T, E)
+            let thr_idx = keep.where_cond(&kept_thr, &other_thr)?; // (T, E) u32
+            let thr = h.gather(&thr_idx, 1)?; // (T, E)
             let p = normal_cdf(&((&clean - thr)? / std)?)?; // (T, E) P(x, i)
             let load = p.sum(0)?; // (E)
             aux = (aux + (cv_squared(&load)? * self.load_coef)?)?;
         } // m = E: every expert is always kept, the load is constant and so is its loss.
         let probs = softmax(&clean)?; // (T, E)
-        let mut r = Routing::new(indices, m, weights, clean, probs);
+        let mut r = Routing::new(indices, weights, clean, probs)?;
         r.aux_loss = Some(aux);
         Ok(r)
     }

@@ -10,7 +10,7 @@
 //! `model::router_surrogate` to the loss. At eval (`eval_mode = "argmax"`) the most probable
 //! expert, no noise.
 
-use super::{host_logits, index_tensor, top_k, Gate};
+use super::{select_dtype, top_k_indices, Gate};
 use crate::config::{Config, EvalMode};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::{log_softmax, softmax};
@@ -39,38 +39,31 @@ impl ReinforceRouter {
 impl Router for ReinforceRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let logits = self.gate.logits(x, rc)?; // (T, E)
-        let host = host_logits(&logits, rc)?;
-        let t = host.len();
+        let t = logits.dim(0)?;
         let c = &rc.ctx;
-        let noisy = c.train || self.sample_at_eval;
-        let base = c.micro * t as u32;
-        // argmax_e (logit_e + g_e), g ~ Gumbel(0, 1): a sample from softmax(logits).
-        let indices: Vec<u32> = host
-            .iter()
-            .enumerate()
-            .map(|(tok, row)| {
-                let pert: Vec<f64> = (0..self.e)
-                    .map(|ex| {
-                        let g = if noisy {
-                            gumbel_noise(c.seed, c.step as u32, rc.layer, base + tok as u32, ex as u32)
-                        } else {
-                            0.0
-                        };
-                        row[ex] + g as f64
-                    })
-                    .collect();
-                top_k(&pert, 1)[0] as u32
-            })
-            .collect();
+        let indices = if c.train || self.sample_at_eval {
+            // argmax_e (logit_e + g_e), g ~ Gumbel(0, 1): a sample from softmax(logits).
+            let base = c.micro * t as u32;
+            let g: Vec<f32> = (0..t)
+                .flat_map(|tok| {
+                    (0..self.e)
+                        .map(move |ex| gumbel_noise(c.seed, c.step as u32, rc.layer, base + tok as u32, ex as u32))
+                })
+                .collect();
+            let dt = select_dtype(&logits);
+            let g = Tensor::from_vec(g, (t, self.e), logits.device())?.to_dtype(dt)?; // (T, E)
+            top_k_indices(&(logits.detach().to_dtype(dt)? + g)?, 1)? // (T, 1) u32
+        } else {
+            top_k_indices(&logits.detach(), 1)? // (T, 1) u32: the most probable expert
+        };
         let weights = Tensor::ones((t, 1), logits.dtype(), logits.device())?; // (T, 1), no gradient
         let probs = softmax(&logits)?; // (T, E)
         let log_prob = if c.train {
-            let idx = index_tensor(indices.clone(), t, 1, &logits)?;
-            Some(log_softmax(&logits)?.gather(&idx, 1)?.flatten_all()?) // (T,)
+            Some(log_softmax(&logits)?.gather(&indices, 1)?.flatten_all()?) // (T,)
         } else {
             None
         };
-        let mut r = Routing::new(indices, 1, weights, logits, probs);
+        let mut r = Routing::new(indices, weights, logits, probs)?;
         r.log_prob = log_prob;
         Ok(r)
     }

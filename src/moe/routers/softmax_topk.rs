@@ -1,7 +1,7 @@
 //! Softmax top-m routing: Switch Transformer (m = 1, weight = the expert's probability) and Mixtral
 //! (m > 1, weights renormalised over the chosen experts).
 
-use super::{host_logits, index_tensor, top_k, Gate};
+use super::{top_k_indices, Gate};
 use crate::config::Config;
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
@@ -25,17 +25,15 @@ impl SoftmaxTopkRouter {
 impl Router for SoftmaxTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let logits = self.gate.logits(x, rc)?; // (T, E)
-        let host = host_logits(&logits, rc)?;
         let probs = softmax(&logits)?; // (T, E)
-        let t = host.len();
+
         // softmax is monotone: the top-m of the logits are the top-m of the probabilities.
-        let indices: Vec<u32> = host.iter().flat_map(|row| top_k(row, self.m)).map(|i| i as u32).collect();
-        let idx = index_tensor(indices.clone(), t, self.m, &logits)?;
-        let mut weights = probs.gather(&idx, 1)?; // (T, m)
+        let indices = top_k_indices(&logits, self.m)?; // (T, m) u32
+        let mut weights = probs.gather(&indices, 1)?; // (T, m)
         if self.m > 1 {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
-        Ok(Routing::new(indices, self.m, weights, logits, probs))
+        Routing::new(indices, weights, logits, probs)
     }
 
     fn num_experts(&self) -> usize {
