@@ -1,5 +1,5 @@
 // CUDA entry points of the balance-statistics ops; the per-thread logic is in balance_stats.cuh.
-// Compiled to PTX by build.rs (feature `cuda`), loaded by src/ops/balance_stats.rs.
+// Compiled to PTX by build.rs (feature `cuda`), loaded by src/ops/balance_stats/cuda.rs.
 #include <stdint.h>
 
 typedef uint32_t bs_u32;
@@ -18,7 +18,7 @@ __device__ __forceinline__ bs_u32 bs_gid() {
 }
 
 // One thread per row: stats (T, 2).
-extern "C" __global__ void balance_stats_rows_f32(const float* logits, float* stats, BsParams p) {
+extern "C" __global__ void balance_stats_rows_f32(const float* logits, float* stats, BalanceKernelArgs p) {
     bs_u32 t = bs_gid();
     if (t >= p.rows) {
         return;
@@ -28,7 +28,7 @@ extern "C" __global__ void balance_stats_rows_f32(const float* logits, float* st
 
 // One thread per (chunk, expert), expert fastest: part_p (C, E), part_n (C, E + 1).
 extern "C" __global__ void balance_stats_partial_f32(const float* logits, const float* stats, const bs_u32* idx,
-                                                     float* part_p, bs_u32* part_n, BsParams p) {
+                                                     float* part_p, bs_u32* part_n, BalanceKernelArgs p) {
     bs_u32 i = bs_gid();
     if (i >= p.n_chunks * p.e) {
         return;
@@ -38,7 +38,7 @@ extern "C" __global__ void balance_stats_partial_f32(const float* logits, const 
 
 // One thread per expert: out (2, E).
 extern "C" __global__ void balance_stats_finish_f32(const float* part_p, const bs_u32* part_n, float* out,
-                                                    BsParams p) {
+                                                    BalanceKernelArgs p) {
     bs_u32 j = bs_gid();
     if (j >= p.e) {
         return;
@@ -47,7 +47,7 @@ extern "C" __global__ void balance_stats_finish_f32(const float* part_p, const b
 }
 
 // One thread per row: dlogits (T, E) from logits (T, E) and g = dL/dP (E).
-extern "C" __global__ void balance_stats_bwd_f32(const float* logits, const float* g, float* dl, BsParams p) {
+extern "C" __global__ void balance_stats_bwd_f32(const float* logits, const float* g, float* dl, BalanceKernelArgs p) {
     bs_u32 t = bs_gid();
     if (t >= p.rows) {
         return;

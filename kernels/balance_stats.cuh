@@ -1,5 +1,5 @@
 // The balance-statistics kernels: the per-thread logic, written once and included by both
-// balance_stats.cu (CUDA) and balance_stats.metal (Metal). The CPU twin is src/ops/balance_stats.rs
+// balance_stats.cu (CUDA) and balance_stats.metal (Metal). The CPU twin is src/ops/balance_stats/cpu.rs
 // (`row_stats`, `partial_chunk`, `bwd_row`), which sums in the same order.
 //
 // The including file defines BS_FN, BS_GLOBAL (address space of device buffers), BS_EXPF, BS_DIV
@@ -20,8 +20,8 @@
 //   balance_stats_bwd_f32:     one thread per row: p_t * (g - <p_t, g>) / T, with p_t recomputed.
 #pragma once
 
-// Scalar arguments of every entry point; #[repr(C)] twin: `BsParams` in src/ops/balance_stats.rs.
-struct BsParams {
+// Scalar arguments of every entry point; #[repr(C)] twin: `BalanceKernelArgs` in src/ops/balance_stats/mod.rs.
+struct BalanceKernelArgs {
     bs_u32 rows;          // T
     bs_u32 e;             // E (>= 1)
     bs_u32 m;             // index slots per token
@@ -37,7 +37,7 @@ struct BsParams {
 };
 
 // Max and softmax denominator of one logits row.
-BS_FN void bs_row_stats(const BS_GLOBAL float* lg, BS_GLOBAL float* stats, BsParams p) {
+BS_FN void bs_row_stats(const BS_GLOBAL float* lg, BS_GLOBAL float* stats, BalanceKernelArgs p) {
     float mx = lg[0];
     for (bs_u32 j = 1u; j < p.e; ++j) {
         mx = lg[j] > mx ? lg[j] : mx;
@@ -52,7 +52,7 @@ BS_FN void bs_row_stats(const BS_GLOBAL float* lg, BS_GLOBAL float* stats, BsPar
 
 // Cell (chunk c, expert j) of the partial sums; `lg`, `stats`, `idx` point at row 0.
 BS_FN void bs_partial_cell(const BS_GLOBAL float* lg, const BS_GLOBAL float* stats, const BS_GLOBAL bs_u32* idx,
-                           BS_GLOBAL float* part_p, BS_GLOBAL bs_u32* part_n, BsParams p, bs_u32 c, bs_u32 j) {
+                           BS_GLOBAL float* part_p, BS_GLOBAL bs_u32* part_n, BalanceKernelArgs p, bs_u32 c, bs_u32 j) {
     bs_u32 t0 = c * p.chunk;
     bs_u32 t1 = p.rows - t0 < p.chunk ? p.rows : t0 + p.chunk;
     float acc = 0.0f;
@@ -77,7 +77,7 @@ BS_FN void bs_partial_cell(const BS_GLOBAL float* lg, const BS_GLOBAL float* sta
 
 // Column j of the output: out[j] = f_j, out[E + j] = P_j.
 BS_FN void bs_finish_col(const BS_GLOBAL float* part_p, const BS_GLOBAL bs_u32* part_n, BS_GLOBAL float* out,
-                         BsParams p, bs_u32 j) {
+                         BalanceKernelArgs p, bs_u32 j) {
     float acc = 0.0f;
     bs_u32 n = 0u;
     bs_u32 bad = 0u;
@@ -94,7 +94,7 @@ BS_FN void bs_finish_col(const BS_GLOBAL float* part_p, const BS_GLOBAL bs_u32* 
 }
 
 // One row of the backward; `g` is dL/dP (E), `dl` the row's E outputs.
-BS_FN void bs_bwd_row(const BS_GLOBAL float* lg, const BS_GLOBAL float* g, BS_GLOBAL float* dl, BsParams p) {
+BS_FN void bs_bwd_row(const BS_GLOBAL float* lg, const BS_GLOBAL float* g, BS_GLOBAL float* dl, BalanceKernelArgs p) {
     float mx = lg[0];
     for (bs_u32 j = 1u; j < p.e; ++j) {
         mx = lg[j] > mx ? lg[j] : mx;

@@ -1,5 +1,5 @@
 // Metal entry points of the balance-statistics ops; the per-thread logic is in balance_stats.cuh.
-// src/ops/balance_stats.rs compiles this at run time (newLibraryWithSource cannot follow
+// src/ops/balance_stats/metal.rs compiles this at run time (newLibraryWithSource cannot follow
 // #include): it replaces the `#include "balance_stats.cuh"` line below with the header's text.
 // scripts/check_kernels.sh compiles it as C++ with g++ against kernels/metal_shim.h and runs it on
 // the host (kernels/host_check_balance.cpp).
@@ -22,8 +22,8 @@ typedef ulong bs_size;
 #include "balance_stats.cuh"
 
 kernel void balance_stats_rows_f32(const device float* logits [[buffer(0)]], device float* stats [[buffer(1)]],
-                                   constant BsParams& params [[buffer(2)]], uint t [[thread_position_in_grid]]) {
-    BsParams p = params;
+                                   constant BalanceKernelArgs& params [[buffer(2)]], uint t [[thread_position_in_grid]]) {
+    BalanceKernelArgs p = params;
     if (t >= p.rows) {
         return;
     }
@@ -32,9 +32,9 @@ kernel void balance_stats_rows_f32(const device float* logits [[buffer(0)]], dev
 
 kernel void balance_stats_partial_f32(const device float* logits [[buffer(0)]], const device float* stats [[buffer(1)]],
                                       const device bs_u32* idx [[buffer(2)]], device float* part_p [[buffer(3)]],
-                                      device bs_u32* part_n [[buffer(4)]], constant BsParams& params [[buffer(5)]],
+                                      device bs_u32* part_n [[buffer(4)]], constant BalanceKernelArgs& params [[buffer(5)]],
                                       uint i [[thread_position_in_grid]]) {
-    BsParams p = params;
+    BalanceKernelArgs p = params;
     if (i >= p.n_chunks * p.e) {
         return;
     }
@@ -42,9 +42,9 @@ kernel void balance_stats_partial_f32(const device float* logits [[buffer(0)]], 
 }
 
 kernel void balance_stats_finish_f32(const device float* part_p [[buffer(0)]], const device bs_u32* part_n [[buffer(1)]],
-                                     device float* out [[buffer(2)]], constant BsParams& params [[buffer(3)]],
+                                     device float* out [[buffer(2)]], constant BalanceKernelArgs& params [[buffer(3)]],
                                      uint j [[thread_position_in_grid]]) {
-    BsParams p = params;
+    BalanceKernelArgs p = params;
     if (j >= p.e) {
         return;
     }
@@ -52,9 +52,9 @@ kernel void balance_stats_finish_f32(const device float* part_p [[buffer(0)]], c
 }
 
 kernel void balance_stats_bwd_f32(const device float* logits [[buffer(0)]], const device float* g [[buffer(1)]],
-                                  device float* dl [[buffer(2)]], constant BsParams& params [[buffer(3)]],
+                                  device float* dl [[buffer(2)]], constant BalanceKernelArgs& params [[buffer(3)]],
                                   uint t [[thread_position_in_grid]]) {
-    BsParams p = params;
+    BalanceKernelArgs p = params;
     if (t >= p.rows) {
         return;
     }

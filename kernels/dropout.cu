@@ -10,7 +10,7 @@ typedef uint32_t gm_u32;
 
 #include "dropout.cuh"
 
-extern "C" __global__ void philox_dropout_f32(const float* x, float* y, GmDropParams p) {
+extern "C" __global__ void philox_dropout_f32(const float* x, float* y, DropoutKernelArgs p) {
     gm_u32 g = blockIdx.x * blockDim.x + threadIdx.x;
     if ((size_t)g * 4u >= (size_t)p.n) {
         return;

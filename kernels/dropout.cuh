@@ -1,5 +1,5 @@
 // Philox dropout: the per-group body, written once and included by dropout.cu (CUDA) and
-// dropout.metal (Metal). The CPU twin is src/ops/dropout.rs (`drop_group`).
+// dropout.metal (Metal). The CPU twin is src/ops/dropout.rs (`PhiloxDropout::group`).
 //
 // Element i of the contiguous input uses word i % 4 of Philox4x32-10 with counter
 // (site, hi, i / 4, Stream::Dropout << 16) and the seed as key: rng::draw(seed, Stream::Dropout,
@@ -18,8 +18,8 @@
 // Stream::Dropout in src/rng/philox.rs.
 #define GM_STREAM_DROPOUT 4u
 
-// Scalar arguments; #[repr(C)] twin: `DropParams` in src/ops/dropout.rs.
-struct GmDropParams {
+// Scalar arguments; #[repr(C)] twin: `DropoutKernelArgs` in src/ops/dropout.rs.
+struct DropoutKernelArgs {
     gm_u32 n;         // elements
     gm_u32 site;      // counter word 0
     gm_u32 hi;        // counter word 1: (step & 0xffff) << 16 | (micro & 0xffff)
@@ -31,7 +31,7 @@ struct GmDropParams {
 };
 
 // Elements 4g .. 4g + 3 (those below n) of y = x * mask.
-GM_FN void gm_dropout_group(const GM_GLOBAL float* x, GM_GLOBAL float* y, GmDropParams p, gm_u32 g) {
+GM_FN void gm_dropout_group(const GM_GLOBAL float* x, GM_GLOBAL float* y, DropoutKernelArgs p, gm_u32 g) {
     GmU4 r = gm_philox4x32_10(p.site, p.hi, g, GM_STREAM_DROPOUT << 16, p.seed_lo, p.seed_hi);
     gm_u32 w[4] = {r.x, r.y, r.z, r.w};
     gm_u32 base = g * 4u;

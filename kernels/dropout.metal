@@ -18,8 +18,8 @@ typedef uint gm_u32;
 #include "dropout.cuh"
 
 kernel void philox_dropout_f32(const device float* x [[buffer(0)]], device float* y [[buffer(1)]],
-                               constant GmDropParams& params [[buffer(2)]], uint g [[thread_position_in_grid]]) {
-    GmDropParams p = params;
+                               constant DropoutKernelArgs& params [[buffer(2)]], uint g [[thread_position_in_grid]]) {
+    DropoutKernelArgs p = params;
     if ((ulong)g * 4u >= (ulong)p.n) {
         return;
     }

@@ -1,5 +1,5 @@
 // CUDA entry points of the Gumbel router ops; the row logic is in gumbel_router.cuh.
-// Compiled to PTX by build.rs (feature `cuda`), loaded by src/ops/gumbel_router.rs.
+// Compiled to PTX by build.rs (feature `cuda`), loaded by src/ops/gumbel_router/cuda.rs.
 #include <stdint.h>
 
 typedef uint32_t gm_u32;
@@ -16,7 +16,7 @@ typedef uint32_t gm_u32;
 
 #include "gumbel_router.cuh"
 
-extern "C" __global__ void gumbel_select_f32(const float* logits, gm_u32* out, GmParams p) {
+extern "C" __global__ void gumbel_select_f32(const float* logits, gm_u32* out, GumbelKernelArgs p) {
     gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) {
         return;
@@ -24,7 +24,7 @@ extern "C" __global__ void gumbel_select_f32(const float* logits, gm_u32* out, G
     gm_select_row(logits + (size_t)row * p.logits_stride, out + (size_t)row * p.y_stride, p, row);
 }
 
-extern "C" __global__ void gumbel_weights_f32(const float* logits, const gm_u32* cand, float* y, GmParams p) {
+extern "C" __global__ void gumbel_weights_f32(const float* logits, const gm_u32* cand, float* y, GumbelKernelArgs p) {
     gm_u32 row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) {
         return;
@@ -34,7 +34,7 @@ extern "C" __global__ void gumbel_weights_f32(const float* logits, const gm_u32*
 }
 
 extern "C" __global__ void gumbel_weights_bwd_f32(const float* y, const float* dy, const gm_u32* cand, float* dl,
-                                                  GmParams p) {
+                                                  GumbelKernelArgs p) {
     // One thread per element of dlogits (T, E): gid = row * E + col.
     gm_u32 gid = blockIdx.x * blockDim.x + threadIdx.x;
     if (gid >= p.rows * p.e) {

@@ -1,6 +1,6 @@
 // The Gumbel-Softmax router kernels: the per-row logic, written once and included by both
 // gumbel_router.cu (CUDA) and gumbel_router.metal (Metal), so the body the H100 tests is the body
-// Metal runs. The CPU twin is src/ops/gumbel_router/cpu.rs (`select_block_impl`, `weights_row`,
+// Metal runs. The CPU twin is src/ops/gumbel_router/cpu.rs (`choose_row`, `weights_row`,
 // `bwd_row`).
 //
 // select and weights: one thread owns one token row, its arrays in registers (templates over the
@@ -26,11 +26,11 @@
 #endif
 
 // Largest pre-filter K the kernels accept (the taken-set is a 32-bit mask). Keep in sync with
-// MAX_K in src/ops/gumbel_router.rs.
+// MAX_K in src/ops/gumbel_router/mod.rs.
 #define GM_MAX_K 32
 
-// Scalar arguments of every entry point; #[repr(C)] twin: `GmParams` in src/ops/gumbel_router.rs.
-struct GmParams {
+// Scalar arguments of every entry point; #[repr(C)] twin: `GumbelKernelArgs` in src/ops/gumbel_router/mod.rs.
+struct GumbelKernelArgs {
     gm_u32 rows;          // T
     gm_u32 e;             // E
     gm_u32 k;             // K candidates
@@ -49,7 +49,7 @@ struct GmParams {
     gm_u32 y_col;         // column of the saved weights y in a select row (K + m); 0: not saved
 };
 
-GM_FN float gm_noise(GmParams p, gm_u32 row, gm_u32 expert) {
+GM_FN float gm_noise(GumbelKernelArgs p, gm_u32 row, gm_u32 expert) {
     if (p.noisy == 0u) {
         return 0.0f;
     }
@@ -103,7 +103,7 @@ GM_FN GmVec<KMAX> gm_softmax_t(GmVec<KMAX> z, gm_u32 k, float inv_tau) {
 // compile-time constant after unrolling (a runtime index would put the arrays in local memory).
 // `lg` points at the row's logits, `out` at its output row.
 template <int KMAX>
-GM_FN void gm_select_row_t(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmParams p, gm_u32 row) {
+GM_FN void gm_select_row_t(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GumbelKernelArgs p, gm_u32 row) {
     float cv[KMAX];
     gm_u32 ci[KMAX];
     GM_UNROLL
@@ -170,7 +170,7 @@ GM_FN void gm_select_row_t(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmP
 
 // One row of gumbel_select: the register variant for the smallest KMAX that holds K (K is
 // uniform across a launch, so this branch does not diverge).
-GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmParams p, gm_u32 row) {
+GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GumbelKernelArgs p, gm_u32 row) {
     if (p.k <= 4u) {
         gm_select_row_t<4>(lg, out, p, row);
     } else if (p.k <= 8u) {
@@ -186,7 +186,7 @@ GM_FN void gm_select_row(const GM_GLOBAL float* lg, GM_GLOBAL gm_u32* out, GmPar
 // y_col != 0, else computed with the noise regenerated. An out-of-range candidate index makes the
 // row NaN (no stray reads).
 template <int KMAX>
-GM_FN void gm_weights_row_t(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
+GM_FN void gm_weights_row_t(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GumbelKernelArgs p,
                             gm_u32 row) {
     GmVec<KMAX> z;
     bool bad = false;
@@ -217,7 +217,7 @@ GM_FN void gm_weights_row_t(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* c
 }
 
 // One row of gumbel_weights (see gm_select_row for the KMAX dispatch).
-GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GmParams p,
+GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* cand, GM_GLOBAL float* y, GumbelKernelArgs p,
                           gm_u32 row) {
     if (p.k <= 4u) {
         gm_weights_row_t<4>(lg, cand, y, p, row);
@@ -235,7 +235,7 @@ GM_FN void gm_weights_row(const GM_GLOBAL float* lg, const GM_GLOBAL gm_u32* can
 // y, dy and candidates (K values each) are re-read per element from cache. Same summation order as
 // the CPU's bwd_row: dot over i in order, then 0 + y_i * (dy_i - dot) * inv_tau.
 GM_FN float gm_weights_bwd_elem(const GM_GLOBAL float* y, const GM_GLOBAL float* dy, const GM_GLOBAL gm_u32* cand,
-                                GmParams p, gm_u32 col) {
+                                GumbelKernelArgs p, gm_u32 col) {
     float dot = 0.0f;
     for (gm_u32 i = 0u; i < p.k; ++i) {
         dot += y[i] * dy[i];

@@ -1,5 +1,5 @@
 // Metal entry points of the Gumbel router ops; the row logic is in gumbel_router.cuh.
-// src/ops/gumbel_router.rs compiles this at run time (newLibraryWithSource cannot follow #include):
+// src/ops/gumbel_router/metal.rs compiles this at run time (newLibraryWithSource cannot follow #include):
 // it prepends `#define GM_INLINED` and replaces the `#include "gumbel_router.cuh"` line below with
 // philox.h and gumbel_router.cuh. scripts/check_kernels.sh compiles it as C++ with g++ against
 // kernels/metal_shim.h.
@@ -30,8 +30,8 @@ typedef uint gm_u32;
 #include "gumbel_router.cuh"
 
 kernel void gumbel_select_f32(const device float* logits [[buffer(0)]], device gm_u32* out [[buffer(1)]],
-                              constant GmParams& params [[buffer(2)]], uint row [[thread_position_in_grid]]) {
-    GmParams p = params;
+                              constant GumbelKernelArgs& params [[buffer(2)]], uint row [[thread_position_in_grid]]) {
+    GumbelKernelArgs p = params;
     if (row >= p.rows) {
         return;
     }
@@ -39,9 +39,9 @@ kernel void gumbel_select_f32(const device float* logits [[buffer(0)]], device g
 }
 
 kernel void gumbel_weights_f32(const device float* logits [[buffer(0)]], const device gm_u32* cand [[buffer(1)]],
-                               device float* y [[buffer(2)]], constant GmParams& params [[buffer(3)]],
+                               device float* y [[buffer(2)]], constant GumbelKernelArgs& params [[buffer(3)]],
                                uint row [[thread_position_in_grid]]) {
-    GmParams p = params;
+    GumbelKernelArgs p = params;
     if (row >= p.rows) {
         return;
     }
@@ -51,9 +51,9 @@ kernel void gumbel_weights_f32(const device float* logits [[buffer(0)]], const d
 
 kernel void gumbel_weights_bwd_f32(const device float* y [[buffer(0)]], const device float* dy [[buffer(1)]],
                                    const device gm_u32* cand [[buffer(2)]], device float* dl [[buffer(3)]],
-                                   constant GmParams& params [[buffer(4)]], uint gid [[thread_position_in_grid]]) {
+                                   constant GumbelKernelArgs& params [[buffer(4)]], uint gid [[thread_position_in_grid]]) {
     // One thread per element of dlogits (T, E): gid = row * E + col.
-    GmParams p = params;
+    GumbelKernelArgs p = params;
     if (gid >= p.rows * p.e) {
         return;
     }

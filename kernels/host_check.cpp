@@ -43,7 +43,7 @@ int main() {
     const uint T = 3, E = 37, K = 5, M = 2;
     std::vector<float> lg(T * E);
     for (uint i = 0; i < T * E; ++i) lg[i] = (float)((i * 2654435761u) % 1000u) / 250.0f - 2.0f;
-    GmParams p = {};
+    GumbelKernelArgs p = {};
     p.rows = T; p.e = E; p.k = K; p.m = M; p.logits_stride = E; p.idx_stride = K + M; p.y_stride = K + M;
     p.dy_stride = K; p.seed_lo = 7; p.seed_hi = 1; p.step = 4; p.layer = 2; p.token_base = 10; p.noisy = 1;
     p.inv_tau = 1.0f / 0.7f;
@@ -58,7 +58,7 @@ int main() {
         CHECK(above < K, "row %u: %u logits beat the K-th candidate", r, above);
         CHECK(s[K] < K && s[K + 1] < K && s[K] != s[K + 1], "row %u selection", r);
     }
-    GmParams pw = p;
+    GumbelKernelArgs pw = p;
     pw.y_stride = K;
     std::vector<float> y(T * K), dy(T * K), dl(T * E);
     for (uint r = 0; r < T; ++r) gumbel_weights_f32(lg.data(), sel.data(), y.data(), pw, r);
@@ -75,12 +75,12 @@ int main() {
     }
     // Select saving y (T, 2K + m): the same selection, its y bit-identical to the computed y, and
     // gumbel_weights given that output copies them.
-    GmParams ps = p;
+    GumbelKernelArgs ps = p;
     ps.y_stride = 2 * K + M;
     ps.y_col = K + M;
     std::vector<uint> sel_y(T * (2 * K + M));
     for (uint r = 0; r < T; ++r) gumbel_select_f32(lg.data(), sel_y.data(), ps, r);
-    GmParams pc = pw;
+    GumbelKernelArgs pc = pw;
     pc.idx_stride = 2 * K + M;
     pc.y_col = K + M;
     std::vector<float> y_copied(T * K);
@@ -95,7 +95,7 @@ int main() {
             CHECK(GM_F2U(y_copied[r * K + i]) == GM_F2U(y[r * K + i]), "row %u: copied y %g is not %g", r, y_copied[r * K + i], y[r * K + i]);
         }
     }
-    GmParams pb = pw;
+    GumbelKernelArgs pb = pw;
     pb.idx_stride = K + M;
     for (uint g = 0; g < T * E; ++g) gumbel_weights_bwd_f32(y.data(), dy.data(), sel.data(), dl.data(), pb, g);
     for (uint r = 0; r < T; ++r) {

@@ -11,7 +11,7 @@
 
 #include "host_check.h"
 
-// Rows per chunk as src/ops/balance_stats.rs chooses them: max(32, ceil(sqrt(T))).
+// Rows per chunk as src/ops/balance_stats/mod.rs chooses them: max(32, ceil(sqrt(T))).
 static uint chunk_rows(uint t) {
     uint c = 1;
     while ((ulong)c * c < t) ++c;
@@ -35,7 +35,7 @@ static void run(uint T, uint E, uint M, bool bad_index) {
         }
     }
     if (bad_index) idx[(size_t)(T / 2) * IS + M - 1] = E + 7;
-    BsParams p = {};
+    BalanceKernelArgs p = {};
     p.rows = T; p.e = E; p.m = M; p.chunk = chunk_rows(T); p.n_chunks = (T + p.chunk - 1) / p.chunk;
     p.logits_stride = LS; p.idx_stride = IS; p.slots = T * M; p.inv_rows = (float)(1.0 / T);
 

@@ -57,7 +57,7 @@ static void run_case(uint T, uint m, uint E, uint cap, uint C) {
     uint N = row;
 
     // The five sort kernels in launch order.
-    MdParams p = {};
+    DispatchKernelArgs p = {};
     p.t = T; p.m = m; p.e = E; p.cap = cap; p.w_stride = m;
     p.chunk = 7; // small chunks: many chunk boundaries
     p.n_chunks = (n + p.chunk - 1) / p.chunk;

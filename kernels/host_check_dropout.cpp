@@ -16,7 +16,7 @@ static int fail(const char* what) {
 int main() {
     const gm_u32 n = 200003;
     for (double prob : {0.1, 0.2, 0.5}) {
-        GmDropParams p{};
+        DropoutKernelArgs p{};
         p.n = n;
         p.site = 3;
         p.hi = (12u << 16) | 1u;

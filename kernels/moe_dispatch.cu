@@ -16,62 +16,62 @@ typedef uint32_t md_u32;
         return;                                              \
     }
 
-extern "C" __global__ void expert_sort_count_u32(const md_u32* idx, md_u32* hist, MdParams p, md_u32 total) {
+extern "C" __global__ void expert_sort_count_u32(const md_u32* idx, md_u32* hist, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_sort_count(idx, hist, p, tid);
 }
 
-extern "C" __global__ void expert_sort_scan_u32(md_u32* hist, MdParams p, md_u32 total) {
+extern "C" __global__ void expert_sort_scan_u32(md_u32* hist, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_sort_scan(hist, p, tid);
 }
 
-extern "C" __global__ void expert_sort_offsets_u32(const md_u32* hist, md_u32* order, MdParams p, md_u32 total) {
+extern "C" __global__ void expert_sort_offsets_u32(const md_u32* hist, md_u32* order, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_sort_offsets(hist, order, p);
 }
 
-extern "C" __global__ void expert_sort_rank_u32(const md_u32* idx, const md_u32* hist, md_u32* order, MdParams p,
+extern "C" __global__ void expert_sort_rank_u32(const md_u32* idx, const md_u32* hist, md_u32* order, DispatchKernelArgs p,
                                                 md_u32 total) {
     MD_TID(total)
     md_sort_rank(idx, hist, order, p, tid);
 }
 
-extern "C" __global__ void expert_sort_pad_u32(const md_u32* idx, md_u32* order, MdParams p, md_u32 total) {
+extern "C" __global__ void expert_sort_pad_u32(const md_u32* idx, md_u32* order, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_sort_pad(idx, order, p, tid);
 }
 
-extern "C" __global__ void gather_rows_f32(const float* x, const md_u32* order, float* xs, MdParams p, md_u32 total) {
+extern "C" __global__ void gather_rows_f32(const float* x, const md_u32* order, float* xs, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_gather(x, order, xs, p, tid);
 }
 
-extern "C" __global__ void gather_rows_bwd_f32(const float* dxs, const md_u32* order, float* dx, MdParams p,
+extern "C" __global__ void gather_rows_bwd_f32(const float* dxs, const md_u32* order, float* dx, DispatchKernelArgs p,
                                                md_u32 total) {
     MD_TID(total)
     md_gather_bwd(dxs, order, dx, p, tid);
 }
 
-extern "C" __global__ void combine_f32(const float* out, const float* w, const md_u32* order, float* y, MdParams p,
+extern "C" __global__ void combine_f32(const float* out, const float* w, const md_u32* order, float* y, DispatchKernelArgs p,
                                        md_u32 total) {
     MD_TID(total)
     md_combine(out, w, order, y, p, tid);
 }
 
 extern "C" __global__ void combine_bwd_out_f32(const float* dy, const float* w, const md_u32* order, float* dout,
-                                               MdParams p, md_u32 total) {
+                                               DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_combine_bwd_out(dy, w, order, dout, p, tid);
 }
 
 extern "C" __global__ void combine_bwd_w_part_f32(const float* out, const float* dy, const md_u32* order, float* part,
-                                                  MdParams p, md_u32 total) {
+                                                  DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_combine_bwd_w_part(out, dy, order, part, p, tid);
 }
 
-extern "C" __global__ void combine_bwd_w_f32(const float* part, float* dw, MdParams p, md_u32 total) {
+extern "C" __global__ void combine_bwd_w_f32(const float* part, float* dw, DispatchKernelArgs p, md_u32 total) {
     MD_TID(total)
     md_combine_bwd_w(part, dw, p, tid);
 }

@@ -1,6 +1,6 @@
 // MoE dispatch / combine kernels: the per-thread bodies, written once and included by both
 // moe_dispatch.cu (CUDA) and moe_dispatch.metal (Metal). The CPU twins are in src/ops/expert_sort.rs,
-// gather_rows.rs and combine.rs. No float atomics anywhere: every output element is written by
+// gather_rows.rs and combine/. No float atomics anywhere: every output element is written by
 // exactly one thread, and every sum runs in a fixed order, so results do not depend on scheduling.
 //
 // The including file defines MD_FN and MD_GLOBAL (address space of device buffers) and md_u32.
@@ -28,8 +28,8 @@
 // Partial sums per slot in combine_bwd_w (the CPU twin uses the same split: same rounding steps).
 #define MD_LANES 32u
 
-// Scalar arguments of every entry point; #[repr(C)] twin: `MdParams` in src/ops/dispatch_common.rs.
-struct MdParams {
+// Scalar arguments of every entry point; #[repr(C)] twin: `DispatchKernelArgs` in src/ops/dispatch_common.rs.
+struct DispatchKernelArgs {
     md_u32 t;        // tokens T
     md_u32 m;        // slots per token
     md_u32 e;        // experts E
@@ -49,7 +49,7 @@ struct MdParams {
 #define MD_SLOT_ROW(order, p) ((order) + (p).e + 1u + (p).t * (p).m)
 
 // The expert of slot-major element i = s * T + t (indices are (T, m) with row stride w_stride).
-MD_FN md_u32 md_key(const MD_GLOBAL md_u32* idx, MdParams p, md_u32 i) {
+MD_FN md_u32 md_key(const MD_GLOBAL md_u32* idx, DispatchKernelArgs p, md_u32 i) {
     return idx[(i % p.t) * p.w_stride + i / p.t];
 }
 
@@ -57,7 +57,7 @@ MD_FN md_u32 md_key(const MD_GLOBAL md_u32* idx, MdParams p, md_u32 i) {
 
 // Thread g = chunk * E + e: hist[g] = how many elements of the chunk go to expert e. Threads of one
 // chunk read the same index at each step (a broadcast), so the loads are shared.
-MD_FN void md_sort_count(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* hist, MdParams p, md_u32 g) {
+MD_FN void md_sort_count(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* hist, DispatchKernelArgs p, md_u32 g) {
     md_u32 ch = g / p.e, ex = g % p.e;
     md_u32 lo = ch * p.chunk, hi = lo + p.chunk;
     hi = hi < p.t * p.m ? hi : p.t * p.m;
@@ -70,7 +70,7 @@ MD_FN void md_sort_count(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* hist, Md
 
 // Thread e: hist[., e] becomes the exclusive prefix over chunks (in chunk order), and
 // hist[n_chunks * E + e] the expert's total demand.
-MD_FN void md_sort_scan(MD_GLOBAL md_u32* hist, MdParams p, md_u32 ex) {
+MD_FN void md_sort_scan(MD_GLOBAL md_u32* hist, DispatchKernelArgs p, md_u32 ex) {
     md_u32 run = 0u;
     for (md_u32 ch = 0u; ch < p.n_chunks; ++ch) {
         md_u32 v = hist[ch * p.e + ex];
@@ -81,7 +81,7 @@ MD_FN void md_sort_scan(MD_GLOBAL md_u32* hist, MdParams p, md_u32 ex) {
 }
 
 // One thread: offsets[e + 1] = offsets[e] + min(demand, cap).
-MD_FN void md_sort_offsets(const MD_GLOBAL md_u32* hist, MD_GLOBAL md_u32* order, MdParams p) {
+MD_FN void md_sort_offsets(const MD_GLOBAL md_u32* hist, MD_GLOBAL md_u32* order, DispatchKernelArgs p) {
     md_u32 acc = 0u;
     order[0] = 0u;
     for (md_u32 ex = 0u; ex < p.e; ++ex) {
@@ -94,7 +94,7 @@ MD_FN void md_sort_offsets(const MD_GLOBAL md_u32* hist, MD_GLOBAL md_u32* order
 // Thread g = chunk * E + e: walks its chunk in order and places each element of expert e at its
 // arrival rank (the chunk's prefix plus the count so far): stable, and each element has one writer.
 MD_FN void md_sort_rank(const MD_GLOBAL md_u32* idx, const MD_GLOBAL md_u32* hist, MD_GLOBAL md_u32* order,
-                        MdParams p, md_u32 g) {
+                        DispatchKernelArgs p, md_u32 g) {
     md_u32 ch = g / p.e, ex = g % p.e;
     md_u32 lo = ch * p.chunk, hi = lo + p.chunk;
     hi = hi < p.t * p.m ? hi : p.t * p.m;
@@ -119,7 +119,7 @@ MD_FN void md_sort_rank(const MD_GLOBAL md_u32* idx, const MD_GLOBAL md_u32* his
 
 // Thread f (flat slot): rows past N are unused; a slot whose expert is out of range is dropped
 // (the rank pass never visits it). Disjoint from what md_sort_rank writes.
-MD_FN void md_sort_pad(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* order, MdParams p, md_u32 f) {
+MD_FN void md_sort_pad(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* order, DispatchKernelArgs p, md_u32 f) {
     md_u32 n = order[p.e];
     if (f >= n) {
         MD_ROW_SLOT(order, p)[f] = MD_NONE;
@@ -132,7 +132,7 @@ MD_FN void md_sort_pad(const MD_GLOBAL md_u32* idx, MD_GLOBAL md_u32* order, MdP
 // ---- gather_rows -------------------------------------------------------------------------------
 
 // Element i = r * C + c of xs (N, C). An out-of-range slot gives 0, never a stray read.
-MD_FN void md_gather(const MD_GLOBAL float* x, const MD_GLOBAL md_u32* order, MD_GLOBAL float* xs, MdParams p,
+MD_FN void md_gather(const MD_GLOBAL float* x, const MD_GLOBAL md_u32* order, MD_GLOBAL float* xs, DispatchKernelArgs p,
                      md_u32 i) {
     md_u32 r = i / p.c, col = i % p.c;
     md_u32 f = MD_ROW_SLOT(order, p)[r];
@@ -141,7 +141,7 @@ MD_FN void md_gather(const MD_GLOBAL float* x, const MD_GLOBAL md_u32* order, MD
 }
 
 // Element i = t * C + c of dx (T, C): the token's rows summed in slot order.
-MD_FN void md_gather_bwd(const MD_GLOBAL float* dxs, const MD_GLOBAL md_u32* order, MD_GLOBAL float* dx, MdParams p,
+MD_FN void md_gather_bwd(const MD_GLOBAL float* dxs, const MD_GLOBAL md_u32* order, MD_GLOBAL float* dx, DispatchKernelArgs p,
                          md_u32 i) {
     md_u32 tok = i / p.c, col = i % p.c;
     const MD_GLOBAL md_u32* sr = MD_SLOT_ROW(order, p) + tok * p.m;
@@ -159,7 +159,7 @@ MD_FN void md_gather_bwd(const MD_GLOBAL float* dxs, const MD_GLOBAL md_u32* ord
 
 // Element i = t * C + c of y (T, C): sum_s w[t, s] out[row, c] in slot order; dropped slots add 0.
 MD_FN void md_combine(const MD_GLOBAL float* out, const MD_GLOBAL float* w, const MD_GLOBAL md_u32* order,
-                      MD_GLOBAL float* y, MdParams p, md_u32 i) {
+                      MD_GLOBAL float* y, DispatchKernelArgs p, md_u32 i) {
     md_u32 tok = i / p.c, col = i % p.c;
     const MD_GLOBAL md_u32* sr = MD_SLOT_ROW(order, p) + tok * p.m;
     float acc = 0.0f;
@@ -174,7 +174,7 @@ MD_FN void md_combine(const MD_GLOBAL float* out, const MD_GLOBAL float* w, cons
 
 // Element i = r * C + c of dout (N, C): each row belongs to exactly one slot f.
 MD_FN void md_combine_bwd_out(const MD_GLOBAL float* dy, const MD_GLOBAL float* w, const MD_GLOBAL md_u32* order,
-                              MD_GLOBAL float* dout, MdParams p, md_u32 i) {
+                              MD_GLOBAL float* dout, DispatchKernelArgs p, md_u32 i) {
     md_u32 r = i / p.c, col = i % p.c;
     md_u32 f = MD_ROW_SLOT(order, p)[r];
     md_u32 tok = f / p.m, s = f % p.m;
@@ -184,7 +184,7 @@ MD_FN void md_combine_bwd_out(const MD_GLOBAL float* dy, const MD_GLOBAL float* 
 // Thread g = f * MD_LANES + lane: part[g] = sum over c = lane, lane + MD_LANES, ... of out[row, c] dy[t, c]
 // (consecutive lanes read consecutive columns).
 MD_FN void md_combine_bwd_w_part(const MD_GLOBAL float* out, const MD_GLOBAL float* dy, const MD_GLOBAL md_u32* order,
-                                 MD_GLOBAL float* part, MdParams p, md_u32 g) {
+                                 MD_GLOBAL float* part, DispatchKernelArgs p, md_u32 g) {
     md_u32 f = g / MD_LANES, lane = g % MD_LANES;
     md_u32 tok = f / p.m;
     md_u32 r = MD_SLOT_ROW(order, p)[f];
@@ -198,7 +198,7 @@ MD_FN void md_combine_bwd_w_part(const MD_GLOBAL float* out, const MD_GLOBAL flo
 }
 
 // Thread f: dw[t, s] = the MD_LANES partial sums added in lane order.
-MD_FN void md_combine_bwd_w(const MD_GLOBAL float* part, MD_GLOBAL float* dw, MdParams p, md_u32 f) {
+MD_FN void md_combine_bwd_w(const MD_GLOBAL float* part, MD_GLOBAL float* dw, DispatchKernelArgs p, md_u32 f) {
     (void)p; // one signature for every body
     float acc = 0.0f;
     for (md_u32 lane = 0u; lane < MD_LANES; ++lane) {

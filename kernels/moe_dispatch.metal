@@ -21,51 +21,51 @@ typedef uint md_u32;
     if (tid >= total) {   \
         return;           \
     }                     \
-    MdParams p = params;
+    DispatchKernelArgs p = params;
 
 kernel void expert_sort_count_u32(const device md_u32* idx [[buffer(0)]], device md_u32* hist [[buffer(1)]],
-                                  constant MdParams& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
+                                  constant DispatchKernelArgs& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
                                   uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_sort_count(idx, hist, p, tid);
 }
 
-kernel void expert_sort_scan_u32(device md_u32* hist [[buffer(0)]], constant MdParams& params [[buffer(1)]],
+kernel void expert_sort_scan_u32(device md_u32* hist [[buffer(0)]], constant DispatchKernelArgs& params [[buffer(1)]],
                                  constant md_u32& total [[buffer(2)]], uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_sort_scan(hist, p, tid);
 }
 
 kernel void expert_sort_offsets_u32(const device md_u32* hist [[buffer(0)]], device md_u32* order [[buffer(1)]],
-                                    constant MdParams& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
+                                    constant DispatchKernelArgs& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
                                     uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_sort_offsets(hist, order, p);
 }
 
 kernel void expert_sort_rank_u32(const device md_u32* idx [[buffer(0)]], const device md_u32* hist [[buffer(1)]],
-                                 device md_u32* order [[buffer(2)]], constant MdParams& params [[buffer(3)]],
+                                 device md_u32* order [[buffer(2)]], constant DispatchKernelArgs& params [[buffer(3)]],
                                  constant md_u32& total [[buffer(4)]], uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_sort_rank(idx, hist, order, p, tid);
 }
 
 kernel void expert_sort_pad_u32(const device md_u32* idx [[buffer(0)]], device md_u32* order [[buffer(1)]],
-                                constant MdParams& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
+                                constant DispatchKernelArgs& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
                                 uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_sort_pad(idx, order, p, tid);
 }
 
 kernel void gather_rows_f32(const device float* x [[buffer(0)]], const device md_u32* order [[buffer(1)]],
-                            device float* xs [[buffer(2)]], constant MdParams& params [[buffer(3)]],
+                            device float* xs [[buffer(2)]], constant DispatchKernelArgs& params [[buffer(3)]],
                             constant md_u32& total [[buffer(4)]], uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_gather(x, order, xs, p, tid);
 }
 
 kernel void gather_rows_bwd_f32(const device float* dxs [[buffer(0)]], const device md_u32* order [[buffer(1)]],
-                                device float* dx [[buffer(2)]], constant MdParams& params [[buffer(3)]],
+                                device float* dx [[buffer(2)]], constant DispatchKernelArgs& params [[buffer(3)]],
                                 constant md_u32& total [[buffer(4)]], uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_gather_bwd(dxs, order, dx, p, tid);
@@ -73,7 +73,7 @@ kernel void gather_rows_bwd_f32(const device float* dxs [[buffer(0)]], const dev
 
 kernel void combine_f32(const device float* out [[buffer(0)]], const device float* w [[buffer(1)]],
                         const device md_u32* order [[buffer(2)]], device float* y [[buffer(3)]],
-                        constant MdParams& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
+                        constant DispatchKernelArgs& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
                         uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_combine(out, w, order, y, p, tid);
@@ -81,7 +81,7 @@ kernel void combine_f32(const device float* out [[buffer(0)]], const device floa
 
 kernel void combine_bwd_out_f32(const device float* dy [[buffer(0)]], const device float* w [[buffer(1)]],
                                 const device md_u32* order [[buffer(2)]], device float* dout [[buffer(3)]],
-                                constant MdParams& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
+                                constant DispatchKernelArgs& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
                                 uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_combine_bwd_out(dy, w, order, dout, p, tid);
@@ -89,14 +89,14 @@ kernel void combine_bwd_out_f32(const device float* dy [[buffer(0)]], const devi
 
 kernel void combine_bwd_w_part_f32(const device float* out [[buffer(0)]], const device float* dy [[buffer(1)]],
                                    const device md_u32* order [[buffer(2)]], device float* part [[buffer(3)]],
-                                   constant MdParams& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
+                                   constant DispatchKernelArgs& params [[buffer(4)]], constant md_u32& total [[buffer(5)]],
                                    uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_combine_bwd_w_part(out, dy, order, part, p, tid);
 }
 
 kernel void combine_bwd_w_f32(const device float* part [[buffer(0)]], device float* dw [[buffer(1)]],
-                              constant MdParams& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
+                              constant DispatchKernelArgs& params [[buffer(2)]], constant md_u32& total [[buffer(3)]],
                               uint tid [[thread_position_in_grid]]) {
     MD_TID
     md_combine_bwd_w(part, dw, p, tid);

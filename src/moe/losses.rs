@@ -12,16 +12,7 @@
 use crate::nn::ops::logsumexp;
 use candle_core::{DType, Result, Tensor};
 
-/// f_i: counts of each expert among `indices` divided by their number.
-pub fn expert_fractions(indices: &[u32], e: usize) -> Vec<f64> {
-    let mut f = vec![0f64; e];
-    for &i in indices {
-        f[i as usize] += 1.0;
-    }
-    let n = indices.len().max(1) as f64;
-    f.iter_mut().for_each(|x| *x /= n);
-    f
-}
+pub use crate::ops::balance_stats::expert_fractions;
 
 /// E * sum_i f_i * P_i with probs: (T, E). Gradient flows through P.
 pub fn load_balance(probs: &Tensor, indices: &[u32]) -> Result<Tensor> {

@@ -23,8 +23,9 @@
 //! storage; the state is owned by the optimizer). There are no CUDA / Metal kernels: on other
 //! devices, dtypes or layouts the optimizer keeps its tensor-op path.
 
+use super::backend::cpu::{contiguous, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -46,37 +47,6 @@ pub struct AdamWStep {
     pub decay: Option<f64>,
 }
 
-/// Float types with a fused kernel.
-trait Elem: WithDType + Send + Sync {
-    fn sqrt(self) -> Self;
-    fn slice(s: &CpuStorage) -> Option<&Vec<Self>>;
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
-}
-
-macro_rules! elem {
-    ($t:ty, $v:ident) => {
-        impl Elem for $t {
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn slice(s: &CpuStorage) -> Option<&Vec<Self>> {
-                match s {
-                    CpuStorage::$v(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
-                match s {
-                    CpuStorage::$v(v) => Some(v),
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-elem!(f32, F32);
-elem!(f64, F64);
-
 /// The constants of [`AdamWStep`] converted once to the element type, as Candle's `affine` does.
 #[derive(Clone, Copy)]
 struct Consts<T> {
@@ -91,7 +61,7 @@ struct Consts<T> {
     decay: Option<T>,
 }
 
-impl<T: Elem> Consts<T> {
+impl<T: Float> Consts<T> {
     fn new(s: &AdamWStep) -> Self {
         let f = T::from_f64;
         Self {
@@ -111,8 +81,8 @@ impl<T: Elem> Consts<T> {
 /// One chunk: the element-wise update, written as the tensor path's sequence of ops. The `+ zero`
 /// terms are the `add` of Candle's `affine` (they turn -0 into +0, so they are kept).
 #[inline(always)]
-fn chunk<T: Elem>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>) {
-    let zero = T::zero();
+fn chunk<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>) {
+    let zero = T::ZERO;
     let n = p.len();
     let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
     for i in 0..n {
@@ -132,7 +102,7 @@ fn chunk<T: Elem>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>)
     }
 }
 
-fn kernel<T: Elem>(p: &mut [T], mv: &mut [T], g: &[T], s: &AdamWStep) {
+fn kernel<T: Float>(p: &mut [T], mv: &mut [T], g: &[T], s: &AdamWStep) {
     let c = Consts::<T>::new(s);
     let (m, v) = mv.split_at_mut(p.len());
     if p.len() <= CHUNK {
@@ -143,13 +113,6 @@ fn kernel<T: Elem>(p: &mut [T], mv: &mut [T], g: &[T], s: &AdamWStep) {
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| chunk(p, m, v, g, &c));
-    }
-}
-
-fn contiguous(what: &str, l: &Layout) -> Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some(o) => Ok(o),
-        None => bail!("adamw: {what} must be contiguous, got stride {:?}", l.stride()),
     }
 }
 
@@ -166,14 +129,14 @@ struct ParamUpdate<'a, T> {
     step: AdamWStep,
 }
 
-impl<T: Elem> InplaceOp1 for ParamUpdate<'_, T> {
+impl<T: Float> InplaceOp1 for ParamUpdate<'_, T> {
     fn name(&self) -> &'static str {
         "adamw-param"
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let (a, b) = contiguous("parameter", l)?;
-        let Some(p) = T::slice_mut(s) else { bail!("adamw: parameter dtype {:?} differs from the state's", s.dtype()) };
+        let (a, b) = contiguous(l, "parameter", "adamw")?;
+        let p = T::slice_mut(s, "parameter (the state's dtype)", "adamw")?;
         let Some(mv) = self.mv.borrow_mut().take() else { bail!("adamw: parameter op ran twice") };
         let p = &mut p[a..b];
         if p.len() != self.g.len() || mv.len() != 2 * p.len() {
@@ -184,7 +147,7 @@ impl<T: Elem> InplaceOp1 for ParamUpdate<'_, T> {
     }
 }
 
-fn moments_and_param<T: Elem>(
+fn moments_and_param<T: Float>(
     param: &Tensor,
     step: AdamWStep,
     mv: &mut CpuStorage,
@@ -192,10 +155,10 @@ fn moments_and_param<T: Elem>(
     g: &CpuStorage,
     g_l: &Layout,
 ) -> Result<()> {
-    let (ma, mb) = contiguous("state", mv_l)?;
-    let (ga, gb) = contiguous("gradient", g_l)?;
-    let Some(g) = T::slice(g) else { bail!("adamw: gradient dtype {:?} differs from the state's", g.dtype()) };
-    let mv = &mut T::slice_mut(mv).expect("dtype matched by the caller")[ma..mb];
+    let (ma, mb) = contiguous(mv_l, "state", "adamw")?;
+    let (ga, gb) = contiguous(g_l, "gradient", "adamw")?;
+    let g = T::slice(g, "gradient (the state's dtype)", "adamw")?;
+    let mv = &mut T::slice_mut(mv, "state", "adamw")?[ma..mb];
     param.inplace_op1(&ParamUpdate { mv: RefCell::new(Some(mv)), g: &g[ga..gb], step })
 }
 

@@ -1,18 +1,13 @@
 //! The causal attention core as one op each way. It reads q, k, v straight from the (B, T, 3C)
 //! projection, rotates q and k (RoPE, half-split) when given tables, and per (batch, head) computes
-//! softmax(q k^T / sqrt(hs)) with the causal mask inside the loops (no (T, T) mask tensor), times
-//! v, written to (B, T, C). The backward ([`AttentionBwd`], itself an op) recomputes the
-//! probabilities from q and k (flash-attention style: nothing of size T x T is kept between the
-//! passes) and returns d(qkv) in the projection's layout.
-//!
-//! Per head: S = q k^T and y = P v (dP, dq, dk, dv backward) are `gemm` calls on the (T, T)
-//! scores; the causal half above the diagonal is computed and zeroed (at T = 64 the product is
-//! cheaper than skipping it). It replaces ~20 graph nodes per layer (split, transposes, rotary narrow/cat, matmuls, mask,
-//! composite softmax) and their zero-filled gradient buffers. No attention dropout: with dropout
-//! on, the model uses the composite path. CPU kernel here; on other devices
-//! [`causal_attention`] runs the plain-tensor twin [`causal_attention_reference`].
+//! softmax(q k^T / sqrt(hs)) with the causal mask inside the loops, times v, into (B, T, C). The
+//! backward ([`AttentionBwd`], itself an op) recomputes the probabilities from q and k (nothing of
+//! size T x T is kept between the passes) and returns d(qkv) in the projection's layout. Per head
+//! the products are `gemm` calls on the (T, T) scores (the half above the diagonal computed, then
+//! zeroed). No attention dropout (with dropout on, the model uses the composite path). CPU kernel
+//! here; on other devices [`causal_attention`] runs the twin [`causal_attention_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use super::gemm::{matmul, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};

@@ -13,11 +13,11 @@
 //! `kernels/dropout.metal` (compiled at run time). The plain-tensor twin is [`dropout_reference`]:
 //! the host-built mask times x.
 
+use super::backend::cpu::{contiguous, Float};
 use crate::rng::{draw, Stream};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::ops::Mul;
 
 /// Elements per rayon task (a multiple of 4).
 const CHUNK: usize = 1 << 14;
@@ -34,11 +34,11 @@ pub struct PhiloxDropout {
     pub hi: u32,
 }
 
-/// The scalar arguments of the kernels: the `#[repr(C)]` twin of `GmDropParams` in
-/// `kernels/dropout.cuh`.
+/// The scalar arguments of the kernels: the `#[repr(C)]` twin of `DropoutKernelArgs` in
+/// `kernels/dropout.cuh` (8 four-byte fields, same order).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
-pub struct DropParams {
+pub(crate) struct DropoutKernelArgs {
     pub n: u32,
     pub site: u32,
     pub hi: u32,
@@ -64,12 +64,12 @@ impl PhiloxDropout {
         (1.0 / (1.0 - self.p)) as f32
     }
 
-    fn params(&self, n: usize) -> Result<DropParams> {
+    fn params(&self, n: usize) -> Result<DropoutKernelArgs> {
         if !(0.0..1.0).contains(&self.p) {
             candle_core::bail!("dropout: p = {} must be in [0, 1)", self.p);
         }
-        let n = u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("dropout: {n} elements exceed u32")))?;
-        Ok(DropParams {
+        let n = super::backend::fits(n, "elements", "dropout")?;
+        Ok(DropoutKernelArgs {
             n,
             site: self.site,
             hi: self.hi,
@@ -87,25 +87,18 @@ impl PhiloxDropout {
         draw(self.seed, Stream::Dropout, self.site, self.hi, g as u32).map(|w| if (w >> 9) < thr { 0.0 } else { scale })
     }
 
-    fn cpu<T: Copy + Send + Sync + From<f32> + Mul<Output = T>>(&self, x: &[T]) -> Vec<T> {
+    fn cpu<T: Float>(&self, x: &[T]) -> Vec<T> {
         let (thr, scale) = (self.threshold(), self.scale());
         let mut y: Vec<T> = x.to_vec();
         y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ys)| {
             for (j, quad) in ys.chunks_mut(4).enumerate() {
                 let m = self.group(thr, scale, (c * CHUNK) / 4 + j);
                 for (v, &mk) in quad.iter_mut().zip(&m) {
-                    *v = *v * T::from(mk);
+                    *v = *v * T::from_f32(mk);
                 }
             }
         });
         y
-    }
-}
-
-fn contiguous(l: &Layout) -> Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some(o) => Ok(o),
-        None => candle_core::bail!("dropout: input must be contiguous, got stride {:?}", l.stride()),
     }
 }
 
@@ -115,7 +108,7 @@ impl CustomOp1 for PhiloxDropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = contiguous(l)?;
+        let (a, b) = contiguous(l, "input", "dropout")?;
         self.params(b - a)?;
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[a..b])),
@@ -127,57 +120,39 @@ impl CustomOp1 for PhiloxDropout {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
-        let (a, b) = contiguous(l)?;
+        use super::backend::cuda::{launch, Module};
+        const MODULE: Module = Module {
+            name: "gumbel_moe_dropout",
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
+            block: 256,
+        };
+        let (a, b) = contiguous(l, "input", "dropout")?;
         let p = self.params(b - a)?;
-        if s.dtype() != candle_core::DType::F32 {
-            candle_core::bail!("dropout on CUDA: f32 input required, got {:?}", s.dtype());
-        }
+        super::backend::expect_dtype(self.name(), "input", s.dtype(), candle_core::DType::F32)?;
         let dev = s.device();
         // SAFETY: every element is written by the kernel below (one thread per group of 4).
         let out = unsafe { dev.alloc::<f32>((b - a).max(1))? };
-        if b > a {
-            let x = s.as_cuda_slice::<f32>()?.slice(a..b);
-            let func = dev.get_or_load_custom_func("philox_dropout_f32", "gumbel_moe_dropout", PTX)?;
-            let groups = ((b - a) as u32).div_ceil(4);
-            let cfg =
-                LaunchConfig { grid_dim: (groups.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let mut lb = func.builder();
-            lb.arg(&x);
-            lb.arg(&out);
-            lb.arg(&p);
-            // SAFETY: reads and writes n floats.
-            unsafe { lb.launch(cfg) }.w()?;
-        }
+        let x = s.as_cuda_slice::<f32>()?.slice(a..b);
+        launch(dev, &MODULE, "philox_dropout_f32", (b - a).div_ceil(4), &[&x, &out, &p])?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), l.shape().clone()))
     }
 
     #[cfg(feature = "metal")]
     fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::backend::metal::{dispatch, inline_source, output, Arg, Library};
+        use candle_core::DType;
         fn source() -> String {
-            super::metal_glue::inline_source(
-                include_str!("../../kernels/dropout.metal"),
-                &[(
-                    "dropout.cuh",
-                    &format!(
-                        "{}\n{}",
-                        include_str!("../../kernels/philox.h"),
-                        include_str!("../../kernels/dropout.cuh")
-                    ),
-                )],
-            )
+            let body =
+                format!("{}\n{}", include_str!("../../kernels/philox.h"), include_str!("../../kernels/dropout.cuh"));
+            inline_source(include_str!("../../kernels/dropout.metal"), &[("dropout.cuh", &body)])
         }
-        let (a, b) = contiguous(l)?;
+        const LIBRARY: Library = Library { name: "gumbel_moe_dropout", source, block: None };
+        let (a, b) = contiguous(l, "input", "dropout")?;
         let p = self.params(b - a)?;
-        let out = super::metal_glue::launch(
-            ("gumbel_moe_dropout", source, "philox_dropout_f32"),
-            &[(s, a, candle_core::DType::F32)],
-            (b - a, candle_core::DType::F32),
-            &p,
-            (b - a).div_ceil(4),
-        )?;
+        super::backend::expect_dtype(self.name(), "input", s.dtype(), DType::F32)?;
+        let (out, buf) = output(s.device(), b - a, DType::F32, self.name())?;
+        let args = [Arg::input(s, a), Arg::Out(&buf, 0), Arg::value(&p)];
+        dispatch(s.device(), &LIBRARY, "philox_dropout_f32", &args, (b - a).div_ceil(4))?;
         Ok((out, l.shape().clone()))
     }
 
@@ -187,8 +162,7 @@ impl CustomOp1 for PhiloxDropout {
 }
 
 #[cfg(feature = "cuda")]
-// SAFETY: #[repr(C)] plain old data, laid out as the C struct GmDropParams the kernel takes by value.
-unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for DropParams {}
+super::backend::cuda::by_value!(DropoutKernelArgs);
 
 /// y = dropout(x) through the op (its backward is the op on the gradient).
 pub fn philox_dropout(x: &Tensor, d: &PhiloxDropout) -> Result<Tensor> {

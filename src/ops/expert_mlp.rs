@@ -10,7 +10,7 @@
 //! CPU kernel here; on other devices [`expert_mlp`] runs the plain-tensor twin
 //! [`expert_mlp_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use super::gelu::Normal;
 use super::gemm::{matmul, Mat};
 use candle_core::backend::BackendStorage;

@@ -1,11 +1,11 @@
 //! Expert sort: groups the (token, slot) pairs of a routing by expert, as a Candle custom op with
 //! CPU, CUDA and Metal kernels. The plain twin is [`expert_sort_reference`], built on
-//! [`moe::dispatch::plan`](crate::moe::dispatch::plan); the op returns exactly its order.
+//! [`plan`](super::dispatch_plan::plan); the op returns exactly its order.
 //!
 //! # Design
 //!
 //! [`ExpertSort`] (`CustomOp1`, no backward: indices carry no gradient): indices (T, m) u32 -> the
-//! packed order tensor (E + 1 + 2 T m) u32 described in [`dispatch_common`](super::dispatch_common):
+//! packed order tensor (E + 1 + 2 T m) u32 described in `ops::dispatch_common`:
 //! offsets per expert, then the flat slot of each sorted row, then the sorted row of each slot.
 //! Sorted order is slot-major (every first choice before any second choice, GShard priority),
 //! tokens in order within a slot; with a capacity, an expert keeps only its first `cap` arrivals
@@ -29,7 +29,9 @@
 //! Out-of-range expert ids (>= E): an error on the CPU; on a GPU the slot is dropped (never a stray
 //! write). Only the E + 1 offsets need to reach the host (N = offsets[E], tokens per expert).
 
-use super::dispatch_common::{fits, u32_slice, OrderDims, Rows, NONE};
+use super::backend::cpu::{u32_slice, Rows};
+use super::backend::fits;
+use super::dispatch_common::{OrderDims, NONE};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -57,11 +59,11 @@ impl ExpertSort {
 
     #[cfg(any(feature = "cuda", feature = "metal"))]
     /// GPU chunk length: about sqrt(T m), at least 64.
-    fn gpu_params(&self, d: OrderDims, r: Rows) -> Result<(super::dispatch_common::MdParams, u32)> {
+    fn gpu_params(&self, d: OrderDims, r: Rows) -> Result<(super::dispatch_common::DispatchKernelArgs, u32)> {
         let n = d.t * d.m;
         let chunk = ((n as f64).sqrt().ceil() as usize).max(64);
         let n_chunks = n.div_ceil(chunk);
-        let mut p = super::dispatch_common::MdParams::new(d, 0, 0, self.name())?;
+        let mut p = super::dispatch_common::DispatchKernelArgs::new(d, 0, 0, self.name())?;
         p.cap = self.cap as u32;
         p.chunk = chunk as u32;
         p.n_chunks = n_chunks as u32;
@@ -144,45 +146,46 @@ impl CustomOp1 for ExpertSort {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::dispatch_common::cuda::{launch, want};
+        use super::dispatch_common::cuda_launch as launch;
         use candle_core::backend::BackendStorage;
         let (d, r) = self.dims(l)?;
-        want(s, candle_core::DType::U32, "indices", self.name())?;
+        super::backend::expect_dtype(self.name(), "indices", s.dtype(), candle_core::DType::U32)?;
         let (p, hist_len) = self.gpu_params(d, r)?;
         let dev = s.device();
         let idx = s.as_cuda_slice::<u32>()?.slice(r.offset..);
         let hist = dev.alloc_zeros::<u32>(hist_len as usize)?;
         let out = dev.alloc_zeros::<u32>(d.len())?;
         let (grid, n, e) = (p.n_chunks * p.e, p.t * p.m, p.e);
-        launch!(dev, "expert_sort_count_u32", grid, &idx, &hist, &p);
-        launch!(dev, "expert_sort_scan_u32", e, &hist, &p);
-        launch!(dev, "expert_sort_offsets_u32", 1, &hist, &out, &p);
-        launch!(dev, "expert_sort_rank_u32", grid, &idx, &hist, &out, &p);
-        launch!(dev, "expert_sort_pad_u32", n, &idx, &out, &p);
+        launch(dev, "expert_sort_count_u32", grid, &[&idx, &hist, &p])?;
+        launch(dev, "expert_sort_scan_u32", e, &[&hist, &p])?;
+        launch(dev, "expert_sort_offsets_u32", 1, &[&hist, &out, &p])?;
+        launch(dev, "expert_sort_rank_u32", grid, &[&idx, &hist, &out, &p])?;
+        launch(dev, "expert_sort_pad_u32", n, &[&idx, &out, &p])?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(d.len())))
     }
 
     #[cfg(feature = "metal")]
     fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
-        use super::dispatch_common::metal::launch;
+        use super::backend::metal::Arg;
+        use super::dispatch_common::metal_dispatch as launch;
         use candle_core::backend::BackendStorage;
         use candle_core::DType;
         let (d, r) = self.dims(l)?;
-        if s.dtype() != DType::U32 {
-            candle_core::bail!("{}: indices must be u32, got {:?}", self.name(), s.dtype());
-        }
+        super::backend::expect_dtype(self.name(), "indices", s.dtype(), DType::U32)?;
         let (p, hist_len) = self.gpu_params(d, r)?;
         let dev = s.device();
         let hist = dev.allocate_zeros(hist_len as usize * 4)?;
-        let out = dev.allocate_zeros(d.len() * 4)?;
-        let idx = (s.buffer(), r.offset * 4, false);
+        let out_buf = dev.allocate_zeros(d.len() * 4)?;
+        let out = candle_core::MetalStorage::new(out_buf.clone(), dev.clone(), d.len(), DType::U32);
+        let (idx, pa) = (Arg::input(s, r.offset), Arg::value(&p));
+        let (h_in, h_out, o_out) = (Arg::In(&hist, 0), Arg::Out(&hist, 0), Arg::Out(&out_buf, 0));
         let (grid, n, e) = (p.n_chunks * p.e, p.t * p.m, p.e);
-        launch(dev, "expert_sort_count_u32", &[idx, (&*hist, 0, true)], p, grid)?;
-        launch(dev, "expert_sort_scan_u32", &[(&*hist, 0, true)], p, e)?;
-        launch(dev, "expert_sort_offsets_u32", &[(&*hist, 0, false), (&*out, 0, true)], p, 1)?;
-        launch(dev, "expert_sort_rank_u32", &[idx, (&*hist, 0, false), (&*out, 0, true)], p, grid)?;
-        launch(dev, "expert_sort_pad_u32", &[idx, (&*out, 0, true)], p, n)?;
-        Ok((candle_core::MetalStorage::new(out, dev.clone(), d.len(), DType::U32), Shape::from(d.len())))
+        launch(dev, "expert_sort_count_u32", grid, &[idx, h_out, pa])?;
+        launch(dev, "expert_sort_scan_u32", e, &[h_out, pa])?;
+        launch(dev, "expert_sort_offsets_u32", 1, &[h_in, o_out, pa])?;
+        launch(dev, "expert_sort_rank_u32", grid, &[idx, h_in, o_out, pa])?;
+        launch(dev, "expert_sort_pad_u32", n, &[idx, o_out, pa])?;
+        Ok((out, Shape::from(d.len())))
     }
 }
 
@@ -190,7 +193,7 @@ impl CustomOp1 for ExpertSort {
 /// copy of its E + 1 offsets.
 #[derive(Clone, Debug)]
 pub struct ExpertOrder {
-    /// (E + 1 + 2 T m) u32, the packed layout of [`dispatch_common`](super::dispatch_common).
+    /// (E + 1 + 2 T m) u32, the packed layout of `ops::dispatch_common`.
     pub order: Tensor,
     /// (E + 1) host offsets: expert e owns sorted rows offsets[e]..offsets[e + 1].
     pub offsets: Vec<u32>,
@@ -233,9 +236,9 @@ pub fn expert_sort(indices: &Tensor, e: usize, cap: usize) -> Result<ExpertOrder
     Ok(ExpertOrder { order, offsets, dims: OrderDims { t, m, e } })
 }
 
-/// The reference: the same packed order built on the host from `moe::dispatch::plan`.
+/// The reference: the same packed order built on the host from [`plan`](super::dispatch_plan::plan).
 pub fn expert_sort_reference(indices: &[u32], t: usize, m: usize, e: usize, cap: usize) -> Vec<u32> {
-    let p = crate::moe::dispatch::plan(indices, t, m, e, cap);
+    let p = super::dispatch_plan::plan(indices, t, m, e, cap);
     let d = OrderDims { t, m, e };
     let mut out = vec![NONE; d.len()];
     out[0] = 0;

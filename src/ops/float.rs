@@ -1,107 +1,8 @@
-//! The element type of the fused layer ops' CPU kernels (f32 and f64) and the few things they need
-//! from it: conversions, `sqrt`, a vectorizable `exp` and `erf`, and the storage they live in.
+//! Float math the CPU kernels share: a vectorizable f32 `exp` (with the constants of its AVX2
+//! twin) and deterministic column sums.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Result};
+use super::backend::cpu::Float;
 use rayon::prelude::*;
-use std::ops::{Add, Div, Mul, Neg, Sub};
-
-pub trait Float:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + 'static
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-{
-    const ZERO: Self;
-    const ONE: Self;
-    fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn sqrt(self) -> Self;
-    /// e^x; for f32 a polynomial without a libm call (so loops over it vectorize), ~1 ulp.
-    fn exp(self) -> Self;
-    fn max(self, o: Self) -> Self;
-    /// The elements of a CPU storage of this type, or an error naming the op and the tensor.
-    fn slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [Self]>;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        if self > o {
-            self
-        } else {
-            o
-        }
-    }
-    fn slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [Self]> {
-        match s {
-            CpuStorage::F32(v) => Ok(v),
-            other => candle_core::bail!("{op}: {what} must be f32, got {:?}", other.dtype()),
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Float for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn max(self, o: Self) -> Self {
-        f64::max(self, o)
-    }
-    fn slice<'a>(s: &'a CpuStorage, what: &str, op: &str) -> Result<&'a [Self]> {
-        match s {
-            CpuStorage::F64(v) => Ok(v),
-            other => candle_core::bail!("{op}: {what} must be f64, got {:?}", other.dtype()),
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
 
 /// exp(x) for f32 without a libm call, so that loops over it (the router's softmax over K lanes,
 /// the layer ops) vectorize: Cephes `expf`
@@ -140,26 +41,12 @@ pub(crate) const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds 
 pub(crate) const EXP_P: [f32; 6] =
     [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
-/// A buffer of `n` elements that the caller writes in full before reading (see
-/// [`super::cpu_layout::output_vec`]; NaN-poisoned in debug builds).
-pub fn out_vec<T: Float>(n: usize) -> Vec<T> {
-    super::cpu_layout::output_vec(n, T::from_f64(f64::NAN))
-}
-
-/// Contiguous `[start, end)` of a layout, or an error naming the op and tensor.
-pub fn contiguous(l: &candle_core::Layout, what: &str, op: &str) -> Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some(o) => Ok(o),
-        None => candle_core::bail!("{op}: {what} must be contiguous, got stride {:?}", l.stride()),
-    }
-}
-
 /// Rows per block of [`col_sum`].
 const COL_SUM_BLOCK: usize = 64;
 
 /// The column sums of `x` viewed as rows of `c` (bias gradients): blocks of rows in parallel, then
 /// the blocks' partial sums in order, so the result does not depend on the thread count.
-pub fn col_sum<T: Float>(x: &[T], c: usize) -> Vec<T> {
+pub(crate) fn col_sum<T: Float>(x: &[T], c: usize) -> Vec<T> {
     let partials: Vec<Vec<T>> = x
         .par_chunks(c * COL_SUM_BLOCK)
         .map(|xs| {

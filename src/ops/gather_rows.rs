@@ -18,7 +18,8 @@
 //! `narrow` backward pads each view's gradient to its parent's full size, so E flat narrows cost
 //! E x N x C in the backward, the tree 2 log2(E) x N x C.
 
-use super::dispatch_common::{host_order, u32_slice, OrderDims, Real, Rows, NONE, ROWS_PER_TASK};
+use super::backend::cpu::{u32_slice, Float, Rows};
+use super::dispatch_common::{host_order, OrderDims, NONE, ROWS_PER_TASK};
 use super::expert_sort::ExpertOrder;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -39,7 +40,7 @@ pub struct GatherRowsBwd {
     pub n: usize,
 }
 
-fn gather_cpu<T: Real>(x: &[T], rx: Rows, order: &[u32], start: usize, d: OrderDims, n: usize) -> Result<Vec<T>> {
+fn gather_cpu<T: Float>(x: &[T], rx: Rows, order: &[u32], start: usize, d: OrderDims, n: usize) -> Result<Vec<T>> {
     let c = rx.cols;
     let (row_slot, _, _) = host_order(order, start, d);
     let mut out = vec![T::ZERO; n * c];
@@ -54,7 +55,7 @@ fn gather_cpu<T: Real>(x: &[T], rx: Rows, order: &[u32], start: usize, d: OrderD
     Ok(out)
 }
 
-fn gather_bwd_cpu<T: Real>(dxs: &[T], rd: Rows, order: &[u32], start: usize, d: OrderDims, n: usize) -> Vec<T> {
+fn gather_bwd_cpu<T: Float>(dxs: &[T], rd: Rows, order: &[u32], start: usize, d: OrderDims, n: usize) -> Vec<T> {
     let c = rd.cols;
     let (_, slot_row, _) = host_order(order, start, d);
     let mut dx = vec![T::ZERO; d.t * c];
@@ -78,8 +79,8 @@ impl GatherRows {
     }
 
     #[cfg(any(feature = "cuda", feature = "metal"))]
-    fn params(&self, rx: Rows) -> Result<super::dispatch_common::MdParams> {
-        let mut p = super::dispatch_common::MdParams::new(self.dims, self.n, rx.cols, self.name())?;
+    fn params(&self, rx: Rows) -> Result<super::dispatch_common::DispatchKernelArgs> {
+        let mut p = super::dispatch_common::DispatchKernelArgs::new(self.dims, self.n, rx.cols, self.name())?;
         p.a_stride = rx.stride as u32;
         Ok(p)
     }
@@ -115,17 +116,18 @@ impl CustomOp2 for GatherRows {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::dispatch_common::cuda::{launch, want};
+        use super::backend::expect_dtype;
+        use super::dispatch_common::cuda_launch as launch;
         use candle_core::DType;
-        want(s1, DType::F32, "x", self.name())?;
-        want(s2, DType::U32, "order", self.name())?;
+        expect_dtype(self.name(), "x", s1.dtype(), DType::F32)?;
+        expect_dtype(self.name(), "order", s2.dtype(), DType::U32)?;
         let (rx, st) = self.check(l1, l2, usize::MAX)?;
         let p = self.params(rx)?;
         let dev = s1.device();
         let x = s1.as_cuda_slice::<f32>()?.slice(rx.offset..);
         let order = s2.as_cuda_slice::<u32>()?.slice(st..);
         let out = dev.alloc_zeros::<f32>(self.n * rx.cols)?;
-        launch!(dev, "gather_rows_f32", p.n * p.c, &x, &order, &out, &p);
+        launch(dev, "gather_rows_f32", p.n * p.c, &[&x, &order, &out, &p])?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.n, rx.cols))))
     }
 
@@ -137,18 +139,17 @@ impl CustomOp2 for GatherRows {
         s2: &candle_core::MetalStorage,
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use super::dispatch_common::metal::{f32_u32, launch, output};
+        use super::backend::expect_dtype;
+        use super::backend::metal::{output, Arg};
+        use super::dispatch_common::metal_dispatch as launch;
+        use candle_core::DType;
         let (rx, st) = self.check(l1, l2, usize::MAX)?;
-        f32_u32(&[s1], &[s2], self.name())?;
+        expect_dtype(self.name(), "x", s1.dtype(), DType::F32)?;
+        expect_dtype(self.name(), "order", s2.dtype(), DType::U32)?;
         let p = self.params(rx)?;
-        let (out, buf) = output(s1, self.n * rx.cols)?;
-        launch(
-            s1.device(),
-            "gather_rows_f32",
-            &[(s1.buffer(), rx.offset * 4, false), (s2.buffer(), st * 4, false), (&*buf, 0, true)],
-            p,
-            p.n * p.c,
-        )?;
+        let (out, buf) = output(s1.device(), self.n * rx.cols, DType::F32, self.name())?;
+        let args = [Arg::input(s1, rx.offset), Arg::input(s2, st), Arg::Out(&buf, 0), Arg::value(&p)];
+        launch(s1.device(), "gather_rows_f32", p.n * p.c, &args)?;
         Ok((out, Shape::from((self.n, rx.cols))))
     }
 
@@ -172,8 +173,8 @@ impl GatherRowsBwd {
     }
 
     #[cfg(any(feature = "cuda", feature = "metal"))]
-    fn params(&self, rd: Rows) -> Result<super::dispatch_common::MdParams> {
-        let mut p = super::dispatch_common::MdParams::new(self.dims, self.n, rd.cols, self.name())?;
+    fn params(&self, rd: Rows) -> Result<super::dispatch_common::DispatchKernelArgs> {
+        let mut p = super::dispatch_common::DispatchKernelArgs::new(self.dims, self.n, rd.cols, self.name())?;
         p.a_stride = rd.stride as u32;
         Ok(p)
     }
@@ -209,17 +210,18 @@ impl CustomOp2 for GatherRowsBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::dispatch_common::cuda::{launch, want};
+        use super::backend::expect_dtype;
+        use super::dispatch_common::cuda_launch as launch;
         use candle_core::DType;
-        want(s1, DType::F32, "dxs", self.name())?;
-        want(s2, DType::U32, "order", self.name())?;
+        expect_dtype(self.name(), "dxs", s1.dtype(), DType::F32)?;
+        expect_dtype(self.name(), "order", s2.dtype(), DType::U32)?;
         let (rd, st) = self.check(l1, l2, usize::MAX)?;
         let p = self.params(rd)?;
         let dev = s1.device();
         let dxs = s1.as_cuda_slice::<f32>()?.slice(rd.offset..);
         let order = s2.as_cuda_slice::<u32>()?.slice(st..);
         let out = dev.alloc_zeros::<f32>(self.dims.t * rd.cols)?;
-        launch!(dev, "gather_rows_bwd_f32", p.t * p.c, &dxs, &order, &out, &p);
+        launch(dev, "gather_rows_bwd_f32", p.t * p.c, &[&dxs, &order, &out, &p])?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((self.dims.t, rd.cols))))
     }
 
@@ -231,18 +233,17 @@ impl CustomOp2 for GatherRowsBwd {
         s2: &candle_core::MetalStorage,
         l2: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use super::dispatch_common::metal::{f32_u32, launch, output};
+        use super::backend::expect_dtype;
+        use super::backend::metal::{output, Arg};
+        use super::dispatch_common::metal_dispatch as launch;
+        use candle_core::DType;
         let (rd, st) = self.check(l1, l2, usize::MAX)?;
-        f32_u32(&[s1], &[s2], self.name())?;
+        expect_dtype(self.name(), "dxs", s1.dtype(), DType::F32)?;
+        expect_dtype(self.name(), "order", s2.dtype(), DType::U32)?;
         let p = self.params(rd)?;
-        let (out, buf) = output(s1, self.dims.t * rd.cols)?;
-        launch(
-            s1.device(),
-            "gather_rows_bwd_f32",
-            &[(s1.buffer(), rd.offset * 4, false), (s2.buffer(), st * 4, false), (&*buf, 0, true)],
-            p,
-            p.t * p.c,
-        )?;
+        let (out, buf) = output(s1.device(), self.dims.t * rd.cols, DType::F32, self.name())?;
+        let args = [Arg::input(s1, rd.offset), Arg::input(s2, st), Arg::Out(&buf, 0), Arg::value(&p)];
+        launch(s1.device(), "gather_rows_bwd_f32", p.t * p.c, &args)?;
         Ok((out, Shape::from((self.dims.t, rd.cols))))
     }
 }

@@ -7,7 +7,7 @@
 //! Candle's erf and libm's exp. CPU kernel here; on other devices [`gelu`] runs the plain-tensor
 //! twin [`gelu_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -31,7 +31,7 @@ pub fn gelu_reference(x: &Tensor) -> Result<Tensor> {
 }
 
 /// (Phi(x), phi(x)): the standard normal CDF and density.
-pub trait Normal: Float {
+pub(crate) trait Normal: Float {
     fn cdf_pdf(self) -> (Self, Self);
 }
 

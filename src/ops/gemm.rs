@@ -30,18 +30,18 @@ impl<'a, T> Mat<'a, T> {
 }
 
 /// dst (m, n) row-major = a (m, k) b (k, n), or dst += a b with `accumulate`; one thread.
-pub fn matmul<T: 'static + super::float::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
+pub fn matmul<T: 'static + super::backend::cpu::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
     product(dst, a, b, accumulate, gemm::Parallelism::None)
 }
 
 /// [`matmul`] on Candle's thread count.
-pub fn matmul_par<T: 'static + super::float::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
+pub fn matmul_par<T: 'static + super::backend::cpu::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
     let n = candle_core::utils::get_num_threads();
     let par = if n > 1 { gemm::Parallelism::Rayon(n) } else { gemm::Parallelism::None };
     product(dst, a, b, accumulate, par)
 }
 
-fn product<T: 'static + super::float::Float>(
+fn product<T: 'static + super::backend::cpu::Float>(
     dst: &mut [T],
     a: Mat<T>,
     b: Mat<T>,

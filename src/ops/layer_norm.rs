@@ -8,7 +8,7 @@
 //! any thread count. CPU kernel here; on other devices [`norm`] runs the plain-tensor twin
 //! [`norm_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;

@@ -8,7 +8,7 @@
 //! threaded as Candle's own (`RAYON_NUM_THREADS`). CPU kernel here; on other devices [`linear`]
 //! runs the plain-tensor twin [`linear_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use super::gemm::{matmul_par, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};

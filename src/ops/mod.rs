@@ -27,29 +27,30 @@
 //! dropped on every backend; the backward is the same op on the gradient).
 pub mod adamw;
 pub mod attention;
+pub(crate) mod backend;
 pub mod balance_stats;
 pub mod causal_softmax;
 pub mod combine;
-pub mod cpu_layout;
-pub mod dispatch_common;
+pub(crate) mod dispatch_common;
+pub mod dispatch_plan;
 pub mod dropout;
 pub mod expert_mlp;
 pub mod expert_sort;
-pub mod float;
+pub(crate) mod float;
 pub mod gather_rows;
 pub mod gelu;
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod gumbel_router;
 pub mod layer_norm;
 pub mod linear;
-#[cfg(feature = "metal")]
-pub mod metal_glue;
 pub mod straight_through;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
+pub use balance_stats::{balance_stats, balance_stats_reference, expert_fractions, BalanceStats, BalanceStatsBwd};
 pub use causal_softmax::{causal_softmax, causal_softmax_reference, CausalSoftmax, CausalSoftmaxBwd};
-pub use balance_stats::{balance_stats, balance_stats_reference, BalanceStats, BalanceStatsBwd};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
+pub use dispatch_common::OrderDims;
+pub use dispatch_plan::{capacity, plan, Plan};
 pub use dropout::{dropout_reference, philox_dropout, PhiloxDropout};
 pub use expert_mlp::{expert_mlp, expert_mlp_reference, ExpertMlp, ExpertMlpBwd, ExpertParams};
 pub use expert_sort::{expert_sort, expert_sort_reference, ExpertOrder, ExpertSort};

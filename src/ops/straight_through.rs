@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::cpu_layout::{u32_slice, Rows};
+use super::backend::cpu::{u32_slice, Rows};
 
 /// (y (T, K), cand_sel (T, >= K + m) u32) -> (T, m) weights equal to 1/m; the selected positions
 /// within K are columns K..K+m of `cand_sel` (the output of `GumbelSelect`).

@@ -1,6 +1,6 @@
 //! The select op's top-K for eight f32 rows at once, one row per AVX2 lane (K <= 16, E a multiple
 //! of 8, E <= 1024): a sorting network over keys that carry their expert index, with an exactness
-//! check that sends the rare undecided row to the per-row path (`cpu::top_k_f32_avx2`).
+//! check that sends the rare undecided row to the per-row path (`avx2::top_k_f32_avx2`).
 //!
 //! - **Keys.** A logit's key is its f32 bits with the low `nb` mantissa bits replaced by its expert
 //!   index (nb = the bits of E - 1). The keys of a row are distinct, and as floats they are ordered
@@ -16,13 +16,9 @@
 //!   the order of the keys is the order of the values. Rows where that fails (equal or nearly equal
 //!   logits at the top: -0 and +0, or values within 2^-(23 - nb) relative; 0.06% of random rows at
 //!   E = 64) and rows with a non-finite logit are left to the caller.
-//!
-//! Per 8 rows of E = 64, K <= 8: 9 transposes and 8 x 19 + 7 x 20 comparators of 2 instructions
-//! each, no branch on the data. The per-row path it replaces (a threshold filter, a left-pack and a
-//! rank count) was latency-bound: the select op without noise went from 4.9 to 2.6 ms
-//! (T = 65,536, 1 thread). For 8 < K <= 16 the per-row path is an insertion scan.
 
-use super::{LANES, MAX_K};
+use super::cpu::LANES;
+use super::MAX_K;
 use std::arch::x86_64::*;
 
 /// Largest E whose expert index the key holds (10 mantissa bits).
@@ -222,9 +218,11 @@ unsafe fn transpose8(r: [__m256; LANES]) -> [__m256; LANES] {
 
 #[cfg(test)]
 mod tests {
-    use super::super::top_k_insertion;
-    use super::*;
+    use super::super::cpu::{top_k_insertion, LANES};
+    use super::super::MAX_K;
+    use super::{fits, sort8, top_k_8rows, transpose8};
     use crate::rng;
+    use std::arch::x86_64::{__m256, _mm256_cvtss_f32, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps};
 
     /// A row of E logits from Philox: normal-ish values, or (`levels` > 0) that many distinct values
     /// (ties), or values 1 ulp apart, with signed zeros or a non-finite logit in some rows.
