@@ -10,7 +10,7 @@
 //! MoE blocks: `h.{i}.moe.router.weight` (E, C), `h.{i}.moe.experts.{e}.c_fc.*`, `...c_proj.*`,
 //! `ln_f.*`. Linear weights are (out, in) as in PyTorch.
 
-use crate::config::Config;
+use crate::config::{Config, Positions};
 use crate::moe::layer::MoeStats;
 use crate::moe::{build_router, MoeLayer, RouterFactory};
 use crate::nn::{ops, CausalSelfAttention, Ctx, Mlp, Norm};
@@ -71,7 +71,7 @@ impl Gpt {
             Ok(Embedding::new(w, m.n_embd))
         };
         let wte = emb(m.vocab_size, "wte")?;
-        let wpe = if m.positions == "learned" { Some(emb(m.block_size, "wpe")?) } else { None };
+        let wpe = if m.positions == Positions::Learned { Some(emb(m.block_size, "wpe")?) } else { None };
         let mut blocks = Vec::with_capacity(m.n_layer);
         for i in 0..m.n_layer {
             let vb = vb.pp("h").pp(i);
@@ -81,13 +81,13 @@ impl Gpt {
                 Ffn::Dense(Mlp::new(cfg, 4 * m.n_embd, vb.pp("mlp"))?)
             };
             blocks.push(Block {
-                ln_1: Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_1"))?,
+                ln_1: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_1"))?,
                 attn: CausalSelfAttention::new(cfg, i, vb.pp("attn"))?,
-                ln_2: Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_2"))?,
+                ln_2: Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_2"))?,
                 ffn,
             });
         }
-        let ln_f = Norm::new(m.n_embd, &m.norm, m.bias, m.fused_layers, vb.pp("ln_f"))?;
+        let ln_f = Norm::new(m.n_embd, m.norm, m.bias, m.fused_layers, vb.pp("ln_f"))?;
         Ok(Self {
             wte,
             wpe,

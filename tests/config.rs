@@ -1,5 +1,8 @@
 //! Config files, overrides and validation errors.
 
+use gumbel_moe::config::{
+    Activation, DeviceKind, EvalMode, NormKind, Positions, RouterImpl, RouterInput, RouterKind, TokenizerType,
+};
 use gumbel_moe::Config;
 use std::path::Path;
 
@@ -64,7 +67,7 @@ fn overrides_apply_with_types() {
     )
     .unwrap();
     assert_eq!(c.model.router.tau_min, 0.3);
-    assert_eq!(c.model.router.kind, "dense");
+    assert_eq!(c.model.router.kind, RouterKind::Dense);
     assert_eq!(c.train.lr, 1.0); // an integer is accepted for a float
     assert!(!c.model.router.hard);
 }
@@ -106,4 +109,148 @@ fn checkpoint_configs_from_older_versions_take_new_defaults() {
     json["model"]["mystery"] = 1.into();
     let e = format!("{:#}", Config::from_json(&json.to_string(), "old.json").unwrap_err());
     assert!(e.contains("model.mystery"), "{e}");
+}
+
+/// Every key that takes a name, with its known values in the order the error lists them.
+const NAMED_KEYS: [(&str, &str); 9] = [
+    ("model.router.kind", "gumbel, softmax_topk, dense, noisy_topk, sigmoid_bias, hash, reinforce"),
+    ("model.router.impl", "fused, reference"),
+    ("model.router.eval_mode", "argmax, sample"),
+    ("model.router.input", "hidden, token"),
+    ("model.norm", "layer, rms"),
+    ("model.moe.activation", "gelu, swiglu"),
+    ("model.positions", "learned, rotary"),
+    ("train.device", "cpu, cuda, cuda:N, metal"),
+    ("data.tokenizer", "char, bpe"),
+];
+
+#[test]
+fn unknown_names_are_refused_naming_the_key_and_the_known_values() {
+    for (key, known) in NAMED_KEYS {
+        let want = format!("{key}: unknown value `foo` (known: {known})");
+        let e = err("", &[format!("{key}=foo").as_str()]);
+        assert!(e.contains(&want), "--set {key}: {e}");
+        let (table, leaf) = key.rsplit_once('.').unwrap();
+        let e = err(&format!("[{table}]\n{leaf} = \"foo\"\n"), &[]);
+        assert!(e.contains(&want) && e.contains("test.toml"), "file {key}: {e}");
+        // A checkpoint's config.json.
+        let mut json: serde_json::Value = serde_json::from_str(&Config::default().to_json().unwrap()).unwrap();
+        *json.pointer_mut(&format!("/{}", key.replace('.', "/"))).unwrap() = "foo".into();
+        let e = format!("{:#}", Config::from_json(&json.to_string(), "old.json").unwrap_err());
+        assert!(e.contains(&want) && e.contains("old.json"), "config.json {key}: {e}");
+    }
+    // The known names are the enums' own lists.
+    let lists = [
+        RouterKind::KNOWN,
+        RouterImpl::KNOWN,
+        EvalMode::KNOWN,
+        RouterInput::KNOWN,
+        NormKind::KNOWN,
+        Activation::KNOWN,
+        Positions::KNOWN,
+        DeviceKind::KNOWN,
+        TokenizerType::KNOWN,
+    ];
+    for ((key, known), list) in NAMED_KEYS.iter().zip(lists) {
+        assert_eq!(list.join(", "), *known, "{key}");
+    }
+    let e = err("", &["train.device=cuda:x"]);
+    assert!(e.contains("train.device: unknown value `cuda:x`"), "{e}");
+    let e = err("", &["model.router.kind=expert_choice"]);
+    assert!(e.contains(gumbel_moe::moe::EXPERT_CHOICE_REFUSAL) && !e.contains("unknown value"), "{e}");
+}
+
+#[test]
+fn names_read_and_print_as_their_config_strings() {
+    fn round_trip<T>(all: &[T], key: &str)
+    where
+        T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr + serde::Serialize,
+        T::Err: std::fmt::Debug,
+    {
+        for &v in all {
+            let s = v.to_string();
+            assert_eq!(s.parse::<T>().unwrap(), v, "{key} = {s}");
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::Value::String(s.clone()), "{key}");
+            assert_eq!(format!("{v:?}"), format!("{s:?}"), "{key}");
+        }
+    }
+    round_trip(RouterKind::ALL, RouterKind::KEY);
+    round_trip(RouterImpl::ALL, RouterImpl::KEY);
+    round_trip(EvalMode::ALL, EvalMode::KEY);
+    round_trip(RouterInput::ALL, RouterInput::KEY);
+    round_trip(NormKind::ALL, NormKind::KEY);
+    round_trip(Activation::ALL, Activation::KEY);
+    round_trip(Positions::ALL, Positions::KEY);
+    round_trip(TokenizerType::ALL, TokenizerType::KEY);
+    let devices = [DeviceKind::Cpu, DeviceKind::Cuda(None), DeviceKind::Cuda(Some(3)), DeviceKind::Metal];
+    round_trip(&devices, DeviceKind::KEY);
+    for (v, s) in RouterKind::ALL.iter().zip(RouterKind::KNOWN) {
+        assert_eq!(v.as_str(), *s);
+    }
+    assert_eq!(DeviceKind::Cuda(Some(1)).to_string(), "cuda:1");
+    // Each value set by `--set` lands as that variant, and the resolved config writes it back as the same string.
+    let c = Config::resolve(
+        "",
+        "t",
+        &[
+            "model.router.kind=sigmoid_bias".into(),
+            "model.router.impl=reference".into(),
+            "model.router.eval_mode=sample".into(),
+            "model.router.input=token".into(),
+            "model.norm=rms".into(),
+            "model.moe.activation=swiglu".into(),
+            "model.positions=rotary".into(),
+            "train.device=cuda:2".into(),
+            "data.tokenizer=bpe".into(),
+        ],
+    )
+    .unwrap();
+    let (m, r) = (&c.model, &c.model.router);
+    assert_eq!(
+        (r.kind, r.implementation, r.eval_mode, r.input),
+        (RouterKind::SigmoidBias, RouterImpl::Reference, EvalMode::Sample, RouterInput::Token)
+    );
+    assert_eq!((m.norm, m.moe.activation, m.positions), (NormKind::Rms, Activation::Swiglu, Positions::Rotary));
+    assert_eq!((c.train.device, c.data.tokenizer), (DeviceKind::Cuda(Some(2)), TokenizerType::Bpe));
+    let json: serde_json::Value = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+    for (ptr, s) in [
+        ("/model/router/kind", "sigmoid_bias"),
+        ("/model/router/impl", "reference"),
+        ("/model/router/eval_mode", "sample"),
+        ("/model/router/input", "token"),
+        ("/model/norm", "rms"),
+        ("/model/moe/activation", "swiglu"),
+        ("/model/positions", "rotary"),
+        ("/train/device", "cuda:2"),
+        ("/data/tokenizer", "bpe"),
+    ] {
+        assert_eq!(json.pointer(ptr).and_then(|v| v.as_str()), Some(s), "{ptr}");
+    }
+    assert_eq!(Config::from_json(&c.to_json().unwrap(), "c.json").unwrap(), c);
+}
+
+#[test]
+fn every_config_file_survives_a_checkpoint_round_trip() {
+    for entry in std::fs::read_dir(configs_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            let cfg = Config::from_file(&p, &[]).unwrap();
+            let back = Config::from_json(&cfg.to_json().unwrap(), "config.json").unwrap();
+            assert_eq!(back, cfg, "{}", p.display());
+            // The names in the file are the names written back.
+            let raw: toml::Table = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&cfg.to_json().unwrap()).unwrap();
+            for (key, _) in NAMED_KEYS {
+                let parts: Vec<&str> = key.split('.').collect();
+                let mut v = Some(&toml::Value::Table(raw.clone()));
+                for part in &parts {
+                    v = v.and_then(|t| t.get(part));
+                }
+                if let Some(want) = v {
+                    let got = json.pointer(&format!("/{}", parts.join("/"))).and_then(|v| v.as_str());
+                    assert_eq!(got, want.as_str(), "{} {key}", p.display());
+                }
+            }
+        }
+    }
 }

@@ -285,7 +285,7 @@ fn layer_config(kind: &str, m: usize, k: usize, hard: bool, cf: f64, imp: &str) 
     c.model.moe.capacity_factor = cf;
     c.model.moe.balance_coef = 0.1;
     c.model.moe.z_coef = 0.01;
-    c.model.router.implementation = imp.into();
+    c.model.router.implementation = imp.parse().unwrap();
     c
 }
 

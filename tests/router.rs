@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use gumbel_moe::config::Config;
+use gumbel_moe::config::{Config, EvalMode};
 use gumbel_moe::moe::losses::{expert_fractions, load_balance, z_loss};
 use gumbel_moe::moe::routers::gumbel::{relaxed, straight_through};
 use gumbel_moe::moe::{build_router, MoeLayer, RouteCtx, Router};
@@ -407,7 +407,7 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     let eval = Ctx::eval(seed, tau);
     for (m, k) in [(1, 1), (1, 3), (1, e), (2, 4)] {
         let cfg = config("gumbel", e, d, m, k, true);
-        assert_eq!(cfg.model.router.eval_mode, "argmax");
+        assert_eq!(cfg.model.router.eval_mode, EvalMode::Argmax);
         let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
         let r = route(router.as_ref(), &xt, eval, 0);
         for tok in 0..t {
@@ -438,7 +438,7 @@ fn eval_argmax_has_no_noise_and_sample_mode_has() {
     }
     // eval_mode = "sample": eval draws the same noise as training at the same (seed, step, micro).
     let mut cfg = config("gumbel", e, d, 1, e, true);
-    cfg.model.router.eval_mode = "sample".into();
+    cfg.model.router.eval_mode = EvalMode::Sample;
     let router = router_from(&cfg, &tensor2(&w, e, d, DType::F64));
     let sampled = route(router.as_ref(), &xt, eval, 0);
     let trained = route(router.as_ref(), &xt, Ctx { train: true, ..eval }, 0);
@@ -746,7 +746,7 @@ fn moe_layer_gradients_match_finite_differences() {
         cfg.model.moe.z_coef = 0.05;
         let smooth_router = !name.starts_with("hard");
         for act in ["gelu", "swiglu"] {
-            cfg.model.moe.activation = act.into();
+            cfg.model.moe.activation = act.parse().unwrap();
             let mut checks: Vec<(&str, &[usize])> = experts.to_vec();
             if smooth_router {
                 checks.push(router);

@@ -4,7 +4,7 @@
 use super::dispatch::{capacity, plan};
 use super::losses::{load_balance, load_balance_fused, z_loss};
 use super::{RouteCtx, Router, RouterFactory, Routing};
-use crate::config::Config;
+use crate::config::{Config, RouterImpl};
 use crate::nn::{Ctx, Mlp};
 use crate::ops::{combine, expert_sort, gather_rows, split_rows};
 use candle_core::{DType, Result, Tensor, D};
@@ -71,8 +71,8 @@ impl MoeLayer {
             balance_coef: m.balance_coef,
             z_coef: m.z_coef,
             layer: layer as u32,
-            fused_balance: cfg.model.router.implementation == "fused",
-            fused_dispatch: cfg.model.router.implementation == "fused",
+            fused_balance: cfg.model.router.implementation == RouterImpl::Fused,
+            fused_dispatch: cfg.model.router.implementation == RouterImpl::Fused,
         })
     }
 

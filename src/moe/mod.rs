@@ -6,5 +6,6 @@ pub mod losses;
 pub mod router;
 pub mod routers;
 
+pub use crate::config::EXPERT_CHOICE_REFUSAL;
 pub use layer::{MoeLayer, MoeOutput};
-pub use router::{build_router, RouteCtx, Router, RouterFactory, Routing, EXPERT_CHOICE_REFUSAL, ROUTER_KINDS};
+pub use router::{build_router, RouteCtx, Router, RouterFactory, Routing};

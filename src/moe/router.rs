@@ -7,21 +7,10 @@ use super::routers::{
     dense::DenseRouter, gumbel::GumbelRouter, hash::HashRouter, noisy_topk::NoisyTopkRouter,
     reinforce::ReinforceRouter, sigmoid_bias::SigmoidBiasRouter, softmax_topk::SoftmaxTopkRouter,
 };
-use crate::config::Config;
+use crate::config::{Config, RouterKind};
 use crate::nn::Ctx;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-
-/// The router kinds `model.router.kind` accepts.
-pub const ROUTER_KINDS: [&str; 7] =
-    ["gumbel", "softmax_topk", "dense", "noisy_topk", "sigmoid_bias", "hash", "reinforce"];
-
-/// Why `kind = "expert_choice"` is refused (by `build_router` and by config validation).
-pub const EXPERT_CHOICE_REFUSAL: &str = "model.router.kind = \"expert_choice\" is not supported: \
-expert-choice routing (Zhou et al. 2022) lets each expert pick its top tokens across the whole \
-sequence, so a token's routing depends on future tokens; this model is a causal LM (training and \
-generation must not look ahead), so expert choice would leak the future. Use a token-choice router \
-(e.g. \"sigmoid_bias\" for balanced loads without an auxiliary loss)";
 
 /// Where a routing call happens: the forward context, the layer index (keys the noise) and,
 /// when the caller has them, the token ids of the T rows (the hash router needs them).
@@ -80,15 +69,13 @@ pub type RouterFactory = dyn Fn(&Config, usize, VarBuilder) -> Result<Box<dyn Ro
 
 /// The router named by `model.router.kind`.
 pub fn build_router(cfg: &Config, _layer: usize, vb: VarBuilder) -> Result<Box<dyn Router>> {
-    Ok(match cfg.model.router.kind.as_str() {
-        "gumbel" => Box::new(GumbelRouter::new(cfg, vb)?),
-        "softmax_topk" => Box::new(SoftmaxTopkRouter::new(cfg, vb)?),
-        "dense" => Box::new(DenseRouter::new(cfg, vb)?),
-        "noisy_topk" => Box::new(NoisyTopkRouter::new(cfg, vb)?),
-        "sigmoid_bias" => Box::new(SigmoidBiasRouter::new(cfg, vb)?),
-        "hash" => Box::new(HashRouter::new(cfg)?),
-        "reinforce" => Box::new(ReinforceRouter::new(cfg, vb)?),
-        "expert_choice" => candle_core::bail!("{EXPERT_CHOICE_REFUSAL}"),
-        other => candle_core::bail!("model.router.kind: unknown router `{other}` (known: {ROUTER_KINDS:?})"),
+    Ok(match cfg.model.router.kind {
+        RouterKind::Gumbel => Box::new(GumbelRouter::new(cfg, vb)?),
+        RouterKind::SoftmaxTopk => Box::new(SoftmaxTopkRouter::new(cfg, vb)?),
+        RouterKind::Dense => Box::new(DenseRouter::new(cfg, vb)?),
+        RouterKind::NoisyTopk => Box::new(NoisyTopkRouter::new(cfg, vb)?),
+        RouterKind::SigmoidBias => Box::new(SigmoidBiasRouter::new(cfg, vb)?),
+        RouterKind::Hash => Box::new(HashRouter::new(cfg)?),
+        RouterKind::Reinforce => Box::new(ReinforceRouter::new(cfg, vb)?),
     })
 }

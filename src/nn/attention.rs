@@ -2,7 +2,7 @@
 
 use super::Linear;
 use super::{linear, ops, rotary::Rotary, Ctx};
-use crate::config::Config;
+use crate::config::{Config, Positions};
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
@@ -23,7 +23,7 @@ impl CausalSelfAttention {
         let c = m.n_embd;
         // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
-        let rotary = if m.positions == "rotary" {
+        let rotary = if m.positions == Positions::Rotary {
             Some(Rotary::new(c / m.n_head, m.block_size, m.rope_theta, vb.dtype(), vb.device())?)
         } else {
             None

@@ -3,7 +3,7 @@
 
 use super::linear;
 use super::Linear;
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
@@ -20,7 +20,7 @@ impl Mlp {
     pub fn new(cfg: &Config, hidden: usize, vb: VarBuilder) -> Result<Self> {
         let m = &cfg.model;
         let proj_std = 0.02 / (2.0 * m.n_layer as f64).sqrt();
-        let swiglu = m.moe.activation == "swiglu";
+        let swiglu = m.moe.activation == Activation::Swiglu;
         let fused = m.fused_layers;
         let lin = |i, o, std, name| linear(i, o, m.bias, std, vb.pp(name)).map(|l| l.fused(fused));
         Ok(Self {

@@ -2,6 +2,7 @@
 //! (Candle's own `layer_norm`/`rms_norm` and the `LayerNorm`/`RmsNorm` modules on contiguous input
 //! have no backward).
 
+use crate::config::NormKind;
 use crate::ops::{norm, norm_reference, NormOp};
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -17,10 +18,10 @@ pub struct Norm {
 }
 
 impl Norm {
-    /// `kind`: "layer" or "rms"; the gain starts at 1, the bias (LayerNorm with `bias`) at 0.
+    /// `kind`: LayerNorm or RMSNorm; the gain starts at 1, the bias (LayerNorm with `bias`) at 0.
     /// `fused`: through `ops::norm` rather than its plain-tensor twin.
-    pub fn new(dim: usize, kind: &str, bias: bool, fused: bool, vb: VarBuilder) -> Result<Self> {
-        let rms = kind == "rms";
+    pub fn new(dim: usize, kind: NormKind, bias: bool, fused: bool, vb: VarBuilder) -> Result<Self> {
+        let rms = kind == NormKind::Rms;
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = if bias && !rms { Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?) } else { None };
         Ok(Norm { weight, bias, rms, fused })

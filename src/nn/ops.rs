@@ -1,7 +1,10 @@
 //! Differentiable softmax and deterministic dropout.
 //!
 //! `candle_nn::ops::softmax_last_dim` is a fused kernel without backward: gradients stop there
-//! silently. This softmax is written from `exp`, `sum` and `div`, which all have backward.
+//! silently. `candle_nn::ops::{softmax, log_softmax}` and `Tensor::log_sum_exp` have backward and
+//! the same forward (max, subtract, exp, sum), but they also differentiate through the max:
+//! mathematically zero, in floating point a rounding-sized term at each row's argmax. These detach
+//! the max, so the gradient is the softmax's alone.
 
 use candle_core::{Result, Tensor, D};
 

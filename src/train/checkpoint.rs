@@ -13,7 +13,7 @@ use super::finite::{first_non_finite, first_non_finite_in_file};
 use super::fs_steps::FsSteps;
 use super::run_dir;
 use super::AdamW;
-use crate::config::Config;
+use crate::config::{Config, TokenizerType};
 use crate::data::{Tokenizer, TokenizerKind};
 use crate::nn::Params;
 use anyhow::{bail, Context, Result};
@@ -156,9 +156,9 @@ pub struct Loaded {
 }
 
 pub fn tokenizer_kind(cfg: &Config) -> TokenizerKind {
-    match cfg.data.tokenizer.as_str() {
-        "bpe" => TokenizerKind::Bpe { vocab_size: cfg.data.bpe_vocab_size },
-        _ => TokenizerKind::Char,
+    match cfg.data.tokenizer {
+        TokenizerType::Bpe => TokenizerKind::Bpe { vocab_size: cfg.data.bpe_vocab_size },
+        TokenizerType::Char => TokenizerKind::Char,
     }
 }
 

@@ -2,13 +2,13 @@
 //! state or tokenizer belong to another model. Everything else (steps, learning rate, intervals,
 //! temperatures, loss coefficients, ...) may change with `--set` on resume.
 
-use crate::config::Config;
+use crate::config::{Config, TokenizerType};
 
 /// The first key whose value differs between the checkpoint's config `old` and the resumed `new`
 /// among those a resume may not change, as "KEY = NEW (the checkpoint has OLD): WHY".
 pub fn refused_change(old: &Config, new: &Config) -> Option<String> {
     let (a, b) = (&old.model, &new.model);
-    let bpe = old.data.tokenizer == "bpe" || new.data.tokenizer == "bpe";
+    let bpe = old.data.tokenizer == TokenizerType::Bpe || new.data.tokenizer == TokenizerType::Bpe;
     // (key, the checkpoint's value, the resumed value, why it may not change)
     let mut fixed: Vec<(&str, String, String, &str)> = Vec::new();
     let mut rule = |key, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug, why| {
@@ -89,6 +89,7 @@ pub fn refused_change(old: &Config, new: &Config) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouterKind;
 
     #[test]
     fn names_the_key_and_the_reason() {
@@ -98,14 +99,14 @@ mod tests {
         new.train.max_iters += 1;
         new.model.router.tau_min = 0.1;
         assert_eq!(refused_change(&old, &new), None, "steps and temperatures may change");
-        new.model.router.kind = "softmax_topk".into();
+        new.model.router.kind = RouterKind::SoftmaxTopk;
         let m = refused_change(&old, &new).unwrap();
         assert!(m.starts_with("model.router.kind = \"softmax_topk\" (the checkpoint has \"gumbel\")"), "{m}");
         assert!(m.contains("router kind") && !m.contains("shape"), "{m}");
         let mut new = old.clone();
         new.data.bpe_vocab_size = 300;
         assert_eq!(refused_change(&old, &new), None, "a char tokenizer has no BPE vocabulary");
-        new.data.tokenizer = "bpe".into();
+        new.data.tokenizer = TokenizerType::Bpe;
         assert!(refused_change(&old, &new).unwrap().starts_with("data.tokenizer"));
     }
 }

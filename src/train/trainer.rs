@@ -12,7 +12,7 @@ use super::schedule::{lr_at, tau_at};
 pub use super::step::clip_grads;
 use super::step::{eval_batch_loss, micro_step, MicroOut};
 use super::telemetry::{LayerStep, Telemetry};
-use crate::config::Config;
+use crate::config::{Config, DeviceKind, RouterKind};
 use crate::data::{load_text, split_text, Batcher, Tokenizer};
 use crate::model::Gpt;
 use crate::moe::RouterFactory;
@@ -29,15 +29,15 @@ const EVAL_KEY: u64 = 1 << 40;
 
 /// "cpu", "cuda", "cuda:N" or "metal".
 pub fn device_from_str(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        "metal" => Device::new_metal(0)?,
-        s if s.starts_with("cuda:") => {
-            let n = s[5..].parse().with_context(|| format!("bad device `{s}`: expected cuda:N"))?;
-            Device::new_cuda(n)?
-        }
-        s => bail!("unknown device `{s}`: expected cpu, cuda, cuda:N or metal"),
+    open_device(s.parse()?)
+}
+
+/// The Candle device `train.device` names.
+pub fn open_device(d: DeviceKind) -> Result<Device> {
+    Ok(match d {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda(n) => Device::new_cuda(n.unwrap_or(0))?,
+        DeviceKind::Metal => Device::new_metal(0)?,
     })
 }
 
@@ -102,7 +102,7 @@ impl Trainer {
         let loaded = checkpoint::load(ckpt)?;
         let mut cfg = loaded.cfg.clone();
         if let Some(d) = device {
-            cfg.train.device = d.to_string();
+            cfg.train.device = d.parse()?;
         }
         let out = loaded.dir.clone();
         let mut t = Self::build_inner(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router, false)?;
@@ -129,9 +129,9 @@ impl Trainer {
     ) -> Result<Self> {
         // Before the first tensor op: with several workers, Candle's own ops run single-threaded.
         let n_workers =
-            if cfg.train.device == "cpu" { worker_count(cfg.train.threads, cfg.train.grad_accum) } else { 1 };
+            if cfg.train.device == DeviceKind::Cpu { worker_count(cfg.train.threads, cfg.train.grad_accum) } else { 1 };
         let workers = Workers::new(n_workers)?;
-        let device = device_from_str(&cfg.train.device)?;
+        let device = open_device(cfg.train.device)?;
         if device.is_cuda() {
             // A process-wide cuBLAS setting in Candle: the last trainer built decides.
             candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
@@ -305,7 +305,7 @@ impl Trainer {
     /// Whether routing carries state from one micro-batch to the next (the REINFORCE baseline, the
     /// sigmoid-bias router's expert bias), so the micro-batches must run in order.
     fn sequential_micro_batches(&self) -> bool {
-        matches!(self.cfg.model.router.kind.as_str(), "reinforce" | "sigmoid_bias")
+        matches!(self.cfg.model.router.kind, RouterKind::Reinforce | RouterKind::SigmoidBias)
     }
 
     fn tokens_per_step(&self) -> u64 {

@@ -42,7 +42,7 @@ pub fn router_config(kind: &str, e: usize, d: usize, m: usize, k: usize, hard: b
     c.model.n_layer = 2;
     c.model.moe.num_experts = e;
     c.model.moe.expert_hidden = 16;
-    c.model.router.kind = kind.into();
+    c.model.router.kind = kind.parse().expect("a router kind");
     c.model.router.top_m = m;
     c.model.router.prefilter = k;
     c.model.router.hard = hard;

@@ -15,7 +15,7 @@
 //! kernel can replace them one by one and tests can compare against each.
 
 use super::{host_logits, index_tensor, top_k, Gate};
-use crate::config::{Config, RouterConfig};
+use crate::config::{Config, EvalMode, RouterConfig, RouterImpl};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::softmax;
 use crate::ops::{gumbel_route, GumbelParams};
@@ -37,6 +37,13 @@ impl GumbelRouter {
             candle_core::bail!(
                 "gumbel router needs 1 <= top_m ({}) <= prefilter K ({}) <= num_experts E ({e})",
                 r.top_m,
+                r.prefilter
+            );
+        }
+        if r.implementation == RouterImpl::Fused && r.prefilter > crate::ops::gumbel_router::MAX_K {
+            candle_core::bail!(
+                "model.router.impl = \"fused\" supports prefilter K <= {}, got {}",
+                crate::ops::gumbel_router::MAX_K,
                 r.prefilter
             );
         }
@@ -137,9 +144,9 @@ impl Router for GumbelRouter {
             step: rc.ctx.step as u32,
             layer: rc.layer,
             token_base: rc.ctx.micro * host.len() as u32,
-            noisy: rc.ctx.train || r.eval_mode == "sample",
+            noisy: rc.ctx.train || r.eval_mode == EvalMode::Sample,
         };
-        let (indices, m, weights) = if r.implementation == "fused" {
+        let (indices, m, weights) = if r.implementation == RouterImpl::Fused {
             // The same math in three custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels.
             if r.hard || p.m >= p.k {
                 let f = gumbel_route(&logits, &p, r.hard)?;

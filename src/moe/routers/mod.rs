@@ -8,7 +8,7 @@ pub mod sigmoid_bias;
 pub mod softmax_topk;
 
 use super::RouteCtx;
-use crate::config::Config;
+use crate::config::{Config, RouterInput};
 use crate::nn::Linear;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder};
@@ -32,7 +32,7 @@ impl Gate {
     /// The gate `model.router.input` names, initialised N(0, `init_std`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (e, r) = (cfg.model.moe.num_experts, &cfg.model.router);
-        if r.input == "token" {
+        if r.input == RouterInput::Token {
             let v = cfg.model.vocab_size;
             if v == 0 {
                 candle_core::bail!("router input = \"token\" needs model.vocab_size (0: not yet known)");

@@ -11,7 +11,7 @@
 //! expert, no noise.
 
 use super::{host_logits, index_tensor, top_k, Gate};
-use crate::config::Config;
+use crate::config::{Config, EvalMode};
 use crate::moe::{RouteCtx, Router, Routing};
 use crate::nn::ops::{log_softmax, softmax};
 use crate::rng::gumbel_noise;
@@ -32,7 +32,7 @@ impl ReinforceRouter {
             candle_core::bail!("reinforce router samples exactly 1 expert per token, top_m = {}", r.top_m);
         }
         let gate = Gate::new(cfg, vb)?;
-        Ok(Self { gate, e, sample_at_eval: r.eval_mode == "sample" })
+        Ok(Self { gate, e, sample_at_eval: r.eval_mode == EvalMode::Sample })
     }
 }
 

@@ -9,9 +9,17 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+mod kinds;
+mod validate;
+
+pub use kinds::{
+    Activation, BadValue, DeviceKind, EvalMode, NormKind, Positions, RouterImpl, RouterInput, RouterKind,
+    TokenizerType, EXPERT_CHOICE_REFUSAL,
+};
+
 /// The default config, configs/shakespeare-char-cpu.toml, built in: `gumbel-moe train` without
 /// `--config` trains it.
-pub const DEFAULT_CONFIG: &str = include_str!("../configs/shakespeare-char-cpu.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/shakespeare-char-cpu.toml");
 /// Its name (runs go to `runs/<name>`), and how errors refer to it.
 pub const DEFAULT_CONFIG_NAME: &str = "shakespeare-char-cpu";
 
@@ -39,10 +47,10 @@ pub struct ModelConfig {
     /// Biases in Linear layers and LayerNorms, like GPT-2.
     pub bias: bool,
     /// "learned" (nanoGPT's absolute position table) or "rotary" (RoPE on q and k).
-    pub positions: String,
+    pub positions: Positions,
     pub rope_theta: f64,
     /// "layer" (LayerNorm) or "rms" (RMSNorm).
-    pub norm: String,
+    pub norm: NormKind,
     /// The layers as fused ops (`ops::{linear, norm, gelu, causal_attention, expert_mlp}`: one op each way,
     /// CPU kernels) rather than their plain-tensor twins; same math, same parameters.
     pub fused_layers: bool,
@@ -60,7 +68,7 @@ pub struct MoeConfig {
     /// Hidden width of each expert; 0 = 4 x n_embd (nanoGPT's MLP).
     pub expert_hidden: usize,
     /// "gelu" (GPT-2 MLP) or "swiglu".
-    pub activation: String,
+    pub activation: Activation,
     /// Expert capacity = ceil(capacity_factor * tokens * m / E); 0 = dropless.
     pub capacity_factor: f64,
     /// Switch load-balance loss coefficient (E * sum f_i P_i).
@@ -74,7 +82,7 @@ pub struct MoeConfig {
 pub struct RouterConfig {
     /// "gumbel", "softmax_topk", "dense", "noisy_topk", "sigmoid_bias", "hash" or "reinforce"
     /// (src/moe/routers). "expert_choice" is refused: it looks at future tokens (not causal).
-    pub kind: String,
+    pub kind: RouterKind,
     /// Experts used per token (m).
     pub top_m: usize,
     /// Gumbel: keep the K best logits as candidates before adding noise (K <= E, K >= m).
@@ -86,11 +94,11 @@ pub struct RouterConfig {
     pub tau_min: f64,
     pub tau_decay: f64,
     /// Gumbel at eval/generation: "argmax" (no noise) or "sample" (noise, as in training).
-    pub eval_mode: String,
+    pub eval_mode: EvalMode,
     /// "fused" (the router as custom ops with CPU/CUDA/Metal kernels, src/ops) or "reference"
     /// (plain tensor ops, the twin the tests compare against). Same numbers on the CPU.
     #[serde(rename = "impl")]
-    pub implementation: String,
+    pub implementation: RouterImpl,
     /// Std of the router weight init (nanoGPT's 0.02 by default).
     pub init_std: f64,
     /// Learning-rate multiplier for the router weights (AdamW's update size is ~lr whatever the
@@ -102,7 +110,7 @@ pub struct RouterConfig {
     /// What the router's logits are computed from (every learned router). "hidden": the hidden state, x W (the
     /// usual router). "token": a learned table of E logits per input token id (V, E), looked up
     /// by the token ids: context-free routing, a learned version of hash routing.
-    pub input: String,
+    pub input: RouterInput,
     /// noisy_topk: std of the init of the noise projection W_noise (the noise std per expert is
     /// softplus(x W_noise)). 0 is Shazeer et al.'s zero init: every expert starts with noise std
     /// softplus(0) = ln 2 and the router learns how much noise to keep.
@@ -128,7 +136,7 @@ pub struct DataConfig {
     /// (`data::source::resolve_local`); the default is the repo's Tiny Shakespeare.
     pub source: String,
     /// "char" or "bpe" (byte-level BPE trained on the training split).
-    pub tokenizer: String,
+    pub tokenizer: TokenizerType,
     pub bpe_vocab_size: usize,
     /// Share of the characters used for training; the rest is validation (nanoGPT: 0.9).
     pub train_fraction: f64,
@@ -161,7 +169,7 @@ pub struct TrainConfig {
     /// Final validation loss over the whole validation split (true) or eval_iters batches (false).
     pub final_full_eval: bool,
     /// "cpu", "cuda", "cuda:N" or "metal".
-    pub device: String,
+    pub device: DeviceKind,
     /// CUDA only: f32 matmuls in TF32 on tensor cores (cuBLAS, through Candle's
     /// `set_gemm_reduced_precision_f32`), as nanoGPT's `allow_tf32 = True`. Off by default (full
     /// f32, PyTorch's default); no effect on the CPU or Metal.
@@ -186,33 +194,33 @@ impl Default for Config {
                 n_embd: 128,
                 dropout: 0.0,
                 bias: true,
-                positions: "learned".into(),
+                positions: Positions::Learned,
                 rope_theta: 10000.0,
-                norm: "layer".into(),
+                norm: NormKind::Layer,
                 fused_layers: true,
                 moe_every: 1,
                 moe: MoeConfig {
                     num_experts: 8,
                     expert_hidden: 0,
-                    activation: "gelu".into(),
+                    activation: Activation::Gelu,
                     capacity_factor: 0.0,
                     balance_coef: 0.01,
                     z_coef: 0.001,
                 },
                 router: RouterConfig {
-                    kind: "gumbel".into(),
+                    kind: RouterKind::Gumbel,
                     top_m: 1,
                     prefilter: 4,
                     hard: true,
                     tau0: 1.0,
                     tau_min: 0.5,
                     tau_decay: 1e-3,
-                    eval_mode: "argmax".into(),
-                    implementation: "fused".into(),
+                    eval_mode: EvalMode::Argmax,
+                    implementation: RouterImpl::Fused,
                     init_std: 0.02,
                     lr_scale: 1.0,
                     decay_scale: 1.0,
-                    input: "hidden".into(),
+                    input: RouterInput::Hidden,
                     noise_init_std: 0.0,
                     load_coef: 0.01,
                     importance_coef: 0.01,
@@ -222,7 +230,7 @@ impl Default for Config {
             },
             data: DataConfig {
                 source: "data/tinyshakespeare.txt".into(),
-                tokenizer: "char".into(),
+                tokenizer: TokenizerType::Char,
                 bpe_vocab_size: 1024,
                 train_fraction: 0.9,
             },
@@ -245,7 +253,7 @@ impl Default for Config {
                 ckpt_interval: 500,
                 keep_last: 2,
                 final_full_eval: true,
-                device: "cpu".into(),
+                device: DeviceKind::Cpu,
                 tf32: false,
                 dead_expert_window: 100,
                 threads: 0,
@@ -357,132 +365,6 @@ impl Config {
             .with_context(|| format!("{origin}: config does not match the schema"))?;
         cfg.validate()?;
         Ok(cfg)
-    }
-
-    /// Semantic checks; each error names the key.
-    pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        let r = &m.router;
-        let e = m.moe.num_experts;
-        let one_of = |key: &str, v: &str, allowed: &[&str]| -> Result<()> {
-            if !allowed.contains(&v) {
-                bail!("config key `{key}` = \"{v}\" must be one of {allowed:?}");
-            }
-            Ok(())
-        };
-        one_of("model.positions", &m.positions, &["learned", "rotary"])?;
-        one_of("model.norm", &m.norm, &["layer", "rms"])?;
-        one_of("model.moe.activation", &m.moe.activation, &["gelu", "swiglu"])?;
-        if r.kind == "expert_choice" {
-            bail!("{}", crate::moe::EXPERT_CHOICE_REFUSAL);
-        }
-        one_of("model.router.kind", &r.kind, &crate::moe::ROUTER_KINDS)?;
-        one_of("model.router.eval_mode", &r.eval_mode, &["argmax", "sample"])?;
-        one_of("model.router.input", &r.input, &["hidden", "token"])?;
-        if r.input == "token" && r.kind == "hash" {
-            bail!("model.router.input = \"token\" needs a learned router; `hash` has no parameters (it maps token ids itself)");
-        }
-        one_of("model.router.impl", &r.implementation, &["fused", "reference"])?;
-        if r.implementation == "fused" && r.kind == "gumbel" && r.prefilter > crate::ops::gumbel_router::MAX_K {
-            bail!(
-                "model.router.impl = \"fused\" supports prefilter K <= {}, got {}",
-                crate::ops::gumbel_router::MAX_K,
-                r.prefilter
-            );
-        }
-        one_of("data.tokenizer", &self.data.tokenizer, &["char", "bpe"])?;
-        for (k, v) in [
-            ("model.block_size", m.block_size),
-            ("model.n_layer", m.n_layer),
-            ("model.n_head", m.n_head),
-            ("model.n_embd", m.n_embd),
-            ("train.batch_size", self.train.batch_size),
-            ("train.grad_accum", self.train.grad_accum),
-        ] {
-            if v == 0 {
-                bail!("config key `{k}` must be > 0");
-            }
-        }
-        if m.n_embd % m.n_head != 0 {
-            bail!("model.n_embd = {} must be divisible by model.n_head = {}", m.n_embd, m.n_head);
-        }
-        if m.positions == "rotary" && (m.n_embd / m.n_head) % 2 != 0 {
-            bail!("model.positions = \"rotary\" needs an even head size, got {}", m.n_embd / m.n_head);
-        }
-        if !(0.0..1.0).contains(&m.dropout) {
-            bail!("model.dropout = {} must be in [0, 1)", m.dropout);
-        }
-        if m.moe_every > 0 {
-            if e == 0 {
-                bail!("model.moe.num_experts must be > 0");
-            }
-            if r.top_m == 0 || r.top_m > e {
-                bail!("model.router.top_m = {} must be in 1..=num_experts ({e})", r.top_m);
-            }
-            if r.kind == "gumbel" {
-                if r.prefilter > e {
-                    bail!("model.router.prefilter K = {} exceeds model.moe.num_experts E = {e}", r.prefilter);
-                }
-                if r.prefilter < r.top_m {
-                    bail!("model.router.prefilter K = {} is below model.router.top_m m = {}", r.prefilter, r.top_m);
-                }
-            }
-            if !(r.tau0 > 0.0) || !r.tau0.is_finite() {
-                bail!("model.router.tau0 = {} must be > 0", r.tau0);
-            }
-            if !(r.tau_min > 0.0) || !r.tau_min.is_finite() {
-                bail!("model.router.tau_min = {} must be > 0", r.tau_min);
-            }
-            if !(r.lr_scale > 0.0) {
-                bail!("model.router.lr_scale = {} must be > 0", r.lr_scale);
-            }
-            if !(r.decay_scale >= 0.0 && r.decay_scale.is_finite()) {
-                bail!("model.router.decay_scale = {} must be finite and >= 0", r.decay_scale);
-            }
-            if r.tau_decay < 0.0 {
-                bail!("model.router.tau_decay = {} must be >= 0", r.tau_decay);
-            }
-            for (key, v) in [
-                ("model.router.noise_init_std", r.noise_init_std),
-                ("model.router.load_coef", r.load_coef),
-                ("model.router.importance_coef", r.importance_coef),
-                ("model.router.bias_update_rate", r.bias_update_rate),
-            ] {
-                if !(v >= 0.0 && v.is_finite()) {
-                    bail!("{key} = {v} must be finite and >= 0");
-                }
-            }
-            if !(0.0..1.0).contains(&r.reinforce_baseline_decay) {
-                bail!("model.router.reinforce_baseline_decay = {} must be in [0, 1)", r.reinforce_baseline_decay);
-            }
-            if (r.kind == "hash" || r.kind == "reinforce") && r.top_m != 1 {
-                bail!(
-                    "model.router.top_m = {} but the {} router sends each token to exactly 1 expert",
-                    r.top_m,
-                    r.kind
-                );
-            }
-            if m.moe.capacity_factor < 0.0 {
-                bail!("model.moe.capacity_factor = {} must be >= 0 (0 = dropless)", m.moe.capacity_factor);
-            }
-        }
-        if !(self.data.train_fraction > 0.0 && self.data.train_fraction < 1.0) {
-            bail!("data.train_fraction = {} must be in (0, 1)", self.data.train_fraction);
-        }
-        if self.data.tokenizer == "bpe" && self.data.bpe_vocab_size < 258 {
-            bail!("data.bpe_vocab_size = {} must be >= 258 (256 bytes + specials)", self.data.bpe_vocab_size);
-        }
-        let t = &self.train;
-        if !(t.lr > 0.0) || t.min_lr < 0.0 {
-            bail!("train.lr = {} must be > 0 and train.min_lr = {} >= 0", t.lr, t.min_lr);
-        }
-        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            bail!("train.beta1 = {} and train.beta2 = {} must be in [0, 1)", t.beta1, t.beta2);
-        }
-        if t.eval_interval == 0 || t.log_interval == 0 || t.eval_iters == 0 {
-            bail!("train.eval_interval, train.log_interval and train.eval_iters must be > 0");
-        }
-        Ok(())
     }
 
     /// Expert hidden width after applying the 0 = 4 x n_embd default.
