@@ -57,7 +57,7 @@ static void check_norm(bool rms, bool beta) {
     const ly_u32 rows = 7, c = 37;
     const double eps = 1e-5;
     unsigned s = 12345u + rms * 7 + beta;
-    std::vector<float> x(rows * c), g(c), b(c), dy(rows * c), y(rows * c), dx(rows * c), stats(2 * rows), dg(c), db(c);
+    std::vector<float> x(rows * c), g(c), b(c), dy(rows * c), y(rows * c), out((rows + 2) * c), stats(2 * rows);
     for (auto& v : x) v = (float)(3.0 * frand(s) + 0.5);
     for (auto& v : g) v = (float)(1.0 + 0.3 * frand(s));
     for (auto& v : b) v = (float)(0.2 * frand(s));
@@ -65,9 +65,12 @@ static void check_norm(bool rms, bool beta) {
     NormKernelArgs p{rows, c, rms ? 1u : 0u, beta ? 1u : 0u, (float)eps, 1.0f / c, 0, 0};
     for (ly_u32 r = 0; r < rows; ++r) {
         norm_f32(x.data(), g.data(), b.data(), y.data(), p, r);
-        norm_bwd_rows_f32(x.data(), g.data(), dy.data(), dx.data(), stats.data(), p, r);
+        norm_bwd_rows_f32(x.data(), g.data(), dy.data(), out.data(), stats.data(), p, r);
     }
-    for (ly_u32 j = 0; j < c; ++j) norm_bwd_params_f32(x.data(), dy.data(), stats.data(), dg.data(), db.data(), p, j);
+    for (ly_u32 j = 0; j < c; ++j) norm_bwd_params_f32(x.data(), dy.data(), stats.data(), out.data(), p, j);
+    const float* dx = out.data();
+    const float* dg = dx + rows * c;
+    const float* db = dg + c;
     std::vector<double> xd(x.begin(), x.end()), gd(g.begin(), g.end()), bd(b.begin(), b.end()), yd(rows * c);
     norm_f64(xd, gd, beta ? &bd : nullptr, rms, eps, yd, rows, c);
     for (ly_u32 i = 0; i < rows * c; ++i) CHECK(std::fabs(y[i] - yd[i]) <= 1e-5, "norm y[%u] = %.7g, want %.7g", i, y[i], yd[i]);

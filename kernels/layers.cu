@@ -35,19 +35,21 @@ extern "C" __global__ void norm_f32(const float* x, const float* g, const float*
     }
 }
 
-extern "C" __global__ void norm_bwd_rows_f32(const float* x, const float* g, const float* dy, float* dx, float* stats,
+// out (R + 2, C): dx in rows 0..R, dgamma in row R, dbeta in row R + 1.
+extern "C" __global__ void norm_bwd_rows_f32(const float* x, const float* g, const float* dy, float* out, float* stats,
                                              NormKernelArgs p) {
     ly_size r = LY_TID;
     if (r < p.rows) {
-        ly_norm_bwd_row(x, g, dy, dx, stats, p, (ly_u32)r);
+        ly_norm_bwd_row(x, g, dy, out, stats, p, (ly_u32)r);
     }
 }
 
-extern "C" __global__ void norm_bwd_params_f32(const float* x, const float* dy, const float* stats, float* dgamma,
-                                               float* dbeta, NormKernelArgs p) {
+extern "C" __global__ void norm_bwd_params_f32(const float* x, const float* dy, const float* stats, float* out,
+                                               NormKernelArgs p) {
     ly_size j = LY_TID;
     if (j < p.c) {
-        ly_norm_params(x, dy, stats, dgamma, dbeta, p, (ly_u32)j);
+        float* dgamma = out + (ly_size)p.rows * p.c;
+        ly_norm_params(x, dy, stats, dgamma, dgamma + p.c, p, (ly_u32)j);
     }
 }
 

@@ -43,23 +43,24 @@ kernel void norm_f32(const device float* x [[buffer(0)]], const device float* g 
     }
 }
 
+// out (R + 2, C): dx in rows 0..R, dgamma in row R, dbeta in row R + 1.
 kernel void norm_bwd_rows_f32(const device float* x [[buffer(0)]], const device float* g [[buffer(1)]],
-                              const device float* dy [[buffer(2)]], device float* dx [[buffer(3)]],
+                              const device float* dy [[buffer(2)]], device float* out [[buffer(3)]],
                               device float* stats [[buffer(4)]], constant NormKernelArgs& params [[buffer(5)]],
                               uint r [[thread_position_in_grid]]) {
     NormKernelArgs p = params;
     if (r < p.rows) {
-        ly_norm_bwd_row(x, g, dy, dx, stats, p, r);
+        ly_norm_bwd_row(x, g, dy, out, stats, p, r);
     }
 }
 
 kernel void norm_bwd_params_f32(const device float* x [[buffer(0)]], const device float* dy [[buffer(1)]],
-                                const device float* stats [[buffer(2)]], device float* dgamma [[buffer(3)]],
-                                device float* dbeta [[buffer(4)]], constant NormKernelArgs& params [[buffer(5)]],
-                                uint j [[thread_position_in_grid]]) {
+                                const device float* stats [[buffer(2)]], device float* out [[buffer(3)]],
+                                constant NormKernelArgs& params [[buffer(4)]], uint j [[thread_position_in_grid]]) {
     NormKernelArgs p = params;
     if (j < p.c) {
-        ly_norm_params(x, dy, stats, dgamma, dbeta, p, j);
+        device float* dgamma = out + (ly_size)p.rows * p.c;
+        ly_norm_params(x, dy, stats, dgamma, dgamma + p.c, p, j);
     }
 }
 

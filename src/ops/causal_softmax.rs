@@ -4,7 +4,7 @@
 //! Attention uses it wherever its fully fused op does not run (GPUs, attention dropout in training).
 //! CPU kernel here, CUDA/Metal bodies in `kernels/layers.cuh`; plain twin [`causal_softmax_reference`].
 
-use super::float::{contiguous, out_vec, Float};
+use super::backend::cpu::{contiguous, out_vec, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -35,6 +35,34 @@ pub struct CausalSoftmax {
 #[derive(Clone, Copy, Debug)]
 pub struct CausalSoftmaxBwd {
     pub scale: f64,
+}
+
+/// The GPU kernels' scalar arguments (`CausalSoftmaxKernelArgs` in kernels/layers.cuh).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct CausalSoftmaxKernelArgs {
+    rows: u32,
+    t: u32,
+    scale: f32,
+    pad: u32,
+}
+
+#[cfg(feature = "cuda")]
+super::backend::cuda::by_value!(CausalSoftmaxKernelArgs);
+
+/// The element range of the f32 scores (or p) and the kernel arguments.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn gpu_args(op: &str, dtype: candle_core::DType, l: &Layout, scale: f64) -> Result<((usize, usize), CausalSoftmaxKernelArgs)> {
+    let (rows, t) = dims(l, op)?;
+    super::backend::expect_dtype(op, "scores", dtype, candle_core::DType::F32)?;
+    let args = CausalSoftmaxKernelArgs {
+        rows: super::backend::fits(rows, "rows", op)?,
+        t: super::backend::fits(t, "T", op)?,
+        scale: scale as f32,
+        pad: 0,
+    };
+    Ok((contiguous(l, "scores", op)?, args))
 }
 
 /// (rows, T) of (..., T, T) scores, or an error naming the op.
@@ -100,6 +128,28 @@ impl CustomOp1 for CausalSoftmax {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((a, z), p) = gpu_args(self.name(), s.dtype(), l, self.scale)?;
+        let dev = s.device();
+        // SAFETY: one thread per row writes all T elements of its row.
+        let y = unsafe { dev.alloc::<f32>(z - a)? };
+        let sv = s.as_cuda_slice::<f32>()?.slice(a..z);
+        let m = &super::layer_kernels::MODULE;
+        super::backend::cuda::launch(dev, m, "causal_softmax_f32", p.rows as usize, &[&sv, &y, &p])?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::backend::metal::{dispatch, output, Arg};
+        let ((a, z), p) = gpu_args(self.name(), s.dtype(), l, self.scale)?;
+        let (y, buf) = output(s.device(), z - a, candle_core::DType::F32, self.name())?;
+        let args = [Arg::input(s, a), Arg::Out(&buf, 0), Arg::value(&p)];
+        dispatch(s.device(), &super::layer_kernels::LIBRARY, "causal_softmax_f32", &args, p.rows as usize)?;
+        Ok((y, l.shape().clone()))
+    }
+
     fn bwd(&self, _s: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxBwd { scale: self.scale })?))
     }
@@ -127,5 +177,57 @@ impl CustomOp2 for CausalSoftmaxBwd {
             other => candle_core::bail!("causal-softmax-bwd: f32 or f64 required, got {:?}", other.dtype()),
         };
         Ok((out, ly.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sy: &candle_core::CudaStorage,
+        ly: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((a, z), (ga, gz), p) = self.gpu_plan((sy.dtype(), ly), (sg.dtype(), lg))?;
+        let dev = sy.device();
+        // SAFETY: one thread per row writes all T elements of its row.
+        let ds = unsafe { dev.alloc::<f32>(z - a)? };
+        let yv = sy.as_cuda_slice::<f32>()?.slice(a..z);
+        let gv = sg.as_cuda_slice::<f32>()?.slice(ga..gz);
+        let m = &super::layer_kernels::MODULE;
+        super::backend::cuda::launch(dev, m, "causal_softmax_bwd_f32", p.rows as usize, &[&yv, &gv, &ds, &p])?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(ds, dev.clone()), ly.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sy: &candle_core::MetalStorage,
+        ly: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::backend::metal::{dispatch, output, Arg};
+        let ((a, z), (ga, _), p) = self.gpu_plan((sy.dtype(), ly), (sg.dtype(), lg))?;
+        let (ds, buf) = output(sy.device(), z - a, candle_core::DType::F32, self.name())?;
+        let args = [Arg::input(sy, a), Arg::input(sg, ga), Arg::Out(&buf, 0), Arg::value(&p)];
+        dispatch(sy.device(), &super::layer_kernels::LIBRARY, "causal_softmax_bwd_f32", &args, p.rows as usize)?;
+        Ok((ds, ly.shape().clone()))
+    }
+}
+
+impl CausalSoftmaxBwd {
+    /// The element ranges of p and dp (one shape, both f32) and the kernel arguments.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn gpu_plan(
+        &self,
+        y: (candle_core::DType, &Layout),
+        g: (candle_core::DType, &Layout),
+    ) -> Result<((usize, usize), (usize, usize), CausalSoftmaxKernelArgs)> {
+        if g.1.shape() != y.1.shape() {
+            candle_core::bail!("causal-softmax-bwd: dp has shape {:?}, p has {:?}", g.1.shape(), y.1.shape());
+        }
+        super::backend::expect_dtype(self.name(), "dp", g.0, candle_core::DType::F32)?;
+        let (yr, p) = gpu_args(self.name(), y.0, y.1, self.scale)?;
+        Ok((yr, contiguous(g.1, "dp", self.name())?, p))
     }
 }

@@ -42,6 +42,7 @@ pub mod gelu;
 pub(crate) mod gemm;
 pub mod gumbel_router;
 pub mod layer_norm;
+mod layer_kernels;
 pub mod linear;
 pub mod straight_through;
 
