@@ -39,6 +39,9 @@ inline float exp(float x) {
 inline float divide(float a, float b) {
     return a / b;
 }
+inline float sqrt(float x) {
+    return std::sqrt(x);
+}
 } // namespace precise
 
 inline void threadgroup_barrier(int) {}

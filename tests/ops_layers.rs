@@ -1,11 +1,13 @@
-//! The fused layer ops (`ops::{linear, norm, gelu, causal_attention, expert_mlp}`) against their plain-tensor
+//! The fused layer ops (`ops::{linear, norm, gelu, causal_softmax, causal_attention, expert_mlp}`) against their plain-tensor
 //! twins, forward and backward, on odd shapes in f32 and f64, and against f64 finite differences.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::host::{assert_grad_matches_fd, Rng};
-use gumbel_moe::ops::{gelu, gelu_reference, norm, norm_reference, NormOp};
+use gumbel_moe::ops::{
+    causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp,
+};
 
 fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType) -> Result<Tensor> {
     let n = shape.iter().product();
@@ -127,6 +129,31 @@ fn gelu_matches_twin_and_finite_differences() -> Result<()> {
         let want = x32 * 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x32 / 2f64.sqrt()));
         assert!((got as f64 - want).abs() <= 2e-7 * (1.0 + want.abs()), "gelu({x32}) = {got}, want {want}");
     }
+    Ok(())
+}
+
+#[test]
+fn causal_softmax_matches_twin_and_finite_differences() -> Result<()> {
+    let mut rng = Rng(5);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+        for shape in [vec![1usize, 1], vec![3, 7, 7], vec![2, 3, 33, 33]] {
+            let s = randn(&mut rng, &shape, 3.0, dtype)?;
+            let fused = |t: &[Tensor]| causal_softmax(&t[0], 0.37);
+            let twin = |t: &[Tensor]| causal_softmax_reference(&t[0], 0.37);
+            check_twin(&format!("causal_softmax {dtype:?} {shape:?}"), &fused, &twin, &[s], &shape, tol)?;
+        }
+    }
+    // Large scores (the row max must be subtracted), and exact zeros above the diagonal.
+    let s = (randn(&mut rng, &[9, 9], 1.0, DType::F64)? + 500.0)?;
+    let p = causal_softmax(&s, 1.0)?.to_vec2::<f64>()?;
+    for (i, row) in p.iter().enumerate() {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12, "row {i} sums to {}", row.iter().sum::<f64>());
+        assert!(row[i + 1..].iter().all(|&v| v == 0.0), "row {i} attends to the future: {row:?}");
+    }
+    let s = randn(&mut rng, &[6, 6], 2.0, DType::F64)?;
+    let w = randn(&mut rng, &[6, 6], 1.0, DType::F64)?;
+    assert_grad_matches_fd(|s| (causal_softmax(s, 0.6)? * &w)?.sum_all(), &s, 1e-6, "causal_softmax ")?;
+    assert!(causal_softmax(&randn(&mut rng, &[2, 3], 1.0, DType::F32)?, 1.0).is_err(), "non-square scores");
     Ok(())
 }
 

@@ -7,8 +7,8 @@
 //! (the biases only with `bias`), built with `Tensor::cat`, so each expert's gradients flow back
 //! to its own variables. It replaces the loop of per-expert Candle ops (about 12 graph nodes per
 //! expert each way) with 6 matmuls per expert in two ops. Experts run in parallel, deterministic.
-//! CPU kernel here; on other devices [`expert_mlp`] runs the plain-tensor twin
-//! [`expert_mlp_reference`].
+//! CPU kernel here; on GPUs [`expert_mlp`] runs the per-expert loop with the matmuls on the device's
+//! GEMM and the [`gelu`](super::gelu()) op's kernels; the plain-tensor twin is [`expert_mlp_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
 use super::gelu::Normal;
@@ -62,7 +62,7 @@ impl ExpertMlp {
 /// xs: (N_kept, C) rows grouped by expert (`offsets`, E + 1 entries) -> (N_kept, C).
 pub fn expert_mlp(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Result<Tensor> {
     if !xs.device().is_cpu() {
-        return expert_mlp_reference(xs, experts, offsets);
+        return per_expert(xs, experts, offsets, super::gelu::gelu);
     }
     let (n, c) = xs.dims2()?;
     let (h, wc) = experts.first().map(|p| p.w1.dims2()).transpose()?.unwrap_or((0, c));
@@ -96,6 +96,19 @@ pub fn expert_mlp(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Res
 
 /// The plain-tensor twin: a loop of Candle ops per expert, then the blocks concatenated.
 pub fn expert_mlp_reference(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Result<Tensor> {
+    per_expert(xs, experts, offsets, super::gelu::gelu_reference)
+}
+
+/// The loop of Candle ops per expert with activation `act`, then the blocks concatenated.
+fn per_expert(
+    xs: &Tensor,
+    experts: &[ExpertParams],
+    offsets: &[u32],
+    act: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if offsets.len() != experts.len() + 1 {
+        candle_core::bail!("expert_mlp: {} offsets for {} experts", offsets.len(), experts.len());
+    }
     let mut outs = Vec::new();
     for (e, p) in experts.iter().enumerate() {
         let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
@@ -107,7 +120,7 @@ pub fn expert_mlp_reference(xs: &Tensor, experts: &[ExpertParams], offsets: &[u3
         if let Some(b1) = p.b1 {
             hd = hd.broadcast_add(b1)?;
         }
-        let mut y = super::gelu::gelu_reference(&hd)?.matmul(&p.w2.t()?)?;
+        let mut y = act(&hd)?.matmul(&p.w2.t()?)?;
         if let Some(b2) = p.b2 {
             y = y.broadcast_add(b2)?;
         }

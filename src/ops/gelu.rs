@@ -4,8 +4,8 @@
 //!
 //! f32: a Chebyshev fit of erfc (relative error < 1.2e-7) on the same e^(-x^2/2) that phi needs,
 //! from a polynomial exp: two exps per element, no libm call, so the loops vectorize. f64:
-//! Candle's erf and libm's exp. CPU kernel here; on other devices [`gelu`] runs the plain-tensor
-//! twin [`gelu_reference`].
+//! Candle's erf and libm's exp. CPU kernel here; the f32 GPU kernels (the same fit) are in
+//! `kernels/layers.cuh`; the plain-tensor twin is [`gelu_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
 use candle_core::backend::BackendStorage;
@@ -15,9 +15,28 @@ use rayon::prelude::*;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
+/// The GPU kernels' scalar arguments (`GeluKernelArgs` in kernels/layers.cuh).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GeluKernelArgs {
+    n: u32,
+    pad: [u32; 3],
+}
+
+#[cfg(feature = "cuda")]
+super::backend::cuda::by_value!(GeluKernelArgs);
+
+/// The kernel arguments of `n` elements, after the dtype check.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+fn gpu_args(op: &str, dtype: candle_core::DType, n: usize) -> Result<GeluKernelArgs> {
+    super::backend::expect_dtype(op, "x", dtype, candle_core::DType::F32)?;
+    Ok(GeluKernelArgs { n: super::backend::fits(n, "elements", op)?, pad: [0; 3] })
+}
+
 /// GELU with the exact (erf) form, as PyTorch's `nn.GELU()`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !super::layer_kernels::has_kernel(x) {
         return gelu_reference(x);
     }
     x.contiguous()?.apply_op1(Gelu)
@@ -119,6 +138,29 @@ impl CustomOp1 for Gelu {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (a, z) = contiguous(l, "x", self.name())?;
+        let p = gpu_args(self.name(), s.dtype(), z - a)?;
+        let dev = s.device();
+        // SAFETY: the kernel writes every one of the z - a elements.
+        let y = unsafe { dev.alloc::<f32>((z - a).max(1))? };
+        let x = s.as_cuda_slice::<f32>()?.slice(a..z);
+        super::backend::cuda::launch(dev, &super::layer_kernels::MODULE, "gelu_f32", z - a, &[&x, &y, &p])?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()), l.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::backend::metal::{dispatch, output, Arg};
+        let (a, z) = contiguous(l, "x", self.name())?;
+        let p = gpu_args(self.name(), s.dtype(), z - a)?;
+        let (y, buf) = output(s.device(), z - a, candle_core::DType::F32, self.name())?;
+        let args = [Arg::input(s, a), Arg::Out(&buf, 0), Arg::value(&p)];
+        dispatch(s.device(), &super::layer_kernels::LIBRARY, "gelu_f32", &args, z - a)?;
+        Ok((y, l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
     }
@@ -130,11 +172,7 @@ impl CustomOp2 for GeluBwd {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
-        if lx.shape() != lg.shape() {
-            candle_core::bail!("gelu-bwd: dy has shape {:?}, x has {:?}", lg.shape(), lx.shape());
-        }
-        let (a, z) = contiguous(lx, "x", "gelu-bwd")?;
-        let (ga, gz) = contiguous(lg, "dy", "gelu-bwd")?;
+        let ((a, z), (ga, gz)) = bwd_layouts(lx, lg)?;
         let out = match sx {
             CpuStorage::F32(v) => f32::storage(bwd_cpu(&v[a..z], &f32::slice(sg, "dy", "gelu-bwd")?[ga..gz])),
             CpuStorage::F64(v) => f64::storage(bwd_cpu(&v[a..z], &f64::slice(sg, "dy", "gelu-bwd")?[ga..gz])),
@@ -142,4 +180,51 @@ impl CustomOp2 for GeluBwd {
         };
         Ok((out, lx.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((a, z), (ga, gz)) = bwd_layouts(lx, lg)?;
+        let p = gpu_args(self.name(), sx.dtype(), z - a)?;
+        super::backend::expect_dtype(self.name(), "dy", sg.dtype(), candle_core::DType::F32)?;
+        let dev = sx.device();
+        // SAFETY: the kernel writes every one of the z - a elements.
+        let dx = unsafe { dev.alloc::<f32>((z - a).max(1))? };
+        let x = sx.as_cuda_slice::<f32>()?.slice(a..z);
+        let dy = sg.as_cuda_slice::<f32>()?.slice(ga..gz);
+        let m = &super::layer_kernels::MODULE;
+        super::backend::cuda::launch(dev, m, "gelu_bwd_f32", z - a, &[&x, &dy, &dx, &p])?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(dx, dev.clone()), lx.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::backend::metal::{dispatch, output, Arg};
+        let ((a, z), (ga, _)) = bwd_layouts(lx, lg)?;
+        let p = gpu_args(self.name(), sx.dtype(), z - a)?;
+        super::backend::expect_dtype(self.name(), "dy", sg.dtype(), candle_core::DType::F32)?;
+        let (dx, buf) = output(sx.device(), z - a, candle_core::DType::F32, self.name())?;
+        let args = [Arg::input(sx, a), Arg::input(sg, ga), Arg::Out(&buf, 0), Arg::value(&p)];
+        dispatch(sx.device(), &super::layer_kernels::LIBRARY, "gelu_bwd_f32", &args, z - a)?;
+        Ok((dx, lx.shape().clone()))
+    }
+}
+
+/// The contiguous ranges of x and dy, which must have one shape.
+fn bwd_layouts(lx: &Layout, lg: &Layout) -> Result<((usize, usize), (usize, usize))> {
+    if lx.shape() != lg.shape() {
+        candle_core::bail!("gelu-bwd: dy has shape {:?}, x has {:?}", lg.shape(), lx.shape());
+    }
+    Ok((contiguous(lx, "x", "gelu-bwd")?, contiguous(lg, "dy", "gelu-bwd")?))
 }

@@ -20,7 +20,8 @@
 //! Layer ops, fused each way (CPU kernels; other devices run their plain-tensor twins):
 //! [`linear`] (x W^T + b: dx, dW and db, a row sum, from one backward op), [`layer_norm`]
 //! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`] (exact GELU, one pass
-//! each way), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
+//! each way), [`causal_softmax`] (softmax of attention scores with the causal mask inside, where
+//! the fully fused attention does not run), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
 //! mask inside, flash-style backward), [`expert_mlp`] (every expert's GELU MLP over its block of
 //! sorted rows, one op each way).
 //!
@@ -34,6 +35,7 @@ pub mod adamw;
 pub mod attention;
 pub(crate) mod backend;
 pub mod balance_stats;
+pub mod causal_softmax;
 pub mod combine;
 pub(crate) mod dispatch_common;
 pub mod dispatch_plan;
@@ -46,11 +48,13 @@ pub mod gelu;
 pub(crate) mod gemm;
 pub mod gumbel_router;
 pub mod layer_norm;
+mod layer_kernels;
 pub mod linear;
 pub mod straight_through;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
 pub use balance_stats::{balance_stats, balance_stats_reference, expert_fractions, BalanceStats, BalanceStatsBwd};
+pub use causal_softmax::{causal_softmax, causal_softmax_reference, CausalSoftmax, CausalSoftmaxBwd};
 pub use combine::{combine, combine_reference, Combine, CombineBwdOut, CombineBwdW};
 pub use dispatch_common::OrderDims;
 pub use dispatch_plan::{capacity, plan, Plan};

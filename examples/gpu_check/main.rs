@@ -1,5 +1,5 @@
-//! The Gumbel router ops on CUDA against the CPU, then timed: built by scripts/gpu_check.sh
-//! (`--features cuda`) and run on the GPU machine.
+//! The custom ops on CUDA against the CPU, then timed (the fused layer ops in `layers.rs`): built
+//! by scripts/gpu_check.sh (`--features cuda`) and run on the GPU machine.
 //!
 //! For each shape and op: CUDA vs CPU candidates and selections (identical, up to near-exact ties
 //! of two perturbed values, where the GPU's `logf` may round differently from the host libm), max
@@ -11,6 +11,9 @@
 fn main() {
     eprintln!("gpu_check: built without the `cuda` feature; run scripts/gpu_check.sh");
 }
+
+#[cfg(feature = "cuda")]
+mod layers;
 
 #[cfg(feature = "cuda")]
 fn main() -> candle_core::Result<()> {
@@ -213,6 +216,7 @@ mod gpu {
         ok &= check_dropout(&gpu, &cpu)?;
         ok &= check_dispatch(&gpu, &cpu)?;
         ok &= check_balance_stats(&gpu, &cpu)?;
+        ok &= super::layers::check(&gpu, &cpu)?;
         println!("\nRESULT: {}", if ok { "PASS" } else { "FAIL" });
         if !ok {
             std::process::exit(1);

@@ -13,6 +13,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+#[cfg(any(feature = "cuda", feature = "metal"))]
+mod gpu;
+
 /// Rows per block of the parameter-gradient sums.
 const BLOCK: usize = 32;
 
@@ -26,7 +29,7 @@ pub struct Norm {
 
 /// y = norm(x) * gamma (+ beta) over the last dimension. x: (..., C), gamma, beta: (C).
 pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, op: Norm) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !super::layer_kernels::has_kernel(x) {
         return norm_reference(x, gamma, beta, op);
     }
     let x = x.contiguous()?;
@@ -155,6 +158,30 @@ impl CustomOp2 for Norm {
         self.fwd(sx, lx, sg, lg, None)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let p = gpu::Plan::new(*self, "norm", (sx.dtype(), lx), &[(sg.dtype(), lg, "gamma")], false)?;
+        Ok((gpu::cuda::fwd(&p, sx, sg, None)?, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let p = gpu::Plan::new(*self, "norm", (sx.dtype(), lx), &[(sg.dtype(), lg, "gamma")], false)?;
+        Ok((gpu::metal::fwd(&p, sx, sg, None)?, lx.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, gamma: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dg, _) = self.grads(x, gamma, grad)?;
         Ok((Some(dx), Some(dg)))
@@ -176,6 +203,36 @@ impl CustomOp3 for Norm {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.fwd(sx, lx, sg, lg, Some((sb, lb)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let params = [(sg.dtype(), lg, "gamma"), (sb.dtype(), lb, "beta")];
+        let p = gpu::Plan::new(*self, "norm", (sx.dtype(), lx), &params, true)?;
+        Ok((gpu::cuda::fwd(&p, sx, sg, Some(sb))?, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+        sb: &candle_core::MetalStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let params = [(sg.dtype(), lg, "gamma"), (sb.dtype(), lb, "beta")];
+        let p = gpu::Plan::new(*self, "norm", (sx.dtype(), lx), &params, true)?;
+        Ok((gpu::metal::fwd(&p, sx, sg, Some(sb))?, lx.shape().clone()))
     }
 
     fn bwd(
@@ -275,5 +332,51 @@ impl CustomOp3 for NormBwd {
             other => candle_core::bail!("norm-bwd: f32 or f64 input required, got {:?}", other.dtype()),
         };
         Ok((out, Shape::from((rows + 2, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        sd: &candle_core::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (p, dy) = self.gpu_plan((sx.dtype(), lx), (sg.dtype(), lg), (sd.dtype(), ld))?;
+        Ok((gpu::cuda::bwd(&p, sx, sg, sd, dy)?, Shape::from((p.rows + 2, p.c))))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+        sd: &candle_core::MetalStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let (p, dy) = self.gpu_plan((sx.dtype(), lx), (sg.dtype(), lg), (sd.dtype(), ld))?;
+        Ok((gpu::metal::bwd(&p, sx, sg, sd, dy.0)?, Shape::from((p.rows + 2, p.c))))
+    }
+}
+
+impl NormBwd {
+    /// The GPU launch plan and dy's element range; dbeta is written (zeros for RMSNorm).
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn gpu_plan(
+        &self,
+        x: (candle_core::DType, &Layout),
+        g: (candle_core::DType, &Layout),
+        dy: (candle_core::DType, &Layout),
+    ) -> Result<(gpu::Plan, (usize, usize))> {
+        if dy.1.shape() != x.1.shape() {
+            candle_core::bail!("norm-bwd: dy has shape {:?}, x has {:?}", dy.1.shape(), x.1.shape());
+        }
+        crate::ops::backend::expect_dtype("norm-bwd", "dy", dy.0, candle_core::DType::F32)?;
+        let p = gpu::Plan::new(self.0, "norm-bwd", x, &[(g.0, g.1, "gamma")], !self.0.rms)?;
+        Ok((p, contiguous(dy.1, "dy", "norm-bwd")?))
     }
 }
