@@ -83,8 +83,12 @@ impl CausalSelfAttention {
             k = r.apply(&k)?;
         }
         let scale = 1.0 / (hs as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (B, nh, T, T)
-        let att = ops::softmax(&att)?;
+        let att = if self.fused {
+            // Scale, causal mask and softmax in one op each way (GPU kernels too), no mask tensor.
+            crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)? // (B, nh, T, T)
+        } else {
+            ops::softmax(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?)?
+        };
         let att = ops::dropout(&att, self.dropout, ctx.train, ctx.seed, ctx.step, ctx.micro, site)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C)
