@@ -2,7 +2,9 @@
 //! main) through hf-hub's cache, as `data::hub` reads dataset files (`HF_HUB_CACHE`, else
 //! `$HF_HOME/hub`; offline, cache only, when `HF_HUB_OFFLINE` is set).
 
-use crate::data::hub::{follow_flattened_link, HubOptions, HUB_PREFIX};
+#[cfg(feature = "hub")]
+use crate::data::hub::follow_flattened_link;
+use crate::data::hub::{HubOptions, HUB_PREFIX};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,6 @@
 use super::{shape, Norm};
 use crate::ops::backend::cpu::contiguous;
 use crate::ops::backend::{expect_dtype, fits};
-use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result};
 
 /// The kernels' scalar arguments (`NormKernelArgs` in kernels/layers.cuh).
@@ -65,6 +64,7 @@ pub(super) mod cuda {
     use super::Plan;
     use crate::ops::backend::cuda::launch;
     use crate::ops::layer_kernels::MODULE;
+    use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result};
 
     /// y = norm(x) gamma (+ beta): one thread per row. Without beta, gamma is bound in its place.
@@ -104,6 +104,7 @@ pub(super) mod metal {
     use super::Plan;
     use crate::ops::backend::metal::{buffer, dispatch, output, Arg};
     use crate::ops::layer_kernels::LIBRARY;
+    use candle_core::backend::BackendStorage;
     use candle_core::{DType, MetalStorage, Result};
 
     /// y = norm(x) gamma (+ beta): one thread per row. Without beta, gamma is bound in its place.
