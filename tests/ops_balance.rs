@@ -10,7 +10,7 @@ use gumbel_moe::ops::{balance_stats, balance_stats_reference, BalanceStatsBwd};
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
 mod common;
-use common::host::assert_grad_matches_fd;
+use common::fd::assert_grad_matches_fd;
 
 /// Deterministic test values (rows, cols) from Philox, roughly N(0, scale).
 fn randn(rows: usize, cols: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {

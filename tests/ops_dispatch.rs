@@ -17,6 +17,7 @@ use gumbel_moe::ops::{
 };
 
 mod common;
+use common::fd::five_point;
 use common::host::router_config;
 
 const CPU: Device = Device::Cpu;
@@ -205,8 +206,7 @@ fn gather_and_combine_match_reference_forward_and_backward() -> Result<()> {
 
 /// d/d v[i] of f by the five-point central difference (exact for these linear ops up to rounding).
 fn central(f: impl Fn(f64) -> f64) -> f64 {
-    let h = 1e-3;
-    (-f(2.0 * h) + 8.0 * f(h) - 8.0 * f(-h) + f(-2.0 * h)) / (12.0 * h)
+    five_point(f, 1e-3)
 }
 
 fn perturb(t: &Tensor, i: usize, d: f64) -> Tensor {
