@@ -1,4 +1,4 @@
-//! The fused Gumbel router ops (src/ops/gumbel_router.rs) against the plain-tensor reference
+//! The fused Gumbel router ops (src/ops/gumbel_router/) against the plain-tensor reference
 //! (moe::routers::gumbel: prefilter, noise, relaxed, straight_through), on the CPU.
 
 use candle_core::{DType, Device, Result, Tensor, Var};

@@ -25,11 +25,11 @@ fn runs(dev: &Device, dtype: DType) -> bool {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 fn max_abs(a: &Tensor) -> Result<f64> {
-    a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    a.abs()?.flatten_all()?.max(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 /// Forward values and the gradients of sum(y * w) for each input, of `f` at `inputs`.
