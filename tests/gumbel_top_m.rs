@@ -18,8 +18,6 @@ use common::routing::{hash_route, router_with};
 
 const CPU: Device = Device::Cpu;
 
-// ---------- Gumbel top-m without replacement ----------
-
 /// The probability of the unordered set {a, b} under sampling two without replacement with
 /// probabilities p (Plackett-Luce): p_a p_b / (1 - p_a) + p_b p_a / (1 - p_b).
 fn plackett_luce_pair(p: &[f64], a: usize, b: usize) -> f64 {

@@ -13,8 +13,6 @@ use common::routing::{hash_route, tiny_gpt};
 
 const CPU: Device = Device::Cpu;
 
-// ---------- hash routing (Roller et al. 2021) ----------
-
 #[test]
 fn hash_routing_is_a_fixed_uniform_function_of_the_id() {
     let (e, d) = (8, 4);

@@ -13,8 +13,6 @@ use common::fd::fd_check;
 use common::host::*;
 use common::routing::router_with;
 
-// ---------- noisy top-k (Shazeer et al. 2017) ----------
-
 fn softplus(z: f64) -> f64 {
     z.max(0.0) + (-z.abs()).exp().ln_1p()
 }

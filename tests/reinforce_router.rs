@@ -17,8 +17,6 @@ use common::straight_and_resumed;
 
 const CPU: Device = Device::Cpu;
 
-// ---------- REINFORCE ----------
-
 #[test]
 fn reinforce_samples_from_the_softmax_and_takes_the_argmax_at_eval() {
     let (e, d, t) = (5, 3, 4000);

@@ -17,8 +17,6 @@ use common::straight_and_resumed;
 
 const CPU: Device = Device::Cpu;
 
-// ---------- sigmoid routing with a balancing bias (DeepSeek-V3) ----------
-
 fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
