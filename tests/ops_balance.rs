@@ -1,6 +1,8 @@
-//! The fused balance-statistics op (src/ops/balance_stats.rs) against its plain-tensor twin
+//! The fused balance-statistics op (src/ops/balance_stats/) against its plain-tensor twin
 //! (`balance_stats_reference`: expert_fractions + softmax(logits).mean(0)) and against finite
-//! differences, on the CPU; and the fused balance loss against `moe::losses::load_balance`.
+//! differences; and the fused balance loss against `moe::losses::load_balance`. The twin and loss
+//! comparisons run on every device (`test_device!`, f64 cases on the CPU only); finite differences,
+//! thread counts and argument errors on the CPU.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use gumbel_moe::moe::losses::{load_balance, load_balance_fused};
@@ -10,21 +12,29 @@ use gumbel_moe::ops::{balance_stats, balance_stats_reference, BalanceStatsBwd};
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
 mod common;
-use common::host::assert_grad_matches_fd;
+use common::fd::assert_grad_matches_fd;
 
-/// Deterministic test values (rows, cols) from Philox, roughly N(0, scale).
-fn randn(rows: usize, cols: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {
+const CPU: Device = Device::Cpu;
+
+/// Whether `dev` runs `dtype` cases: f64 only on the CPU, as the GPU kernels are f32 only (and
+/// Metal has no f64 at all).
+fn runs(dev: &Device, dtype: DType) -> bool {
+    dev.is_cpu() || dtype != DType::F64
+}
+
+/// Deterministic test values (rows, cols) from Philox, roughly N(0, scale), as `dtype` on `dev`.
+fn randn(rows: usize, cols: usize, tag: u32, scale: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
     let mut v = Vec::with_capacity(rows * cols);
     for i in 0..(rows * cols) as u32 {
         let r = philox4x32_10([i, tag, 9, (Stream::Init as u32) << 16], [21, 23]);
         let s: f64 = r.iter().map(|&x| x as f64 / u32::MAX as f64 - 0.5).sum::<f64>();
         v.push(s * scale * 1.7);
     }
-    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?.to_dtype(dtype)
+    Tensor::from_vec(v, (rows, cols), &CPU)?.to_dtype(dtype)?.to_device(dev)
 }
 
-/// (T, m) expert indices in 0..E from Philox, skewed toward low experts so the counts differ.
-fn indices(t: usize, m: usize, e: usize, tag: u32) -> Result<Tensor> {
+/// (T, m) expert indices in 0..E from Philox on `dev`, skewed toward low experts so the counts differ.
+fn indices(t: usize, m: usize, e: usize, tag: u32, dev: &Device) -> Result<Tensor> {
     let v: Vec<u32> = (0..(t * m) as u32)
         .map(|i| {
             let r = philox4x32_10([i, tag, 3, (Stream::Init as u32) << 16], [5, 8]);
@@ -32,17 +42,19 @@ fn indices(t: usize, m: usize, e: usize, tag: u32) -> Result<Tensor> {
             (a.min(r[1] as usize % e)) as u32
         })
         .collect();
-    Tensor::from_vec(v, (t, m), &Device::Cpu)
+    Tensor::from_vec(v, (t, m), dev)
 }
 
+/// max |a|, read on the host (in f64).
 fn max_abs(a: &Tensor) -> Result<f64> {
-    a.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    a.to_device(&CPU)?.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
 }
 
-/// max |a - b| / max |b|.
+/// max |a - b| / max |b|, on the host in f64.
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.to_device(&CPU)?, b.to_device(&CPU)?);
     let d = max_abs(&a.to_dtype(DType::F64)?.sub(&b.to_dtype(DType::F64)?)?)?;
-    Ok(d / max_abs(b)?.max(1e-300))
+    Ok(d / max_abs(&b)?.max(1e-300))
 }
 
 /// (T, E, m): E not a multiple of 32, E = 256, m = 2 and 4, T = 1, several chunks with a ragged
@@ -67,22 +79,25 @@ fn chunking_covers_the_rows() {
     }
 }
 
-#[test]
-fn forward_matches_reference() -> Result<()> {
+fn forward_matches_reference_on(dev: &Device) -> Result<()> {
     for (i, &(t, e, m)) in SHAPES.iter().enumerate() {
-        let x64 = randn(t, e, i as u32, 2.0, DType::F64)?;
-        let idx = indices(t, m, e, i as u32)?;
-        let want64 = balance_stats_reference(&x64, &idx)?; // (2, E)
+        // The f64 twin on the host; the op and its same-dtype twin on `dev`.
+        let x64 = randn(t, e, i as u32, 2.0, DType::F64, &CPU)?;
+        let want64 = balance_stats_reference(&x64, &indices(t, m, e, i as u32, &CPU)?)?; // (2, E)
+        let idx = indices(t, m, e, i as u32, dev)?;
         for dtype in [DType::F64, DType::F32] {
-            let x = x64.to_dtype(dtype)?;
+            if !runs(dev, dtype) {
+                continue;
+            }
+            let x = x64.to_dtype(dtype)?.to_device(dev)?;
             let got = balance_stats(&x, &idx)?;
             assert_eq!(got.dims2()?, (2, e));
             assert_eq!(got.dtype(), dtype);
             // f: the same f64 quotient rounded to the dtype, bit for bit.
             let want = balance_stats_reference(&x, &idx)?;
             let (fg, fw) = (
-                got.get(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-                want.get(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                got.get(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                want.get(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             );
             assert_eq!(fg, fw, "f differs ({dtype:?} T={t} E={e} m={m})");
             let fsum: f64 = fg.iter().sum();
@@ -98,15 +113,24 @@ fn forward_matches_reference() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    forward_matches_reference_on,
+    forward_matches_reference,
+    forward_matches_reference_cuda,
+    forward_matches_reference_metal
+);
+
 /// d/dlogits of sum(stats * r) for a random (2, E) r: the f row carries no gradient, the P row
 /// the softmax-mean gradient; fused backward op vs autograd through the plain-tensor twin.
-#[test]
-fn backward_matches_reference() -> Result<()> {
+fn backward_matches_reference_on(dev: &Device) -> Result<()> {
     for (i, &(t, e, m)) in SHAPES.iter().enumerate() {
         for dtype in [DType::F64, DType::F32] {
-            let x0 = randn(t, e, 100 + i as u32, 1.5, dtype)?;
-            let idx = indices(t, m, e, 100 + i as u32)?;
-            let r = randn(2, e, 200 + i as u32, 1.0, dtype)?;
+            if !runs(dev, dtype) {
+                continue;
+            }
+            let x0 = randn(t, e, 100 + i as u32, 1.5, dtype, dev)?;
+            let idx = indices(t, m, e, 100 + i as u32, dev)?;
+            let r = randn(2, e, 200 + i as u32, 1.0, dtype, dev)?;
             let grad = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Tensor> {
                 let v = Var::from_tensor(&x0)?;
                 let loss = (f(v.as_tensor())? * &r)?.sum_all()?;
@@ -125,19 +149,26 @@ fn backward_matches_reference() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    backward_matches_reference_on,
+    backward_matches_reference,
+    backward_matches_reference_cuda,
+    backward_matches_reference_metal
+);
+
 /// The backward op on its own: strided logits rows and a strided grad give what the contiguous
 /// ones give, and the gradient row 0 (dL/df) is ignored.
 #[test]
 fn backward_op_ignores_the_count_row_and_strides() -> Result<()> {
     let (t, e) = (70usize, 37usize);
-    let wide = randn(t, e + 5, 7, 1.0, DType::F64)?;
+    let wide = randn(t, e + 5, 7, 1.0, DType::F64, &CPU)?;
     let x = wide.narrow(1, 2, e)?;
     assert!(!x.is_contiguous());
-    let g = randn(2, e, 8, 1.0, DType::F64)?;
+    let g = randn(2, e, 8, 1.0, DType::F64, &CPU)?;
     let a = x.apply_op2_no_bwd(&g, &BalanceStatsBwd)?;
     let b = x.contiguous()?.apply_op2_no_bwd(&g, &BalanceStatsBwd)?;
     assert_eq!(max_abs(&(&a - &b)?)?, 0.0);
-    let g2 = Tensor::cat(&[randn(1, e, 9, 5.0, DType::F64)?, g.get(1)?.unsqueeze(0)?], 0)?;
+    let g2 = Tensor::cat(&[randn(1, e, 9, 5.0, DType::F64, &CPU)?, g.get(1)?.unsqueeze(0)?], 0)?;
     let c = x.apply_op2_no_bwd(&g2, &BalanceStatsBwd)?;
     assert_eq!(max_abs(&(&a - &c)?)?, 0.0, "the f row of the gradient must not matter");
     // and the closed form p * (g - <p, g>) / T row by row.
@@ -149,11 +180,10 @@ fn backward_op_ignores_the_count_row_and_strides() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn strided_inputs_match_contiguous() -> Result<()> {
-    let wide = randn(50, 40, 4, 1.0, DType::F32)?;
+fn strided_inputs_match_contiguous_on(dev: &Device) -> Result<()> {
+    let wide = randn(50, 40, 4, 1.0, DType::F32, dev)?;
     let x = wide.narrow(1, 3, 33)?; // rows strided by 40
-    let idx_wide = indices(50, 3, 33, 4)?;
+    let idx_wide = indices(50, 3, 33, 4, dev)?;
     let idx = idx_wide.narrow(1, 1, 2)?; // rows strided by 3
     let a = balance_stats(&x, &idx)?;
     let b = balance_stats(&x.contiguous()?, &idx.contiguous()?)?;
@@ -161,11 +191,18 @@ fn strided_inputs_match_contiguous() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    strided_inputs_match_contiguous_on,
+    strided_inputs_match_contiguous,
+    strided_inputs_match_contiguous_cuda,
+    strided_inputs_match_contiguous_metal
+);
+
 /// Same bits on every run and whatever the number of rayon threads (fixed chunks, fixed order).
 #[test]
 fn deterministic_across_thread_counts() -> Result<()> {
-    let x = randn(4000, 64, 5, 3.0, DType::F32)?;
-    let idx = indices(4000, 2, 64, 5)?;
+    let x = randn(4000, 64, 5, 3.0, DType::F32, &CPU)?;
+    let idx = indices(4000, 2, 64, 5, &CPU)?;
     let bits = |s: &Tensor| -> Result<Vec<u32>> {
         Ok(s.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
     };
@@ -183,9 +220,9 @@ fn deterministic_across_thread_counts() -> Result<()> {
 #[test]
 fn finite_difference_gradcheck() -> Result<()> {
     for &(t, e, m) in &[(3usize, 37usize, 2usize), (1, 8, 1), (40, 5, 3)] {
-        let x0 = randn(t, e, 40 + e as u32, 1.0, DType::F64)?;
-        let idx = indices(t, m, e, 41)?;
-        let r = randn(2, e, 42, 1.0, DType::F64)?;
+        let x0 = randn(t, e, 40 + e as u32, 1.0, DType::F64, &CPU)?;
+        let idx = indices(t, m, e, 41, &CPU)?;
+        let r = randn(2, e, 42, 1.0, DType::F64, &CPU)?;
         let f = |x: &Tensor| -> Result<Tensor> { (balance_stats(x, &idx)? * &r)?.sum_all()?.sqr() };
         assert_grad_matches_fd(f, &x0, 1e-7, &format!("T={t} E={e}: "))?;
     }
@@ -194,17 +231,22 @@ fn finite_difference_gradcheck() -> Result<()> {
 
 /// load_balance_fused(logits, indices) == load_balance(softmax(logits), indices), value and
 /// gradient, and the loss is 1 for uniform routing.
-#[test]
-fn fused_loss_matches_load_balance() -> Result<()> {
+fn fused_loss_matches_load_balance_on(dev: &Device) -> Result<()> {
     for (i, &(t, e, m)) in SHAPES.iter().enumerate() {
         for dtype in [DType::F64, DType::F32] {
-            let x0 = randn(t, e, 300 + i as u32, 2.0, dtype)?;
-            let idx = indices(t, m, e, 300 + i as u32)?;
+            if !runs(dev, dtype) {
+                continue;
+            }
+            let x0 = randn(t, e, 300 + i as u32, 2.0, dtype, dev)?;
+            let idx = indices(t, m, e, 300 + i as u32, dev)?;
             let (va, vb) = (Var::from_tensor(&x0)?, Var::from_tensor(&x0)?);
             let a = load_balance_fused(va.as_tensor(), &idx)?;
             let b = load_balance(&softmax(vb.as_tensor())?, &idx)?;
             let tol = if dtype == DType::F32 { 2e-6 } else { 1e-13 };
-            let (av, bv) = (a.to_dtype(DType::F64)?.to_scalar::<f64>()?, b.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            let (av, bv) = (
+                a.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                b.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            );
             assert!((av - bv).abs() <= tol * bv.abs(), "loss {av} vs {bv} ({dtype:?} T={t} E={e} m={m})");
             let ga = a.backward()?.get(va.as_tensor()).expect("grad").clone();
             let gb = b.backward()?.get(vb.as_tensor()).expect("grad").clone();
@@ -214,28 +256,35 @@ fn fused_loss_matches_load_balance() -> Result<()> {
     }
     // Uniform logits and perfectly balanced indices: E * sum(1/E * 1/E) = 1.
     let (t, e) = (64usize, 8usize);
-    let idx = Tensor::from_vec((0..t as u32).map(|i| i % e as u32).collect::<Vec<_>>(), (t, 1), &Device::Cpu)?;
-    let l = load_balance_fused(&Tensor::zeros((t, e), DType::F32, &Device::Cpu)?, &idx)?.to_scalar::<f32>()?;
+    let idx = Tensor::from_vec((0..t as u32).map(|i| i % e as u32).collect::<Vec<_>>(), (t, 1), dev)?;
+    let l = load_balance_fused(&Tensor::zeros((t, e), DType::F32, dev)?, &idx)?.to_scalar::<f32>()?;
     assert!((l - 1.0).abs() < 1e-6, "uniform loss {l}");
     Ok(())
 }
 
+test_device!(
+    fused_loss_matches_load_balance_on,
+    fused_loss_matches_load_balance,
+    fused_loss_matches_load_balance_cuda,
+    fused_loss_matches_load_balance_metal
+);
+
 #[test]
 fn bad_arguments_are_errors() -> Result<()> {
-    let x = randn(6, 8, 1, 1.0, DType::F32)?;
-    let mut v: Vec<u32> = indices(6, 2, 8, 1)?.flatten_all()?.to_vec1()?;
+    let x = randn(6, 8, 1, 1.0, DType::F32, &CPU)?;
+    let mut v: Vec<u32> = indices(6, 2, 8, 1, &CPU)?.flatten_all()?.to_vec1()?;
     v[7] = 99; // token 3, slot 1
-    let bad = Tensor::from_vec(v, (6, 2), &Device::Cpu)?;
+    let bad = Tensor::from_vec(v, (6, 2), &CPU)?;
     let err = balance_stats(&x, &bad).unwrap_err().to_string();
     assert!(err.contains("99") && err.contains("token 3") && err.contains("slot 1") && err.contains("E = 8"), "{err}");
     assert!(balance_stats_reference(&x, &bad).is_err());
-    let ok = indices(6, 2, 8, 1)?;
+    let ok = indices(6, 2, 8, 1, &CPU)?;
     assert!(balance_stats(&x.to_dtype(DType::BF16)?, &ok).is_err(), "bf16 logits");
     assert!(balance_stats(&x, &ok.to_dtype(DType::F32)?).is_err(), "float indices");
-    assert!(balance_stats(&x, &indices(5, 2, 8, 1)?).is_err(), "T mismatch");
+    assert!(balance_stats(&x, &indices(5, 2, 8, 1, &CPU)?).is_err(), "T mismatch");
     assert!(balance_stats(&x.flatten_all()?, &ok).is_err(), "1-D logits");
     assert!(balance_stats(&x.narrow(0, 0, 0)?, &ok.narrow(0, 0, 0)?).is_err(), "T = 0");
-    let g = Tensor::zeros((3, 8), DType::F32, &Device::Cpu)?;
+    let g = Tensor::zeros((3, 8), DType::F32, &CPU)?;
     assert!(x.apply_op2_no_bwd(&g, &BalanceStatsBwd).is_err(), "grad must be (2, E)");
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! The MoE dispatch / combine ops (src/ops/expert_sort.rs, gather_rows.rs, combine.rs) against
-//! their references on the CPU: the sort against `moe::dispatch::plan`, the float ops and their
-//! backward against plain tensor ops (index_select + candle's autograd) in f32 and f64, central
-//! finite differences in f64, and the whole MoE layer fused vs reference.
+//! The MoE dispatch / combine ops (src/ops/expert_sort.rs, gather_rows.rs, combine/) against their
+//! references: the sort against `moe::dispatch::plan`, the float ops and their backward against
+//! plain tensor ops (index_select + candle's autograd) in f32 and f64, central finite differences
+//! in f64, and the whole MoE layer fused vs reference. The sort and the float-op comparisons run on
+//! every device (`test_device!`, f64 cases on the CPU only); the rest on the CPU.
 //!
 //! Every expected value comes from code independent of the op under test (the host plan, candle's
 //! index_select / autograd, finite differences); nothing is a number copied from a run.
@@ -17,6 +18,7 @@ use gumbel_moe::ops::{
 };
 
 mod common;
+use common::fd::five_point;
 use common::host::router_config;
 
 const CPU: Device = Device::Cpu;
@@ -57,7 +59,9 @@ impl Rng {
     }
 }
 
+/// max |a - b| / max |b|, read on the host in f64.
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_device(&CPU).unwrap(), b.to_device(&CPU).unwrap());
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     assert_eq!(a.len(), b.len(), "lengths differ");
@@ -84,14 +88,13 @@ const SORT_CASES: [(usize, usize, usize, f64); 14] = [
     (3, 2, 256, 1.0),
 ];
 
-#[test]
-fn expert_sort_equals_plan() -> Result<()> {
+fn expert_sort_equals_plan_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(1);
     for &(t, m, e, cf) in &SORT_CASES {
         let idx = rng.indices(t, m, e);
         let cap = capacity(cf, t * m, e);
         let label = format!("T={t} m={m} E={e} cap={cap}");
-        let o = expert_sort(&Tensor::from_vec(idx.clone(), (t, m), &CPU)?, e, cap)?;
+        let o = expert_sort(&Tensor::from_vec(idx.clone(), (t, m), dev)?, e, cap)?;
         let got = o.order.to_vec1::<u32>()?;
         assert_eq!(got, expert_sort_reference(&idx, t, m, e, cap), "{label}: order differs from the plan's");
         // The plan's own view: tokens per expert, dropped, and each expert's (token, slot) list.
@@ -110,6 +113,13 @@ fn expert_sort_equals_plan() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    expert_sort_equals_plan_on,
+    expert_sort_equals_plan,
+    expert_sort_equals_plan_cuda,
+    expert_sort_equals_plan_metal
+);
+
 #[test]
 fn expert_sort_reads_strided_indices_and_rejects_bad_ids() -> Result<()> {
     let (t, m, e) = (50, 2, 9);
@@ -127,7 +137,8 @@ fn expert_sort_reads_strided_indices_and_rejects_bad_ids() -> Result<()> {
     Ok(())
 }
 
-/// A random routing of T tokens: order, x (T, C), weights (T, m), expert outputs (N, C), upstream (T, C).
+/// A random routing of T tokens on `dev`: order, x (T, C), weights (T, m), expert outputs (N, C),
+/// upstream (T, C).
 struct Case {
     o: ExpertOrder,
     x: Tensor,
@@ -137,11 +148,16 @@ struct Case {
     dxs: Tensor,
 }
 
-fn case(rng: &mut Rng, (t, m, e, c, cf): (usize, usize, usize, usize, f64), dtype: DType) -> Result<Case> {
+fn case(
+    rng: &mut Rng,
+    (t, m, e, c, cf): (usize, usize, usize, usize, f64),
+    dtype: DType,
+    dev: &Device,
+) -> Result<Case> {
     let idx = rng.indices(t, m, e);
-    let o = expert_sort(&Tensor::from_vec(idx, (t, m), &CPU)?, e, capacity(cf, t * m, e))?;
+    let o = expert_sort(&Tensor::from_vec(idx, (t, m), dev)?, e, capacity(cf, t * m, e))?;
     let n = o.n();
-    let f = |v: Vec<f64>, s: (usize, usize)| Tensor::from_vec(v, s, &CPU)?.to_dtype(dtype);
+    let f = |v: Vec<f64>, s: (usize, usize)| Tensor::from_vec(v, s, &CPU)?.to_dtype(dtype)?.to_device(dev);
     Ok(Case {
         x: f(rng.normals(t * c), (t, c))?,
         w: f(rng.normals(t * m), (t, m))?,
@@ -161,13 +177,16 @@ const FLOAT_CASES: [(usize, usize, usize, usize, f64); 6] = [
     (90, 2, 5, 64, 0.5),
 ];
 
-#[test]
-fn gather_and_combine_match_reference_forward_and_backward() -> Result<()> {
+fn gather_and_combine_match_reference_forward_and_backward_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(3);
     for dtype in [DType::F32, DType::F64] {
+        // f64 on the CPU only: the GPU kernels are f32 only (and Metal has no f64 at all).
+        if dtype == DType::F64 && !dev.is_cpu() {
+            continue;
+        }
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
         for &shape in &FLOAT_CASES {
-            let k = case(&mut rng, shape, dtype)?;
+            let k = case(&mut rng, shape, dtype, dev)?;
             let label = format!("{dtype:?} (T, m, E, C, cf) = {shape:?}");
             // gather: forward, and d/dx of sum(xs * dxs).
             let xv = Var::from_tensor(&k.x)?;
@@ -190,7 +209,7 @@ fn gather_and_combine_match_reference_forward_and_backward() -> Result<()> {
                 assert!(max_rel(a, b) <= tol, "{label}: combine {name} rel err {}", max_rel(a, b));
             }
             // Dropped slots get a zero weight gradient (and exist when the capacity bites).
-            let dw = gf.get(wv.as_tensor()).unwrap().to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let dw = gf.get(wv.as_tensor()).unwrap().to_device(&CPU)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
             for (tok, row) in k.o.slot_row()?.to_vec2::<u32>()?.iter().enumerate() {
                 for (s, &r) in row.iter().enumerate() {
                     if r == u32::MAX {
@@ -203,10 +222,16 @@ fn gather_and_combine_match_reference_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    gather_and_combine_match_reference_forward_and_backward_on,
+    gather_and_combine_match_reference_forward_and_backward,
+    gather_and_combine_match_reference_forward_and_backward_cuda,
+    gather_and_combine_match_reference_forward_and_backward_metal
+);
+
 /// d/d v[i] of f by the five-point central difference (exact for these linear ops up to rounding).
 fn central(f: impl Fn(f64) -> f64) -> f64 {
-    let h = 1e-3;
-    (-f(2.0 * h) + 8.0 * f(h) - 8.0 * f(-h) + f(-2.0 * h)) / (12.0 * h)
+    five_point(f, 1e-3)
 }
 
 fn perturb(t: &Tensor, i: usize, d: f64) -> Tensor {
@@ -218,7 +243,7 @@ fn perturb(t: &Tensor, i: usize, d: f64) -> Tensor {
 #[test]
 fn finite_difference_gradcheck_f64() -> Result<()> {
     let mut rng = Rng(4);
-    let k = case(&mut rng, (30, 2, 6, 9, 1.0), DType::F64)?;
+    let k = case(&mut rng, (30, 2, 6, 9, 1.0), DType::F64, &CPU)?;
     assert!(k.o.dropped() > 0, "the case should drop slots");
     let loss = |out: &Tensor, w: &Tensor| -> f64 {
         (combine(out, w, &k.o).unwrap() * &k.dy).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()

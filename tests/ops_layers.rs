@@ -1,25 +1,35 @@
 //! The fused layer ops (`ops::{linear, norm, gelu, causal_softmax, causal_attention, expert_mlp}`) against their plain-tensor
 //! twins, forward and backward, on odd shapes in f32 and f64, and against f64 finite differences.
+//! The twin comparisons run on every device (`test_device!`); f64 cases and finite differences run
+//! on the CPU only.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use common::host::{assert_grad_matches_fd, Rng};
-use gumbel_moe::ops::{
-    causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp,
-};
+use common::fd::assert_grad_matches_fd;
+use common::host::Rng;
+use gumbel_moe::ops::{causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp};
 
-fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType) -> Result<Tensor> {
+const CPU: Device = Device::Cpu;
+
+/// N(0, std) values drawn on the host, as `dtype` on `dev`.
+fn randn(rng: &mut Rng, shape: &[usize], std: f64, dtype: DType, dev: &Device) -> Result<Tensor> {
     let n = shape.iter().product();
-    Tensor::from_vec(rng.normals(n, std), shape, &Device::Cpu)?.to_dtype(dtype)
+    Tensor::from_vec(rng.normals(n, std), shape, &CPU)?.to_dtype(dtype)?.to_device(dev)
+}
+
+/// Whether `dev` runs `dtype` cases: f64 only on the CPU, as the GPU kernels are f32 only (and
+/// Metal has no f64 at all).
+fn runs(dev: &Device, dtype: DType) -> bool {
+    dev.is_cpu() || dtype != DType::F64
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 fn max_abs(a: &Tensor) -> Result<f64> {
-    a.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+    a.abs()?.flatten_all()?.max(0)?.to_device(&CPU)?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 /// Forward values and the gradients of sum(y * w) for each input, of `f` at `inputs`.
@@ -46,7 +56,7 @@ fn check_twin(
     tol: f64,
 ) -> Result<()> {
     let mut rng = Rng(99);
-    let w = randn(&mut rng, out_shape, 1.0, inputs[0].dtype())?;
+    let w = randn(&mut rng, out_shape, 1.0, inputs[0].dtype(), inputs[0].device())?;
     let (yf, gf) = value_and_grads(fused, inputs, &w)?;
     let (yt, gt) = value_and_grads(twin, inputs, &w)?;
     let d = max_abs_diff(&yf, &yt)?;
@@ -59,15 +69,17 @@ fn check_twin(
     Ok(())
 }
 
-#[test]
-fn norm_matches_twin_on_odd_shapes() -> Result<()> {
+fn norm_matches_twin_on_odd_shapes_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(1);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for shape in [vec![1usize, 1], vec![3, 7], vec![2, 37, 19], vec![5, 129], vec![70, 33]] {
             let c = *shape.last().unwrap();
-            let x = (randn(&mut rng, &shape, 2.0, dtype)? + 0.7)?;
-            let g = (randn(&mut rng, &[c], 0.5, dtype)? + 1.0)?;
-            let b = randn(&mut rng, &[c], 0.5, dtype)?;
+            let x = (randn(&mut rng, &shape, 2.0, dtype, dev)? + 0.7)?;
+            let g = (randn(&mut rng, &[c], 0.5, dtype, dev)? + 1.0)?;
+            let b = randn(&mut rng, &[c], 0.5, dtype, dev)?;
             for rms in [false, true] {
                 let op = NormOp { eps: 1e-5, rms };
                 let fused = |t: &[Tensor]| norm(&t[0], &t[1], t.get(2), op);
@@ -83,14 +95,21 @@ fn norm_matches_twin_on_odd_shapes() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    norm_matches_twin_on_odd_shapes_on,
+    norm_matches_twin_on_odd_shapes,
+    norm_matches_twin_on_odd_shapes_cuda,
+    norm_matches_twin_on_odd_shapes_metal
+);
+
 #[test]
 fn norm_gradients_match_finite_differences() -> Result<()> {
     let mut rng = Rng(2);
     let (t, c) = (5, 6);
-    let x = randn(&mut rng, &[t, c], 1.5, DType::F64)?;
-    let g0 = (randn(&mut rng, &[c], 0.3, DType::F64)? + 1.0)?;
-    let b0 = randn(&mut rng, &[c], 0.3, DType::F64)?;
-    let w = randn(&mut rng, &[t, c], 1.0, DType::F64)?;
+    let x = randn(&mut rng, &[t, c], 1.5, DType::F64, &CPU)?;
+    let g0 = (randn(&mut rng, &[c], 0.3, DType::F64, &CPU)? + 1.0)?;
+    let b0 = randn(&mut rng, &[c], 0.3, DType::F64, &CPU)?;
+    let w = randn(&mut rng, &[t, c], 1.0, DType::F64, &CPU)?;
     for rms in [false, true] {
         let op = NormOp { eps: 1e-5, rms };
         let loss = |x: &Tensor| (norm(x, &g0, Some(&b0).filter(|_| !rms), op)? * &w)?.sum_all();
@@ -106,24 +125,29 @@ fn norm_gradients_match_finite_differences() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn gelu_matches_twin_and_finite_differences() -> Result<()> {
+fn gelu_matches_twin_and_finite_differences_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(4);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 5e-7)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for shape in [vec![1usize], vec![3, 7], vec![2, 33, 129]] {
             // Wide inputs reach both tails (Phi near 0 and near 1).
-            let x = randn(&mut rng, &shape, 4.0, dtype)?;
+            let x = randn(&mut rng, &shape, 4.0, dtype, dev)?;
             let fused = |t: &[Tensor]| gelu(&t[0]);
             let twin = |t: &[Tensor]| gelu_reference(&t[0]);
             check_twin(&format!("gelu {dtype:?} {shape:?}"), &fused, &twin, &[x], &shape, tol)?;
         }
     }
-    let x = randn(&mut rng, &[6, 5], 2.0, DType::F64)?;
-    let w = randn(&mut rng, &[6, 5], 1.0, DType::F64)?;
-    assert_grad_matches_fd(|x| (gelu(x)? * &w)?.sum_all(), &x, 1e-6, "gelu ")?;
+    // f64 and finite differences: CPU only (see `runs`).
+    if dev.is_cpu() {
+        let x = randn(&mut rng, &[6, 5], 2.0, DType::F64, dev)?;
+        let w = randn(&mut rng, &[6, 5], 1.0, DType::F64, dev)?;
+        assert_grad_matches_fd(|x| (gelu(x)? * &w)?.sum_all(), &x, 1e-6, "gelu ")?;
+    }
     // The f32 kernel (polynomial erf and exp) against f64 math, element by element.
     let xs: Vec<f64> = (0..4001).map(|i| -10.0 + i as f64 * 0.005).collect();
-    let y = gelu(&Tensor::new(xs.iter().map(|&v| v as f32).collect::<Vec<f32>>(), &Device::Cpu)?)?.to_vec1::<f32>()?;
+    let y = gelu(&Tensor::new(xs.iter().map(|&v| v as f32).collect::<Vec<f32>>(), dev)?)?.to_vec1::<f32>()?;
     for (&x, &got) in xs.iter().zip(&y) {
         let x32 = x as f32 as f64;
         let want = x32 * 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x32 / 2f64.sqrt()));
@@ -132,40 +156,61 @@ fn gelu_matches_twin_and_finite_differences() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn causal_softmax_matches_twin_and_finite_differences() -> Result<()> {
+test_device!(
+    gelu_matches_twin_and_finite_differences_on,
+    gelu_matches_twin_and_finite_differences,
+    gelu_matches_twin_and_finite_differences_cuda,
+    gelu_matches_twin_and_finite_differences_metal
+);
+
+fn causal_softmax_matches_twin_and_finite_differences_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(5);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for shape in [vec![1usize, 1], vec![3, 7, 7], vec![2, 3, 33, 33]] {
-            let s = randn(&mut rng, &shape, 3.0, dtype)?;
+            let s = randn(&mut rng, &shape, 3.0, dtype, dev)?;
             let fused = |t: &[Tensor]| causal_softmax(&t[0], 0.37);
             let twin = |t: &[Tensor]| causal_softmax_reference(&t[0], 0.37);
             check_twin(&format!("causal_softmax {dtype:?} {shape:?}"), &fused, &twin, &[s], &shape, tol)?;
         }
     }
-    // Large scores (the row max must be subtracted), and exact zeros above the diagonal.
-    let s = (randn(&mut rng, &[9, 9], 1.0, DType::F64)? + 500.0)?;
-    let p = causal_softmax(&s, 1.0)?.to_vec2::<f64>()?;
-    for (i, row) in p.iter().enumerate() {
-        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12, "row {i} sums to {}", row.iter().sum::<f64>());
-        assert!(row[i + 1..].iter().all(|&v| v == 0.0), "row {i} attends to the future: {row:?}");
+    // f64 and finite differences: CPU only (see `runs`).
+    if dev.is_cpu() {
+        // Large scores (the row max must be subtracted), and exact zeros above the diagonal.
+        let s = (randn(&mut rng, &[9, 9], 1.0, DType::F64, dev)? + 500.0)?;
+        let p = causal_softmax(&s, 1.0)?.to_vec2::<f64>()?;
+        for (i, row) in p.iter().enumerate() {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12, "row {i} sums to {}", row.iter().sum::<f64>());
+            assert!(row[i + 1..].iter().all(|&v| v == 0.0), "row {i} attends to the future: {row:?}");
+        }
+        let s = randn(&mut rng, &[6, 6], 2.0, DType::F64, dev)?;
+        let w = randn(&mut rng, &[6, 6], 1.0, DType::F64, dev)?;
+        assert_grad_matches_fd(|s| (causal_softmax(s, 0.6)? * &w)?.sum_all(), &s, 1e-6, "causal_softmax ")?;
     }
-    let s = randn(&mut rng, &[6, 6], 2.0, DType::F64)?;
-    let w = randn(&mut rng, &[6, 6], 1.0, DType::F64)?;
-    assert_grad_matches_fd(|s| (causal_softmax(s, 0.6)? * &w)?.sum_all(), &s, 1e-6, "causal_softmax ")?;
-    assert!(causal_softmax(&randn(&mut rng, &[2, 3], 1.0, DType::F32)?, 1.0).is_err(), "non-square scores");
+    assert!(causal_softmax(&randn(&mut rng, &[2, 3], 1.0, DType::F32, dev)?, 1.0).is_err(), "non-square scores");
     Ok(())
 }
 
-#[test]
-fn causal_attention_matches_twin_on_odd_shapes() -> Result<()> {
+test_device!(
+    causal_softmax_matches_twin_and_finite_differences_on,
+    causal_softmax_matches_twin_and_finite_differences,
+    causal_softmax_matches_twin_and_finite_differences_cuda,
+    causal_softmax_matches_twin_and_finite_differences_metal
+);
+
+fn causal_attention_matches_twin_on_odd_shapes_on(dev: &Device) -> Result<()> {
     use gumbel_moe::ops::{causal_attention, causal_attention_reference, RopeTables};
     use std::sync::Arc;
     let mut rng = Rng(5);
     for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 2e-5)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for (b, t, nh, hs) in [(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 4), (3, 13, 2, 6), (1, 33, 4, 8)] {
             let c = nh * hs;
-            let qkv = randn(&mut rng, &[b, t, 3 * c], 1.5, dtype)?;
+            let qkv = randn(&mut rng, &[b, t, 3 * c], 1.5, dtype, dev)?;
             for rope in [None, Some(Arc::new(RopeTables::new(hs, t + 3, 10000.0)))] {
                 let fused = |x: &[Tensor]| causal_attention(&x[0], nh, rope.as_ref());
                 let twin = |x: &[Tensor]| causal_attention_reference(&x[0], nh, rope.as_ref());
@@ -177,27 +222,31 @@ fn causal_attention_matches_twin_on_odd_shapes() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn causal_attention_gradient_matches_finite_differences_and_is_causal() -> Result<()> {
+test_device!(
+    causal_attention_matches_twin_on_odd_shapes_on,
+    causal_attention_matches_twin_on_odd_shapes,
+    causal_attention_matches_twin_on_odd_shapes_cuda,
+    causal_attention_matches_twin_on_odd_shapes_metal
+);
+
+fn causal_attention_gradient_matches_finite_differences_and_is_causal_on(dev: &Device) -> Result<()> {
     use gumbel_moe::ops::{causal_attention, RopeTables};
     use std::sync::Arc;
     let mut rng = Rng(6);
     let (t, nh, hs) = (5, 2, 4);
     let c = nh * hs;
     let rope = Arc::new(RopeTables::new(hs, t, 10000.0));
-    let x = randn(&mut rng, &[t, 3 * c], 1.0, DType::F64)?;
-    let w = randn(&mut rng, &[1, t, c], 1.0, DType::F64)?;
-    let f = |x: &Tensor| (causal_attention(&x.unsqueeze(0)?, nh, Some(&rope))? * &w)?.sum_all();
-    assert_grad_matches_fd(f, &x, 1e-6, "attention ")?;
+    // f64 and finite differences on the CPU (see `runs`); other devices check causality in f32.
+    let dtype = if dev.is_cpu() { DType::F64 } else { DType::F32 };
+    let x = randn(&mut rng, &[t, 3 * c], 1.0, dtype, dev)?;
+    let w = randn(&mut rng, &[1, t, c], 1.0, dtype, dev)?;
+    if dev.is_cpu() {
+        let f = |x: &Tensor| (causal_attention(&x.unsqueeze(0)?, nh, Some(&rope))? * &w)?.sum_all();
+        assert_grad_matches_fd(f, &x, 1e-6, "attention ")?;
+    }
     // Causality: changing the last position's q, k, v leaves every earlier output unchanged.
     let y0 = causal_attention(&x.unsqueeze(0)?, nh, Some(&rope))?;
-    let bump = Tensor::cat(
-        &[
-            Tensor::zeros((t - 1, 3 * c), DType::F64, &Device::Cpu)?,
-            Tensor::ones((1, 3 * c), DType::F64, &Device::Cpu)?,
-        ],
-        0,
-    )?;
+    let bump = Tensor::cat(&[Tensor::zeros((t - 1, 3 * c), dtype, dev)?, Tensor::ones((1, 3 * c), dtype, dev)?], 0)?;
     let y1 = causal_attention(&(&x + bump)?.unsqueeze(0)?, nh, Some(&rope))?;
     let early = max_abs_diff(&y0.narrow(1, 0, t - 1)?, &y1.narrow(1, 0, t - 1)?)?;
     assert_eq!(early, 0.0, "earlier positions saw the last one");
@@ -205,11 +254,20 @@ fn causal_attention_gradient_matches_finite_differences_and_is_causal() -> Resul
     Ok(())
 }
 
-#[test]
-fn expert_mlp_matches_twin_including_empty_experts() -> Result<()> {
+test_device!(
+    causal_attention_gradient_matches_finite_differences_and_is_causal_on,
+    causal_attention_gradient_matches_finite_differences_and_is_causal,
+    causal_attention_gradient_matches_finite_differences_and_is_causal_cuda,
+    causal_attention_gradient_matches_finite_differences_and_is_causal_metal
+);
+
+fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()> {
     use gumbel_moe::ops::{expert_mlp, expert_mlp_reference, ExpertParams};
     let mut rng = Rng(7);
     for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 3e-5)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for bias in [true, false] {
             let (c, h) = (5, 7);
             // Experts 1 and 3 get no rows.
@@ -217,15 +275,15 @@ fn expert_mlp_matches_twin_including_empty_experts() -> Result<()> {
             let e = offsets.len() - 1;
             let n = *offsets.last().unwrap() as usize;
             let per = if bias { 4 } else { 2 };
-            let mut inputs = vec![randn(&mut rng, &[n, c], 1.0, dtype)?];
+            let mut inputs = vec![randn(&mut rng, &[n, c], 1.0, dtype, dev)?];
             for _ in 0..e {
-                inputs.push(randn(&mut rng, &[h, c], 0.5, dtype)?);
+                inputs.push(randn(&mut rng, &[h, c], 0.5, dtype, dev)?);
                 if bias {
-                    inputs.push(randn(&mut rng, &[h], 0.5, dtype)?);
+                    inputs.push(randn(&mut rng, &[h], 0.5, dtype, dev)?);
                 }
-                inputs.push(randn(&mut rng, &[c, h], 0.5, dtype)?);
+                inputs.push(randn(&mut rng, &[c, h], 0.5, dtype, dev)?);
                 if bias {
-                    inputs.push(randn(&mut rng, &[c], 0.5, dtype)?);
+                    inputs.push(randn(&mut rng, &[c], 0.5, dtype, dev)?);
                 }
             }
             let run = |x: &[Tensor], fused: bool| -> Result<Tensor> {
@@ -246,7 +304,7 @@ fn expert_mlp_matches_twin_including_empty_experts() -> Result<()> {
                 }
             };
             let what = format!("expert_mlp {dtype:?} bias={bias}");
-            let w = randn(&mut Rng(99), &[n, c], 1.0, dtype)?;
+            let w = randn(&mut Rng(99), &[n, c], 1.0, dtype, dev)?;
             let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let (yf, yt) = (run(&ts, true)?, run(&ts, false)?);
@@ -265,18 +323,25 @@ fn expert_mlp_matches_twin_including_empty_experts() -> Result<()> {
     Ok(())
 }
 
+test_device!(
+    expert_mlp_matches_twin_including_empty_experts_on,
+    expert_mlp_matches_twin_including_empty_experts,
+    expert_mlp_matches_twin_including_empty_experts_cuda,
+    expert_mlp_matches_twin_including_empty_experts_metal
+);
+
 #[test]
 fn expert_mlp_gradient_matches_finite_differences() -> Result<()> {
     use gumbel_moe::ops::{expert_mlp, ExpertParams};
     let mut rng = Rng(8);
     let (c, h) = (3, 4);
     let offsets = [0u32, 2, 2, 5];
-    let x = randn(&mut rng, &[5, c], 1.0, DType::F64)?;
-    let w1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h, c], 0.7, DType::F64)).collect::<Result<_>>()?;
-    let b1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h], 0.7, DType::F64)).collect::<Result<_>>()?;
-    let w2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c, h], 0.7, DType::F64)).collect::<Result<_>>()?;
-    let b2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c], 0.7, DType::F64)).collect::<Result<_>>()?;
-    let w = randn(&mut rng, &[5, c], 1.0, DType::F64)?;
+    let x = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
+    let w1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h, c], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
+    let b1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
+    let w2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c, h], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
+    let b2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
+    let w = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
     let loss = |x: &Tensor, w1_2: Option<&Tensor>| -> Result<Tensor> {
         let ep: Vec<ExpertParams> = (0..3)
             .map(|i| ExpertParams {
@@ -293,11 +358,13 @@ fn expert_mlp_gradient_matches_finite_differences() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn linear_matches_twin_and_finite_differences() -> Result<()> {
+fn linear_matches_twin_and_finite_differences_on(dev: &Device) -> Result<()> {
     use gumbel_moe::ops::{linear, linear_reference};
     let mut rng = Rng(9);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
         for (lead, inp, out) in
             [(vec![1usize], 1usize, 1usize), (vec![3], 7, 5), (vec![2, 9], 33, 65), (vec![130], 4, 3)]
         {
@@ -305,9 +372,9 @@ fn linear_matches_twin_and_finite_differences() -> Result<()> {
             xs.push(inp);
             let mut ys = lead.clone();
             ys.push(out);
-            let x = randn(&mut rng, &xs, 1.0, dtype)?;
-            let w = randn(&mut rng, &[out, inp], 0.5, dtype)?;
-            let b = randn(&mut rng, &[out], 0.5, dtype)?;
+            let x = randn(&mut rng, &xs, 1.0, dtype, dev)?;
+            let w = randn(&mut rng, &[out, inp], 0.5, dtype, dev)?;
+            let b = randn(&mut rng, &[out], 0.5, dtype, dev)?;
             let what = format!("linear {dtype:?} {xs:?} -> {out}");
             let fused = |t: &[Tensor]| linear(&t[0], &t[1], t.get(2));
             let twin = |t: &[Tensor]| linear_reference(&t[0], &t[1], t.get(2));
@@ -315,14 +382,24 @@ fn linear_matches_twin_and_finite_differences() -> Result<()> {
             check_twin(&what, &fused, &twin, &[x, w], &ys, tol)?;
         }
     }
-    let x = randn(&mut rng, &[4, 3], 1.0, DType::F64)?;
-    let w0 = randn(&mut rng, &[2, 3], 1.0, DType::F64)?;
-    let b0 = randn(&mut rng, &[2], 1.0, DType::F64)?;
-    let m = randn(&mut rng, &[4, 2], 1.0, DType::F64)?;
-    assert_grad_matches_fd(|x| (linear(x, &w0, Some(&b0))? * &m)?.sum_all(), &x, 1e-6, "linear x ")?;
-    assert_grad_matches_fd(|w| (linear(&x, w, Some(&b0))? * &m)?.sum_all(), &w0, 1e-6, "linear W ")?;
-    // The bias gradient (a row sum of dy), as a (1, out) point.
-    let lb = |b: &Tensor| (linear(&x, &w0, Some(&b.flatten_all()?))? * &m)?.sum_all();
-    assert_grad_matches_fd(lb, &b0.reshape((1, 2))?, 1e-6, "linear b ")?;
+    // f64 and finite differences: CPU only (see `runs`).
+    if dev.is_cpu() {
+        let x = randn(&mut rng, &[4, 3], 1.0, DType::F64, dev)?;
+        let w0 = randn(&mut rng, &[2, 3], 1.0, DType::F64, dev)?;
+        let b0 = randn(&mut rng, &[2], 1.0, DType::F64, dev)?;
+        let m = randn(&mut rng, &[4, 2], 1.0, DType::F64, dev)?;
+        assert_grad_matches_fd(|x| (linear(x, &w0, Some(&b0))? * &m)?.sum_all(), &x, 1e-6, "linear x ")?;
+        assert_grad_matches_fd(|w| (linear(&x, w, Some(&b0))? * &m)?.sum_all(), &w0, 1e-6, "linear W ")?;
+        // The bias gradient (a row sum of dy), as a (1, out) point.
+        let lb = |b: &Tensor| (linear(&x, &w0, Some(&b.flatten_all()?))? * &m)?.sum_all();
+        assert_grad_matches_fd(lb, &b0.reshape((1, 2))?, 1e-6, "linear b ")?;
+    }
     Ok(())
 }
+
+test_device!(
+    linear_matches_twin_and_finite_differences_on,
+    linear_matches_twin_and_finite_differences,
+    linear_matches_twin_and_finite_differences_cuda,
+    linear_matches_twin_and_finite_differences_metal
+);

@@ -1,6 +1,6 @@
 //! Host-side helpers shared by the router tests: a test-local generator independent of the
-//! crate's Philox streams, f64 reference math (logits, top-k, softmax), tensor readers and a
-//! tolerance check. Nothing here calls the code under test.
+//! crate's Philox streams, f64 reference math (logits, top-k, softmax), tensor readers, a
+//! tolerance check and a chi-square test. Nothing here calls the code under test.
 #![allow(dead_code)]
 
 use candle_core::{DType, Tensor};
@@ -76,6 +76,11 @@ pub fn u32_tensor(v: &[u32]) -> Tensor {
     Tensor::new(v, &candle_core::Device::Cpu).unwrap()
 }
 
+/// Host values as a (rows, cols) CPU tensor of `dtype`.
+pub fn tensor2(data: &[f64], rows: usize, cols: usize, dtype: DType) -> Tensor {
+    Tensor::from_vec(data.to_vec(), (rows, cols), &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
 pub fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
@@ -137,34 +142,19 @@ pub fn chi2_sf(x: f64, df: f64) -> f64 {
     normal_sf(((x / df).powf(1.0 / 3.0) - (1.0 - v)) / v.sqrt())
 }
 
-/// Checks the autograd gradient of the scalar `f` at the 2-D f64 point `x0` against central
-/// finite differences (step 1e-6): |fd - grad| < rtol * (1 + |fd|) for every element.
-pub fn assert_grad_matches_fd(
-    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
-    x0: &Tensor,
-    rtol: f64,
-    what: &str,
-) -> candle_core::Result<()> {
-    let xv = candle_core::Var::from_tensor(x0)?;
-    let grad = f(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("grad").to_vec2::<f64>()?;
-    let base = x0.to_vec2::<f64>()?;
-    let h = 1e-6;
-    for i in 0..base.len() {
-        for j in 0..base[i].len() {
-            let mut plus = base.clone();
-            plus[i][j] += h;
-            let mut minus = base.clone();
-            minus[i][j] -= h;
-            let fp = f(&Tensor::new(plus, x0.device())?)?.to_scalar::<f64>()?;
-            let fm = f(&Tensor::new(minus, x0.device())?)?.to_scalar::<f64>()?;
-            let fd = (fp - fm) / (2.0 * h);
-            let err = (fd - grad[i][j]).abs();
-            assert!(
-                err < rtol * (1.0 + fd.abs()),
-                "{what}d/dx[{i},{j}]: autograd {} vs finite difference {fd}",
-                grad[i][j]
-            );
-        }
-    }
-    Ok(())
+/// Pearson chi-square of `counts` against probabilities `probs`; panics when p < 1e-3.
+#[track_caller]
+pub fn chi_square(counts: &[usize], probs: &[f64], label: &str) {
+    let n: usize = counts.iter().sum();
+    let chi2: f64 = counts.iter().zip(probs).map(|(&c, &q)| (c as f64 - n as f64 * q).powi(2) / (n as f64 * q)).sum();
+    let p = chi2_sf(chi2, (counts.len() - 1) as f64);
+    assert!(p > 1e-3, "{label}: counts {counts:?} vs probabilities {probs:?}: chi2 = {chi2:.2}, p = {p:.2e}");
+}
+
+/// The test's own SplitMix64 finaliser of a token id, modulo `e`: the hash router's expert.
+pub fn host_hash(id: u32, e: usize) -> u32 {
+    let mut z = (id as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % e as u64) as u32
 }

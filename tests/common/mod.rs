@@ -1,7 +1,12 @@
-//! Shared test helpers: a tiny config on the repo's Tiny Shakespeare file.
+//! Shared test helpers: a tiny config on the repo's Tiny Shakespeare file, a straight vs resumed
+//! training run, and the submodules (device-parametric tests, finite differences, host math,
+//! router builders).
 #![allow(dead_code)]
 
+pub mod device;
+pub mod fd;
 pub mod host;
+pub mod routing;
 
 use gumbel_moe::Config;
 use std::path::PathBuf;
@@ -41,4 +46,32 @@ pub fn tiny_config(router: &str, extra: &[&str]) -> Config {
     let mut o = tiny_overrides(router);
     o.extend(extra.iter().map(|s| s.to_string()));
     Config::resolve("", "tiny", &o).expect("tiny config")
+}
+
+/// Trains `kind` 6 steps in one go (in dir a) and 3 steps + resume + 3 (in dir b); returns each
+/// run's final weights (sorted by name) and REINFORCE baseline.
+pub type Ckpt = (Vec<(String, Vec<f64>)>, Option<f64>);
+pub fn straight_and_resumed(kind: &str, extra: &[&str]) -> (Ckpt, Ckpt) {
+    use gumbel_moe::train::{checkpoint, Trainer};
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |dir: &std::path::Path, more: &[&str]| {
+        let o: Vec<&str> = extra.iter().chain(more).copied().collect();
+        let mut t = Trainer::new(tiny_config(kind, &o), dir).unwrap();
+        t.progress = false;
+        t.fit().unwrap();
+    };
+    run(a.path(), &[]);
+    run(b.path(), &["train.max_iters=3"]);
+    let mut r = Trainer::resume(b.path(), &["train.max_iters=6".into()], None).unwrap();
+    r.progress = false;
+    r.fit().unwrap();
+    let ckpt = |dir: &std::path::Path| {
+        let loaded = checkpoint::load(&dir.join("ckpt-0000006")).unwrap();
+        let m = candle_core::safetensors::load(dir.join("ckpt-0000006/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+        let mut v: Vec<(String, Vec<f64>)> = m.into_iter().map(|(k, t)| (k, host::flat(&t))).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        (v, loaded.state.reinforce_baseline)
+    };
+    (ckpt(a.path()), ckpt(b.path()))
 }

@@ -1,4 +1,4 @@
-//! The fused Gumbel router ops (src/ops/gumbel_router.rs) against the plain-tensor reference
+//! The fused Gumbel router ops (src/ops/gumbel_router/) against the plain-tensor reference
 //! (moe::routers::gumbel: prefilter, noise, relaxed, straight_through), on the CPU.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -8,7 +8,8 @@ use gumbel_moe::ops::{gumbel_route, gumbel_select, gumbel_weights, GumbelParams}
 use gumbel_moe::rng::{philox4x32_10, Stream};
 
 mod common;
-use common::host::{assert_grad_matches_fd, chi2_sf};
+use common::fd::assert_grad_matches_fd;
+use common::host::chi2_sf;
 
 /// Deterministic test logits (T, E) from Philox (N(0, scale)-ish via a sum of uniforms).
 fn logits(t: usize, e: usize, tag: u32, scale: f64, dtype: DType) -> Result<Tensor> {
