@@ -171,7 +171,7 @@ impl Router for GumbelRouter {
             noisy: rc.ctx.train || r.eval_mode == EvalMode::Sample,
         };
         let (indices, weights) = if r.implementation == RouterImpl::Fused {
-            // The same math in custom ops (src/ops/gumbel_router.rs), with CUDA/Metal kernels; the
+            // The same math in custom ops (src/ops/gumbel_router/), with CUDA/Metal kernels; the
             // select op stops on a non-finite logit.
             fused_route(&logits, &p, r.hard)?
         } else {
