@@ -33,7 +33,7 @@
 #   CRATE_DIR=...     the crate whose bench_step runs (default: the parent of CARGO_TARGET_DIR when
 #                     that holds a Cargo.toml, else this repo); CARGO_TARGET_DIR is honoured
 #   BENCH_THREADS_KEY=1|0  pass / never pass `--set train.threads=N` to bench_step (default: when
-#                     TrainConfig in CRATE_DIR/src/config.rs has a `threads` field)
+#                     TrainConfig in CRATE_DIR/src/config/mod.rs has a `threads` field)
 #   TORCH_CLIP=1|0    clip in the PyTorch step or not (default: as bench_step, see above)
 #   DATA=path         the training text (default: ../shared/data/tinyshakespeare/input.txt if there)
 #   TORCH_ARGS="..."  extra torch_gpt.py arguments, e.g. "--attn manual" or "--adamw foreach"
@@ -140,7 +140,9 @@ threads_key() {
   1) return 0 ;;
   0) return 1 ;;
   esac
-  sed -n '/pub struct TrainConfig/,/^}/p' "$CRATE_DIR/src/config.rs" 2>/dev/null | grep -q 'pub threads:'
+  # The config module is src/config/mod.rs (src/config.rs in older checkouts).
+  { cat "$CRATE_DIR/src/config/mod.rs" "$CRATE_DIR/src/config.rs" 2>/dev/null || true; } \
+    | sed -n '/pub struct TrainConfig/,/^}/p' | grep -q 'pub threads:'
 }
 
 # ---------------------------------------------------------------- data
