@@ -240,7 +240,8 @@ fn exports_of_other_routers_reimport_with_the_same_eval_logits() {
             "soft gumbel tau 0.5",
             Box::new(|c: &mut Config| {
                 let r = &mut c.model.router;
-                (r.kind, r.hard, r.top_m, r.prefilter, r.tau0, r.tau_min) = ("gumbel".parse().unwrap(), false, 2, 3, 0.5, 0.5);
+                (r.kind, r.hard, r.top_m, r.prefilter, r.tau0, r.tau_min) =
+                    ("gumbel".parse().unwrap(), false, 2, 3, 0.5, 0.5);
             }),
             Format::Mixtral,
             None,
@@ -287,7 +288,9 @@ fn export_refusals_name_the_key() {
         ("model.router.kind", |c| c.model.router.kind = "sigmoid_bias".parse().unwrap(), None),
         (
             "model.router.eval_mode",
-            |c| (c.model.router.kind, c.model.router.eval_mode) = ("gumbel".parse().unwrap(), "sample".parse().unwrap()),
+            |c| {
+                (c.model.router.kind, c.model.router.eval_mode) = ("gumbel".parse().unwrap(), "sample".parse().unwrap())
+            },
             None,
         ),
         ("model.router.hard", |c| (c.model.router.kind, c.model.router.hard) = ("gumbel".parse().unwrap(), true), None),

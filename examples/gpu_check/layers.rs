@@ -70,7 +70,10 @@ pub fn check(gpu: &Device, cpu: &Device) -> Result<bool> {
         ),
     ];
     let mut ok = true;
-    println!("| {:<15} | {:>12} | {:>12} | {:>10} | {:>10} | {:>6} |", "op", "max rel err", "", "twin ms", "op ms", "ratio");
+    println!(
+        "| {:<15} | {:>12} | {:>12} | {:>10} | {:>10} | {:>6} |",
+        "op", "max rel err", "", "twin ms", "op ms", "ratio"
+    );
     for (name, op, twin, shapes) in &cases {
         let inputs: Vec<Tensor> =
             shapes.iter().map(|s| Tensor::randn(0f32, 1.0, s.as_slice(), cpu)).collect::<Result<_>>()?;

@@ -53,7 +53,12 @@ super::backend::cuda::by_value!(CausalSoftmaxKernelArgs);
 
 /// The element range of the f32 scores (or p) and the kernel arguments.
 #[cfg(any(feature = "cuda", feature = "metal"))]
-fn gpu_args(op: &str, dtype: candle_core::DType, l: &Layout, scale: f64) -> Result<((usize, usize), CausalSoftmaxKernelArgs)> {
+fn gpu_args(
+    op: &str,
+    dtype: candle_core::DType,
+    l: &Layout,
+    scale: f64,
+) -> Result<((usize, usize), CausalSoftmaxKernelArgs)> {
     let (rows, t) = dims(l, op)?;
     super::backend::expect_dtype(op, "scores", dtype, candle_core::DType::F32)?;
     let args = CausalSoftmaxKernelArgs {

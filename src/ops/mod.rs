@@ -47,8 +47,8 @@ pub mod gather_rows;
 pub mod gelu;
 pub(crate) mod gemm;
 pub mod gumbel_router;
-pub mod layer_norm;
 mod layer_kernels;
+pub mod layer_norm;
 pub mod linear;
 pub mod straight_through;
 

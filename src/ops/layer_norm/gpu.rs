@@ -34,7 +34,13 @@ pub(super) struct Plan {
 
 impl Plan {
     /// `params`: (dtype, layout, name) of gamma and beta (forward) or gamma (backward).
-    pub fn new(op: Norm, name: &str, x: (DType, &Layout), params: &[(DType, &Layout, &str)], beta: bool) -> Result<Self> {
+    pub fn new(
+        op: Norm,
+        name: &str,
+        x: (DType, &Layout),
+        params: &[(DType, &Layout, &str)],
+        beta: bool,
+    ) -> Result<Self> {
         let (rows, c) = shape(x.1, "x")?;
         expect_dtype(name, "x", x.0, DType::F32)?;
         let mut starts = Vec::with_capacity(params.len());
@@ -84,7 +90,13 @@ pub(super) mod cuda {
     }
 
     /// (rows + 2, C): dx, dgamma, dbeta; row statistics in a scratch buffer between the launches.
-    pub fn bwd(p: &Plan, x: &CudaStorage, g: &CudaStorage, dy: &CudaStorage, dy_at: (usize, usize)) -> Result<CudaStorage> {
+    pub fn bwd(
+        p: &Plan,
+        x: &CudaStorage,
+        g: &CudaStorage,
+        dy: &CudaStorage,
+        dy_at: (usize, usize),
+    ) -> Result<CudaStorage> {
         let dev = x.device();
         let (a, z) = p.x;
         // SAFETY: the rows kernel writes rows 0..R (dx) and the statistics, the params kernel rows R, R + 1.
