@@ -2,9 +2,9 @@
 //! CPU forward and backward, then forward+backward timed against their plain-tensor twins on the
 //! same GPU.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use super::gpu::{median_ms, rel_err};
+use candle_core::{Device, Result, Tensor, Var};
 use gumbel_moe::ops::{causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp};
-use std::time::Instant;
 
 type Op = dyn Fn(&[Tensor]) -> Result<Tensor>;
 
@@ -19,28 +19,6 @@ fn run(f: &Op, inputs: &[Tensor], w: &Tensor) -> Result<Vec<Tensor>> {
         out.push(g.get(t).expect("every input gets a gradient").clone());
     }
     Ok(out)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let d = a.sub(&b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-    let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1e-30);
-    Ok(d / s)
-}
-
-fn median_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    dev.synchronize()?;
-    let mut v = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        v.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
 }
 
 /// CUDA vs CPU for each op (output and every input gradient within 1e-5 relative), then timed.

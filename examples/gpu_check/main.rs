@@ -34,7 +34,7 @@ mod gpu {
         Ok((indices, w, y))
     }
 
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
         let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
         let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
         let d = a.sub(&b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
@@ -93,7 +93,7 @@ mod gpu {
         Ok(ok)
     }
 
-    fn median_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    pub fn median_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         dev.synchronize()?;
         let mut v = Vec::with_capacity(iters);
