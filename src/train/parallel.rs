@@ -35,16 +35,22 @@ pub fn worker_count(threads: usize, accum: usize) -> usize {
 impl Workers {
     /// `n` workers; with n > 1 the ops inside each run single-threaded (see the module header).
     pub fn new(n: usize) -> Result<Self> {
-        if n <= 1 {
+        if n > 1 {
+            for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+                if std::env::var_os(var).is_none() {
+                    // Read by Candle at each matmul (gemm's thread count) and when its elementwise
+                    // pool starts. Set before the first op of the run.
+                    std::env::set_var(var, "1");
+                }
+            }
+        } else if rayon::current_num_threads() > 1 {
+            // One worker with threads inside each op: the ops use rayon's global pool.
             return Ok(Self { pool: None, n: 1 });
         }
-        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-            if std::env::var_os(var).is_none() {
-                // Read by Candle at each matmul (gemm's thread count) and when its elementwise
-                // pool starts. Set before the first op of the run.
-                std::env::set_var(var, "1");
-            }
-        }
+        // One worker on a single-threaded global pool gets a pool of its own too: inside it the
+        // ops' rayon loops run in place, instead of handing each call to the global pool's
+        // thread and waiting for it.
+        let n = n.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .thread_name(|i| format!("gumbel-moe-worker-{i}"))

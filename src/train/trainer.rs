@@ -240,15 +240,17 @@ impl Trainer {
             )
         };
         let outs: Vec<MicroOut> = if self.sequential_micro_batches() {
-            // Router state moves after each micro-batch: they run in order.
-            let mut outs = Vec::with_capacity(accum);
-            let mut baseline = baseline0;
-            for i in 0..accum {
-                let o = micro(i, baseline)?;
-                baseline = o.baseline;
-                outs.push(o);
-            }
-            outs
+            // Router state moves after each micro-batch: they run in order, on one worker.
+            self.workers.install(|| -> Result<Vec<MicroOut>> {
+                let mut outs = Vec::with_capacity(accum);
+                let mut baseline = baseline0;
+                for i in 0..accum {
+                    let o = micro(i, baseline)?;
+                    baseline = o.baseline;
+                    outs.push(o);
+                }
+                Ok(outs)
+            })?
         } else {
             self.workers.map(accum, |i| micro(i, baseline0))?
         };
