@@ -24,6 +24,7 @@
 //! devices, dtypes or layouts the optimizer keeps its tensor-op path.
 
 use super::backend::cpu::{contiguous, Float};
+use super::backend::simd::widest;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
@@ -78,9 +79,9 @@ impl<T: Float> Consts<T> {
     }
 }
 
+widest! {
 /// One chunk: the element-wise update, written as the tensor path's sequence of ops. The `+ zero`
 /// terms are the `add` of Candle's `affine` (they turn -0 into +0, so they are kept).
-#[inline(always)]
 fn chunk<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>) {
     let zero = T::ZERO;
     let n = p.len();
@@ -100,6 +101,7 @@ fn chunk<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>
         m[i] = mi;
         v[i] = vi;
     }
+}
 }
 
 fn kernel<T: Float>(p: &mut [T], mv: &mut [T], g: &[T], s: &AdamWStep) {

@@ -11,7 +11,8 @@
 //! GEMM and the [`gelu`](super::gelu()) op's kernels; the plain-tensor twin is [`expert_mlp_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
-use super::gelu::Normal;
+use super::float::add_rows;
+use super::gelu::{gelu_act_and_grad, gelu_in_place, Normal};
 use super::gemm::{matmul, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -137,11 +138,7 @@ fn hidden<T: Float>(x: &[T], w1: &[T], b1: &[T], n: usize, c: usize, h: usize) -
     let mut pre = out_vec::<T>(n * h);
     matmul(&mut pre, Mat::rows(x, n, c), Mat::t(w1, c, h), false);
     if !b1.is_empty() {
-        for row in pre.chunks_mut(h) {
-            for (v, &b) in row.iter_mut().zip(b1) {
-                *v = *v + b;
-            }
-        }
+        add_rows(&mut pre, b1);
     }
     pre
 }
@@ -157,17 +154,11 @@ impl ExpertMlp {
                 let n = b - a;
                 let [w1, b1, w2, b2] = self.ranges(e);
                 let mut act = hidden(&x[a * c..b * c], &p[w1], &p[b1], n, c, h);
-                for v in act.iter_mut() {
-                    *v = *v * v.cdf_pdf().0;
-                }
+                gelu_in_place(&mut act);
                 let mut y = out_vec::<T>(n * c);
                 matmul(&mut y, Mat::rows(&act, n, h), Mat::t(&p[w2], h, c), false);
                 if self.bias {
-                    for row in y.chunks_mut(c) {
-                        for (v, &bb) in row.iter_mut().zip(&p[b2.clone()]) {
-                            *v = *v + bb;
-                        }
-                    }
+                    add_rows(&mut y, &p[b2.clone()]);
                 }
                 y
             })
@@ -192,11 +183,7 @@ impl ExpertMlp {
                 let mut dpre = out_vec::<T>(n * h);
                 // dA = dY W2, then through GELU: dH = dA * gelu'(H).
                 matmul(&mut dpre, Mat::rows(dye, n, c), Mat::rows(&p[w2.clone()], c, h), false);
-                for ((d, a), &z) in dpre.iter_mut().zip(act.iter_mut()).zip(&pre) {
-                    let (cdf, pdf) = z.cdf_pdf();
-                    *a = z * cdf;
-                    *d = *d * (cdf + z * pdf);
-                }
+                gelu_act_and_grad(&mut dpre, &mut act, &pre);
                 let mut g = out_vec::<T>(self.per_expert());
                 let off = e * self.per_expert();
                 let [gw1, gb1, gw2, gb2] = self.ranges(e).map(|r| r.start - off..r.end - off);

@@ -2,6 +2,7 @@
 //! twin) and deterministic column sums.
 
 use super::backend::cpu::Float;
+use super::backend::simd::widest;
 use rayon::prelude::*;
 
 /// exp(x) for f32 without a libm call, so that loops over it (the router's softmax over K lanes,
@@ -41,6 +42,29 @@ pub(crate) const EXP_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds 
 pub(crate) const EXP_P: [f32; 6] =
     [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
+widest! {
+    /// acc += x, element by element.
+    pub(crate) fn add_into<T: Float>(acc: &mut [T], x: &[T]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a = *a + v;
+        }
+    }
+}
+
+widest! {
+    /// Adds `b` to every row of `y` (rows of b.len(); a bias).
+    pub(crate) fn add_rows<T: Float>(y: &mut [T], b: &[T]) {
+        if b.is_empty() {
+            return;
+        }
+        for row in y.chunks_mut(b.len()) {
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v = *v + bb;
+            }
+        }
+    }
+}
+
 /// Rows per block of [`col_sum`].
 const COL_SUM_BLOCK: usize = 64;
 
@@ -52,9 +76,7 @@ pub(crate) fn col_sum<T: Float>(x: &[T], c: usize) -> Vec<T> {
         .map(|xs| {
             let mut p = vec![T::ZERO; c];
             for xr in xs.chunks(c) {
-                for j in 0..c {
-                    p[j] = p[j] + xr[j];
-                }
+                add_into(&mut p, xr);
             }
             p
         })

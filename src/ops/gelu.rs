@@ -8,6 +8,7 @@
 //! `kernels/layers.cuh`; the plain-tensor twin is [`gelu_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
+use super::backend::simd::widest;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -102,24 +103,58 @@ pub struct Gelu;
 #[derive(Clone, Copy, Debug)]
 pub struct GeluBwd;
 
-fn fwd_cpu<T: Normal>(x: &[T]) -> Vec<T> {
-    let mut y = out_vec::<T>(x.len());
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| {
-        for (y, &x) in ys.iter_mut().zip(xs) {
+widest! {
+    /// y = x Phi(x), element by element.
+    pub(crate) fn gelu_chunk<T: Normal>(y: &mut [T], x: &[T]) {
+        for (y, &x) in y.iter_mut().zip(x) {
             *y = x * x.cdf_pdf().0;
         }
-    });
+    }
+}
+
+widest! {
+    /// v = v Phi(v) in place.
+    pub(crate) fn gelu_in_place<T: Normal>(v: &mut [T]) {
+        for v in v.iter_mut() {
+            *v = *v * v.cdf_pdf().0;
+        }
+    }
+}
+
+widest! {
+    /// dx = dy (Phi(x) + x phi(x)), element by element.
+    pub(crate) fn gelu_bwd_chunk<T: Normal>(dx: &mut [T], x: &[T], dy: &[T]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let (cdf, pdf) = x.cdf_pdf();
+            *d = g * (cdf + x * pdf);
+        }
+    }
+}
+
+widest! {
+    /// From the pre-activation z: a = gelu(z), and d = d gelu'(z) in place (one pass for an
+    /// MLP's backward, which needs both).
+    pub(crate) fn gelu_act_and_grad<T: Normal>(d: &mut [T], a: &mut [T], z: &[T]) {
+        for ((d, a), &z) in d.iter_mut().zip(a.iter_mut()).zip(z) {
+            let (cdf, pdf) = z.cdf_pdf();
+            *a = z * cdf;
+            *d = *d * (cdf + z * pdf);
+        }
+    }
+}
+
+fn fwd_cpu<T: Normal>(x: &[T]) -> Vec<T> {
+    let mut y = out_vec::<T>(x.len());
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ys, xs)| gelu_chunk(ys, xs));
     y
 }
 
 fn bwd_cpu<T: Normal>(x: &[T], dy: &[T]) -> Vec<T> {
     let mut dx = out_vec::<T>(x.len());
-    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((ds, xs), gs)| {
-        for ((d, &x), &g) in ds.iter_mut().zip(xs).zip(gs) {
-            let (cdf, pdf) = x.cdf_pdf();
-            *d = g * (cdf + x * pdf);
-        }
-    });
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|((ds, xs), gs)| gelu_bwd_chunk(ds, xs, gs));
     dx
 }
 

@@ -61,11 +61,7 @@ fn fwd_cpu<T: Float>(x: &[T], w: &[T], b: Option<&[T]>, n: usize, inp: usize, ou
     let mut y = out_vec::<T>(n * out);
     matmul_par(&mut y, Mat::rows(x, n, inp), Mat::t(w, inp, out), false);
     if let Some(b) = b {
-        for row in y.chunks_mut(out.max(1)) {
-            for (v, &bb) in row.iter_mut().zip(b) {
-                *v = *v + bb;
-            }
-        }
+        super::float::add_rows(&mut y, b);
     }
     y
 }

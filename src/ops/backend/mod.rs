@@ -7,6 +7,7 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 #[cfg(feature = "metal")]
 pub(crate) mod metal;
+pub(crate) mod simd;
 
 use candle_core::Result;
 
