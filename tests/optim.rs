@@ -109,14 +109,30 @@ fn assert_same_state(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -
 }
 
 fn fused_matches_reference(dtype: DType) -> Result<()> {
+    fused_matches_reference_scaled(dtype, false)
+}
+
+/// `scaled`: every other step with a clip factor (`step_scaled`), whose fused form must give the
+/// bits of the tensor path's `g * scale` before the update.
+fn fused_matches_reference_scaled(dtype: DType, scaled: bool) -> Result<()> {
     let pf = params(dtype)?;
     let pr = copy_params(&pf)?;
     let frozen = bits(pf[5].1.as_tensor())?;
     let (mut of, mut or) = (optimizer(pf.clone())?, optimizer(pr.clone())?);
     for s in 0..6 {
         let g = grads(dtype, s)?;
-        of.step(&g, lr(s))?;
-        or.step_reference(&g, lr(s))?;
+        if scaled {
+            let scale = (s % 2 == 0).then_some(0.3719 + s as f64 / 7.0);
+            of.step_scaled(&g, lr(s), scale)?;
+            let gs: Vec<Option<Tensor>> = match scale {
+                Some(k) => g.iter().map(|g| g.as_ref().map(|g| (g * k).unwrap())).collect(),
+                None => g.clone(),
+            };
+            or.step_reference(&gs, lr(s))?;
+        } else {
+            of.step(&g, lr(s))?;
+            or.step_reference(&g, lr(s))?;
+        }
         for ((name, a), (_, b)) in pf.iter().zip(&pr) {
             assert_eq!(bits(a.as_tensor())?, bits(b.as_tensor())?, "{dtype:?} step {s}: {name}");
         }
@@ -124,6 +140,12 @@ fn fused_matches_reference(dtype: DType) -> Result<()> {
     assert_eq!(of.step_count(), 6);
     assert_eq!(bits(pf[5].1.as_tensor())?, frozen, "a parameter with no gradient moved");
     assert_same_state(&saved(&of)?, &saved(&or)?)
+}
+
+#[test]
+fn scaled_step_matches_scaling_the_gradients_first() -> Result<()> {
+    fused_matches_reference_scaled(DType::F32, true)?;
+    fused_matches_reference_scaled(DType::F64, true)
 }
 
 #[test]

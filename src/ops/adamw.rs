@@ -46,6 +46,8 @@ pub struct AdamWStep {
     pub lr: f64,
     /// Decoupled decay factor 1 - lr * wd, or None when the parameter is not decayed.
     pub decay: Option<f64>,
+    /// The gradient's clip factor (g * scale first, as Candle's `affine(scale, 0)`), or None.
+    pub grad_scale: Option<f64>,
 }
 
 /// The constants of [`AdamWStep`] converted once to the element type, as Candle's `affine` does.
@@ -60,6 +62,7 @@ struct Consts<T> {
     eps: T,
     lr: T,
     decay: Option<T>,
+    grad_scale: Option<T>,
 }
 
 impl<T: Float> Consts<T> {
@@ -75,6 +78,7 @@ impl<T: Float> Consts<T> {
             eps: f(s.eps),
             lr: f(s.lr),
             decay: s.decay.map(f),
+            grad_scale: s.grad_scale.map(f),
         }
     }
 }
@@ -87,7 +91,10 @@ fn chunk<T: Float>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: &Consts<T>
     let n = p.len();
     let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
     for i in 0..n {
-        let gi = g[i];
+        let gi = match c.grad_scale {
+            Some(s) => g[i] * s + zero,
+            None => g[i],
+        };
         let mi = (m[i] * c.b1 + zero) + (gi * c.omb1 + zero);
         let vi = (v[i] * c.b2 + zero) + ((gi * gi) * c.omb2 + zero);
         // affine(1, eps): x * 1 is exact, so only the + eps remains.

@@ -170,41 +170,39 @@ impl ExpertMlp {
         let (c, h) = (self.c, self.h);
         let o = &self.offsets;
         let rows = x.len() / c;
-        // Per expert: (dx block, its packed parameter gradients).
-        let parts: Vec<(Vec<T>, Vec<T>)> = (0..self.experts())
-            .into_par_iter()
-            .map(|e| {
-                let (a, b) = (o[e] as usize, o[e + 1] as usize);
-                let n = b - a;
-                let [w1, b1, w2, _] = self.ranges(e);
-                let (xe, dye) = (&x[a * c..b * c], &dy[a * c..b * c]);
-                let pre = hidden(xe, &p[w1.clone()], &p[b1], n, c, h);
-                let mut act = out_vec::<T>(n * h);
-                let mut dpre = out_vec::<T>(n * h);
-                // dA = dY W2, then through GELU: dH = dA * gelu'(H).
-                matmul(&mut dpre, Mat::rows(dye, n, c), Mat::rows(&p[w2.clone()], c, h), false);
-                gelu_act_and_grad(&mut dpre, &mut act, &pre);
-                let mut g = out_vec::<T>(self.per_expert());
-                let off = e * self.per_expert();
-                let [gw1, gb1, gw2, gb2] = self.ranges(e).map(|r| r.start - off..r.end - off);
-                matmul(&mut g[gw2], Mat::t(dye, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
-                matmul(&mut g[gw1], Mat::t(&dpre, h, n), Mat::rows(xe, n, c), false); // dW1 = dH^T X
-                if self.bias {
-                    g[gb1].copy_from_slice(&super::float::col_sum(&dpre, h));
-                    g[gb2].copy_from_slice(&super::float::col_sum(dye, c));
-                }
-                let mut dx = out_vec::<T>(n * c);
-                matmul(&mut dx, Mat::rows(&dpre, n, h), Mat::rows(&p[w1], h, c), false); // dX = dH W1
-                (dx, g)
-            })
-            .collect();
-        let mut out = Vec::with_capacity(rows * c + p.len());
-        for (dx, _) in &parts {
-            out.extend_from_slice(dx);
+        // [dx; dparams], each expert writing its own row block of dx and its own parameters.
+        let mut out = out_vec::<T>(rows * c + p.len());
+        let (dx_all, g_all) = out.split_at_mut(rows * c);
+        let mut pieces = Vec::with_capacity(self.experts());
+        let (mut dx_rest, mut g_rest) = (dx_all, g_all);
+        for e in 0..self.experts() {
+            let n = (o[e + 1] - o[e]) as usize;
+            let (dx, r) = std::mem::take(&mut dx_rest).split_at_mut(n * c);
+            let (g, gr) = std::mem::take(&mut g_rest).split_at_mut(self.per_expert());
+            (dx_rest, g_rest) = (r, gr);
+            pieces.push((e, dx, g));
         }
-        for (_, g) in &parts {
-            out.extend_from_slice(g);
-        }
+        pieces.into_par_iter().for_each(|(e, dx, g)| {
+            let (a, b) = (o[e] as usize, o[e + 1] as usize);
+            let n = b - a;
+            let [w1, b1, w2, _] = self.ranges(e);
+            let (xe, dye) = (&x[a * c..b * c], &dy[a * c..b * c]);
+            let pre = hidden(xe, &p[w1.clone()], &p[b1], n, c, h);
+            let mut act = out_vec::<T>(n * h);
+            let mut dpre = out_vec::<T>(n * h);
+            // dA = dY W2, then through GELU: dH = dA * gelu'(H).
+            matmul(&mut dpre, Mat::rows(dye, n, c), Mat::rows(&p[w2.clone()], c, h), false);
+            gelu_act_and_grad(&mut dpre, &mut act, &pre);
+            let off = e * self.per_expert();
+            let [gw1, gb1, gw2, gb2] = self.ranges(e).map(|r| r.start - off..r.end - off);
+            matmul(&mut g[gw2], Mat::t(dye, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
+            matmul(&mut g[gw1], Mat::t(&dpre, h, n), Mat::rows(xe, n, c), false); // dW1 = dH^T X
+            if self.bias {
+                g[gb1].copy_from_slice(&super::float::col_sum(&dpre, h));
+                g[gb2].copy_from_slice(&super::float::col_sum(dye, c));
+            }
+            matmul(dx, Mat::rows(&dpre, n, h), Mat::rows(&p[w1], h, c), false); // dX = dH W1
+        });
         out
     }
 

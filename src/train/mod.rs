@@ -13,6 +13,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod finite;
 pub mod fs_steps;
+pub mod grad_sum;
 pub mod init_from;
 pub mod metrics;
 pub mod optim;

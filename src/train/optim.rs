@@ -118,16 +118,23 @@ impl AdamW {
     /// (`ops::adamw`, bit-identical to [`AdamW::step_reference`]); the others (GPU, bf16 / f16,
     /// non-contiguous) by the tensor ops of `step_reference`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        self.step_impl(grads, lr, true)
+        self.step_impl(grads, lr, None, true)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `scale` first (the clip factor of
+    /// `train::grad_sum::clip_scale`; None = 1), with the bits of `g * scale` as a tensor op, in
+    /// the same pass.
+    pub fn step_scaled(&mut self, grads: &[Option<Tensor>], lr: f64, scale: Option<f64>) -> Result<()> {
+        self.step_impl(grads, lr, scale, true)
     }
 
     /// [`AdamW::step`] with the tensor-op path for every parameter (about a dozen full-size
     /// temporaries per parameter): the reference the fused CPU step is tested against.
     pub fn step_reference(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
-        self.step_impl(grads, lr, false)
+        self.step_impl(grads, lr, None, false)
     }
 
-    fn step_impl(&mut self, grads: &[Option<Tensor>], lr: f64, allow_fused: bool) -> Result<()> {
+    fn step_impl(&mut self, grads: &[Option<Tensor>], lr: f64, scale: Option<f64>, allow_fused: bool) -> Result<()> {
         if grads.len() != self.params.len() {
             bail!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len());
         }
@@ -151,11 +158,20 @@ impl AdamW {
                         bc2,
                         lr,
                         decay: decay.then_some(1.0 - lr * wd),
+                        grad_scale: scale,
                     };
                     adamw::adamw_fused_step(p, mv, g, hp)?;
                     continue;
                 }
             }
+            let scaled;
+            let g = match scale {
+                Some(s) => {
+                    scaled = (g * s)?;
+                    &scaled
+                }
+                None => g,
+            };
             let (m, v) = self.moments[i].split()?;
             let m = ((&m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

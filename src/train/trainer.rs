@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::fs_steps::FsSteps;
+use super::grad_sum::{clip_scale, sum_grads};
 use super::metrics::MetricsWriter;
 use super::optim::{AdamW, AdamWConfig};
 use super::parallel::{worker_count, Workers};
@@ -18,7 +19,7 @@ use crate::model::Gpt;
 use crate::moe::RouterFactory;
 use crate::nn::{Ctx, Params};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -254,33 +255,26 @@ impl Trainer {
         } else {
             self.workers.map(accum, |i| micro(i, baseline0))?
         };
-        let mut grads: Vec<Option<Tensor>> = vec![None; named.len()];
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
         let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
         let mut routing = StepRouting::new(moe_layers, e);
-        // Summed in micro-batch order, whatever the number of workers.
+        let mut parts = Vec::with_capacity(outs.len());
         for out in outs {
             if let Some(b) = out.baseline {
                 self.state.reinforce_baseline = Some(b);
             }
             loss_sum += out.ce;
             aux_sum += out.aux;
-            for (acc, g) in grads.iter_mut().zip(out.grads) {
-                if let Some(g) = g {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            parts.push(out.grads);
             routing.add(&out.moe_stats, accum, &self.device)?;
         }
         let lr = lr_at(&self.cfg.train, step as usize);
-        let (clip, opt) = (self.cfg.train.grad_clip, &mut self.opt);
+        let (clip, opt, n) = (self.cfg.train.grad_clip, &mut self.opt, named.len());
         let norm = self.workers.install(move || -> Result<f64> {
-            let norm = clip_grads(&mut grads, clip)?;
-            opt.step(&grads, lr)?;
+            // Summed in micro-batch order, whatever the number of workers; clipped inside AdamW.
+            let (grads, norm) = sum_grads(parts, n)?;
+            opt.step_scaled(&grads, lr, clip_scale(norm, clip))?;
             Ok(norm)
         })?;
         self.model.after_step()?;
