@@ -15,8 +15,11 @@ use crate::config::{Config, Positions};
 use crate::moe::layer::MoeStats;
 use crate::moe::{build_router, MoeLayer, RouterFactory};
 use crate::nn::{ops, CausalSelfAttention, Ctx, Mlp, Norm};
-use candle_core::{Result, Tensor};
+use crate::ops::PackedExperts;
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
+use std::collections::HashMap;
 
 enum Ffn {
     Dense(Mlp),
@@ -55,6 +58,23 @@ pub struct GptOutput {
     /// (reinforce, training only): the log-probability of each token's sampled expert. Empty
     /// otherwise. See [`router_surrogate`].
     pub score_logps: Vec<Tensor>,
+    /// [`Gpt::forward_train`] only: each MoE layer's experts packed outside the graph.
+    pub packed: Vec<PackedExperts>,
+}
+
+impl GptOutput {
+    /// The gradient of each of `params` from the `GradStore` of a backward through this output, the
+    /// packed experts' cut from their packed gradient (None: no gradient).
+    pub fn param_grads(&self, gs: &GradStore, params: &[(String, Var)]) -> Result<Vec<Option<Tensor>>> {
+        let mut cut = HashMap::new();
+        for p in &self.packed {
+            cut.extend(p.grads(gs)?);
+        }
+        Ok(params
+            .iter()
+            .map(|(_, v)| gs.get(v.as_tensor()).cloned().or_else(|| cut.remove(&v.as_tensor().id())))
+            .collect())
+    }
 }
 
 impl Gpt {
@@ -126,6 +146,18 @@ impl Gpt {
 
     /// idx: (B, T) u32 token ids, T <= block_size -> logits (B, T, V) and aux losses.
     pub fn forward(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
+        self.forward_impl(idx, ctx, false)
+    }
+
+    /// [`Gpt::forward`] as the training step runs it: the fused experts of each MoE layer enter as
+    /// one packed tensor outside the graph ([`MoeLayer::forward_packed`]), which saves two gradient
+    /// buffers per expert parameter in the backward. Take the parameters' gradients with
+    /// [`GptOutput::param_grads`]: the experts' are not in the `GradStore` under their own ids.
+    pub fn forward_train(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
+        self.forward_impl(idx, ctx, true)
+    }
+
+    fn forward_impl(&self, idx: &Tensor, ctx: &Ctx, pack: bool) -> Result<GptOutput> {
         let (_b, t) = idx.dims2()?;
         if t > self.block_size {
             candle_core::bail!("sequence length {t} exceeds model.block_size {}", self.block_size);
@@ -141,6 +173,7 @@ impl Gpt {
         let mut aux = Tensor::zeros((), x.dtype(), dev)?;
         let mut moe_stats = Vec::new();
         let mut score_logps = Vec::new();
+        let mut packed = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             x = (&x + block.attn.forward(&block.ln_1.forward(&x)?, &mask, ctx)?)?;
             let h = block.ln_2.forward(&x)?;
@@ -148,7 +181,12 @@ impl Gpt {
                 Ffn::Dense(mlp) => mlp.forward(&h)?,
                 Ffn::Moe(moe) => {
                     // The token ids go along for routers that route by id (hash layers).
-                    let out = moe.forward_with_ids(&h, ctx, Some(idx))?;
+                    let out = if pack {
+                        moe.forward_packed(&h, ctx, Some(idx))?
+                    } else {
+                        moe.forward_with_ids(&h, ctx, Some(idx))?
+                    };
+                    packed.extend(out.packed);
                     aux = (aux + out.aux_loss)?;
                     moe_stats.push(out.stats);
                     score_logps.extend(out.score_logp);
@@ -166,7 +204,7 @@ impl Gpt {
         } else {
             crate::ops::linear_reference(&x, head, None)?
         };
-        Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps })
+        Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps, packed })
     }
 }
 

@@ -41,6 +41,48 @@ fn audit(router: &str, extra: &[&str]) {
     }
 }
 
+/// The training step's gradients (`Gpt::forward_train`: the fused experts packed outside the graph,
+/// cut out by `GptOutput::param_grads`) equal autograd's through `Gpt::forward`, parameter by
+/// parameter, and every parameter has one.
+fn packed_grads_match_autograd(router: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = trainer(router, extra, dir.path());
+    let (x, y) = t.train.as_ref().unwrap().random_batch(0, 0);
+    let x = Tensor::from_slice(&x, (4, 16), &t.device).unwrap();
+    let y = Tensor::from_slice(&y, (4, 16), &t.device).unwrap();
+    let ctx = Ctx { train: true, step: 0, tau: 1.0, seed: t.cfg.seed, micro: 0 };
+    let named = t.params.named();
+    let grads = |packed: bool| {
+        let out = if packed { t.model.forward_train(&x, &ctx) } else { t.model.forward(&x, &ctx) }.unwrap();
+        assert_eq!(out.packed.is_empty(), !packed, "packed experts only from forward_train");
+        let loss = (cross_entropy(&out.logits, &y).unwrap() + &out.aux_loss).unwrap();
+        let gs = loss.backward().unwrap();
+        out.param_grads(&gs, &named).unwrap()
+    };
+    let (plain, packed) = (grads(false), grads(true));
+    let mut experts = 0;
+    for (((name, _), a), b) in named.iter().zip(&plain).zip(&packed) {
+        if name.ends_with("expert_bias") {
+            continue;
+        }
+        let (a, b) =
+            (a.as_ref().unwrap(), b.as_ref().unwrap_or_else(|| panic!("{router}: no packed gradient for {name}")));
+        assert_eq!(a.dims(), b.dims(), "{name}");
+        let (va, vb) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(va, vb, "{router} {extra:?}: {name}");
+        experts += name.contains(".experts.") as usize;
+    }
+    assert!(experts > 0, "{router} {extra:?}: the config has no expert parameters to pack");
+}
+
+#[test]
+fn training_step_gradients_match_autograd() {
+    packed_grads_match_autograd("gumbel", &[]);
+    packed_grads_match_autograd("softmax_topk", &["model.router.top_m=2"]);
+    packed_grads_match_autograd("gumbel", &["model.bias=false"]);
+}
+
 #[test]
 fn gradient_audit_every_router_kind() {
     audit("gumbel", &[]);

@@ -8,7 +8,7 @@ use super::{RouteCtx, Router, RouterFactory, Routing};
 use crate::config::{Config, RouterImpl};
 use crate::nn::{Ctx, Mlp};
 use crate::ops::expert_sort::expert_sort_with_flags;
-use crate::ops::{combine, gather_rows, split_rows};
+use crate::ops::{combine, gather_rows, split_rows, PackedExperts};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -53,6 +53,9 @@ pub struct MoeOutput {
     /// (N,) log-probability of each token's chosen expert, N = B*T rows in (B, T) order, when the
     /// router learns by a score-function estimator (reinforce); see `model::router_surrogate`.
     pub score_logp: Option<Tensor>,
+    /// The experts' parameters packed outside the graph ([`MoeLayer::forward_packed`] only): their
+    /// gradients are cut from the packed one with [`PackedExperts::grads`].
+    pub packed: Option<PackedExperts>,
 }
 
 impl MoeLayer {
@@ -98,6 +101,18 @@ impl MoeLayer {
     /// x: (B, T, C), token_ids: (B, T) or (N,) u32 input ids of the same tokens -> y: (B, T, C)
     /// and the aux loss.
     pub fn forward_with_ids(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>) -> Result<MoeOutput> {
+        self.forward_impl(x, ctx, token_ids, false)
+    }
+
+    /// [`MoeLayer::forward_with_ids`] for a training step: the fused experts' parameters enter as
+    /// one packed tensor outside the graph ([`MoeOutput::packed`]), so a backward from the output
+    /// fills one gradient buffer for all of them instead of three per parameter. Their gradients
+    /// are NOT in the `GradStore` under the parameters: take them with [`PackedExperts::grads`].
+    pub fn forward_packed(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>) -> Result<MoeOutput> {
+        self.forward_impl(x, ctx, token_ids, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>, pack: bool) -> Result<MoeOutput> {
         let (b, t, c) = x.dims3()?;
         let n = b * t;
         let xf = x.reshape((n, c))?; // (N, C)
@@ -111,10 +126,10 @@ impl MoeLayer {
         // Non-finite logits, flagged on the device as (1,) u32; the flag comes back with the plan.
         let flag = nonfinite_flag(&r.logits)?;
         // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
-        let (y, tokens_per_expert, dropped) = if self.fused_dispatch {
-            self.experts_fused(&xf, &r, cap, &flag, ctx)?
+        let ((y, tokens_per_expert, dropped), packed) = if self.fused_dispatch {
+            self.experts_fused(&xf, &r, cap, &flag, ctx, pack)?
         } else {
-            self.experts_reference(&xf, &r, cap, &flag, ctx)?
+            (self.experts_reference(&xf, &r, cap, &flag, ctx)?, None)
         };
         let balance = if self.fused_balance {
             load_balance_fused(&r.logits, &r.indices)?
@@ -138,14 +153,22 @@ impl MoeLayer {
             entropy: Some(ent.to_dtype(DType::F32)?),
             top1_prob: Some(top1.to_dtype(DType::F32)?),
         };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats, score_logp: r.log_prob })
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats, score_logp: r.log_prob, packed })
     }
 
     /// The fused path: sort the slots by expert on the device, gather the rows to that order, run
     /// each expert on its contiguous block, and combine with the routing weights. Only the E + 1
     /// offsets and the non-finite `flag` come to the host, in one copy. xf (N, C) -> (y (N, C),
     /// kept slots per expert, dropped slots).
-    fn experts_fused(&self, xf: &Tensor, r: &Routing, cap: usize, flag: &Tensor, ctx: &Ctx) -> Result<Step> {
+    fn experts_fused(
+        &self,
+        xf: &Tensor,
+        r: &Routing,
+        cap: usize,
+        flag: &Tensor,
+        ctx: &Ctx,
+        pack: bool,
+    ) -> Result<(Step, Option<PackedExperts>)> {
         let e = self.experts.len();
         let (order, flags) = expert_sort_with_flags(&r.indices, e, cap, flag)?;
         if flags[0] != 0 {
@@ -155,9 +178,13 @@ impl MoeLayer {
         let grouped: Option<Vec<_>> = self.experts.iter().map(|x| x.gelu_params()).collect();
         if let (Some(params), true) = (grouped, xs.dim(0)? > 0) {
             // Every expert in one op each way.
-            let ys = crate::ops::expert_mlp(&xs, &params, &order.offsets)?; // (N_kept, C)
+            let (ys, packed) = if pack {
+                crate::ops::expert_mlp_packed(&xs, &params, &order.offsets)? // (N_kept, C)
+            } else {
+                (crate::ops::expert_mlp(&xs, &params, &order.offsets)?, None)
+            };
             let y = combine(&ys, &r.weights, &order)?; // (N, C)
-            return Ok((y, order.tokens_per_expert(), order.dropped()));
+            return Ok(((y, order.tokens_per_expert(), order.dropped()), packed));
         }
         let mut outs = Vec::with_capacity(e);
         for (expert, rows) in self.experts.iter().zip(split_rows(&xs, &order.offsets)?) {
@@ -170,7 +197,7 @@ impl MoeLayer {
         } else {
             combine(&Tensor::cat(&outs, 0)?, &r.weights, &order)? // (N, C)
         };
-        Ok((y, order.tokens_per_expert(), order.dropped()))
+        Ok(((y, order.tokens_per_expert(), order.dropped()), None))
     }
 
     /// The reference path: host plan (the indices and the non-finite `flag` copied in one

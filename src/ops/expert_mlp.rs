@@ -62,8 +62,49 @@ impl ExpertMlp {
 
 /// xs: (N_kept, C) rows grouped by expert (`offsets`, E + 1 entries) -> (N_kept, C).
 pub fn expert_mlp(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Result<Tensor> {
+    Ok(expert_mlp_with(xs, experts, offsets, false)?.0)
+}
+
+/// Every expert's parameters as one packed tensor outside the autograd graph (the training step's
+/// form, [`expert_mlp_packed`]): Candle's backward leaves the packed gradient under `packed`, and
+/// [`PackedExperts::grads`] cuts it into each parameter's gradient as views.
+#[derive(Clone, Debug)]
+pub struct PackedExperts {
+    pub packed: Tensor,
+    /// Each parameter tensor (the model's own, matched by id) and its offset in `packed`.
+    pub pieces: Vec<(Tensor, usize)>,
+}
+
+impl PackedExperts {
+    /// (parameter id, gradient) of every piece, or nothing when the backward gave none.
+    pub fn grads(&self, gs: &candle_core::backprop::GradStore) -> Result<Vec<(candle_core::TensorId, Tensor)>> {
+        let Some(g) = gs.get(&self.packed) else { return Ok(Vec::new()) };
+        self.pieces
+            .iter()
+            .map(|(t, off)| Ok((t.id(), g.narrow(0, *off, t.elem_count())?.reshape(t.shape())?)))
+            .collect()
+    }
+}
+
+/// [`expert_mlp`] with the parameters packed outside the graph ([`PackedExperts`]): one gradient
+/// buffer for all of them, where the graph form fills and adds three (the packed tensor, each
+/// piece, each piece's reshape). None (and the graph form) off the CPU.
+pub fn expert_mlp_packed(
+    xs: &Tensor,
+    experts: &[ExpertParams],
+    offsets: &[u32],
+) -> Result<(Tensor, Option<PackedExperts>)> {
+    expert_mlp_with(xs, experts, offsets, true)
+}
+
+fn expert_mlp_with(
+    xs: &Tensor,
+    experts: &[ExpertParams],
+    offsets: &[u32],
+    detached: bool,
+) -> Result<(Tensor, Option<PackedExperts>)> {
     if !xs.device().is_cpu() {
-        return per_expert(xs, experts, offsets, super::gelu::gelu);
+        return Ok((per_expert(xs, experts, offsets, super::gelu::gelu)?, None));
     }
     let (n, c) = xs.dims2()?;
     let (h, wc) = experts.first().map(|p| p.w1.dims2()).transpose()?.unwrap_or((0, c));
@@ -78,21 +119,37 @@ pub fn expert_mlp(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Res
     }
     let mut parts = Vec::with_capacity(4 * experts.len());
     for p in experts {
-        parts.push(p.w1.flatten_all()?);
+        parts.push(p.w1);
         if bias {
-            parts.push(p.b1.expect("bias").flatten_all()?);
+            parts.push(p.b1.expect("bias"));
         }
-        parts.push(p.w2.flatten_all()?);
+        parts.push(p.w2);
         if bias {
-            parts.push(p.b2.expect("bias").flatten_all()?);
+            parts.push(p.b2.expect("bias"));
         }
     }
-    let packed = Tensor::cat(&parts, 0)?;
+    let flat = parts
+        .iter()
+        .map(|t| if detached { t.detach().flatten_all() } else { t.flatten_all() })
+        .collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
     let op = ExpertMlp { c, h, bias, offsets: Arc::new(offsets.to_vec()) };
     if packed.elem_count() != op.per_expert() * experts.len() {
         candle_core::bail!("expert_mlp: expert parameters are not all (H, C) = ({h}, {c}) and (C, H)");
     }
-    xs.contiguous()?.apply_op2(&packed, op)
+    let y = xs.contiguous()?.apply_op2(&packed, op)?;
+    let packed = detached.then(|| {
+        let mut off = 0;
+        let pieces = parts
+            .iter()
+            .map(|t| {
+                off += t.elem_count();
+                ((*t).clone(), off - t.elem_count())
+            })
+            .collect();
+        PackedExperts { packed, pieces }
+    });
+    Ok((y, packed))
 }
 
 /// The plain-tensor twin: a loop of Candle ops per expert, then the blocks concatenated.

@@ -45,7 +45,7 @@ pub(super) fn micro_step(
     let (step, accum) = (ctx.step, cfg.train.grad_accum);
     let (x, y) = train.random_batch(step, ctx.micro);
     let rows = train.batch_size();
-    let out = model.forward(&Tensor::from_slice(&x, (rows, x.len() / rows), device)?, &ctx)?;
+    let out = model.forward_train(&Tensor::from_slice(&x, (rows, x.len() / rows), device)?, &ctx)?;
     let targets = Tensor::from_slice(&y, (rows, y.len() / rows), device)?;
     let ce = cross_entropy(&out.logits, &targets)?;
     let mut loss = (&ce + &out.aux_loss)?;
@@ -64,7 +64,7 @@ pub(super) fn micro_step(
         bail!("non-finite loss at step {step} (cross-entropy {lv}, aux {av}): training stopped; the last checkpoint is kept");
     }
     let gs = (loss / accum as f64)?.backward()?;
-    let grads = named.iter().map(|(_, v)| gs.get(v.as_tensor()).cloned()).collect();
+    let grads = out.param_grads(&gs, named)?;
     Ok(MicroOut { grads, ce: lv, aux: av, moe_stats: out.moe_stats, baseline: baseline_after })
 }
 
