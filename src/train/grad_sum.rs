@@ -5,6 +5,9 @@
 //! The sums have the bits of the tensor form ((g0 + g1) + g2 ...); the clip scale is applied later
 //! by the optimizer ([`crate::train::AdamW::step_scaled`]), not as a pass of its own.
 
+use crate::ops::backend::cpu::Float;
+use crate::ops::backend::simd::widest;
+use crate::ops::float::add_into;
 use anyhow::Result;
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -78,25 +81,42 @@ fn sum_one(gs: &[Tensor]) -> Result<Option<(Tensor, f64)>> {
 
 /// Elements summed in slice order, and the f64 sum of their squares. With one slice only the sum
 /// of squares (the result is the slice itself; the returned vector is empty).
-fn sum_slices<T: Copy + Into<f64> + std::ops::Add<Output = T>>(xs: &[&[T]]) -> (Vec<T>, f64) {
-    let n = xs[0].len();
+fn sum_slices<T: Float>(xs: &[&[T]]) -> (Vec<T>, f64) {
     if xs.len() == 1 {
-        let q = xs[0].iter().map(|&v| v.into() * v.into()).sum();
-        return (Vec::new(), q);
+        return (Vec::new(), sum_sq(xs[0]));
     }
-    let mut out = Vec::with_capacity(n);
-    // Four partial sums of squares (element i into q[i % 4]), added at the end: a fixed order.
-    let mut q = [0.0f64; 4];
-    for i in 0..n {
-        let mut s = xs[0][i];
-        for x in &xs[1..] {
-            s = s + x[i];
+    let mut out = xs[0].to_vec();
+    for x in &xs[1..] {
+        add_into(&mut out, x);
+    }
+    let q = sum_sq(&out);
+    (out, q)
+}
+
+/// The f64 sum of squares in a fixed order: eight partial sums (element i into lane i % 8),
+/// then the lanes and the tail in order.
+fn sum_sq<T: Float>(x: &[T]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    sum_sq_lanes(&mut lanes, x);
+    let mut q = lanes.iter().sum::<f64>();
+    for &v in tail {
+        q += v.to_f64() * v.to_f64();
+    }
+    q
+}
+
+widest! {
+    /// lanes[j] += x[8 i + j]^2 over the whole groups of eight.
+    fn sum_sq_lanes<T: Float>(lanes: &mut [f64; 8], x: &[T]) {
+        for c in x.chunks_exact(8) {
+            for j in 0..8 {
+                let v = c[j].to_f64();
+                lanes[j] += v * v;
+            }
         }
-        let f: f64 = s.into();
-        q[i % 4] += f * f;
-        out.push(s);
     }
-    (out, (q[0] + q[1]) + (q[2] + q[3]))
 }
 
 #[cfg(test)]
