@@ -8,6 +8,7 @@
 //! here; on other devices [`causal_attention`] runs the twin [`causal_attention_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
+use super::backend::simd::widest;
 use super::gemm::{matmul, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -123,7 +124,7 @@ struct Head<T> {
 }
 
 /// sum_i a_i b_i with 8 independent accumulators (so it vectorizes), added in a fixed order.
-#[inline]
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::ZERO; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -141,7 +142,7 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// max of a non-empty slice, 8 lanes at a time.
-#[inline]
+#[inline(always)]
 fn max_of<T: Float>(a: &[T]) -> T {
     let mut acc = [a[0]; 8];
     let chunks = a.chunks_exact(8);
@@ -155,7 +156,7 @@ fn max_of<T: Float>(a: &[T]) -> T {
 }
 
 /// sum of a slice with 8 accumulators, added in a fixed order.
-#[inline]
+#[inline(always)]
 fn sum_of<T: Float>(a: &[T]) -> T {
     let mut acc = [T::ZERO; 8];
     let chunks = a.chunks_exact(8);
@@ -193,22 +194,7 @@ impl CausalAttention {
         let scale = T::from_f64(1.0 / (hs as f64).sqrt());
         let mut p = out_vec::<T>(t * t);
         matmul(&mut p, Mat::rows(&hd.q, t, hs), Mat::t(&hd.k, hs, t), false); // q k^T
-        for (i, row) in p.chunks_mut(t).enumerate() {
-            let live = &mut row[..=i];
-            // Separate passes (scale, max, exp, sum, normalise) so each one vectorizes.
-            for v in live.iter_mut() {
-                *v = *v * scale;
-            }
-            let m = max_of(live);
-            for v in live.iter_mut() {
-                *v = (*v - m).exp();
-            }
-            let inv = T::ONE / sum_of(live);
-            for v in live.iter_mut() {
-                *v = *v * inv;
-            }
-            row[i + 1..].fill(T::ZERO);
-        }
+        causal_softmax_rows(&mut p, t, scale);
         p
     }
 
@@ -262,15 +248,7 @@ impl CausalAttention {
         let mut ds = out_vec::<T>(t * t);
         let v = Self::v(rows, t, c, hs, h);
         matmul(&mut ds, dyh, Mat { data: v.data, rows: hs, cols: t, rs: 1, cs: 3 * c }, false);
-        for (i, row) in ds.chunks_mut(t).enumerate() {
-            let o = i * c + h * hs;
-            let di = dot(&dy[o..o + hs], &y[o..o + hs]);
-            let pr = &p[i * t..(i + 1) * t];
-            for j in 0..=i {
-                row[j] = pr[j] * (row[j] - di) * scale;
-            }
-            row[i + 1..].fill(T::ZERO);
-        }
+        softmax_bwd_rows(&mut ds, &p, &dy[h * hs..], &y[h * hs..], t, hs, c, scale);
         let (mut dq, mut dk, mut dv) = (out_vec::<T>(t * hs), out_vec::<T>(t * hs), out_vec::<T>(t * hs));
         matmul(&mut dq, Mat::rows(&ds, t, t), Mat::rows(&hd.k, t, hs), false); // dS k
         matmul(&mut dk, Mat::t(&ds, t, t), Mat::rows(&hd.q, t, hs), false); // dS^T q
@@ -283,6 +261,46 @@ impl CausalAttention {
     }
 }
 
+widest! {
+    /// Row i of the (T, T) scores in place: the softmax of scale * s_ij over j <= i, 0 above
+    /// the diagonal. Separate passes (scale, max, exp, sum, normalise) so each one vectorizes.
+    fn causal_softmax_rows<T: Float>(p: &mut [T], t: usize, scale: T) {
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            let live = &mut row[..=i];
+            for v in live.iter_mut() {
+                *v = *v * scale;
+            }
+            let m = max_of(live);
+            for v in live.iter_mut() {
+                *v = (*v - m).exp();
+            }
+            let inv = T::ONE / sum_of(live);
+            for v in live.iter_mut() {
+                *v = *v * inv;
+            }
+            row[i + 1..].fill(T::ZERO);
+        }
+    }
+}
+
+widest! {
+    /// dS = P (dP - D_i) * scale in place of dP (T, T), D_i = dy_i . y_i; dy and y start at the
+    /// head's column, rows `c` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_bwd_rows<T: Float>(ds: &mut [T], p: &[T], dy: &[T], y: &[T], t: usize, hs: usize, c: usize, scale: T) {
+        for (i, row) in ds.chunks_mut(t).enumerate() {
+            let o = i * c;
+            let di = dot(&dy[o..o + hs], &y[o..o + hs]);
+            let pr = &p[i * t..(i + 1) * t];
+            for j in 0..=i {
+                row[j] = pr[j] * (row[j] - di) * scale;
+            }
+            row[i + 1..].fill(T::ZERO);
+        }
+    }
+}
+
+widest! {
 /// RoPE on (T, hs) rows in place; `inverse` applies the transpose (the backward).
 fn rotate<T: Float>(x: &mut [T], r: &RopeTables, t: usize, hs: usize, inverse: bool) {
     let half = r.half;
@@ -300,6 +318,7 @@ fn rotate<T: Float>(x: &mut [T], r: &RopeTables, t: usize, hs: usize, inverse: b
             }
         }
     }
+}
 }
 
 impl CustomOp1 for CausalAttention {
