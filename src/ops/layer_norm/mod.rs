@@ -9,6 +9,7 @@
 //! [`norm_reference`].
 
 use super::backend::cpu::{contiguous, out_vec, Float};
+use super::backend::simd::widest;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -58,16 +59,71 @@ pub fn norm_reference(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, op: Nor
 }
 
 /// Mean (0 for RMSNorm) and 1/sqrt(var + eps) of one row, accumulated in f64.
-#[inline]
+#[inline(always)]
 fn stats<T: Float>(row: &[T], op: Norm) -> (T, T) {
     let c = row.len() as f64;
     if op.rms {
-        let ms = row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / c;
+        let ms = sum8(row, |v| v * v) / c;
         return (T::ZERO, T::from_f64(1.0 / (ms + op.eps).sqrt()));
     }
-    let mean = row.iter().map(|&v| v.to_f64()).sum::<f64>() / c;
-    let var = row.iter().map(|&v| (v.to_f64() - mean) * (v.to_f64() - mean)).sum::<f64>() / c;
+    let mean = sum8(row, |v| v) / c;
+    let var = sum8(row, |v| (v - mean) * (v - mean)) / c;
     (T::from_f64(mean), T::from_f64(1.0 / (var + op.eps).sqrt()))
+}
+
+/// sum_j f(row_j) in f64 with eight lanes (element j into lane j % 8), added in a fixed order, so
+/// it vectorizes and does not depend on the vector width.
+#[inline(always)]
+fn sum8<T: Float>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] += f(x[l].to_f64());
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &v in rest {
+        s += f(v.to_f64());
+    }
+    s
+}
+
+/// sum_j a_j in T with eight lanes, added in a fixed order.
+#[inline(always)]
+fn sum8_t<T: Float>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &v in rest {
+        s = s + v;
+    }
+    s
+}
+
+/// sum_j a_j b_j in T with eight lanes, added in a fixed order.
+#[inline(always)]
+fn dot8<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (&x, &y) in ra.iter().zip(rb) {
+        s = s + x * y;
+    }
+    s
 }
 
 /// Input checks shared by both directions: x (rows, C) contiguous, gamma/beta (C) contiguous.
@@ -89,7 +145,14 @@ fn param<'a, T: Float>(s: &'a CpuStorage, l: &Layout, c: usize, what: &str) -> R
 
 fn fwd_cpu<T: Float>(op: Norm, x: &[T], c: usize, g: &[T], b: Option<&[T]>) -> Vec<T> {
     let mut y = out_vec::<T>(x.len());
-    y.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).for_each(|(ys, xs)| {
+    y.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).for_each(|(ys, xs)| fwd_rows(op, ys, xs, g, b));
+    y
+}
+
+widest! {
+    /// y = (x - mean) r g (+ b), row by row (rows of g.len()).
+    fn fwd_rows<T: Float>(op: Norm, ys: &mut [T], xs: &[T], g: &[T], b: Option<&[T]>) {
+        let c = g.len();
         for (yr, xr) in ys.chunks_mut(c).zip(xs.chunks(c)) {
             let (mean, r) = stats(xr, op);
             match b {
@@ -105,8 +168,7 @@ fn fwd_cpu<T: Float>(op: Norm, x: &[T], c: usize, g: &[T], b: Option<&[T]>) -> V
                 }
             }
         }
-    });
-    y
+    }
 }
 
 impl Norm {
@@ -248,6 +310,31 @@ impl CustomOp3 for Norm {
     }
 }
 
+widest! {
+    /// dx of each row, and the rows' dgamma, dbeta added to `p` (2 C).
+    fn bwd_rows<T: Float>(op: Norm, dxs: &mut [T], xs: &[T], dys: &[T], g: &[T], p: &mut [T]) {
+        let c = g.len();
+        let inv_c = T::from_f64(1.0 / c as f64);
+        let (mut xhat, mut gx) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+        for ((dxr, xr), dyr) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(dys.chunks(c)) {
+            let (mean, r) = stats(xr, op);
+            for j in 0..c {
+                let xh = (xr[j] - mean) * r;
+                xhat[j] = xh;
+                gx[j] = dyr[j] * g[j];
+                p[j] = p[j] + dyr[j] * xh;
+                p[c + j] = p[c + j] + dyr[j];
+            }
+            let s1 = if op.rms { T::ZERO } else { sum8_t(&gx) }; // sum gx
+            let s2 = dot8(&gx, &xhat); // sum gx * xhat
+            let (m1, m2) = (s1 * inv_c, s2 * inv_c);
+            for j in 0..c {
+                dxr[j] = r * (gx[j] - m1 - xhat[j] * m2);
+            }
+        }
+    }
+}
+
 /// The backward of [`Norm`]: (x, gamma, dy) -> (rows + 2, C) holding dx, then dgamma, then dbeta
 /// (zero for RMSNorm).
 #[derive(Clone, Copy, Debug)]
@@ -257,7 +344,6 @@ fn bwd_cpu<T: Float>(op: Norm, x: &[T], g: &[T], dy: &[T], c: usize) -> Vec<T> {
     let rows = x.len() / c;
     let mut out = out_vec::<T>((rows + 2) * c);
     let (dx, params) = out.split_at_mut(rows * c);
-    let inv_c = T::from_f64(1.0 / c as f64);
     // Per block of rows: dx rows, and the block's partial dgamma, dbeta.
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(c * BLOCK)
@@ -265,24 +351,7 @@ fn bwd_cpu<T: Float>(op: Norm, x: &[T], g: &[T], dy: &[T], c: usize) -> Vec<T> {
         .zip(dy.par_chunks(c * BLOCK))
         .map(|((dxs, xs), dys)| {
             let mut p = vec![T::ZERO; 2 * c];
-            let mut xhat = vec![T::ZERO; c];
-            for ((dxr, xr), dyr) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(dys.chunks(c)) {
-                let (mean, r) = stats(xr, op);
-                let (mut s1, mut s2) = (T::ZERO, T::ZERO); // sum gx, sum gx * xhat
-                for j in 0..c {
-                    let xh = (xr[j] - mean) * r;
-                    xhat[j] = xh;
-                    let gx = dyr[j] * g[j];
-                    s1 = s1 + gx;
-                    s2 = s2 + gx * xh;
-                    p[j] = p[j] + dyr[j] * xh;
-                    p[c + j] = p[c + j] + dyr[j];
-                }
-                let (m1, m2) = (if op.rms { T::ZERO } else { s1 * inv_c }, s2 * inv_c);
-                for j in 0..c {
-                    dxr[j] = r * (dyr[j] * g[j] - m1 - xhat[j] * m2);
-                }
-            }
+            bwd_rows(op, dxs, xs, dys, g, &mut p);
             p
         })
         .collect();
