@@ -90,24 +90,6 @@ fn sum8<T: Float>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
     s
 }
 
-/// sum_j a_j in T with eight lanes, added in a fixed order.
-#[inline(always)]
-fn sum8_t<T: Float>(a: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let chunks = a.chunks_exact(8);
-    let rest = chunks.remainder();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] = acc[l] + x[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for &v in rest {
-        s = s + v;
-    }
-    s
-}
-
 /// sum_j a_j b_j in T with eight lanes, added in a fixed order.
 #[inline(always)]
 fn dot8<T: Float>(a: &[T], b: &[T]) -> T {
@@ -315,7 +297,7 @@ widest! {
     fn bwd_rows<T: Float>(op: Norm, dxs: &mut [T], xs: &[T], dys: &[T], g: &[T], p: &mut [T]) {
         let c = g.len();
         let inv_c = T::from_f64(1.0 / c as f64);
-        let (mut xhat, mut gx) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+        let (mut xhat, mut gx, ones) = (vec![T::ZERO; c], vec![T::ZERO; c], vec![T::ONE; c]);
         for ((dxr, xr), dyr) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(dys.chunks(c)) {
             let (mean, r) = stats(xr, op);
             for j in 0..c {
@@ -325,7 +307,7 @@ widest! {
                 p[j] = p[j] + dyr[j] * xh;
                 p[c + j] = p[c + j] + dyr[j];
             }
-            let s1 = if op.rms { T::ZERO } else { sum8_t(&gx) }; // sum gx
+            let s1 = if op.rms { T::ZERO } else { dot8(&gx, &ones) }; // sum gx
             let s2 = dot8(&gx, &xhat); // sum gx * xhat
             let (m1, m2) = (s1 * inv_c, s2 * inv_c);
             for j in 0..c {
