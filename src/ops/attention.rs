@@ -9,6 +9,7 @@
 
 use super::backend::cpu::{contiguous, out_vec, Float};
 use super::backend::simd::widest;
+use super::float::{dot, max_of, sum_of};
 use super::gemm::{matmul, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
@@ -121,53 +122,6 @@ fn dims(l: &Layout, n_head: usize, rope: &Option<Arc<RopeTables>>, op: &str) -> 
 struct Head<T> {
     q: Vec<T>,
     k: Vec<T>,
-}
-
-/// sum_i a_i b_i with 8 independent accumulators (so it vectorizes), added in a fixed order.
-#[inline(always)]
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = acc[l] + x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (&x, &y) in ra.iter().zip(rb) {
-        s = s + x * y;
-    }
-    s
-}
-
-/// max of a non-empty slice, 8 lanes at a time.
-#[inline(always)]
-fn max_of<T: Float>(a: &[T]) -> T {
-    let mut acc = [a[0]; 8];
-    let chunks = a.chunks_exact(8);
-    let rest = chunks.remainder();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
-        }
-    }
-    rest.iter().fold(acc.into_iter().fold(a[0], T::max), |m, &v| m.max(v))
-}
-
-/// sum of a slice with 8 accumulators, added in a fixed order.
-#[inline(always)]
-fn sum_of<T: Float>(a: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let chunks = a.chunks_exact(8);
-    let rest = chunks.remainder();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] = acc[l] + x[l];
-        }
-    }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    rest.iter().fold(s, |s, &v| s + v)
 }
 
 impl CausalAttention {

@@ -1,5 +1,5 @@
 //! Float math the CPU kernels share: a vectorizable f32 `exp` (with the constants of its AVX2
-//! twin) and deterministic column sums.
+//! twin), eight-lane reductions in a fixed order, and deterministic column sums.
 
 use super::backend::cpu::Float;
 use super::backend::simd::widest;
@@ -63,6 +63,72 @@ widest! {
             }
         }
     }
+}
+
+/// sum_i a_i b_i with 8 independent accumulators (so it vectorizes), added in a fixed order.
+#[inline(always)]
+pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (&x, &y) in ra.iter().zip(rb) {
+        s = s + x * y;
+    }
+    s
+}
+
+/// max of a non-empty slice, 8 lanes at a time.
+#[inline(always)]
+pub(crate) fn max_of<T: Float>(a: &[T]) -> T {
+    let mut acc = [a[0]; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    rest.iter().fold(acc.into_iter().fold(a[0], T::max), |m, &v| m.max(v))
+}
+
+/// sum of a slice with 8 accumulators, added in a fixed order.
+#[inline(always)]
+pub(crate) fn sum_of<T: Float>(a: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l];
+        }
+    }
+    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    rest.iter().fold(s, |s, &v| s + v)
+}
+
+/// sum_j f(row_j) in f64 with eight lanes (element j into lane j % 8), added in a fixed order, so
+/// it vectorizes and does not depend on the vector width.
+#[inline(always)]
+pub(crate) fn sum8_f64<T: Float>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..8 {
+            acc[l] += f(x[l].to_f64());
+        }
+    }
+    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for &v in rest {
+        s += f(v.to_f64());
+    }
+    s
 }
 
 /// Rows per block of [`col_sum`].

@@ -7,7 +7,7 @@
 
 use crate::ops::backend::cpu::Float;
 use crate::ops::backend::simd::widest;
-use crate::ops::float::add_into;
+use crate::ops::float::{add_into, sum8_f64};
 use anyhow::Result;
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -93,29 +93,10 @@ fn sum_slices<T: Float>(xs: &[&[T]]) -> (Vec<T>, f64) {
     (out, q)
 }
 
-/// The f64 sum of squares in a fixed order: eight partial sums (element i into lane i % 8),
-/// then the lanes and the tail in order.
-fn sum_sq<T: Float>(x: &[T]) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    sum_sq_lanes(&mut lanes, x);
-    let mut q = lanes.iter().sum::<f64>();
-    for &v in tail {
-        q += v.to_f64() * v.to_f64();
-    }
-    q
-}
-
 widest! {
-    /// lanes[j] += x[8 i + j]^2 over the whole groups of eight.
-    fn sum_sq_lanes<T: Float>(lanes: &mut [f64; 8], x: &[T]) {
-        for c in x.chunks_exact(8) {
-            for j in 0..8 {
-                let v = c[j].to_f64();
-                lanes[j] += v * v;
-            }
-        }
+    /// The f64 sum of squares, in the fixed eight-lane order of `sum8_f64`.
+    fn sum_sq<T: Float>(x: &[T]) -> f64 {
+        sum8_f64(x, |v| v * v)
     }
 }
 

@@ -79,8 +79,7 @@ pub fn clip_grads(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
         return Ok(0.0);
     }
     let norm = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
+    if let Some(s) = super::grad_sum::clip_scale(norm, max_norm) {
         for g in grads.iter_mut().flatten() {
             *g = (&*g * s)?;
         }

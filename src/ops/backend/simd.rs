@@ -55,18 +55,18 @@ pub(crate) fn force(l: Level) {
     LEVEL.store(l, Ordering::Relaxed);
 }
 
-/// `fn name<T: Bound>(args) { body }`, with the body compiled for AVX-512F, AVX2 + FMA and the
+/// `fn name<T: Bound>(args) [-> R] { body }`, with the body compiled for AVX-512F, AVX2 + FMA and the
 /// baseline, chosen by [`level`] at each call. Keep the body element-wise (see the module header).
 macro_rules! widest {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($a:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>($($a:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
-        $vis fn $name<$t: $bound>($($a: $ty),*) {
+        $vis fn $name<$t: $bound>($($a: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn avx512<$t: $bound>($($a: $ty),*) $body
+                unsafe fn avx512<$t: $bound>($($a: $ty),*) $(-> $ret)? $body
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2<$t: $bound>($($a: $ty),*) $body
+                unsafe fn avx2<$t: $bound>($($a: $ty),*) $(-> $ret)? $body
                 match $crate::ops::backend::simd::level() {
                     // SAFETY: level() reports only instruction sets this CPU has.
                     $crate::ops::backend::simd::Level::Avx512 => return unsafe { avx512::<$t>($($a),*) },

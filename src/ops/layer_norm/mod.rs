@@ -10,6 +10,7 @@
 
 use super::backend::cpu::{contiguous, out_vec, Float};
 use super::backend::simd::widest;
+use super::float::{dot, sum8_f64, sum_of};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -63,49 +64,12 @@ pub fn norm_reference(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, op: Nor
 fn stats<T: Float>(row: &[T], op: Norm) -> (T, T) {
     let c = row.len() as f64;
     if op.rms {
-        let ms = sum8(row, |v| v * v) / c;
+        let ms = sum8_f64(row, |v| v * v) / c;
         return (T::ZERO, T::from_f64(1.0 / (ms + op.eps).sqrt()));
     }
-    let mean = sum8(row, |v| v) / c;
-    let var = sum8(row, |v| (v - mean) * (v - mean)) / c;
+    let mean = sum8_f64(row, |v| v) / c;
+    let var = sum8_f64(row, |v| (v - mean) * (v - mean)) / c;
     (T::from_f64(mean), T::from_f64(1.0 / (var + op.eps).sqrt()))
-}
-
-/// sum_j f(row_j) in f64 with eight lanes (element j into lane j % 8), added in a fixed order, so
-/// it vectorizes and does not depend on the vector width.
-#[inline(always)]
-fn sum8<T: Float>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = row.chunks_exact(8);
-    let rest = chunks.remainder();
-    for x in chunks {
-        for l in 0..8 {
-            acc[l] += f(x[l].to_f64());
-        }
-    }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for &v in rest {
-        s += f(v.to_f64());
-    }
-    s
-}
-
-/// sum_j a_j b_j in T with eight lanes, added in a fixed order.
-#[inline(always)]
-fn dot8<T: Float>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = acc[l] + x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (&x, &y) in ra.iter().zip(rb) {
-        s = s + x * y;
-    }
-    s
 }
 
 /// Input checks shared by both directions: x (rows, C) contiguous, gamma/beta (C) contiguous.
@@ -297,7 +261,7 @@ widest! {
     fn bwd_rows<T: Float>(op: Norm, dxs: &mut [T], xs: &[T], dys: &[T], g: &[T], p: &mut [T]) {
         let c = g.len();
         let inv_c = T::from_f64(1.0 / c as f64);
-        let (mut xhat, mut gx, ones) = (vec![T::ZERO; c], vec![T::ZERO; c], vec![T::ONE; c]);
+        let (mut xhat, mut gx) = (vec![T::ZERO; c], vec![T::ZERO; c]);
         for ((dxr, xr), dyr) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(dys.chunks(c)) {
             let (mean, r) = stats(xr, op);
             for j in 0..c {
@@ -307,8 +271,8 @@ widest! {
                 p[j] = p[j] + dyr[j] * xh;
                 p[c + j] = p[c + j] + dyr[j];
             }
-            let s1 = if op.rms { T::ZERO } else { dot8(&gx, &ones) }; // sum gx
-            let s2 = dot8(&gx, &xhat); // sum gx * xhat
+            let s1 = if op.rms { T::ZERO } else { sum_of(&gx) }; // sum gx
+            let s2 = dot(&gx, &xhat); // sum gx * xhat
             let (m1, m2) = (s1 * inv_c, s2 * inv_c);
             for j in 0..c {
                 dxr[j] = r * (gx[j] - m1 - xhat[j] * m2);
