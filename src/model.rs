@@ -15,7 +15,7 @@ use crate::config::{Config, Positions};
 use crate::moe::layer::MoeStats;
 use crate::moe::{build_router, MoeLayer, RouterFactory};
 use crate::nn::{ops, CausalSelfAttention, Ctx, Mlp, Norm};
-use crate::ops::PackedExperts;
+use crate::ops::ExpertGrads;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Embedding, Init, Module, VarBuilder};
@@ -58,17 +58,17 @@ pub struct GptOutput {
     /// (reinforce, training only): the log-probability of each token's sampled expert. Empty
     /// otherwise. See [`router_surrogate`].
     pub score_logps: Vec<Tensor>,
-    /// [`Gpt::forward_train`] only: each MoE layer's experts packed outside the graph.
-    pub packed: Vec<PackedExperts>,
+    /// [`Gpt::forward_train`] only: each MoE layer's expert gradients, handed out of band.
+    pub expert_grads: Vec<ExpertGrads>,
 }
 
 impl GptOutput {
     /// The gradient of each of `params` from the `GradStore` of a backward through this output, the
-    /// packed experts' cut from their packed gradient (None: no gradient).
+    /// experts' from [`GptOutput::expert_grads`] (None: no gradient, e.g. an expert without rows).
     pub fn param_grads(&self, gs: &GradStore, params: &[(String, Var)]) -> Result<Vec<Option<Tensor>>> {
         let mut cut = HashMap::new();
-        for p in &self.packed {
-            cut.extend(p.grads(gs)?);
+        for p in &self.expert_grads {
+            cut.extend(p.grads());
         }
         Ok(params
             .iter()
@@ -149,10 +149,10 @@ impl Gpt {
         self.forward_impl(idx, ctx, false)
     }
 
-    /// [`Gpt::forward`] as the training step runs it: the fused experts of each MoE layer enter as
-    /// one packed tensor outside the graph ([`MoeLayer::forward_packed`]), which saves two gradient
-    /// buffers per expert parameter in the backward. Take the parameters' gradients with
-    /// [`GptOutput::param_grads`]: the experts' are not in the `GradStore` under their own ids.
+    /// [`Gpt::forward`] as the training step runs it: the fused experts of each MoE layer read their
+    /// weights in place and hand their gradients out of band ([`MoeLayer::forward_train`]), so a
+    /// step's expert work grows with the experts its tokens reach. Take the parameters' gradients
+    /// with [`GptOutput::param_grads`]: the experts' are not in the `GradStore`.
     pub fn forward_train(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
         self.forward_impl(idx, ctx, true)
     }
@@ -173,7 +173,7 @@ impl Gpt {
         let mut aux = Tensor::zeros((), x.dtype(), dev)?;
         let mut moe_stats = Vec::new();
         let mut score_logps = Vec::new();
-        let mut packed = Vec::new();
+        let mut expert_grads = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             x = (&x + block.attn.forward(&block.ln_1.forward(&x)?, &mask, ctx)?)?;
             let h = block.ln_2.forward(&x)?;
@@ -182,11 +182,11 @@ impl Gpt {
                 Ffn::Moe(moe) => {
                     // The token ids go along for routers that route by id (hash layers).
                     let out = if pack {
-                        moe.forward_packed(&h, ctx, Some(idx))?
+                        moe.forward_train(&h, ctx, Some(idx))?
                     } else {
                         moe.forward_with_ids(&h, ctx, Some(idx))?
                     };
-                    packed.extend(out.packed);
+                    expert_grads.extend(out.expert_grads);
                     aux = (aux + out.aux_loss)?;
                     moe_stats.push(out.stats);
                     score_logps.extend(out.score_logp);
@@ -204,7 +204,7 @@ impl Gpt {
         } else {
             crate::ops::linear_reference(&x, head, None)?
         };
-        Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps, packed })
+        Ok(GptOutput { logits, aux_loss: aux, moe_stats, score_logps, expert_grads })
     }
 }
 

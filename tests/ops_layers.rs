@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::fd::assert_grad_matches_fd;
-use common::host::Rng;
+use common::host::{flat, Rng};
 use gumbel_moe::ops::{causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp};
 
 const CPU: Device = Device::Cpu;
@@ -261,8 +261,11 @@ test_device!(
     causal_attention_gradient_matches_finite_differences_and_is_causal_metal
 );
 
+/// The graph form, the training form (weights read in place, gradients out of band) and the
+/// plain-tensor twin: the same outputs and gradients (the two fused forms bit for bit), and no
+/// gradient at all for the experts without rows.
 fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()> {
-    use gumbel_moe::ops::{expert_mlp, expert_mlp_reference, ExpertParams};
+    use gumbel_moe::ops::{expert_mlp, expert_mlp_reference, expert_mlp_train, ExpertParams};
     let mut rng = Rng(7);
     for (dtype, tol) in [(DType::F64, 1e-11), (DType::F32, 3e-5)] {
         if !runs(dev, dtype) {
@@ -286,10 +289,15 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
                     inputs.push(randn(&mut rng, &[c], 0.5, dtype, dev)?);
                 }
             }
-            let run = |x: &[Tensor], fused: bool| -> Result<Tensor> {
+            let what = format!("expert_mlp {dtype:?} bias={bias}");
+            let w = randn(&mut Rng(99), &[n, c], 1.0, dtype, dev)?;
+            let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            // Form 0: graph, 1: training form, 2: twin -> (y, each input's gradient).
+            let run = |form: usize| -> Result<(Tensor, Vec<Option<Tensor>>)> {
                 let ep: Vec<ExpertParams> = (0..e)
                     .map(|i| {
-                        let p = &x[1 + per * i..1 + per * (i + 1)];
+                        let p = &ts[1 + per * i..1 + per * (i + 1)];
                         if bias {
                             ExpertParams { w1: &p[0], b1: Some(&p[1]), w2: &p[2], b2: Some(&p[3]) }
                         } else {
@@ -297,26 +305,37 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
                         }
                     })
                     .collect();
-                if fused {
-                    expert_mlp(&x[0], &ep, &offsets)
-                } else {
-                    expert_mlp_reference(&x[0], &ep, &offsets)
-                }
+                let (y, out) = match form {
+                    0 => (expert_mlp(&ts[0], &ep, &offsets)?, None),
+                    1 => expert_mlp_train(&ts[0], &ep, &offsets)?,
+                    _ => (expert_mlp_reference(&ts[0], &ep, &offsets)?, None),
+                };
+                let gs = (&y * &w)?.sum_all()?.backward()?;
+                let side: std::collections::HashMap<_, _> = out.map(|o| o.grads()).unwrap_or_default().into_iter().collect();
+                let grads = ts.iter().map(|t| gs.get(t).cloned().or_else(|| side.get(&t.id()).cloned())).collect();
+                Ok((y, grads))
             };
-            let what = format!("expert_mlp {dtype:?} bias={bias}");
-            let w = randn(&mut Rng(99), &[n, c], 1.0, dtype, dev)?;
-            let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let (yf, yt) = (run(&ts, true)?, run(&ts, false)?);
-            let (gf, gt) = ((&yf * &w)?.sum_all()?.backward()?, (&yt * &w)?.sum_all()?.backward()?);
+            let (yf, gf) = run(0)?;
+            let (yi, gi) = run(1)?;
+            let (yt, gt) = run(2)?;
             let d = max_abs_diff(&yf, &yt)?;
             assert!(d <= tol * (1.0 + max_abs(&yt)?), "{what} forward: {d:e}");
+            if dev.is_cpu() {
+                assert_eq!(flat(&yi), flat(&yf), "{what}: the training form's forward has the graph form's bits");
+            }
             for (i, t) in ts.iter().enumerate() {
-                let got = gf.get(t).unwrap_or_else(|| panic!("{what}: input {i} got no gradient from the fused op"));
-                // The twin gives the experts without rows no gradient at all: zeros.
-                let want = gt.get(t).cloned().unwrap_or(t.zeros_like()?);
-                let d = max_abs_diff(got, &want)?;
-                assert!(d <= tol * (1.0 + max_abs(&want)?), "{what} grad of input {i}: {d:e}");
+                let expert = (i > 0).then(|| (i - 1) / per);
+                let empty = expert.is_some_and(|x| offsets[x + 1] == offsets[x]);
+                for (form, g) in [("graph", &gf[i]), ("training", &gi[i]), ("twin", &gt[i])] {
+                    assert_eq!(g.is_none(), empty, "{what} input {i} ({form} form): a gradient exactly when it has rows");
+                }
+                let (Some(got), Some(want), Some(inplace)) = (&gf[i], &gt[i], &gi[i]) else { continue };
+                let d = max_abs_diff(got, want)?;
+                assert!(d <= tol * (1.0 + max_abs(want)?), "{what} grad of input {i}: {d:e}");
+                if dev.is_cpu() {
+                    assert_eq!(flat(inplace), flat(got), "{what} grad of input {i}: training form vs graph form");
+                    assert_eq!(inplace.dims(), t.dims());
+                }
             }
         }
     }

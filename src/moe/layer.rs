@@ -8,7 +8,7 @@ use super::{RouteCtx, Router, RouterFactory, Routing};
 use crate::config::{Config, RouterImpl};
 use crate::nn::{Ctx, Mlp};
 use crate::ops::expert_sort::expert_sort_with_flags;
-use crate::ops::{combine, gather_rows, split_rows, PackedExperts};
+use crate::ops::{combine, gather_rows, split_rows, ExpertGrads};
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -53,9 +53,9 @@ pub struct MoeOutput {
     /// (N,) log-probability of each token's chosen expert, N = B*T rows in (B, T) order, when the
     /// router learns by a score-function estimator (reinforce); see `model::router_surrogate`.
     pub score_logp: Option<Tensor>,
-    /// The experts' parameters packed outside the graph ([`MoeLayer::forward_packed`] only): their
-    /// gradients are cut from the packed one with [`PackedExperts::grads`].
-    pub packed: Option<PackedExperts>,
+    /// The experts' gradients, handed out of band by the training form of the expert op
+    /// ([`MoeLayer::forward_train`] on the CPU only): see [`ExpertGrads::grads`].
+    pub expert_grads: Option<ExpertGrads>,
 }
 
 impl MoeLayer {
@@ -104,11 +104,11 @@ impl MoeLayer {
         self.forward_impl(x, ctx, token_ids, false)
     }
 
-    /// [`MoeLayer::forward_with_ids`] for a training step: the fused experts' parameters enter as
-    /// one packed tensor outside the graph ([`MoeOutput::packed`]), so a backward from the output
-    /// fills one gradient buffer for all of them instead of three per parameter. Their gradients
-    /// are NOT in the `GradStore` under the parameters: take them with [`PackedExperts::grads`].
-    pub fn forward_packed(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>) -> Result<MoeOutput> {
+    /// [`MoeLayer::forward_with_ids`] for a training step: the fused experts read their weights in
+    /// place and a backward from the output hands each active expert's gradients out of band
+    /// ([`MoeOutput::expert_grads`]), with no copy of the weights and no gradient buffer as large as
+    /// all experts. Their gradients are NOT in the `GradStore`: take them with [`ExpertGrads::grads`].
+    pub fn forward_train(&self, x: &Tensor, ctx: &Ctx, token_ids: Option<&Tensor>) -> Result<MoeOutput> {
         self.forward_impl(x, ctx, token_ids, true)
     }
 
@@ -126,7 +126,7 @@ impl MoeLayer {
         // Non-finite logits, flagged on the device as (1,) u32; the flag comes back with the plan.
         let flag = nonfinite_flag(&r.logits)?;
         // Dispatch -> experts -> weighted combine: y (N, C), kept slots per expert, dropped slots.
-        let ((y, tokens_per_expert, dropped), packed) = if self.fused_dispatch {
+        let ((y, tokens_per_expert, dropped), expert_grads) = if self.fused_dispatch {
             self.experts_fused(&xf, &r, cap, &flag, ctx, pack)?
         } else {
             (self.experts_reference(&xf, &r, cap, &flag, ctx)?, None)
@@ -153,7 +153,7 @@ impl MoeLayer {
             entropy: Some(ent.to_dtype(DType::F32)?),
             top1_prob: Some(top1.to_dtype(DType::F32)?),
         };
-        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats, score_logp: r.log_prob, packed })
+        Ok(MoeOutput { y: y.reshape((b, t, c))?, aux_loss, stats, score_logp: r.log_prob, expert_grads })
     }
 
     /// The fused path: sort the slots by expert on the device, gather the rows to that order, run
@@ -168,7 +168,7 @@ impl MoeLayer {
         flag: &Tensor,
         ctx: &Ctx,
         pack: bool,
-    ) -> Result<(Step, Option<PackedExperts>)> {
+    ) -> Result<(Step, Option<ExpertGrads>)> {
         let e = self.experts.len();
         let (order, flags) = expert_sort_with_flags(&r.indices, e, cap, flag)?;
         if flags[0] != 0 {
@@ -178,13 +178,13 @@ impl MoeLayer {
         let grouped: Option<Vec<_>> = self.experts.iter().map(|x| x.gelu_params()).collect();
         if let (Some(params), true) = (grouped, xs.dim(0)? > 0) {
             // Every expert in one op each way.
-            let (ys, packed) = if pack {
-                crate::ops::expert_mlp_packed(&xs, &params, &order.offsets)? // (N_kept, C)
+            let (ys, grads) = if pack {
+                crate::ops::expert_mlp_train(&xs, &params, &order.offsets)? // (N_kept, C)
             } else {
                 (crate::ops::expert_mlp(&xs, &params, &order.offsets)?, None)
             };
             let y = combine(&ys, &r.weights, &order)?; // (N, C)
-            return Ok(((y, order.tokens_per_expert(), order.dropped()), packed));
+            return Ok(((y, order.tokens_per_expert(), order.dropped()), grads));
         }
         let mut outs = Vec::with_capacity(e);
         for (expert, rows) in self.experts.iter().zip(split_rows(&xs, &order.offsets)?) {
