@@ -1,6 +1,6 @@
 //! The `gumbel-moe` command line: train, generate, eval, compare (train several routers on one
 //! budget and report), plot (a run's curves), export-hf / import-hf (transformers Mixtral and
-//! Qwen2-MoE checkpoints).
+//! Qwen2-MoE checkpoints), prepare (a corpus tokenized once into memory-mapped shards).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -115,6 +115,7 @@ enum Cmd {
     },
     ExportHf(gumbel_moe::hf::cli::ExportArgs),
     ImportHf(gumbel_moe::hf::cli::ImportArgs),
+    Prepare(gumbel_moe::data::prepare::PrepareArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -201,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::ExportHf(args) => args.run()?,
         Cmd::ImportHf(args) => args.run()?,
+        Cmd::Prepare(args) => args.run()?,
         Cmd::Plot { run_dir } => {
             for p in plot_run(&run_dir)? {
                 println!("{}", p.display());

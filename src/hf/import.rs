@@ -209,6 +209,7 @@ pub fn import_hf(from: &str, out: &Path, opts: &ImportOptions) -> Result<Importe
         tokens_seen: 0,
         wall_s: 0.0,
         reinforce_baseline: None,
+        dataset: None,
     };
     checkpoint::save(out, &params, &opt, &cfg, &tok, &state, &FsSteps::new())?;
     Ok(Imported { cfg, format, exact })

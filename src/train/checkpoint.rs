@@ -36,6 +36,10 @@ pub struct TrainerState {
     /// every other router); saved so a resumed run continues exactly.
     #[serde(default)]
     pub reinforce_baseline: Option<f64>,
+    /// The SHA-256 of the prepared dataset's manifest.json (None for a text source): a resume on
+    /// another dataset is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 pub const MODEL_FILE: &str = "model.safetensors";

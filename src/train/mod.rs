@@ -6,6 +6,7 @@
 //! - [`finite`]: NaN / infinity checks before a save and after a load.
 //! - [`resume`]: continuing a run from a checkpoint, in place or as a branch.
 //! - [`resume_check`]: which `--set` changes a resume refuses, and why.
+//! - [`run_data`]: a run's data: a text tokenized in memory, or a prepared folder's shards.
 //! - [`init_from`]: a new run from another checkpoint's weights (fresh optimizer and schedule).
 //! - [`parallel`]: a step's micro-batches side by side on worker threads; [`alloc`]: allocator
 //!   thresholds for the loop.
@@ -20,6 +21,7 @@ pub mod optim;
 pub mod parallel;
 pub mod resume;
 pub mod resume_check;
+pub mod run_data;
 pub mod run_dir;
 pub mod schedule;
 pub mod step;

@@ -95,6 +95,17 @@ impl Trainer {
                 loaded.state.step
             );
         }
+        if loaded.state.dataset != t.state.dataset {
+            let name = |d: &Option<String>| d.clone().unwrap_or_else(|| "none (a text source)".into());
+            bail!(
+                "cannot resume checkpoint {} on another dataset: it was trained on dataset {} (manifest sha256), but \
+                 data.source {} is dataset {}; resume with the data it was trained on",
+                loaded.dir.display(),
+                name(&loaded.state.dataset),
+                t.cfg.data.source,
+                name(&t.state.dataset)
+            );
+        }
         t.state = loaded.state;
         if in_place {
             // best/ may be newer than this checkpoint (a run stopped between the two saves): only a

@@ -43,7 +43,7 @@ pub(super) fn micro_step(
     baseline: Option<f64>,
 ) -> Result<MicroOut> {
     let (step, accum) = (ctx.step, cfg.train.grad_accum);
-    let (x, y) = train.random_batch(step, ctx.micro);
+    let (x, y) = train.try_random_batch(step, ctx.micro)?;
     let rows = train.batch_size();
     let out = model.forward_train(&Tensor::from_slice(&x, (rows, x.len() / rows), device)?, &ctx)?;
     let targets = Tensor::from_slice(&y, (rows, y.len() / rows), device)?;

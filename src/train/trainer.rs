@@ -14,7 +14,8 @@ pub use super::step::clip_grads;
 use super::step::{eval_batch_loss, micro_step, MicroOut};
 use super::telemetry::{StepRouting, Telemetry};
 use crate::config::{Config, DeviceKind, RouterKind};
-use crate::data::{load_text, split_text, Batcher, Tokenizer};
+use super::run_data::RunData;
+use crate::data::{Batcher, Tokenizer};
 use crate::model::Gpt;
 use crate::moe::RouterFactory;
 use crate::nn::{Ctx, Params};
@@ -137,23 +138,17 @@ impl Trainer {
             // A process-wide cuBLAS setting in Candle: the last trainer built decides.
             candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
         }
-        let text = load_text(&cfg.data.source)?;
-        let (train_text, val_text) = split_text(&text, cfg.data.train_fraction);
-        let tokenizer = match tok {
-            Some(t) => t,
-            None => Tokenizer::train(&checkpoint::tokenizer_kind(&cfg), train_text)
-                .with_context(|| format!("training the tokenizer on {}", cfg.data.source))?,
-        };
+        let data = RunData::open(&cfg.data.source, cfg.data.train_fraction)?;
+        let tokenizer = data.tokenizer(tok, &mut cfg)?;
         if cfg.model.vocab_size == 0 {
             cfg.model.vocab_size = tokenizer.vocab_size();
         } else if cfg.model.vocab_size < tokenizer.vocab_size() {
             bail!("model.vocab_size = {} is below the tokenizer's {}", cfg.model.vocab_size, tokenizer.vocab_size());
         }
         let (bs, bsz) = (cfg.model.block_size, cfg.train.batch_size);
-        let val = Batcher::new(tokenizer.encode(val_text)?, bs, bsz, cfg.seed ^ 0x5a5a)
-            .context("validation split too small")?;
+        let val = data.batcher(false, &tokenizer, bs, bsz, cfg.seed ^ 0x5a5a)?;
         let train = if with_train {
-            Some(Batcher::new(tokenizer.encode(train_text)?, bs, bsz, cfg.seed).context("training split too small")?)
+            Some(data.batcher(true, &tokenizer, bs, bsz, cfg.seed)?)
         } else {
             None
         };
@@ -175,6 +170,7 @@ impl Trainer {
             tokens_seen: 0,
             wall_s: 0.0,
             reinforce_baseline: None,
+            dataset: data.dataset(),
         };
         Ok(Self {
             cfg,
@@ -199,7 +195,7 @@ impl Trainer {
         let ctx = Ctx::eval(self.cfg.seed, tau);
         let (model, device, rows) = (&self.model, &self.device, b.batch_size());
         let losses = self.workers.map(n, |i| {
-            let (x, y) = b.random_batch(EVAL_KEY + i as u64, 0);
+            let (x, y) = b.try_random_batch(EVAL_KEY + i as u64, 0)?;
             eval_batch_loss(model, device, &x, &y, rows, &ctx)
         })?;
         Ok(losses.iter().sum::<f64>() / n as f64)
@@ -209,7 +205,7 @@ impl Trainer {
     pub fn full_val_loss(&self) -> Result<f64> {
         let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
         let ctx = Ctx::eval(self.cfg.seed, tau);
-        let batches = self.val.sequential_batches();
+        let batches = self.val.try_sequential_batches()?;
         let (model, device) = (&self.model, &self.device);
         let sums = self.workers.map(batches.len(), |i| {
             let (x, y, rows) = &batches[i];
