@@ -341,18 +341,28 @@ fn parse_override(s: &str) -> Result<toml::Table> {
     Ok(table)
 }
 
+/// The merged tree as a `Config` (types and names; `validate` comes after).
+fn schema(tree: &toml::Table) -> std::result::Result<Config, toml::de::Error> {
+    toml::Value::Table(tree.clone()).try_into()
+}
+
 impl Config {
     /// Defaults, then the TOML text (named `origin` in errors), then overrides; then validation.
     pub fn resolve(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
         let mut tree = toml::Table::try_from(Config::default()).context("serializing defaults")?;
         let file: toml::Table = toml::from_str(text).with_context(|| format!("{origin}: invalid TOML"))?;
         merge(&mut tree, &file, "", origin)?;
-        for o in overrides {
-            merge(&mut tree, &parse_override(o)?, "", "--set")?;
+        if !overrides.is_empty() {
+            // The file alone, then each `--set` in turn: a bad value is blamed on what gave it.
+            schema(&tree).with_context(|| format!("{origin}: config does not match the schema"))?;
+            for o in overrides {
+                merge(&mut tree, &parse_override(o)?, "", &format!("--set {o}"))?;
+                if let Err(e) = schema(&tree) {
+                    bail!("--set {o}: {}", e.to_string().trim_end());
+                }
+            }
         }
-        let cfg: Config = toml::Value::Table(tree)
-            .try_into()
-            .with_context(|| format!("{origin}: config does not match the schema"))?;
+        let cfg = schema(&tree).with_context(|| format!("{origin}: config does not match the schema"))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -97,6 +97,18 @@ impl Config {
         if !(t.lr > 0.0) || t.min_lr < 0.0 {
             bail!("train.lr = {} must be > 0 and train.min_lr = {} >= 0", t.lr, t.min_lr);
         }
+        // An infinite rate or decay passes the comparisons above and diverges at step 1.
+        for (key, v) in [
+            ("train.lr", t.lr),
+            ("train.min_lr", t.min_lr),
+            ("train.weight_decay", t.weight_decay),
+            ("train.eps", t.eps),
+            ("train.grad_clip", t.grad_clip),
+        ] {
+            if !v.is_finite() {
+                bail!("config key `{key}` = {v} must be a finite number");
+            }
+        }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             bail!("train.beta1 = {} and train.beta2 = {} must be in [0, 1)", t.beta1, t.beta2);
         }
