@@ -145,7 +145,7 @@ fn import_then_export_reproduces_the_fixtures_bit_for_bit() {
     for (dir, tied, format) in [(mixtral_dir(), false, "mixtral"), (fixture("hf-tiny-qwen2-moe"), true, "qwen2_moe")] {
         let (d, ckpt) = import(&dir.display().to_string(), None, &[]);
         let out = d.path().join("export");
-        let opts = ExportOptions { format: None, tied, with_logits: false };
+        let opts = ExportOptions { format: None, tied, ..Default::default() };
         assert_eq!(export_hf(&ckpt, &out, &opts).unwrap().format.model_type(), format);
         assert_eq!(tensors(&out.join("model.safetensors")), tensors(&dir.join("model.safetensors")), "{format}");
         assert_eq!(metadata(&out.join("model.safetensors")).unwrap()["format"], "pt");

@@ -288,8 +288,7 @@ impl Tokenizer {
     /// or Bpe, and must agree with the model in the file. Errors name the file.
     pub fn load(path: &Path, kind: &TokenizerKind) -> Result<Self> {
         let name = path.display();
-        let hf =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer file {name}: {e}"))?;
+        let hf = tokenizers::Tokenizer::from_file(path).map_err(|e| not_a_tokenizer(path, e))?;
         let inner = match (kind, hf.get_model()) {
             (TokenizerKind::Hf, _) => Inner::Hf(Box::new(hf)),
             (TokenizerKind::Char, ModelWrapper::WordLevel(_)) => {
@@ -316,6 +315,30 @@ impl Tokenizer {
             ),
         };
         Ok(Self { inner })
+    }
+}
+
+/// Why `tokenizers` could not read `path`, first-line clear: a file that is valid JSON but not a
+/// tokenizer is said to be one (serde's own message points at a column as if the JSON were broken).
+fn not_a_tokenizer(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
+    let name = path.display();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            return anyhow!("permission denied: cannot read tokenizer file {name}")
+        }
+        Err(io) => return anyhow!("cannot read tokenizer file {name}: {io}"),
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => {
+            let keys = v.as_object().map(|o| o.keys().take(8).cloned().collect::<Vec<_>>().join(", "));
+            anyhow!(
+                "tokenizer file {name} is valid JSON but not a Hugging Face tokenizer.json (top-level keys: {}; \
+                 expected `model`, `normalizer`, `pre_tokenizer`, ...): {e}",
+                keys.unwrap_or_else(|| "none, not an object".into())
+            )
+        }
+        Err(_) => anyhow!("cannot load tokenizer file {name}: {e}"),
     }
 }
 

@@ -12,7 +12,7 @@ pub struct ExportArgs {
     /// A checkpoint directory, or a run directory (its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// The model directory to write.
+    /// The model directory to write: new or empty, never a checkpoint or a training run.
     #[arg(long)]
     pub out: PathBuf,
     /// mixtral, qwen2-moe, or auto (Mixtral when it can express the model).
@@ -24,12 +24,20 @@ pub struct ExportArgs {
     /// Also write our logits for fixed ids and our greedy decoding (for scripts/check_hf_export.py).
     #[arg(long)]
     pub with_logits: bool,
+    /// Write into a folder that already holds files: replaces the export's files there (and removes
+    /// an old gumbel_moe_logits.safetensors); other files are kept.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl ExportArgs {
     pub fn run(&self) -> Result<()> {
-        let opts =
-            ExportOptions { format: Format::parse(&self.format)?, tied: self.tied, with_logits: self.with_logits };
+        let opts = ExportOptions {
+            format: Format::parse(&self.format)?,
+            tied: self.tied,
+            with_logits: self.with_logits,
+            overwrite: self.overwrite,
+        };
         let plan = export_hf(&self.checkpoint, &self.out, &opts)?;
         let j = serde_json::json!({"event": "exported", "out": self.out, "model_type": plan.format.model_type(),
             "num_experts_per_tok": plan.k, "renormalised": plan.renorm, "gate_scale": plan.gate_scale});

@@ -4,6 +4,7 @@
 
 use super::config::export_json;
 use super::names::{mapping, shared_expert_names};
+use super::out_dir::{check_out, remove_stale_logits};
 use super::Format;
 use crate::config::{Activation, Config, EvalMode, NormKind, Positions, RouterInput, RouterKind};
 use crate::generate::{generate_ids, SampleConfig};
@@ -28,6 +29,9 @@ pub struct ExportOptions {
     pub tied: bool,
     /// Also write [`LOGITS_FILE`].
     pub with_logits: bool,
+    /// Write into a folder that already holds files (replacing the export's own; never into a
+    /// checkpoint or a run, see [`super::out_dir`]).
+    pub overwrite: bool,
 }
 
 /// How a checkpoint's routing is written.
@@ -183,8 +187,15 @@ pub fn load_model(dir: &Path, cfg: &Config) -> Result<(Params, Gpt)> {
 
 /// Exports the checkpoint at (or newest under) `ckpt` into `out`; returns the plan it followed.
 pub fn export_hf(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Plan> {
+    check_out(out, opts.overwrite)?;
     let loaded = checkpoint::load(ckpt)?;
     let cfg = &loaded.cfg;
+    if opts.tied && !cfg.model.tie_embeddings {
+        bail!(
+            "--tied: the checkpoint's model is untied (model.tie_embeddings = false): its lm_head.weight is not \
+             the embedding, so a tied export would change its logits; export without --tied"
+        );
+    }
     let plan = plan(cfg, opts.format, loaded.state.step)?;
     let (params, model) = load_model(&loaded.dir, cfg)?;
     let named: HashMap<String, Tensor> = params.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
@@ -203,6 +214,9 @@ pub fn export_hf(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<Plan> 
     let tc = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.block_size,
         "clean_up_tokenization_spaces": false});
     write("tokenizer_config.json", serde_json::to_string_pretty(&tc)?)?;
+    if !opts.with_logits {
+        remove_stale_logits(out)?;
+    }
     if opts.with_logits {
         let ctx = Ctx::eval(cfg.seed, tau_at(&cfg.model.router, loaded.state.step as usize));
         write_logits(&out.join(LOGITS_FILE), &model, loaded.tokenizer.vocab_size(), ctx)?;

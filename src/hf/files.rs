@@ -28,7 +28,20 @@ fn shards(index: &Path) -> Result<Vec<String>> {
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
+    if let Some(f) = files.iter().find(|f| !confined(f)) {
+        bail!(
+            "{}: shard {f:?} is outside the model folder (weight_map names must be relative paths inside it)",
+            index.display()
+        );
+    }
     Ok(files)
+}
+
+/// Whether a shard name is a plain relative path inside the model folder (no absolute path, `..`,
+/// drive or root): an index must not make us read files elsewhere.
+fn confined(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty() && Path::new(name).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// Resolves `from`: a directory holding config.json, model.safetensors (or its index and shards)

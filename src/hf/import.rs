@@ -11,6 +11,7 @@ use crate::data::{HubOptions, Tokenizer, TokenizerKind};
 use crate::model::Gpt;
 use crate::nn::Params;
 use crate::train::checkpoint::{self, TrainerState};
+use crate::train::finite::all_finite;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::FsSteps;
 use anyhow::{bail, Context, Result};
@@ -173,6 +174,15 @@ pub fn import_hf(from: &str, out: &Path, opts: &ImportOptions) -> Result<Importe
             e.hf.iter()
                 .map(|n| map.remove(n).with_context(|| format!("{from}: missing tensor {n} (for our {})", e.ours)))
                 .collect::<Result<Vec<_>>>()?;
+        for (n, part) in e.hf.iter().zip(&parts) {
+            if !all_finite(part)? {
+                bail!(
+                    "{from}: the input model's tensor {n} holds NaN or infinity (our {}); nothing was \
+                     written: fix or re-download the model",
+                    e.ours
+                );
+            }
+        }
         let t = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
         let var = params.get(&e.ours).with_context(|| format!("our model has no tensor {}", e.ours))?;
         if t.dims() != var.dims() {

@@ -6,13 +6,14 @@
 //! - [`names`]: our tensor names to theirs (per-expert on disk; fused names are accepted on import).
 //! - [`export`]: `gumbel-moe export-hf`; [`import`]: `gumbel-moe import-hf`; [`files`]: where a
 //!   model directory's files are (a local folder or a hub model in hf-hub's cache); [`cli`]: the
-//!   subcommands.
+//!   subcommands; [`out_dir`]: where an export may write (never into a checkpoint or a run).
 pub mod cli;
 pub mod config;
 pub mod export;
 pub mod files;
 pub mod import;
 pub mod names;
+pub mod out_dir;
 
 pub use export::{export_hf, ExportOptions};
 pub use import::{import_hf, ImportOptions};
