@@ -9,6 +9,7 @@
 //! replacement order is in `run_dir`'s header). Parameters with a NaN or an infinity are never
 //! saved, and never loaded: the error names the tensor.
 
+use super::file_mode::{as_if_created, check_readable};
 use super::finite::{first_non_finite, first_non_finite_in_file};
 use super::fs_steps::FsSteps;
 use super::run_dir;
@@ -60,7 +61,11 @@ pub fn save(
     state: &TrainerState,
     fs: &FsSteps,
 ) -> Result<()> {
-    let parent = dir.parent().context("checkpoint dir has no parent")?;
+    // A bare relative name (`ck`, `ck/`) has the parent "", which cannot be opened to sync it.
+    let parent = match dir.parent().context("checkpoint dir has no parent")? {
+        p if p.as_os_str().is_empty() => Path::new("."),
+        p => p,
+    };
     let name = dir.file_name().context("checkpoint dir has no name")?.to_string_lossy().to_string();
     let named = params.named();
     if let Some(bad) = first_non_finite(named.iter().map(|(n, v)| (n.as_str(), v.as_tensor())))? {
@@ -76,7 +81,7 @@ pub fn save(
     fs.remove_tree(&tmp)?;
     fs.create_dir(&tmp)?;
     fs.write_with(&tmp.join(MODEL_FILE), |p| save_weights(p, params))?;
-    fs.write_with(&tmp.join(OPTIMIZER_FILE), |p| opt.save(p))?;
+    fs.write_with(&tmp.join(OPTIMIZER_FILE), |p| opt.save(p).and_then(|()| as_if_created(p)))?;
     if let Some(bad) = first_non_finite_in_file(&tmp.join(OPTIMIZER_FILE))? {
         let _ = std::fs::remove_dir_all(&tmp);
         bail!(
@@ -113,13 +118,15 @@ pub fn save(
 pub fn save_weights(path: &Path, params: &Params) -> Result<()> {
     let map: std::collections::HashMap<String, candle_core::Tensor> =
         params.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))?;
+    as_if_created(path)
 }
 
 /// Loads weights into `params`: every parameter must be present with its shape, and the file must
 /// hold nothing else. Errors name the tensor and both shapes.
 pub fn load_weights(path: &Path, params: &Params) -> Result<()> {
     let dev = params.named().first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    check_readable(path, "checkpoint weights")?;
     let map = candle_core::safetensors::load(path, &dev).with_context(|| {
         format!("checkpoint weights {} are unreadable (truncated or not safetensors)", path.display())
     })?;
@@ -205,6 +212,7 @@ pub fn check_optimizer_finite(path: &Path) -> Result<()> {
 pub fn load(path: &Path) -> Result<Loaded> {
     let dir = resolve_dir(path)?;
     let read = |f: &str| -> Result<String> {
+        check_readable(&dir.join(f), "checkpoint file")?;
         std::fs::read_to_string(dir.join(f)).with_context(|| format!("checkpoint {}: cannot read {f}", dir.display()))
     };
     let cfg = Config::from_json(&read(CONFIG_FILE)?, &dir.join(CONFIG_FILE).display().to_string())?;

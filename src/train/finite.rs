@@ -28,6 +28,7 @@ pub fn first_non_finite<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tens
 
 /// The first tensor of a safetensors file (in name order) that holds a NaN or an infinity.
 pub fn first_non_finite_in_file(path: &Path) -> Result<Option<String>> {
+    super::file_mode::check_readable(path, "safetensors file")?;
     let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .with_context(|| format!("{} is unreadable (truncated or not safetensors)", path.display()))?;
     let mut named: Vec<(&String, &Tensor)> = map.iter().collect();

@@ -145,6 +145,10 @@ impl Trainer {
         } else if cfg.model.vocab_size < tokenizer.vocab_size() {
             bail!("model.vocab_size = {} is below the tokenizer's {}", cfg.model.vocab_size, tokenizer.vocab_size());
         }
+        if with_train {
+            // Said (and a model too large refused) before anything big is allocated.
+            super::memory::check(&cfg, super::memory::available())?;
+        }
         let (bs, bsz) = (cfg.model.block_size, cfg.train.batch_size);
         let val = data.batcher(false, &tokenizer, bs, bsz, cfg.seed ^ 0x5a5a)?;
         let train = if with_train {
