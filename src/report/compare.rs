@@ -5,10 +5,12 @@
 //! Each run trains with `train --config BASE --set ... --out DIR/NAME --quiet`, its stdout and
 //! stderr in DIR/NAME/train.log. A run folder whose config.json is this run's config is reused when
 //! finished and resumed (`train --resume DIR/NAME`) when it has a checkpoint; any other folder is
-//! moved to DIR/.prev/NAME (replacing an older one there) and the run trains from scratch.
+//! moved to DIR/.prev/G/NAME (G a new generation each time: nothing earlier is deleted) and the run
+//! trains from scratch. DIR may not be a training run's own folder (its plots would be replaced).
 
 use super::plan::{plan_runs, run_state, RunPlan, RunState};
 use super::plot::{load_heatmap, train_loss_chart, val_loss_chart};
+use super::prev::move_aside;
 use super::summary::{read_run, router_of, RunMetrics, RunSummary};
 use super::table::Report;
 use crate::config::Config;
@@ -32,6 +34,10 @@ pub struct CompareArgs {
 
 /// Runs the comparison with `exe` as the training binary; returns the report.
 pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
+    if a.jobs == 0 {
+        bail!("--jobs 0: the number of runs trained at once must be at least 1");
+    }
+    refuse_run_folder(&a.out)?;
     let plans = plan_runs(&a.routers, &a.variants, &a.sets, a.steps)?;
     // Resolve every config first: a typo fails before anything trains.
     let mut cfgs = Vec::new();
@@ -52,6 +58,16 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
             *s != RunState::Finished
         })
         .collect();
+    let stale: Vec<&str> =
+        todo.iter().filter(|(_, s)| matches!(s, RunState::Stale(_))).map(|(i, _)| plans[*i].name.as_str()).collect();
+    for (i, s) in &todo {
+        if let RunState::Stale(why) = s {
+            eprintln!("{}: retraining ({why})", plans[*i].name);
+        }
+    }
+    if let Some(generation) = move_aside(&a.out, &stale)? {
+        eprintln!("the earlier folders of {} are kept in {}", stale.join(", "), generation.display());
+    }
     let next = AtomicUsize::new(0);
     std::thread::scope(|sc| {
         for _ in 0..a.jobs.max(1).min(todo.len()) {
@@ -111,6 +127,21 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
     Ok(report)
 }
 
+/// Refuses an output folder that is a training run's or a checkpoint's own (compare would replace
+/// its val_loss.png and train_loss.png).
+fn refuse_run_folder(out: &Path) -> Result<()> {
+    for marker in ["metrics.jsonl", "config.json", "trainer_state.json", "best"] {
+        if out.join(marker).exists() {
+            bail!(
+                "--out {} is a training run's folder (it holds {marker}): compare writes report.md, val_loss.png \
+                 and train_loss.png there, replacing that run's plots; choose another folder",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Trains (or resumes) one run; Ok when the child exited 0.
 fn train_one(exe: &Path, a: &CompareArgs, p: &RunPlan, state: &RunState) -> Result<()> {
     let dir = a.out.join(&p.name);
@@ -131,15 +162,6 @@ fn train_one(exe: &Path, a: &CompareArgs, p: &RunPlan, state: &RunState) -> Resu
             cmd.arg("--resume").arg(&dir);
         }
         _ => {
-            if let RunState::Stale(why) = state {
-                let prev = a.out.join(".prev").join(&p.name);
-                eprintln!("{}: retraining ({why}); the old folder goes to {}", p.name, prev.display());
-                std::fs::create_dir_all(a.out.join(".prev"))?;
-                if prev.exists() {
-                    std::fs::remove_dir_all(&prev).with_context(|| format!("removing {}", prev.display()))?;
-                }
-                std::fs::rename(&dir, &prev).with_context(|| format!("moving {} aside", dir.display()))?;
-            }
             cmd.arg("--config").arg(&a.config);
             for o in &p.overrides {
                 cmd.arg("--set").arg(o);

@@ -1,11 +1,12 @@
 //! Comparing runs: plan the runs of `gumbel-moe compare` and decide which can be reused
-//! ([`plan`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), write
+//! ([`plan`]), keep every earlier generation of a changed run ([`prev`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), write
 //! report.md / report.json ([`table`]), draw the PNG plots ([`plot`], coloured by [`colours`]),
 //! and drive it all from the command line ([`compare`]).
 pub mod colours;
 pub mod compare;
 pub mod plan;
 pub mod plot;
+pub mod prev;
 pub mod summary;
 pub mod table;
 

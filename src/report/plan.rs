@@ -8,6 +8,9 @@ use std::path::Path;
 /// The special `--routers` entry for the dense twin of the same active compute (no MoE layer).
 pub const DENSE_FFN: &str = "dense_ffn";
 
+/// The keys `--steps` sets.
+const BUDGET_KEYS: [&str; 2] = ["train.max_iters", "train.lr_decay_iters"];
+
 /// One run of a comparison: its folder name and every override on top of the base config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunPlan {
@@ -77,6 +80,13 @@ pub fn plan_runs(
     if let Some(n) = steps {
         if n == 0 {
             bail!("--steps must be > 0");
+        }
+        let budget = |s: &&String| s.split_once('=').is_some_and(|(k, _)| BUDGET_KEYS.contains(&k.trim()));
+        if let Some(s) = sets.iter().find(budget) {
+            bail!(
+                "--steps {n} and --set {s} both set the step budget (--steps sets train.max_iters and \
+                 train.lr_decay_iters): give one of them"
+            );
         }
         common.push(format!("train.max_iters={n}"));
         common.push(format!("train.lr_decay_iters={n}"));
