@@ -1,5 +1,7 @@
 //! Text generation: autoregressive sampling with temperature and top-k, as nanoGPT's sample.py.
 //! Draws come from the Philox stream keyed by (seed, position), so a seed reproduces its text.
+//! [`generate_streaming`] hands each piece of text out as soon as its token is sampled (the
+//! command line prints and flushes it), and a request is bounded by [`MAX_NEW_TOKENS`].
 
 use crate::data::Tokenizer;
 use crate::model::Gpt;
@@ -7,6 +9,14 @@ use crate::nn::Ctx;
 use crate::rng::{draw, u32_to_open_unit, Stream};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
+
+/// The most new tokens one request may ask for: about 2 minutes of a small CPU model (1 ms a
+/// token) and far beyond any model's context; a larger request is a typo, not a wish.
+pub const MAX_NEW_TOKENS: usize = 100_000;
+
+/// Tokens decoded again around each new one to find its text (byte-level BPE needs a few for a
+/// character split across tokens).
+const DECODE_WINDOW: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct SampleConfig {
@@ -55,23 +65,68 @@ pub fn generate(
     device: &Device,
     ctx: Ctx,
 ) -> Result<String> {
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
-    }
+    generate_streaming(model, tok, prompt, s, device, ctx, &mut |_| Ok(()))
+}
+
+/// [`generate`], calling `on_text` first with the prompt's text and then with each new token's text
+/// as soon as it is sampled (a character split across byte-level tokens comes whole, with its
+/// last token). Returns prompt + continuation, decoded as a whole.
+pub fn generate_streaming(
+    model: &Gpt,
+    tok: &Tokenizer,
+    prompt: &str,
+    s: &SampleConfig,
+    device: &Device,
+    ctx: Ctx,
+    on_text: &mut dyn FnMut(&str) -> Result<()>,
+) -> Result<String> {
+    check(s)?;
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty: give at least one character");
     }
-    tok.decode(&generate_ids(model, &ids, s, device, ctx)?)
+    on_text(&tok.decode(&ids)?)?;
+    let all = generate_ids_with(model, &ids, s, device, ctx, &mut |ids| on_text(&new_text(tok, ids)?))?;
+    tok.decode(&all)
+}
+
+/// The text the last of `ids` adds: the decoding of a short window with it, less the decoding of
+/// the window without it; a trailing U+FFFD (a character not yet complete) is held back.
+fn new_text(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
+    let w = &ids[ids.len().saturating_sub(DECODE_WINDOW)..];
+    let (before, after) = (tok.decode(&w[..w.len() - 1])?, tok.decode(w)?);
+    let before = before.trim_end_matches('\u{FFFD}');
+    let piece = after.strip_prefix(before).unwrap_or_default();
+    Ok(piece.trim_end_matches('\u{FFFD}').to_string())
+}
+
+fn check(s: &SampleConfig) -> Result<()> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
+    }
+    if s.max_new_tokens > MAX_NEW_TOKENS {
+        bail!("--max-new-tokens {} is above the maximum of {MAX_NEW_TOKENS} new tokens", s.max_new_tokens);
+    }
+    Ok(())
 }
 
 /// Continues the token ids `prompt` (non-empty) by `max_new_tokens` tokens, the model seeing the
 /// last `block_size` of them; returns prompt + continuation. Temperature 0 is greedy decoding
 /// (the first of equal maxima), as transformers' `generate(do_sample=False)`.
 pub fn generate_ids(model: &Gpt, prompt: &[u32], s: &SampleConfig, device: &Device, ctx: Ctx) -> Result<Vec<u32>> {
-    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-        bail!("the sampling temperature must be finite and >= 0 (0 = greedy), got {}", s.temperature);
-    }
+    generate_ids_with(model, prompt, s, device, ctx, &mut |_| Ok(()))
+}
+
+/// [`generate_ids`], calling `on_token` with the ids so far after each new one.
+pub fn generate_ids_with(
+    model: &Gpt,
+    prompt: &[u32],
+    s: &SampleConfig,
+    device: &Device,
+    ctx: Ctx,
+    on_token: &mut dyn FnMut(&[u32]) -> Result<()>,
+) -> Result<Vec<u32>> {
+    check(s)?;
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
     }
@@ -84,6 +139,7 @@ pub fn generate_ids(model: &Gpt, prompt: &[u32], s: &SampleConfig, device: &Devi
         let logits = model.forward(&x, &ctx)?.logits; // (1, T, V)
         let last = logits.i((0, window.len() - 1))?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         ids.push(sample_token(&last, s, pos as u64) as u32);
+        on_token(&ids)?;
     }
     Ok(ids)
 }

@@ -5,12 +5,13 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gumbel_moe::config::DEFAULT_CONFIG_NAME;
-use gumbel_moe::generate::{generate, SampleConfig};
+use gumbel_moe::generate::{generate_streaming, SampleConfig, MAX_NEW_TOKENS};
 use gumbel_moe::nn::Ctx;
 use gumbel_moe::report::{compare, plot_run, CompareArgs};
 use gumbel_moe::train::schedule::tau_at;
 use gumbel_moe::train::IfRunExists;
 use gumbel_moe::{train::Trainer, Config};
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -52,6 +53,10 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Train even when the estimated training memory (printed at start) exceeds the memory
+        /// available on this machine.
+        #[arg(long)]
+        ignore_memory_check: bool,
     },
     /// Sample text from a checkpoint.
     Generate {
@@ -59,7 +64,8 @@ enum Cmd {
         checkpoint: PathBuf,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 500)]
+        /// Tokens to sample (at most 100000); the text is printed as it comes.
+        #[arg(long, default_value_t = 500, value_parser = parse_max_new_tokens)]
         max_new_tokens: usize,
         /// Sampling temperature, finite and >= 0; 0 = greedy (always the most likely token).
         #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = parse_temperature)]
@@ -82,7 +88,8 @@ enum Cmd {
     },
     /// Train several routers (or variants) on the same data, seed and step budget, then write
     /// OUT/report.md, OUT/report.json, OUT/val_loss.png, OUT/train_loss.png and OUT/NAME/load.png.
-    /// Finished runs with the same config are reused; unfinished ones with a checkpoint are resumed.
+    /// Finished runs with the same config are reused; unfinished ones with a checkpoint are resumed;
+    /// a run whose config changed is retrained, its old folder kept in OUT/.prev/G/NAME.
     Compare {
         /// Base TOML config shared by every run.
         #[arg(long)]
@@ -91,7 +98,7 @@ enum Cmd {
         /// twin (model.moe_every=0). E.g. gumbel,softmax_topk,dense,dense_ffn.
         #[arg(long, value_delimiter = ',')]
         routers: Vec<String>,
-        /// Steps per run: sets train.max_iters and train.lr_decay_iters.
+        /// Steps per run: sets train.max_iters and train.lr_decay_iters (not with a --set of either).
         #[arg(long)]
         steps: Option<usize>,
         /// Override a config key in every run (repeatable).
@@ -101,7 +108,7 @@ enum Cmd {
         /// --variant tau03:model.router.tau_min=0.3,model.router.tau0=2.
         #[arg(long = "variant", value_name = "NAME:KEY=VALUE,...")]
         variants: Vec<String>,
-        /// Runs trained at once.
+        /// Runs trained at once (at least 1).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
         /// Output folder: one subfolder per run, plus the report and plots.
@@ -120,7 +127,8 @@ enum Cmd {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { config, overrides, out, resume, init_from, overwrite, quiet } => {
+        Cmd::Train { config, overrides, out, resume, init_from, overwrite, quiet, ignore_memory_check } => {
+            gumbel_moe::train::memory::ignore_check(ignore_memory_check);
             let if_exists = if overwrite { IfRunExists::Overwrite } else { IfRunExists::Refuse };
             let mut trainer = match (&resume, &config) {
                 (None, _) if init_from.is_some() => {
@@ -177,8 +185,14 @@ fn run(cli: Cli) -> Result<()> {
             let t = Trainer::for_inference(&checkpoint, device.as_deref())?;
             let s = SampleConfig { max_new_tokens, temperature, top_k, seed };
             let tau = tau_at(&t.cfg.model.router, t.state.step as usize);
-            let text = generate(&t.model, &t.tokenizer, &prompt, &s, &t.device, Ctx::eval(t.cfg.seed, tau))?;
-            println!("{text}");
+            // Each piece is flushed as it comes: Ctrl-C keeps what was printed.
+            let mut out = std::io::stdout().lock();
+            let mut show = |piece: &str| -> Result<()> {
+                out.write_all(piece.as_bytes())?;
+                Ok(out.flush()?)
+            };
+            generate_streaming(&t.model, &t.tokenizer, &prompt, &s, &t.device, Ctx::eval(t.cfg.seed, tau), &mut show)?;
+            println!();
         }
         Cmd::Eval { checkpoint, device } => {
             let t = Trainer::for_inference(&checkpoint, device.as_deref())?;
@@ -210,6 +224,15 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--max-new-tokens`: 0 ..= [`MAX_NEW_TOKENS`].
+fn parse_max_new_tokens(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<u128>() {
+        Ok(n) if n <= MAX_NEW_TOKENS as u128 => Ok(n as usize),
+        Ok(n) => Err(format!("{n} is above the maximum of {MAX_NEW_TOKENS} new tokens per request")),
+        Err(_) => Err(format!("expected a whole number of tokens, 0 to {MAX_NEW_TOKENS}, got `{s}`")),
+    }
 }
 
 /// `--temperature`: a finite number >= 0.
