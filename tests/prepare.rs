@@ -292,3 +292,30 @@ fn validation_split_shorter_than_one_window_is_refused() {
     };
     assert!(e.contains("validation split") && e.contains("shorter than one window") && e.contains("val-*.bin"), "{e}");
 }
+
+#[test]
+fn hub_files_with_a_reused_tokenizer_one_document_per_file() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let hub = "hf://gumbel-moe-fixtures/shakespeare-head";
+    let out = d.path().join("out");
+    let mut o = PrepareOptions::new(vec![format!("{hub}/input.txt")], &out);
+    o.val_sources = vec![format!("{hub}/parts/scene2.txt")];
+    o.hub = gumbel_moe::data::HubOptions {
+        cache_dir: Some(root.join("tests/fixtures/hf-cache/hub")),
+        offline: true,
+    };
+    o.separator = String::new();
+    // A checkpoint-style char tokenizer.json without an end-of-text token: prepare adds one.
+    let fixture_tok = root.join("tests/fixtures/hf-tiny-qwen2-moe/tokenizer.json");
+    o.tokenizer = TokenizerChoice::File(fixture_tok.clone());
+    let s = prepare(&o).unwrap();
+    let fixture = Tokenizer::load(&fixture_tok, &TokenizerKind::Hf).unwrap();
+    assert_eq!(s.manifest.tokenizer.vocab_size, fixture.vocab_size() + 1);
+    assert_eq!(s.manifest.tokenizer.eot_id as usize, fixture.vocab_size());
+    assert_eq!((s.manifest.train_documents, s.manifest.val_documents), (1, 1));
+    let head = gumbel_moe::data::load_text_with(&format!("{hub}/input.txt"), &o.hub).unwrap();
+    let mut want = vec![s.manifest.tokenizer.eot_id];
+    want.extend(fixture.encode(head.trim()).unwrap());
+    assert_eq!(split_tokens(&out, "train"), want);
+}

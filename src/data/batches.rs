@@ -31,6 +31,9 @@ pub struct Batcher {
     seed: u64,
 }
 
+/// One batch of consecutive windows: (x, y, rows), row-major.
+pub type SeqBatch = (Vec<u32>, Vec<u32>, usize);
+
 /// Where a batcher's tokens live.
 #[derive(Clone)]
 enum Tokens {
@@ -141,7 +144,7 @@ impl Batcher {
 
     /// [`Batcher::sequential_batches`], with an error naming the shard and position of a token id
     /// at or above the vocabulary size.
-    pub fn try_sequential_batches(&self) -> Result<Vec<(Vec<u32>, Vec<u32>, usize)>> {
+    pub fn try_sequential_batches(&self) -> Result<Vec<SeqBatch>> {
         let t = self.block_size;
         let windows = (self.tokens.len() - 1) / t;
         let mut batches = Vec::with_capacity(windows.div_ceil(self.batch_size));
