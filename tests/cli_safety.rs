@@ -377,7 +377,7 @@ fn says_8_compare_refuses_jobs_0() {
     let d = tempfile::tempdir().unwrap();
     let mut args = compare_args(d.path(), &d.path().join("cmp"));
     args.jobs = 0;
-    let e = compare(&d.path().join("no-such-binary"), &args).err().expect("--jobs 0 accepted");
+    let Err(e) = compare(&d.path().join("no-such-binary"), &args) else { panic!("--jobs 0 accepted") };
     assert!(first_line(&e).contains("--jobs"), "{e:#}");
 }
 
@@ -401,7 +401,7 @@ fn says_10_compare_refuses_to_write_into_a_training_run() {
     std::fs::write(run.join("metrics.jsonl"), "{}\n").unwrap();
     std::fs::write(run.join("val_loss.png"), "the run's own plot").unwrap();
     let before = snapshot(&run);
-    let e = compare(&d.path().join("no-such-binary"), &compare_args(d.path(), &run)).err().expect("accepted");
+    let Err(e) = compare(&d.path().join("no-such-binary"), &compare_args(d.path(), &run)) else { panic!("accepted") };
     assert!(first_line(&e).contains("training run"), "{e:#}");
     assert!(before == snapshot(&run));
 }

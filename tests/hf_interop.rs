@@ -235,7 +235,8 @@ fn with_config(ckpt: &Path, dir: &Path, edit: impl Fn(&mut Config)) -> PathBuf {
 fn exports_of_other_routers_reimport_with_the_same_eval_logits() {
     let (d, ckpt) = import(&mixtral_dir().display().to_string(), None, &[]);
     let ids = &expected("hf-tiny-mixtral")["input_ids"];
-    let cases: Vec<(&str, Box<dyn Fn(&mut Config)>, Format, Option<&str>)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&mut Config)>, Format, Option<&'static str>);
+    let cases: Vec<Case> = vec![
         (
             "soft gumbel tau 0.5",
             Box::new(|c: &mut Config| {

@@ -418,6 +418,6 @@ impl Config {
     /// Whether block `layer` has an MoE feed-forward.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         let n = self.model.moe_every;
-        n > 0 && (layer + 1) % n == 0
+        n > 0 && (layer + 1).is_multiple_of(n)
     }
 }

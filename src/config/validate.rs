@@ -24,10 +24,10 @@ impl Config {
                 bail!("config key `{k}` must be > 0");
             }
         }
-        if m.n_embd % m.n_head != 0 {
+        if !m.n_embd.is_multiple_of(m.n_head) {
             bail!("model.n_embd = {} must be divisible by model.n_head = {}", m.n_embd, m.n_head);
         }
-        if m.positions == Positions::Rotary && (m.n_embd / m.n_head) % 2 != 0 {
+        if m.positions == Positions::Rotary && !(m.n_embd / m.n_head).is_multiple_of(2) {
             bail!("model.positions = \"rotary\" needs an even head size, got {}", m.n_embd / m.n_head);
         }
         if !(0.0..1.0).contains(&m.dropout) {
@@ -48,13 +48,13 @@ impl Config {
                     bail!("model.router.prefilter K = {} is below model.router.top_m m = {}", r.prefilter, r.top_m);
                 }
             }
-            if !(r.tau0 > 0.0) || !r.tau0.is_finite() {
+            if !(r.tau0.is_finite() && r.tau0 > 0.0) {
                 bail!("model.router.tau0 = {} must be > 0", r.tau0);
             }
-            if !(r.tau_min > 0.0) || !r.tau_min.is_finite() {
+            if !(r.tau_min.is_finite() && r.tau_min > 0.0) {
                 bail!("model.router.tau_min = {} must be > 0", r.tau_min);
             }
-            if !(r.lr_scale > 0.0) {
+            if r.lr_scale.is_nan() || r.lr_scale <= 0.0 {
                 bail!("model.router.lr_scale = {} must be > 0", r.lr_scale);
             }
             if !(r.decay_scale >= 0.0 && r.decay_scale.is_finite()) {
@@ -94,7 +94,7 @@ impl Config {
             bail!("data.bpe_vocab_size = {} must be >= 258 (256 bytes + specials)", self.data.bpe_vocab_size);
         }
         let t = &self.train;
-        if !(t.lr > 0.0) || t.min_lr < 0.0 {
+        if t.lr.is_nan() || t.lr <= 0.0 || t.min_lr < 0.0 {
             bail!("train.lr = {} must be > 0 and train.min_lr = {} >= 0", t.lr, t.min_lr);
         }
         // An infinite rate or decay passes the comparisons above and diverges at step 1.
@@ -115,7 +115,7 @@ impl Config {
         if t.eval_interval == 0 || t.log_interval == 0 || t.eval_iters == 0 {
             bail!("train.eval_interval, train.log_interval and train.eval_iters must be > 0");
         }
-        if m.n_kv_head > m.n_head || m.n_head % self.n_kv_head() != 0 {
+        if m.n_kv_head > m.n_head || !m.n_head.is_multiple_of(self.n_kv_head()) {
             bail!("model.n_kv_head = {} must divide model.n_head = {} (0 = n_head)", m.n_kv_head, m.n_head);
         }
         if !(m.norm_eps > 0.0 && m.norm_eps.is_finite()) {

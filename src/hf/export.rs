@@ -55,16 +55,16 @@ pub fn plan(cfg: &Config, want: Option<Format>, step: u64) -> Result<Plan> {
     let m = &cfg.model;
     let r = &m.router;
     if m.norm != NormKind::Rms {
-        return Err(refuse("model.norm", &m.norm, "Mixtral and Qwen2-MoE use RMSNorm (\"rms\")"));
+        return Err(refuse("model.norm", m.norm, "Mixtral and Qwen2-MoE use RMSNorm (\"rms\")"));
     }
     if m.bias {
         return Err(refuse("model.bias", m.bias, "Mixtral and Qwen2-MoE have no biases"));
     }
     if m.positions != Positions::Rotary {
-        return Err(refuse("model.positions", &m.positions, "Mixtral and Qwen2-MoE use rotary positions"));
+        return Err(refuse("model.positions", m.positions, "Mixtral and Qwen2-MoE use rotary positions"));
     }
     if m.moe.activation != Activation::Swiglu {
-        return Err(refuse("model.moe.activation", &m.moe.activation, "HF experts are SwiGLU (silu)"));
+        return Err(refuse("model.moe.activation", m.moe.activation, "HF experts are SwiGLU (silu)"));
     }
     if m.moe_every == 0 {
         return Err(refuse("model.moe_every", m.moe_every, "a model without MoE blocks is not an MoE"));
@@ -73,13 +73,13 @@ pub fn plan(cfg: &Config, want: Option<Format>, step: u64) -> Result<Plan> {
         return Err(refuse("model.moe.capacity_factor", m.moe.capacity_factor, "HF MoEs are dropless (0)"));
     }
     if r.input != RouterInput::Hidden {
-        return Err(refuse("model.router.input", &r.input, "HF routers read the hidden state"));
+        return Err(refuse("model.router.input", r.input, "HF routers read the hidden state"));
     }
     let (k, renorm, gate_scale) = match r.kind {
         // m = 1 weighs by the probability (Switch): Qwen2-MoE with norm_topk_prob = false.
         RouterKind::SoftmaxTopk => (r.top_m, r.top_m > 1, 1.0),
         RouterKind::Gumbel if r.eval_mode != EvalMode::Argmax => {
-            return Err(refuse("model.router.eval_mode", &r.eval_mode, "sampled routing at eval is not a function"))
+            return Err(refuse("model.router.eval_mode", r.eval_mode, "sampled routing at eval is not a function"))
         }
         RouterKind::Gumbel if r.hard && r.top_m > 1 => {
             return Err(refuse(

@@ -39,13 +39,22 @@ fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
+/// `n` exactly and in millions or billions: "8394975008 (8.39 B)".
+fn count(n: u64) -> String {
+    match n {
+        0..1_000_000 => n.to_string(),
+        1_000_000..1_000_000_000 => format!("{n} ({:.2} M)", n as f64 / 1e6),
+        _ => format!("{n} ({:.2} B)", n as f64 / 1e9),
+    }
+}
+
 impl std::fmt::Display for Estimate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
             "{} parameters; estimated training memory {} (weights, gradients and AdamW moments {} + activations \
              of one micro-batch ~{})",
-            self.params,
+            count(self.params),
             gib(self.total()),
             gib(self.state_bytes),
             gib(self.activation_bytes)
@@ -137,7 +146,7 @@ pub fn check(cfg: &Config, avail: Option<(u64, String)>) -> Result<Estimate> {
              ({what}); shrink model.n_layer, model.n_embd, model.moe.* or train.batch_size, or pass \
              --ignore-memory-check to try anyway",
             gib(est.total()),
-            est.params,
+            count(est.params),
             gib(est.state_bytes),
             gib(est.activation_bytes),
             gib(bytes)

@@ -340,7 +340,7 @@ impl Trainer {
             let done = self.state.step;
             pb.set_position(done);
             let mut line = serde_json::Map::new();
-            if done % t.log_interval as u64 == 0 || done == max || step == 0 {
+            if done.is_multiple_of(t.log_interval as u64) || done == max || step == 0 {
                 let dt = last_log.0.elapsed().as_secs_f64();
                 let tok_s = (done - last_log.1) as f64 * self.tokens_per_step() as f64 / dt.max(1e-9);
                 last_log = (Instant::now(), done);
@@ -358,7 +358,7 @@ impl Trainer {
                 line.insert("tok_per_s".into(), json!(tok_s));
                 line.extend(summary.to_json());
             }
-            if done % t.eval_interval as u64 == 0 || done == max {
+            if done.is_multiple_of(t.eval_interval as u64) || done == max {
                 let val = self.estimate_loss(&self.val, t.eval_iters)?;
                 let tr = match &self.train {
                     Some(b) => self.estimate_loss(b, t.eval_iters)?,
@@ -383,7 +383,7 @@ impl Trainer {
             if !line.is_empty() {
                 metrics.write(&serde_json::Value::Object(line))?;
             }
-            if (t.ckpt_interval > 0 && done % t.ckpt_interval as u64 == 0) || done == max {
+            if (t.ckpt_interval > 0 && done.is_multiple_of(t.ckpt_interval as u64)) || done == max {
                 self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
                 self.save_checkpoint(&format!("ckpt-{done:07}"))?;
                 run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
