@@ -8,7 +8,8 @@ use std::path::PathBuf;
 /// Tokenize a corpus once into memory-mapped token shards (train with data.source = OUT).
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
-    /// A text or JSON-lines file, a folder, a glob (quoted) or hf://OWNER/NAME/FILE (repeatable).
+    /// A text, JSON-lines or parquet file, a folder, a glob (quoted) or hf://OWNER/NAME/FILE
+    /// (repeatable).
     #[arg(long = "source", required = true, value_name = "SPEC")]
     pub sources: Vec<String>,
     /// Validation documents from these sources instead of --val-fraction (repeatable).
@@ -29,7 +30,7 @@ pub struct PrepareArgs {
     /// Document separator in text sources; "" makes each file one document.
     #[arg(long, default_value = "<|endoftext|>")]
     pub separator: String,
-    /// The field of each JSON line that holds the text.
+    /// The field of each JSON line (or the parquet column) that holds the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// Tokens per shard (a shard closes at the first document end past it).

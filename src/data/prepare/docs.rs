@@ -9,6 +9,9 @@
 //!   and empty strings are skipped. A line that is not JSON, or lacks the field, is refused (the
 //!   error names file, line and byte offset): nothing is dropped silently.
 //!
+//! - Parquet (feature `parquet`): one document per row of the text column (`--text-field`); a
+//!   position is a row index, not a byte offset.
+//!
 //! Invalid UTF-8 is refused, naming the file and the byte offset.
 
 use super::inputs::{Format, Input};
@@ -64,6 +67,8 @@ pub struct DocReader<'a> {
 enum FileReader {
     Text(TextReader),
     Jsonl(JsonlReader),
+    #[cfg(feature = "parquet")]
+    Parquet(super::parquet_docs::ParquetReader, u64),
 }
 
 impl<'a> DocReader<'a> {
@@ -93,7 +98,16 @@ impl<'a> DocReader<'a> {
                 let r = match input.format {
                     Format::Text => FileReader::Text(TextReader::open(input, offset, &self.opts.separator)?),
                     Format::Jsonl => FileReader::Jsonl(JsonlReader::open(input, offset, &self.opts.text_field)?),
-                    Format::Parquet => bail!("source {} is parquet, which this build does not read", input.name),
+                    #[cfg(feature = "parquet")]
+                    Format::Parquet => FileReader::Parquet(
+                        super::parquet_docs::ParquetReader::open(input, offset, &self.opts.text_field)?,
+                        input.bytes,
+                    ),
+                    #[cfg(not(feature = "parquet"))]
+                    Format::Parquet => bail!(
+                        "source {} is parquet: rebuild gumbel-moe with `--features parquet` to read it",
+                        input.name
+                    ),
                 };
                 self.current = Some((i, r));
                 self.next_input += 1;
@@ -102,6 +116,8 @@ impl<'a> DocReader<'a> {
             let raw = match r {
                 FileReader::Text(t) => t.next()?,
                 FileReader::Jsonl(j) => j.next()?,
+                #[cfg(feature = "parquet")]
+                FileReader::Parquet(p, _) => p.next()?,
             };
             let Some((text, first, last, after)) = raw else {
                 self.current = None;
@@ -123,8 +139,10 @@ impl<'a> DocReader<'a> {
 impl FileReader {
     fn offset(&self) -> u64 {
         match self {
-            FileReader::Text(t) => t.buf_start + t.buf.len() as u64,
+            FileReader::Text(t) => t.base + t.buf.len() as u64,
             FileReader::Jsonl(j) => j.offset,
+            #[cfg(feature = "parquet")]
+            FileReader::Parquet(p, bytes) => (p.fraction_done() * *bytes as f64) as u64,
         }
     }
 }
@@ -146,10 +164,12 @@ struct TextReader {
     name: String,
     file: std::fs::File,
     sep: Vec<u8>,
-    /// Unconsumed bytes; `buf[0]` is at file offset `buf_start`.
+    /// Bytes read and not yet compacted away; `buf[0]` is at file offset `base`.
     buf: Vec<u8>,
-    buf_start: u64,
-    /// Bytes of `buf` already searched for the separator.
+    base: u64,
+    /// Where the unconsumed bytes start in `buf`.
+    pos: usize,
+    /// `buf[..scanned]` holds no separator start beyond what was consumed.
     scanned: usize,
     eof: bool,
     /// A document has started (its next piece is a continuation).
@@ -171,21 +191,21 @@ impl TextReader {
             file,
             sep: sep.as_bytes().to_vec(),
             buf: Vec::new(),
-            buf_start: offset,
+            base: offset,
+            pos: 0,
             scanned: 0,
             eof: false,
             in_doc: false,
         })
     }
 
-    /// Takes `n` bytes off the front of the buffer (and `skip` more, the separator) as a piece.
+    /// Copies the next `n` unconsumed bytes out as a piece (an allocation of their own, so pieces
+    /// never hold the read buffer) and consumes `skip` more (the separator).
     fn take(&mut self, n: usize, skip: usize, last: bool) -> Result<(String, bool, bool, u64)> {
-        let at = self.buf_start;
-        let rest = self.buf.split_off(n + skip);
-        let mut bytes = std::mem::replace(&mut self.buf, rest);
-        bytes.truncate(n);
-        self.buf_start += (n + skip) as u64;
-        self.scanned = 0;
+        let at = self.base + self.pos as u64;
+        let bytes = self.buf[self.pos..self.pos + n].to_vec();
+        self.pos += n + skip;
+        self.scanned = if skip > 0 { self.pos } else { self.scanned.max(self.pos) };
         let first = !self.in_doc;
         self.in_doc = !last;
         let mut text = utf8(bytes, &self.name, at)?;
@@ -196,39 +216,44 @@ impl TextReader {
             let lead = text.len() - text.trim_start().len();
             text.drain(..lead);
         }
-        Ok((text, first, last, self.buf_start))
+        Ok((text, first, last, self.base + self.pos as u64))
     }
 
     /// The next piece: (text, first, last, offset after it).
     fn next(&mut self) -> Result<Option<(String, bool, bool, u64)>> {
         loop {
             if !self.sep.is_empty() {
-                let from = self.scanned.saturating_sub(self.sep.len() - 1);
+                let from = self.pos.max(self.scanned.saturating_sub(self.sep.len() - 1));
                 if let Some(i) = memchr::memmem::find(&self.buf[from..], &self.sep) {
-                    return self.take(from + i, self.sep.len(), true).map(Some);
+                    return self.take(from + i - self.pos, self.sep.len(), true).map(Some);
                 }
                 self.scanned = self.buf.len();
             }
+            let avail = self.buf.len() - self.pos;
             if self.eof {
-                if self.buf.is_empty() && !self.in_doc {
+                if avail == 0 && !self.in_doc {
                     return Ok(None);
                 }
-                let n = self.buf.len();
-                return self.take(n, 0, true).map(Some);
+                return self.take(avail, 0, true).map(Some);
             }
-            if self.buf.len() >= MAX_PIECE {
-                if let Some(cut) = safe_cut(&self.buf, MAX_PIECE) {
+            if avail >= MAX_PIECE {
+                if let Some(cut) = safe_cut(&self.buf[self.pos..], MAX_PIECE) {
                     return self.take(cut + 1, 0, false).map(Some);
                 }
-                if self.buf.len() >= MAX_UNCUT {
+                if avail >= MAX_UNCUT {
                     bail!(
                         "source {}: a document of more than {} MB from byte offset {} has no line break to cut it at",
                         self.name,
                         MAX_UNCUT >> 20,
-                        self.buf_start
+                        self.base + self.pos as u64
                     );
                 }
             }
+            // Drop the consumed bytes, then read more.
+            self.buf.drain(..self.pos);
+            self.base += self.pos as u64;
+            self.scanned -= self.pos.min(self.scanned);
+            self.pos = 0;
             let len = self.buf.len();
             self.buf.resize(len + READ_BLOCK, 0);
             let got = self.file.read(&mut self.buf[len..]).with_context(|| format!("cannot read source {}", self.name))?;

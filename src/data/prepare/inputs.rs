@@ -120,8 +120,8 @@ pub fn expand(train: &[String], val: &[String], hub: &HubOptions) -> Result<Vec<
             for (name, path) in expand_one(spec, hub)? {
                 let bytes = std::fs::metadata(&path).with_context(|| format!("cannot stat {name}"))?.len();
                 let format = format_of(&path);
-                if format == Format::Parquet {
-                    bail!("source {name} is parquet, which this build does not read; convert it to JSON lines");
+                if format == Format::Parquet && !cfg!(feature = "parquet") {
+                    bail!("source {name} is parquet: rebuild gumbel-moe with `--features parquet` to read it");
                 }
                 inputs.push(Input { name, path, bytes, format, val: is_val });
             }
