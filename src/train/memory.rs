@@ -35,8 +35,12 @@ impl Estimate {
     }
 }
 
+/// Bytes in GiB, or MiB below 1 GiB.
 fn gib(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    match b {
+        0..0x4000_0000 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        _ => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+    }
 }
 
 /// `n` exactly and in millions or billions: "8394975008 (8.39 B)".
