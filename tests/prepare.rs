@@ -319,3 +319,35 @@ fn hub_files_with_a_reused_tokenizer_one_document_per_file() {
     want.extend(fixture.encode(head.trim()).unwrap());
     assert_eq!(split_tokens(&out, "train"), want);
 }
+
+#[test]
+fn a_document_longer_than_a_piece_gives_the_ids_of_the_whole_document() {
+    let d = tempfile::tempdir().unwrap();
+    // One document of ~9 MB (longer than MAX_PIECE, 8 MB): made-up sentences over many lines.
+    let mut text = String::new();
+    let mut seed = 0;
+    while text.len() < 9 << 20 {
+        for doc in documents(2000, seed) {
+            text.push_str(&doc);
+            text.push('\n');
+        }
+        seed += 1;
+    }
+    let text = text.trim().to_string();
+    let src = d.path().join("book.txt");
+    std::fs::write(&src, &text).unwrap();
+    let val = d.path().join("val.txt");
+    write_text(&val, &documents(20, 99));
+    let out = d.path().join("out");
+    let mut o = options(&[&src], &out);
+    o.separator = String::new();
+    o.val_sources = vec![val.display().to_string()];
+    o.shard_tokens = u64::MAX;
+    o.sample_bytes = 1 << 20;
+    let s = prepare(&o).unwrap();
+    assert_eq!(s.manifest.train_documents, 1);
+    let tok = Tokenizer::load(&out.join("tokenizer.json"), &TokenizerKind::Bpe { vocab_size: 400 }).unwrap();
+    let mut want = vec![s.manifest.tokenizer.eot_id];
+    want.extend(tok.encode(&text).unwrap());
+    assert_eq!(split_tokens(&out, "train"), want);
+}
