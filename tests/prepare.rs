@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// `n` documents of made-up sentences (a fixed pseudo-random walk over a word list).
 fn documents(n: usize, seed: u64) -> Vec<String> {
     const WORDS: &[&str] = &[
-        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home", "Lily",
-        "found", "big", "red", "ball", "in", "park", "happy", "sun", "was", "bright", "café", "naïve", "tree",
+        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home", "Lily", "found",
+        "big", "red", "ball", "in", "park", "happy", "sun", "was", "bright", "café", "naïve", "tree",
     ];
     let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
     let mut next = |m: usize| {
@@ -301,10 +301,7 @@ fn hub_files_with_a_reused_tokenizer_one_document_per_file() {
     let out = d.path().join("out");
     let mut o = PrepareOptions::new(vec![format!("{hub}/input.txt")], &out);
     o.val_sources = vec![format!("{hub}/parts/scene2.txt")];
-    o.hub = gumbel_moe::data::HubOptions {
-        cache_dir: Some(root.join("tests/fixtures/hf-cache/hub")),
-        offline: true,
-    };
+    o.hub = gumbel_moe::data::HubOptions { cache_dir: Some(root.join("tests/fixtures/hf-cache/hub")), offline: true };
     o.separator = String::new();
     // A checkpoint-style char tokenizer.json without an end-of-text token: prepare adds one.
     let fixture_tok = root.join("tests/fixtures/hf-tiny-qwen2-moe/tokenizer.json");

@@ -36,7 +36,8 @@ fn write_parquet(path: &Path, groups: usize, rows: usize) {
     for g in 0..groups {
         let ids: Vec<i32> = (0..rows).map(|r| (g * rows + r) as i32).collect();
         let def: Vec<i16> = ids.iter().map(|&i| i16::from(i % 7 != 3)).collect();
-        let texts: Vec<ByteArray> = ids.iter().filter(|&&i| i % 7 != 3).map(|&i| text(i as usize).as_str().into()).collect();
+        let texts: Vec<ByteArray> =
+            ids.iter().filter(|&&i| i % 7 != 3).map(|&i| text(i as usize).as_str().into()).collect();
         let mut rg = w.next_row_group().unwrap();
         let mut c = rg.next_column().unwrap().unwrap();
         c.typed::<Int32Type>().write_batch(&ids, None, None).unwrap();

@@ -122,7 +122,10 @@ fn header_disagreeing_with_the_manifest_is_refused() {
     let mut lying = m.clone();
     lying.train[1].tokens += 1;
     let e = open_err(d.path(), &lying);
-    assert!(e.contains("train-000001.bin") && e.contains("token count 300") && e.contains("manifest.json says 301"), "{e}");
+    assert!(
+        e.contains("train-000001.bin") && e.contains("token count 300") && e.contains("manifest.json says 301"),
+        "{e}"
+    );
     let mut other_tok = m.clone();
     other_tok.tokenizer.sha256 = hex(&sha256(b"another tokenizer"));
     let e = open_err(d.path(), &other_tok);

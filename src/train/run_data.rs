@@ -9,7 +9,11 @@ use anyhow::{bail, Context, Result};
 
 pub(super) enum RunData {
     /// The whole text and the byte where validation starts.
-    Text { source: String, text: String, cut: usize },
+    Text {
+        source: String,
+        text: String,
+        cut: usize,
+    },
     Prepared(Box<Prepared>),
 }
 
@@ -40,8 +44,10 @@ impl RunData {
                 Ok(t)
             }
             (_, Some(t)) => Ok(t),
-            (Self::Text { source, text, cut }, None) => Tokenizer::train(&checkpoint::tokenizer_kind(cfg), &text[..*cut])
-                .with_context(|| format!("training the tokenizer on {source}")),
+            (Self::Text { source, text, cut }, None) => {
+                Tokenizer::train(&checkpoint::tokenizer_kind(cfg), &text[..*cut])
+                    .with_context(|| format!("training the tokenizer on {source}"))
+            }
             (Self::Prepared(p), None) => {
                 let t = p.tokenizer.clone();
                 cfg.data.tokenizer = match t.kind() {

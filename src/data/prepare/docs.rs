@@ -184,7 +184,8 @@ fn safe_cut(buf: &[u8], limit: usize) -> Option<usize> {
 
 impl TextReader {
     fn open(input: &Input, offset: u64, sep: &str) -> Result<Self> {
-        let mut file = std::fs::File::open(&input.path).with_context(|| format!("cannot open source {}", input.name))?;
+        let mut file =
+            std::fs::File::open(&input.path).with_context(|| format!("cannot open source {}", input.name))?;
         file.seek(SeekFrom::Start(offset)).with_context(|| format!("cannot seek in source {}", input.name))?;
         Ok(Self {
             name: input.name.clone(),
@@ -256,7 +257,8 @@ impl TextReader {
             self.pos = 0;
             let len = self.buf.len();
             self.buf.resize(len + READ_BLOCK, 0);
-            let got = self.file.read(&mut self.buf[len..]).with_context(|| format!("cannot read source {}", self.name))?;
+            let got =
+                self.file.read(&mut self.buf[len..]).with_context(|| format!("cannot read source {}", self.name))?;
             self.buf.truncate(len + got);
             self.eof = got == 0;
         }
@@ -275,7 +277,8 @@ struct JsonlReader {
 
 impl JsonlReader {
     fn open(input: &Input, offset: u64, field: &str) -> Result<Self> {
-        let mut file = std::fs::File::open(&input.path).with_context(|| format!("cannot open source {}", input.name))?;
+        let mut file =
+            std::fs::File::open(&input.path).with_context(|| format!("cannot open source {}", input.name))?;
         file.seek(SeekFrom::Start(offset)).with_context(|| format!("cannot seek in source {}", input.name))?;
         Ok(Self {
             name: input.name.clone(),

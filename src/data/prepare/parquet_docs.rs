@@ -29,8 +29,8 @@ impl ParquetReader {
     /// Opens `input`, reading from row `row` on.
     pub fn open(input: &Input, row: u64, column: &str) -> Result<Self> {
         let file = std::fs::File::open(&input.path).with_context(|| format!("cannot open source {}", input.name))?;
-        let reader =
-            SerializedFileReader::new(file).with_context(|| format!("source {} is not a readable parquet file", input.name))?;
+        let reader = SerializedFileReader::new(file)
+            .with_context(|| format!("source {} is not a readable parquet file", input.name))?;
         let root = reader.metadata().file_metadata().schema_descr().root_schema().clone();
         let fields = root.get_fields();
         let Some(field) = fields.iter().find(|f| f.name() == column) else {

@@ -245,8 +245,10 @@ pub fn prepare(o: &PrepareOptions) -> Result<Summary> {
     let total_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let pb = if o.progress { ProgressBar::new(total_bytes) } else { ProgressBar::hidden() };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} [{elapsed_precise}<{eta_precise}]")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("static template"),
     );
     let (mut open_docs, mut tokens, mut published) = ([0u64; 2], 0u64, 0usize);
     loop {
@@ -334,7 +336,9 @@ pub fn prepare(o: &PrepareOptions) -> Result<Summary> {
 
 /// Token ids of one piece; errors name the source.
 fn encode(tokenizer: &Tokenizer, p: &Piece, inputs: &[Input]) -> Result<Vec<u32>> {
-    tokenizer.encode(&p.text).with_context(|| format!("tokenizing document {} of source {}", p.doc, inputs[p.input].name))
+    tokenizer
+        .encode(&p.text)
+        .with_context(|| format!("tokenizing document {} of source {}", p.doc, inputs[p.input].name))
 }
 
 fn manifest_of(o: &PrepareOptions, inputs: &[Input], p: &Progress, tokenizer: &Tokenizer) -> Result<Manifest> {
@@ -366,7 +370,11 @@ fn manifest_of(o: &PrepareOptions, inputs: &[Input], p: &Progress, tokenizer: &T
         val_documents: p.val.documents,
         sources: inputs
             .iter()
-            .map(|i| SourceInfo { name: i.name.clone(), bytes: i.bytes, split: if i.val { "val" } else { "train+val" }.into() })
+            .map(|i| SourceInfo {
+                name: i.name.clone(),
+                bytes: i.bytes,
+                split: if i.val { "val" } else { "train+val" }.into(),
+            })
             .collect(),
         notes: vec![
             "an end-of-text token precedes every document".into(),

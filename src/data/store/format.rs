@@ -52,10 +52,7 @@ impl Header {
     /// Parses the first bytes of the file `name`; errors say what is wrong and where.
     pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
         if bytes.len() < HEADER_BYTES {
-            bail!(
-                "shard {name} is truncated: {} bytes, shorter than its {HEADER_BYTES}-byte header",
-                bytes.len()
-            );
+            bail!("shard {name} is truncated: {} bytes, shorter than its {HEADER_BYTES}-byte header", bytes.len());
         }
         if bytes[0..8] != MAGIC {
             bail!(
@@ -85,7 +82,11 @@ impl Header {
             );
         }
         if h.eot_id >= h.vocab_size {
-            bail!("shard {name}: end-of-text id {} (byte offset 20) is not below its vocabulary size {}", h.eot_id, h.vocab_size);
+            bail!(
+                "shard {name}: end-of-text id {} (byte offset 20) is not below its vocabulary size {}",
+                h.eot_id,
+                h.vocab_size
+            );
         }
         Ok(h)
     }

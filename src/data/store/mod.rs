@@ -1,8 +1,8 @@
 //! The corpus store: token shards on disk, written once by `gumbel-moe prepare` and read by
 //! training through memory maps, so memory and start-up do not grow with the corpus.
 //!
-//! - [`format`]: the 1,024-byte shard header (magic, version, token width, vocabulary, end-of-text
-//!   id, token count, tokenizer hash).
+//! - [`format`](mod@format): the 1,024-byte shard header (magic, version, token width,
+//!   vocabulary, end-of-text id, token count, tokenizer hash).
 //! - [`writer`]: a split's tokens streamed into numbered shards, each published whole.
 //! - [`reader`]: a split's shards memory-mapped and read as one token sequence.
 //! - [`manifest`]: `manifest.json`, written last; its hash names the dataset.
