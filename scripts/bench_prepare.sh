@@ -43,13 +43,18 @@ for mb in 1 100 1000; do
 done
 echo "hf tokenizers 1000 MB: $("$PY" scripts/bench_hf_tokenizers.py "$TOK" "$W/c1000.txt")"
 
-echo "== 3: training start-up (process start to exit after 1 step and 1 eval batch), 1 MB vs 1 GB"
-for mb in 1 1000 1 1000; do
+echo "== 3: training start-up: process wall (1 step, 1 eval batch, 1 save) minus the training loop's own wall_s"
+for mb in 1 1000 1 1000 1 1000; do
   rm -rf "$W/run$mb"
-  /usr/bin/time -v "$BIN" train --config configs/tinystories-bpe-cpu.toml --set "data.source=\"$W/p$mb\"" \
-    --set train.max_iters=1 --set train.eval_iters=1 --set train.ckpt_interval=0 --out "$W/run$mb" --quiet \
-    > /dev/null 2> "$W/run$mb.time"
-  echo "start-up $mb MB:"; timed "$W/run$mb.time"
+  /usr/bin/time -f "%e %M" -o "$W/run$mb.time" "$BIN" train --config configs/tinystories-bpe-cpu.toml \
+    --set "data.source=\"$W/p$mb\"" --set train.max_iters=1 --set train.eval_iters=1 --set train.ckpt_interval=0 \
+    --out "$W/run$mb" --quiet 2>/dev/null | tail -1 > "$W/run$mb.out"
+  "$PY" - "$W/run$mb.time" "$W/run$mb.out" "$mb" <<'PYEOF'
+import json, sys
+wall, rss = open(sys.argv[1]).read().split()
+fit = json.loads(open(sys.argv[2]).read())["wall_s"]
+print(f"start-up {sys.argv[3]} MB: process {float(wall):.2f} s, loop {fit:.2f} s, start-up {float(wall) - fit:.2f} s, peak RSS {int(rss) // 1024} MB")
+PYEOF
 done
 
 echo "== 4: training tok/s, Tiny Shakespeare prepared (BPE 1024) vs in memory, 300 steps each"

@@ -373,7 +373,12 @@ fn manifest_of(o: &PrepareOptions, inputs: &[Input], p: &Progress, tokenizer: &T
             .map(|i| SourceInfo {
                 name: i.name.clone(),
                 bytes: i.bytes,
-                split: if i.val { "val" } else { "train+val" }.into(),
+                split: match (i.val, o.val_sources.is_empty()) {
+                    (true, _) => "val",
+                    (false, false) => "train",
+                    (false, true) => "train+val",
+                }
+                .into(),
             })
             .collect(),
         notes: vec![
