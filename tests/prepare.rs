@@ -348,3 +348,19 @@ fn a_document_longer_than_a_piece_gives_the_ids_of_the_whole_document() {
     want.extend(tok.encode(&text).unwrap());
     assert_eq!(split_tokens(&out, "train"), want);
 }
+
+#[test]
+fn hub_globs_expand_to_the_matching_files_in_path_order() {
+    use gumbel_moe::data::prepare::inputs::expand;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let hub = gumbel_moe::data::HubOptions { cache_dir: Some(root.join("tests/fixtures/hf-cache/hub")), offline: true };
+    let repo = "hf://gumbel-moe-fixtures/shakespeare-head";
+    let names = |spec: &str| -> Vec<String> {
+        expand(&[format!("{repo}/{spec}")], &[], &hub).unwrap().into_iter().map(|i| i.name).collect()
+    };
+    assert_eq!(names("**/*.txt"), [format!("{repo}/input.txt"), format!("{repo}/parts/scene2.txt")]);
+    assert_eq!(names("*.txt"), [format!("{repo}/input.txt")]);
+    assert_eq!(names("p*/*"), [format!("{repo}/parts/scene2.txt")]);
+    let e = expand(&[format!("{repo}/*.parquet")], &[], &hub).unwrap_err().to_string();
+    assert!(e.contains("matches no file") && e.contains("offline"), "{e}");
+}

@@ -91,6 +91,69 @@ impl HubFile {
         Ok(follow_flattened_link(path))
     }
 
+    /// The files of the repo (revision `main`) whose paths match `FILE` as a glob (`*` stays within
+    /// a folder, `**` crosses folders), sorted by path. Online the repo's tree is listed on the hub;
+    /// offline the cached snapshot of `main` is listed (so only cached files are found).
+    #[cfg(feature = "hub")]
+    pub fn expand_glob(&self, hub: &HubOptions) -> Result<Vec<HubFile>> {
+        use anyhow::Context;
+        let repo = format!("{}/{}", self.owner, self.name);
+        let pattern =
+            glob::Pattern::new(&self.file).with_context(|| format!("hf://{repo}/{}: not a valid glob", self.file))?;
+        let opts = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+        let mut builder = hf_hub::HFClient::builder().retry_max_attempts(0);
+        if let Some(dir) = &hub.cache_dir {
+            builder = builder.cache_dir(dir.clone());
+        }
+        let client = builder.build().context("cannot set up the Hugging Face hub client")?;
+        let cache = client.cache_dir().to_path_buf();
+        let mut paths = Vec::new();
+        if hub.offline {
+            let root = cache.join(format!("datasets--{}--{}", self.owner, self.name));
+            let commit = std::fs::read_to_string(root.join("refs/main")).with_context(|| {
+                format!("dataset {repo} is not in the hub cache {} (offline lookup)", cache.display())
+            })?;
+            let snap = root.join("snapshots").join(commit.trim());
+            let mut stack = vec![snap.clone()];
+            while let Some(dir) = stack.pop() {
+                for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+                    let p = e.with_context(|| format!("cannot list {}", dir.display()))?.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(rel) = p.strip_prefix(&snap) {
+                        paths.push(rel.to_string_lossy().replace('\\', "/"));
+                    }
+                }
+            }
+        } else {
+            let sync = hf_hub::HFClientSync::from_inner(client).context("cannot start the Hugging Face hub client")?;
+            let entries = sync
+                .dataset(self.owner.as_str(), self.name.as_str())
+                .list_tree()
+                .recursive(true)
+                .send()
+                .map_err(|e| anyhow::anyhow!("cannot list the files of Hugging Face dataset {repo}: {e}"))?;
+            for e in entries {
+                if let hf_hub::repository::RepoTreeEntry::File { path, .. } = e {
+                    paths.push(path);
+                }
+            }
+        }
+        paths.retain(|p| pattern.matches_with(p, opts));
+        paths.sort();
+        if paths.is_empty() {
+            let where_ = if hub.offline { "in the cached snapshot (offline)" } else { "on the hub" };
+            anyhow::bail!("hf://{repo}/{}: the glob matches no file of dataset {repo} {where_}", self.file);
+        }
+        Ok(paths.into_iter().map(|file| HubFile { owner: self.owner.clone(), name: self.name.clone(), file }).collect())
+    }
+
+    /// Without the `hub` feature there are no hub globs.
+    #[cfg(not(feature = "hub"))]
+    pub fn expand_glob(&self, _hub: &HubOptions) -> Result<Vec<HubFile>> {
+        anyhow::bail!("cannot list hf://{}/{}: gumbel-moe was built without the `hub` feature", self.owner, self.name)
+    }
+
     /// Without the `hub` feature (the Apple-target type check) there is no hub client.
     #[cfg(not(feature = "hub"))]
     pub fn fetch(&self, _hub: &HubOptions) -> Result<PathBuf> {

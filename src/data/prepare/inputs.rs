@@ -2,7 +2,7 @@
 //!
 //! A spec is a file, a folder (every file below it whose name does not start with `.`, sorted by
 //! path), a glob (`data/*.txt`, matches sorted), or `hf://OWNER/NAME/FILE` (fetched into the hub
-//! cache). The extension picks the reader: `.jsonl` / `.ndjson` / `.json` are JSON lines, `.parquet`
+//! cache; FILE may be a glob, `sample/10BT/*.parquet`, matched against the repo's file list). The extension picks the reader: `.jsonl` / `.ndjson` / `.json` are JSON lines, `.parquet`
 //! is parquet, anything else plain text.
 
 use crate::data::hub::{HubFile, HubOptions};
@@ -71,14 +71,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// The files one spec names, in order.
 fn expand_one(spec: &str, hub: &HubOptions) -> Result<Vec<(String, PathBuf)>> {
     if spec.starts_with("hf:") {
-        if has_glob(spec) {
-            bail!(
-                "source {spec}: globs in hub specs are not supported (they need a listing of the repo); name each \
-                 file, e.g. --source hf://OWNER/NAME/a.parquet --source hf://OWNER/NAME/b.parquet"
-            );
+        let file = HubFile::parse(spec)?;
+        let files = if has_glob(&file.file) { file.expand_glob(hub)? } else { vec![file] };
+        let mut out = Vec::new();
+        for f in files {
+            let name = format!("hf://{}/{}/{}", f.owner, f.name, f.file);
+            out.push((name, f.fetch(hub)?));
         }
-        let path = HubFile::parse(spec)?.fetch(hub)?;
-        return Ok(vec![(spec.to_string(), path)]);
+        return Ok(out);
     }
     if has_glob(spec) {
         let mut found = Vec::new();
