@@ -113,15 +113,6 @@ widest! {
 }
 
 widest! {
-    /// v = v Phi(v) in place.
-    pub(crate) fn gelu_in_place<T: Normal>(v: &mut [T]) {
-        for v in v.iter_mut() {
-            *v = *v * v.cdf_pdf().0;
-        }
-    }
-}
-
-widest! {
     /// dx = dy (Phi(x) + x phi(x)), element by element.
     pub(crate) fn gelu_bwd_chunk<T: Normal>(dx: &mut [T], x: &[T], dy: &[T]) {
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {

@@ -2,8 +2,9 @@
 //! packed copy), and its backward writes each active expert's gradients into tensors of their own,
 //! handed out of band through [`ExpertGrads`] instead of through Candle's `GradStore` (which
 //! would zero-fill a buffer as large as all experts and add into it). Its work grows with the rows
-//! and the experts they reach, not with the number of experts. Same kernels and bits as the graph
-//! form [`expert_mlp`](super::expert_mlp).
+//! and the experts they reach, not with the number of experts. The forward keeps the
+//! pre-activations (N, H) for the backward, which the graph form recomputes. Same kernels and bits
+//! as the graph form [`expert_mlp`](super::expert_mlp).
 
 use super::kernels::{self, Grads, Weights};
 use super::{active, check_experts, per_expert, ExpertParams};
@@ -37,6 +38,8 @@ pub struct ExpertMlpInPlace {
     offsets: Arc<Vec<u32>>,
     params: Arc<Vec<[Option<Tensor>; 4]>>,
     out: ExpertGrads,
+    /// The forward's pre-activations (N, H), taken by the backward.
+    saved: Arc<Mutex<Option<CpuStorage>>>,
 }
 
 /// [`expert_mlp`](super::expert_mlp) for a training step: xs (N_kept, C) grouped by expert
@@ -58,7 +61,14 @@ pub fn expert_mlp_train(
         return Ok((xs.zeros_like()?, Some(out)));
     }
     let params = experts.iter().map(|p| [Some(p.w1.clone()), p.b1.cloned(), Some(p.w2.clone()), p.b2.cloned()]);
-    let op = ExpertMlpInPlace { c, h, offsets: Arc::new(offsets), params: Arc::new(params.collect()), out: out.clone() };
+    let op = ExpertMlpInPlace {
+        c,
+        h,
+        offsets: Arc::new(offsets),
+        params: Arc::new(params.collect()),
+        out: out.clone(),
+        saved: Arc::default(),
+    };
     Ok((xs.contiguous()?.apply_op1(op)?, Some(out)))
 }
 
@@ -92,11 +102,16 @@ impl ExpertMlpInPlace {
     /// dx of the rows, and every active expert's gradients into the [`ExpertGrads`] slot.
     fn bwd_cpu<T: Normal + WithDType>(&self, x: &[T], dy: &[T]) -> Result<Vec<T>> {
         let mut dx = out_vec::<T>(x.len());
+        let saved = self.saved.lock().expect("saved pre-activations").take();
+        let pre = match &saved {
+            Some(s) if s.dtype() == T::DTYPE => Some(T::slice(s, "pre-activations", "expert-mlp-in-place-bwd")?),
+            _ => None,
+        };
         let bufs = with_weights(&self.params, |ws: &[Weights<T>]| {
             let mut bufs: Vec<[Vec<T>; 4]> =
                 ws.iter().map(|w| [w.w1.len(), w.b1.len(), w.w2.len(), w.b2.len()].map(out_vec::<T>)).collect();
             let gs = bufs.iter_mut().map(|[w1, b1, w2, b2]| Grads { w1, b1, w2, b2 }).collect();
-            kernels::backward_all(x, dy, ws, &self.offsets, self.c, self.h, &mut dx, gs);
+            kernels::backward_all(x, dy, pre, ws, &self.offsets, self.c, self.h, &mut dx, gs);
             bufs
         })?;
         let mut grads = Vec::with_capacity(4 * bufs.len());
@@ -120,11 +135,13 @@ impl CustomOp1 for ExpertMlpInPlace {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (a, z) = self.check(l, "expert-mlp-in-place")?;
         macro_rules! run {
-            ($t:ty, $x:expr) => {
-                <$t>::storage(with_weights(&self.params, |ws: &[Weights<$t>]| {
-                    kernels::forward_all(&$x[a..z], ws, &self.offsets, self.c, self.h)
-                })?)
-            };
+            ($t:ty, $x:expr) => {{
+                let (y, pre) = with_weights(&self.params, |ws: &[Weights<$t>]| {
+                    kernels::forward_all(&$x[a..z], ws, &self.offsets, self.c, self.h, true)
+                })?;
+                *self.saved.lock().expect("saved pre-activations") = pre.map(<$t>::storage);
+                <$t>::storage(y)
+            }};
         }
         let out = match s {
             CpuStorage::F32(x) => run!(f32, x),

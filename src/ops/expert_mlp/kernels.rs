@@ -1,10 +1,11 @@
 //! The CPU kernels of the expert MLP ops, over each expert's own weight slices: one expert's
 //! forward and backward, and every expert of a call in parallel (deterministic: each expert
-//! writes only its own rows and its own gradients).
+//! writes only its own rows and its own gradients). The forward can keep the pre-activations
+//! H = x W1^T + b1 for the backward, which otherwise recomputes them (one matmul of the seven).
 
 use super::super::backend::cpu::out_vec;
 use super::super::float::{add_rows, col_sum};
-use super::super::gelu::{gelu_act_and_grad, gelu_in_place, Normal};
+use super::super::gelu::{gelu_act_and_grad, gelu_chunk, Normal};
 use super::super::gemm::{matmul, Mat};
 use rayon::prelude::*;
 
@@ -33,20 +34,32 @@ fn hidden<T: Normal>(x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) -> V
     pre
 }
 
-/// y (n, C) = gelu(x W1^T + b1) W2^T + b2 of one expert's rows x (n, C).
-fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize) -> Vec<T> {
+/// (y (n, C) = gelu(H) W2^T + b2, H = x W1^T + b1 (n, H)) of one expert's rows x (n, C).
+fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize) -> (Vec<T>, Vec<T>) {
     let n = x.len() / c;
-    let mut act = hidden(x, w, n, c, h);
-    gelu_in_place(&mut act);
+    let pre = hidden(x, w, n, c, h);
+    let mut act = out_vec::<T>(n * h);
+    gelu_chunk(&mut act, &pre);
     let mut y = out_vec::<T>(n * c);
     matmul(&mut y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
     add_rows(&mut y, w.b2);
-    y
+    (y, pre)
 }
 
-/// One expert's backward from its rows x (n, C) and dy (n, C): writes dx (n, C) and every gradient
-/// of `g` (the biases' only when they are not empty).
-fn backward<T: Normal>(x: &[T], dy: &[T], w: &Weights<T>, c: usize, h: usize, dx: &mut [T], g: Grads<T>) {
+/// One expert's backward from its rows x (n, C), dy (n, C) and, when the forward kept them, its
+/// pre-activations (n, H): writes dx (n, C) and every gradient of `g` (the biases' only when they
+/// are not empty).
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Normal>(
+    x: &[T],
+    dy: &[T],
+    pre: Option<&[T]>,
+    w: &Weights<T>,
+    c: usize,
+    h: usize,
+    dx: &mut [T],
+    g: Grads<T>,
+) {
     let n = x.len() / c;
     if n == 0 {
         for v in [g.w1, g.b1, g.w2, g.b2] {
@@ -54,12 +67,19 @@ fn backward<T: Normal>(x: &[T], dy: &[T], w: &Weights<T>, c: usize, h: usize, dx
         }
         return;
     }
-    let pre = hidden(x, w, n, c, h);
+    let recomputed;
+    let pre = match pre {
+        Some(p) => p,
+        None => {
+            recomputed = hidden(x, w, n, c, h);
+            &recomputed
+        }
+    };
     let mut act = out_vec::<T>(n * h);
     let mut dpre = out_vec::<T>(n * h);
     // dA = dY W2, then through GELU: dH = dA * gelu'(H).
     matmul(&mut dpre, Mat::rows(dy, n, c), Mat::rows(w.w2, c, h), false);
-    gelu_act_and_grad(&mut dpre, &mut act, &pre);
+    gelu_act_and_grad(&mut dpre, &mut act, pre);
     matmul(g.w2, Mat::t(dy, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
     matmul(g.w1, Mat::t(&dpre, h, n), Mat::rows(x, n, c), false); // dW1 = dH^T X
     if !g.b1.is_empty() {
@@ -72,19 +92,30 @@ fn backward<T: Normal>(x: &[T], dy: &[T], w: &Weights<T>, c: usize, h: usize, dx
 }
 
 /// The rows [offsets[e], offsets[e + 1]) of x (N, C) through expert e, for every expert, in
-/// parallel -> (N, C).
-pub(super) fn forward_all<T: Normal>(x: &[T], ws: &[Weights<T>], offsets: &[u32], c: usize, h: usize) -> Vec<T> {
-    let blocks: Vec<Vec<T>> = (0..ws.len())
+/// parallel -> (y (N, C), with `keep` the pre-activations (N, H) in the same row order).
+pub(super) fn forward_all<T: Normal>(
+    x: &[T],
+    ws: &[Weights<T>],
+    offsets: &[u32],
+    c: usize,
+    h: usize,
+    keep: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let blocks: Vec<(Vec<T>, Vec<T>)> = (0..ws.len())
         .into_par_iter()
         .map(|e| forward(&x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h))
         .collect();
-    blocks.concat()
+    let (ys, pres): (Vec<Vec<T>>, Vec<Vec<T>>) = blocks.into_iter().unzip();
+    (ys.concat(), keep.then(|| pres.concat()))
 }
 
-/// The backward of [`forward_all`]: writes dx (N, C), and expert e's gradients into `gs[e]`.
+/// The backward of [`forward_all`]: writes dx (N, C), and expert e's gradients into `gs[e]`;
+/// `pre`: the forward's pre-activations (N, H), or None to recompute them.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward_all<T: Normal>(
     x: &[T],
     dy: &[T],
+    pre: Option<&[T]>,
     ws: &[Weights<T>],
     offsets: &[u32],
     c: usize,
@@ -102,7 +133,8 @@ pub(super) fn backward_all<T: Normal>(
         pieces.push((e, dxe, g));
     }
     pieces.into_par_iter().for_each(|(e, dxe, g)| {
-        let (a, b) = (offsets[e] as usize * c, offsets[e + 1] as usize * c);
-        backward(&x[a..b], &dy[a..b], &ws[e], c, h, dxe, g);
+        let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
+        let pre = pre.map(|p| &p[a * h..b * h]);
+        backward(&x[a * c..b * c], &dy[a * c..b * c], pre, &ws[e], c, h, dxe, g);
     });
 }

@@ -199,7 +199,7 @@ impl ExpertMlp {
             debug_assert_eq!(gb2.len(), b2);
             gs.push(Grads { w1: gw1, b1: gb1, w2: gw2, b2: gb2 });
         }
-        kernels::backward_all(x, dy, &self.weights(p), &self.offsets, self.c, self.h, dx, gs);
+        kernels::backward_all(x, dy, None, &self.weights(p), &self.offsets, self.c, self.h, dx, gs);
         out
     }
 
@@ -231,7 +231,7 @@ impl CustomOp2 for ExpertMlp {
         macro_rules! run {
             ($t:ty, $x:expr) => {{
                 let p = &<$t>::slice(sp, "params", "expert-mlp")?[pa..pz];
-                <$t>::storage(kernels::forward_all(&$x[xa..xz], &self.weights(p), &self.offsets, self.c, self.h))
+                <$t>::storage(kernels::forward_all(&$x[xa..xz], &self.weights(p), &self.offsets, self.c, self.h, false).0)
             }};
         }
         let out = match sx {
