@@ -108,6 +108,11 @@ enum Cmd {
         /// --variant tau03:model.router.tau_min=0.3,model.router.tau0=2.
         #[arg(long = "variant", value_name = "NAME:KEY=VALUE,...")]
         variants: Vec<String>,
+        /// Seeds per run (each run trains N times, its `seed` + 0..N, in OUT/NAME and
+        /// OUT/NAME.seedS); the report gives mean, sd and 95% intervals and the difference to
+        /// dense_ffn paired by seed.
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
         /// Runs trained at once (at least 1).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
@@ -199,9 +204,9 @@ fn run(cli: Cli) -> Result<()> {
             let loss = t.full_val_loss()?;
             println!("{}", serde_json::json!({"checkpoint": checkpoint, "step": t.state.step, "val_loss": loss}));
         }
-        Cmd::Compare { config, routers, steps, overrides, variants, jobs, out } => {
+        Cmd::Compare { config, routers, steps, overrides, variants, seeds, jobs, out } => {
             let exe = std::env::current_exe().context("cannot find the gumbel-moe binary to run the trainings")?;
-            let args = CompareArgs { config, routers, variants, sets: overrides, steps, jobs, out };
+            let args = CompareArgs { config, routers, variants, sets: overrides, steps, seeds, jobs, out };
             let report = compare(&exe, &args)?;
             let failed: Vec<&str> = report.runs.iter().filter(|r| r.status != "ok").map(|r| r.name.as_str()).collect();
             if !failed.is_empty() {

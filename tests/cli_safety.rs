@@ -157,6 +157,7 @@ fn compare_args(d: &Path, out: &Path) -> CompareArgs {
         variants: vec![],
         sets: vec![],
         steps: Some(2),
+        seeds: 1,
         jobs: 1,
         out: out.to_path_buf(),
     }

@@ -7,10 +7,17 @@
 //! finished and resumed (`train --resume DIR/NAME`) when it has a checkpoint; any other folder is
 //! moved to DIR/.prev/G/NAME (G a new generation each time: nothing earlier is deleted) and the run
 //! trains from scratch. DIR may not be a training run's own folder (its plots would be replaced).
+//!
+//! With `--seeds N` every run trains N times (seed k in `DIR/NAME` for k = 0, `DIR/NAME.seedS`
+//! after: [`super::seeds`]); each seed is reused, resumed or retrained on its own, the report gives
+//! the spread over the seeds and the plots draw each run's mean curve in its min-max band.
 
 use super::plan::{plan_runs, run_state, RunPlan, RunState};
-use super::plot::{load_heatmap, train_loss_chart, val_loss_chart};
+use super::plot::{
+    load_heatmap, train_loss_band_chart, train_loss_chart, val_loss_band_chart, val_loss_chart, SeedCurves,
+};
 use super::prev::move_aside;
+use super::seeds::{aggregate, expand};
 use super::summary::{read_run, router_of, RunMetrics, RunSummary};
 use super::table::Report;
 use crate::config::Config;
@@ -28,6 +35,8 @@ pub struct CompareArgs {
     pub variants: Vec<String>,
     pub sets: Vec<String>,
     pub steps: Option<usize>,
+    /// Seeds per run (1: one training each, as before; see [`super::seeds`]).
+    pub seeds: usize,
     pub jobs: usize,
     pub out: PathBuf,
 }
@@ -40,29 +49,38 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
     refuse_run_folder(&a.out)?;
     let plans = plan_runs(&a.routers, &a.variants, &a.sets, a.steps)?;
     // Resolve every config first: a typo fails before anything trains.
-    let mut cfgs = Vec::new();
+    let mut base_seeds = Vec::new();
     for p in &plans {
         let cfg = Config::from_file(&a.config, &p.overrides).with_context(|| format!("run `{}`", p.name))?;
+        base_seeds.push(cfg.seed);
+    }
+    let runs = expand(&plans, &base_seeds, a.seeds)?;
+    let mut cfgs = Vec::new();
+    for r in &runs {
+        let cfg = Config::from_file(&a.config, &r.plan.overrides).with_context(|| format!("run `{}`", r.plan.name))?;
         cfgs.push(cfg);
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    let todo: Vec<(usize, RunState)> = plans
+    let todo: Vec<(usize, RunState)> = runs
         .iter()
         .zip(&cfgs)
         .enumerate()
-        .map(|(i, (p, c))| (i, run_state(&a.out.join(&p.name), c)))
+        .map(|(i, (r, c))| (i, run_state(&a.out.join(&r.plan.name), c)))
         .filter(|(i, s)| {
             if *s == RunState::Finished {
-                eprintln!("{}: finished with this config, reused", plans[*i].name);
+                eprintln!("{}: finished with this config, reused", runs[*i].plan.name);
             }
             *s != RunState::Finished
         })
         .collect();
-    let stale: Vec<&str> =
-        todo.iter().filter(|(_, s)| matches!(s, RunState::Stale(_))).map(|(i, _)| plans[*i].name.as_str()).collect();
+    let stale: Vec<&str> = todo
+        .iter()
+        .filter(|(_, s)| matches!(s, RunState::Stale(_)))
+        .map(|(i, _)| runs[*i].plan.name.as_str())
+        .collect();
     for (i, s) in &todo {
         if let RunState::Stale(why) = s {
-            eprintln!("{}: retraining ({why})", plans[*i].name);
+            eprintln!("{}: retraining ({why})", runs[*i].plan.name);
         }
     }
     if let Some(generation) = move_aside(&a.out, &stale)? {
@@ -75,8 +93,8 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
                 let k = next.fetch_add(1, Ordering::SeqCst);
                 let Some((i, state)) = todo.get(k) else { break };
                 // A failed run shows in the report (and the exit status); the others go on.
-                if let Err(e) = train_one(exe, a, &plans[*i], state) {
-                    eprintln!("{}: {e:#}", plans[*i].name);
+                if let Err(e) = train_one(exe, a, &runs[*i].plan, state) {
+                    eprintln!("{}: {e:#}", runs[*i].plan.name);
                 }
             });
         }
@@ -88,38 +106,61 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
         steps,
         if a.sets.is_empty() { String::new() } else { format!(", --set {}", a.sets.join(" ")) }
     );
-    let rows: Vec<RunSummary> = plans
+    let seed_rows: Vec<RunSummary> = runs
         .iter()
         .zip(&cfgs)
-        .map(|(p, c)| {
-            let mut row = RunSummary::from_dir(&p.name, &a.out.join(&p.name));
+        .map(|(r, c)| {
+            let mut row = RunSummary::from_dir(&r.plan.name, &a.out.join(&r.plan.name));
             if row.router == "?" {
                 // A run that failed before writing config.json: name its router from the plan.
                 row.router = router_of(&serde_json::to_value(c).unwrap_or_default()).unwrap_or(row.router);
             }
+            row.seed = Some(r.seed);
             row
         })
         .collect();
+    let rows: Vec<RunSummary> = if a.seeds == 1 {
+        seed_rows
+    } else {
+        let mut by_run: Vec<Vec<RunSummary>> = vec![Vec::new(); plans.len()];
+        for (r, row) in runs.iter().zip(seed_rows) {
+            by_run[r.run].push(row);
+        }
+        plans.iter().zip(by_run).map(|(p, rows)| aggregate(&p.name, rows)).collect()
+    };
     let report = Report::new(&title, rows);
     report.write(&a.out)?;
     // Plots: a missing one is a warning, not a failed comparison.
     let (mut curves, mut train_curves) = (Vec::new(), Vec::new());
     for p in &plans {
-        let dir = a.out.join(&p.name);
+        curves.push((p.name.clone(), Vec::new()));
+        train_curves.push((p.name.clone(), Vec::new()));
+    }
+    for r in &runs {
+        let dir = a.out.join(&r.plan.name);
         let Ok(m) = RunMetrics::read(&dir) else { continue };
         if !m.load.is_empty() {
-            let title = format!("{}: expert load", p.name);
+            let title = format!("{}: expert load", r.plan.name);
             if let Err(e) = load_heatmap(&dir.join("load.png"), &title, &m.load_steps, &m.load) {
                 eprintln!("warning: {e:#}");
             }
         }
-        curves.push((p.name.clone(), m.val_loss));
-        train_curves.push((p.name.clone(), m.train_loss));
+        curves[r.run].1.push(m.val_loss);
+        train_curves[r.run].1.push(m.train_loss);
     }
-    if let Err(e) = val_loss_chart(&a.out.join("val_loss.png"), &curves) {
-        eprintln!("warning: {e:#}");
-    }
-    if let Err(e) = train_loss_chart(&a.out.join("train_loss.png"), &train_curves) {
+    let plotted = if a.seeds == 1 {
+        let one = |c: Vec<SeedCurves>| -> Vec<(String, Vec<(u64, f64)>)> {
+            c.into_iter().filter_map(|(n, mut s)| s.pop().map(|s| (n, s))).collect()
+        };
+        let (v, t) = (one(curves), one(train_curves));
+        [val_loss_chart(&a.out.join("val_loss.png"), &v), train_loss_chart(&a.out.join("train_loss.png"), &t)]
+    } else {
+        [
+            val_loss_band_chart(&a.out.join("val_loss.png"), &curves),
+            train_loss_band_chart(&a.out.join("train_loss.png"), &train_curves),
+        ]
+    };
+    for e in plotted.into_iter().filter_map(Result::err) {
         eprintln!("warning: {e:#}");
     }
     eprintln!("{}", report.sentence());

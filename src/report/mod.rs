@@ -1,14 +1,19 @@
 //! Comparing runs: plan the runs of `gumbel-moe compare` and decide which can be reused
 //! ([`plan`]), keep every earlier generation of a changed run ([`prev`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), write
 //! report.md / report.json ([`table`]), draw the PNG plots ([`plot`], coloured by [`colours`]),
-//! and drive it all from the command line ([`compare`]).
+//! run each configuration with several seeds ([`seeds`]) and say how far their figures spread
+//! ([`stats`]), and drive it all from the command line ([`compare`]).
+pub mod bands;
 pub mod colours;
 pub mod compare;
 pub mod plan;
 pub mod plot;
 pub mod prev;
+pub mod seeds;
+pub mod stats;
 pub mod summary;
 pub mod table;
+pub mod table_seeds;
 
 pub use compare::{compare, plot_run, CompareArgs};
 pub use plan::{plan_runs, run_state, RunPlan, RunState};

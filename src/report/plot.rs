@@ -1,12 +1,15 @@
 //! PNG plots with plotters' bitmap backend: validation-loss curves of several runs on one chart (a
 //! point per evaluation), their training loss (every log line, faint, under an exponential moving
 //! average) on another, and a run's expert load over time as a heat map (one panel per MoE layer).
-//! Each run has its own colour ([`series_colours`]).
+//! Each run has its own colour ([`series_colours`]). With several seeds per run a run is its mean
+//! curve over the seeds inside the band from the seeds' lowest to their highest value
+//! ([`super::bands`]).
 //!
 //! Text is drawn with DejaVu Sans Mono, embedded in the binary (assets/fonts, Bitstream Vera
 //! license beside it) and registered with plotters' `ab_glyph` backend, so plotting needs no
 //! system fonts, fontconfig or C library.
 
+use super::bands::{band, BandPoint};
 use super::colours::series_colours;
 use anyhow::{anyhow, bail, Result};
 use plotters::prelude::*;
@@ -37,8 +40,42 @@ pub const TRAIN_LOSS_EMA: f64 = 0.8;
 /// One curve per run: `(name, [(step, val_loss)])`, a marker on each evaluation, drawn into `path`
 /// with a legend. Runs without points are left out; at least one point is needed.
 pub fn val_loss_chart(path: &Path, runs: &[(String, Vec<(u64, f64)>)]) -> Result<()> {
-    let series: Vec<Series> = runs.iter().map(|(n, p)| Series { name: n, raw: finite(p), smooth: None }).collect();
+    let series: Vec<Series> =
+        runs.iter().map(|(n, p)| Series { name: n, raw: finite(p), smooth: None, band: None }).collect();
     curves_chart(path, "validation loss", "val loss", &series)
+}
+
+/// A run's name and one curve of (step, value) per seed.
+pub type SeedCurves = (String, Vec<Vec<(u64, f64)>>);
+
+/// As [`val_loss_chart`] with several seeds per run: `(name, [seed][(step, val_loss)])`, the mean
+/// over the seeds with markers, in a min-max band.
+pub fn val_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|(n, seeds)| {
+            let b = band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>());
+            let raw = b.iter().map(|p| (p.x, p.mean)).collect();
+            Series { name: n, raw, smooth: None, band: Some(b) }
+        })
+        .collect();
+    curves_chart(path, "validation loss (mean, band: min-max over seeds)", "val loss", &series)
+}
+
+/// As [`train_loss_chart`] with several seeds per run: the mean over the seeds of every log line
+/// (faint), its EMA, and the min-max band of the seeds' own EMAs.
+pub fn train_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|(n, seeds)| {
+            let raw: Vec<(f64, f64)> =
+                band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>()).iter().map(|p| (p.x, p.mean)).collect();
+            let smooth = Some(ema(&raw, TRAIN_LOSS_EMA));
+            let b = band(&seeds.iter().map(|p| ema(&finite(p), TRAIN_LOSS_EMA)).collect::<Vec<_>>());
+            Series { name: n, raw, smooth, band: Some(b) }
+        })
+        .collect();
+    curves_chart(path, "training loss (mean, band: min-max of the seeds' EMAs)", "train loss", &series)
 }
 
 /// The training loss of each run: `(name, [(step, train_loss)])` of every log line, drawn faint,
@@ -50,7 +87,7 @@ pub fn train_loss_chart(path: &Path, runs: &[(String, Vec<(u64, f64)>)]) -> Resu
         .map(|(n, p)| {
             let raw = finite(p);
             let smooth = Some(ema(&raw, TRAIN_LOSS_EMA));
-            Series { name: n, raw, smooth }
+            Series { name: n, raw, smooth, band: None }
         })
         .collect();
     curves_chart(path, "training loss", "train loss", &series)
@@ -80,6 +117,8 @@ struct Series<'a> {
     name: &'a str,
     raw: Vec<(f64, f64)>,
     smooth: Option<Vec<(f64, f64)>>,
+    /// Several seeds: the band drawn under the curve.
+    band: Option<Vec<BandPoint>>,
 }
 
 fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Result<()> {
@@ -87,6 +126,9 @@ fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Resu
     let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(s, v) in runs.iter().flat_map(|r| r.raw.iter()) {
         (x1, y0, y1) = (x1.max(s), y0.min(v), y1.max(v));
+    }
+    for p in runs.iter().flat_map(|r| r.band.iter().flatten()) {
+        (y0, y1) = (y0.min(p.lo), y1.max(p.hi));
     }
     if !y0.is_finite() {
         bail!("no {title} to plot for {}", path.display());
@@ -115,6 +157,11 @@ fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Resu
     for (r, &colour) in runs.iter().zip(&colours) {
         if r.raw.is_empty() {
             continue;
+        }
+        if let Some(b) = r.band.as_ref().filter(|b| b.len() > 1) {
+            let outline: Vec<(f64, f64)> =
+                b.iter().map(|p| (p.x, p.lo)).chain(b.iter().rev().map(|p| (p.x, p.hi))).collect();
+            chart.draw_series(std::iter::once(Polygon::new(outline, colour.mix(0.18).filled()))).map_err(&e)?;
         }
         let line = match &r.smooth {
             Some(smooth) => {

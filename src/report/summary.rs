@@ -1,6 +1,7 @@
 //! What one run's metrics.jsonl says, boiled down: the curves the plots draw and the numbers of
 //! one row of the comparison table.
 
+use super::stats::{Paired, Spread};
 use crate::train::metrics;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -88,8 +89,12 @@ pub struct RunSummary {
     pub status: String,
     /// The train.log of a failed run.
     pub log: Option<String>,
-    /// The done line's final validation loss.
+    /// The run's `seed` (None in the row of several seeds).
+    pub seed: Option<u64>,
+    /// The done line's final validation loss (mean over the finished seeds).
     pub val_loss: Option<f64>,
+    /// The lowest periodic validation loss (eval_iters batches) of the run.
+    pub best_val_loss: Option<f64>,
     /// "full_split" or "eval_iters".
     pub val_loss_kind: Option<String>,
     pub steps: Option<u64>,
@@ -102,8 +107,18 @@ pub struct RunSummary {
     /// Last logged, summed over the MoE layers.
     pub dead_experts: Option<u64>,
     pub wall_s: Option<f64>,
-    /// val_loss minus dense_ffn's (filled in by the report).
+    /// val_loss minus dense_ffn's (filled in by the report; with several seeds, the mean of the
+    /// differences paired by seed).
     pub delta_vs_dense_ffn: Option<f64>,
+    /// Several seeds: the final validation losses' mean, sd and 95% interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss_spread: Option<Spread>,
+    /// Several seeds: val_loss minus dense_ffn's, paired by seed (filled in by the report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_paired: Option<Paired>,
+    /// Several seeds: each seed's own row, in seed order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_seed: Vec<RunSummary>,
 }
 
 /// The router name of a resolved config (config.json as JSON).
@@ -121,10 +136,12 @@ impl RunSummary {
         let cfg: Option<Value> =
             std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
         let router = cfg.as_ref().and_then(router_of).unwrap_or_else(|| "?".into());
-        match RunMetrics::read(dir) {
+        let mut row = match RunMetrics::read(dir) {
             Ok(m) if m.done.is_some() => Self::from_metrics(name, &router, &m),
             _ => Self::failed(name, &router, &dir.join("train.log")),
-        }
+        };
+        row.seed = cfg.as_ref().and_then(|c| c.get("seed")).and_then(Value::as_u64);
+        row
     }
 
     pub fn failed(name: &str, router: &str, log: &Path) -> Self {
@@ -146,6 +163,7 @@ impl RunSummary {
             status: if done.is_some() { "ok" } else { "failed" }.into(),
             log: None,
             val_loss: f("val_loss"),
+            best_val_loss: m.val_loss.iter().map(|p| p.1).filter(|v| v.is_finite()).min_by(f64::total_cmp),
             val_loss_kind: done.and_then(|d| d.get("val_loss_kind")).and_then(Value::as_str).map(str::to_string),
             steps: done.and_then(|d| d.get("step")).and_then(Value::as_u64),
             tok_per_s: f("tok_per_s"),
@@ -155,7 +173,7 @@ impl RunSummary {
             dropped_pct: m.layer_mean("dropped_pct"),
             dead_experts: m.layer_sum("dead_experts"),
             wall_s: f("wall_s"),
-            delta_vs_dense_ffn: None,
+            ..Default::default()
         }
     }
 }

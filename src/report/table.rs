@@ -1,7 +1,10 @@
 //! The comparison report: one row per run, the best run, and each run's difference from the dense
-//! twin (`dense_ffn`), as report.md and report.json.
+//! twin (`dense_ffn`), as report.md and report.json. With several seeds a row holds the means over
+//! the seeds, the spread of the final validation loss and the difference paired by seed (table in
+//! [`super::table_seeds`]).
 
 use super::plan::DENSE_FFN;
+use super::stats::paired;
 use super::summary::RunSummary;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -11,6 +14,8 @@ use std::path::Path;
 pub struct Report {
     /// What was compared (base config, steps, ...), one line of text.
     pub title: String,
+    /// Seeds per run (1: one training per run, no per_seed rows).
+    pub seeds: usize,
     pub runs: Vec<RunSummary>,
     /// The finished run with the lowest final validation loss.
     pub best: Option<String>,
@@ -19,21 +24,35 @@ pub struct Report {
 }
 
 impl Report {
-    /// Fills in the best run and the deltas against `dense_ffn`.
+    /// Fills in the best run (the lowest mean final val loss of the runs whose every seed
+    /// finished) and the deltas against `dense_ffn`, paired by seed index when runs have several
+    /// seeds (`per_seed`).
     pub fn new(title: &str, mut runs: Vec<RunSummary>) -> Self {
-        let base = runs.iter().find(|r| r.name == DENSE_FFN).and_then(|r| r.val_loss);
+        let seeds = runs.iter().map(|r| r.per_seed.len()).max().unwrap_or(0).max(1);
+        let base_row = runs.iter().find(|r| r.name == DENSE_FFN);
+        let base = base_row.map(seed_losses);
+        let baseline = base_row.and_then(|r| r.val_loss).map(|_| DENSE_FFN.to_string());
         for r in &mut runs {
-            r.delta_vs_dense_ffn = base.zip(r.val_loss).map(|(b, v)| v - b);
+            let Some(b) = &base else { continue };
+            let p = paired(&seed_losses(r), b);
+            r.delta_vs_dense_ffn = p.as_ref().map(|p| p.diff.mean);
+            if !r.per_seed.is_empty() {
+                r.delta_paired = p;
+            }
         }
         let best = runs
             .iter()
+            .filter(|r| r.status == "ok")
             .filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (v, &r.name)))
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, n)| n.clone());
-        Report { title: title.into(), runs, best, baseline: base.map(|_| DENSE_FFN.to_string()) }
+        Report { title: title.into(), seeds, runs, best, baseline }
     }
 
     pub fn to_markdown(&self) -> String {
+        if self.seeds > 1 {
+            return super::table_seeds::markdown(self);
+        }
         let mut s = format!("# Router comparison\n\n{}\n\n", self.title);
         s += "| run | router | val loss | Δ vs dense_ffn | tok/s | load CV | router entropy | top-1 prob | dropped % | dead experts | wall (s) |\n";
         s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -69,6 +88,9 @@ impl Report {
 
     /// "Best: X (val loss ...). Against dense_ffn: a +0.01, b -0.02." and the failed runs.
     pub fn sentence(&self) -> String {
+        if self.seeds > 1 {
+            return super::table_seeds::sentence(self);
+        }
         let mut s = match &self.best {
             Some(b) => {
                 let v = self.runs.iter().find(|r| &r.name == b).and_then(|r| r.val_loss).unwrap_or(f64::NAN);
@@ -105,7 +127,16 @@ impl Report {
     }
 }
 
-fn num(x: Option<f64>, digits: usize) -> String {
+/// The final val loss of each seed of a row (one entry without per-seed rows; None where a seed
+/// did not finish).
+fn seed_losses(r: &RunSummary) -> Vec<Option<f64>> {
+    if r.per_seed.is_empty() {
+        return vec![r.val_loss];
+    }
+    r.per_seed.iter().map(|s| s.val_loss.filter(|_| s.status == "ok")).collect()
+}
+
+pub(super) fn num(x: Option<f64>, digits: usize) -> String {
     match x {
         Some(v) if v.is_finite() => format!("{v:.digits$}"),
         _ => "–".into(),
