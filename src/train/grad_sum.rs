@@ -5,7 +5,7 @@
 //! The sums have the bits of the tensor form ((g0 + g1) + g2 ...); the clip scale is applied later
 //! by the optimizer ([`crate::train::AdamW::step_scaled`]), not as a pass of its own.
 
-use crate::ops::backend::cpu::Float;
+use crate::ops::backend::cpu::{out_vec, Float};
 use crate::ops::backend::simd::widest;
 use crate::ops::float::{add_into, sum8_f64};
 use anyhow::Result;
@@ -85,6 +85,11 @@ fn sum_slices<T: Float>(xs: &[&[T]]) -> (Vec<T>, f64) {
     if xs.len() == 1 {
         return (Vec::new(), sum_sq(xs[0]));
     }
+    if xs.len() == 2 {
+        let mut out = out_vec::<T>(xs[0].len());
+        let q = add_sum_sq(&mut out, xs[0], xs[1]);
+        return (out, q);
+    }
     let mut out = xs[0].to_vec();
     for x in &xs[1..] {
         add_into(&mut out, x);
@@ -97,6 +102,31 @@ widest! {
     /// The f64 sum of squares, in the fixed eight-lane order of `sum8_f64`.
     fn sum_sq<T: Float>(x: &[T]) -> f64 {
         sum8_f64(x, |v| v * v)
+    }
+}
+
+widest! {
+    /// out = a + b, element by element, and the f64 sum of squares of out in the order of
+    /// [`sum_sq`] (so the bits of the two passes), in one pass: two micro-batches' gradients.
+    fn add_sum_sq<T: Float>(out: &mut [T], a: &[T], b: &[T]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let n8 = out.len() / 8 * 8;
+        for ((o, x), y) in out[..n8].chunks_exact_mut(8).zip(a.chunks_exact(8)).zip(b.chunks_exact(8)) {
+            for l in 0..8 {
+                let v = x[l] + y[l];
+                o[l] = v;
+                let d = v.to_f64();
+                acc[l] += d * d;
+            }
+        }
+        let mut s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for i in n8..out.len() {
+            let v = a[i] + b[i];
+            out[i] = v;
+            let d = v.to_f64();
+            s += d * d;
+        }
+        s
     }
 }
 
@@ -123,6 +153,11 @@ mod tests {
         assert_eq!(g1[0].as_ref().unwrap().to_vec1::<f32>()?, a.to_vec1::<f32>()?);
         let qa: f64 = a.to_vec1::<f32>()?.iter().map(|&v| (v as f64) * (v as f64)).sum();
         assert!((n1 - qa.sqrt()).abs() <= 1e-12 * qa.sqrt());
+        // Two micro-batches take the one-pass sum: the bits of the add and of the separate norm pass.
+        let (g2, n2) = sum_grads(vec![vec![Some(a.clone())], vec![Some(b.clone())]], 1)?;
+        let ab = (&a + &b)?;
+        assert_eq!(g2[0].as_ref().unwrap().to_vec1::<f32>()?, ab.to_vec1::<f32>()?);
+        assert_eq!(n2.to_bits(), sum_sq(&ab.to_vec1::<f32>()?).sqrt().to_bits(), "one pass, same bits");
         // A non-contiguous gradient takes the tensor path and gives the same sum.
         let t = Tensor::from_vec((0..12).map(|i| i as f32).collect::<Vec<_>>(), (3, 4), &dev)?.t()?;
         let (gt, _) = sum_grads(vec![vec![Some(t.clone())], vec![Some(t.clone())]], 1)?;
