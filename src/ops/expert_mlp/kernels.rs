@@ -26,24 +26,21 @@ pub(super) struct Grads<'a, T> {
     pub b2: &'a mut [T],
 }
 
-/// Pre-activation (n, H) = x W1^T + b1 of one expert.
-fn hidden<T: Normal>(x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) -> Vec<T> {
-    let mut pre = out_vec::<T>(n * h);
-    matmul(&mut pre, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
-    add_rows(&mut pre, w.b1);
-    pre
+/// Pre-activation pre (n, H) = x W1^T + b1 of one expert.
+fn hidden_into<T: Normal>(pre: &mut [T], x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) {
+    matmul(pre, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
+    add_rows(pre, w.b1);
 }
 
-/// (y (n, C) = gelu(H) W2^T + b2, H = x W1^T + b1 (n, H)) of one expert's rows x (n, C).
-fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize) -> (Vec<T>, Vec<T>) {
+/// y (n, C) = gelu(H) W2^T + b2 of one expert's rows x (n, C), with H = x W1^T + b1 (n, H)
+/// written to `pre`.
+fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], pre: &mut [T]) {
     let n = x.len() / c;
-    let pre = hidden(x, w, n, c, h);
+    hidden_into(pre, x, w, n, c, h);
     let mut act = out_vec::<T>(n * h);
-    gelu_chunk(&mut act, &pre);
-    let mut y = out_vec::<T>(n * c);
-    matmul(&mut y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
-    add_rows(&mut y, w.b2);
-    (y, pre)
+    gelu_chunk(&mut act, pre);
+    matmul(y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
+    add_rows(y, w.b2);
 }
 
 /// One expert's backward from its rows x (n, C), dy (n, C) and, when the forward kept them, its
@@ -71,7 +68,11 @@ fn backward<T: Normal>(
     let pre = match pre {
         Some(p) => p,
         None => {
-            recomputed = hidden(x, w, n, c, h);
+            recomputed = {
+                let mut p = out_vec::<T>(n * h);
+                hidden_into(&mut p, x, w, n, c, h);
+                p
+            };
             &recomputed
         }
     };
@@ -101,12 +102,21 @@ pub(super) fn forward_all<T: Normal>(
     h: usize,
     keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
-    let blocks: Vec<(Vec<T>, Vec<T>)> = (0..ws.len())
-        .into_par_iter()
-        .map(|e| forward(&x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h))
-        .collect();
-    let (ys, pres): (Vec<Vec<T>>, Vec<Vec<T>>) = blocks.into_iter().unzip();
-    (ys.concat(), keep.then(|| pres.concat()))
+    let rows = x.len() / c;
+    let (mut y, mut pre) = (out_vec::<T>(rows * c), out_vec::<T>(rows * h));
+    let mut pieces = Vec::with_capacity(ws.len());
+    let (mut y_rest, mut pre_rest) = (&mut y[..], &mut pre[..]);
+    for e in 0..ws.len() {
+        let n = (offsets[e + 1] - offsets[e]) as usize;
+        let (ye, r) = std::mem::take(&mut y_rest).split_at_mut(n * c);
+        let (pe, rp) = std::mem::take(&mut pre_rest).split_at_mut(n * h);
+        (y_rest, pre_rest) = (r, rp);
+        pieces.push((e, ye, pe));
+    }
+    pieces.into_par_iter().for_each(|(e, ye, pe)| {
+        forward(&x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h, ye, pe);
+    });
+    (y, keep.then_some(pre))
 }
 
 /// The backward of [`forward_all`]: writes dx (N, C), and expert e's gradients into `gs[e]`;
