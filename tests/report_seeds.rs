@@ -201,6 +201,8 @@ fn report_of_several_seeds() {
         p.diff.mean
     );
     assert!(md.contains(&want), "{want}\n{md}");
+    let dense = md.lines().find(|l| l.starts_with("| dense_ffn | dense_ffn | 3 |")).unwrap();
+    assert!(dense.contains("] | – | – | – | "), "the baseline against itself: no test\n{dense}");
     assert!(md.contains("| hash | hash | 2 of 3 | failed: see `hash.1/train.log`"), "{md}");
     assert!(md.contains("| gumbel | 10: 1.7000, 11: 1.7500, 12: 1.7200 |"), "{md}");
     assert!(md.contains("| hash | 10: 1.6900, 11: failed, 12: 1.7000 |"), "{md}");

@@ -40,6 +40,7 @@ pub fn markdown(r: &Report) -> String {
         }
         let p = row.delta_paired.as_ref();
         let sig = match p {
+            _ if row.name == DENSE_FFN => "–".into(),
             Some(p) if p.diff.ci95.is_some() => if p.significant { "yes" } else { "no" }.to_string(),
             _ => "–".into(),
         };
@@ -71,8 +72,8 @@ pub fn markdown(r: &Report) -> String {
           t(0.975, n - 1) sd / sqrt(n). Δ vs dense_ffn: the run's loss minus dense_ffn's, seed by seed \
           (seed k of each run is its base seed + k), mean and 95% CI of those differences; Δ ≠ 0 is yes \
           when that interval excludes 0. Load CV, router entropy (nats), top-1 prob, dropped %, dead \
-          experts, tok/s and wall: means over the seeds of each seed's last log line (see a one-seed \
-          report).\n\n## Final val loss per seed\n\n| run | seed: val loss |\n|---|---|\n";
+          experts, tok/s and wall: means over the seeds (each seed's as in a one-seed report: \
+          its last log line, over the MoE layers).\n\n## Final val loss per seed\n\n| run | seed: val loss |\n|---|---|\n";
     for row in &r.runs {
         let cells: Vec<String> = row
             .per_seed
