@@ -110,9 +110,12 @@ enum Cmd {
         variants: Vec<String>,
         /// Seeds per run (each run trains N times, its `seed` + 0..N, in OUT/NAME and
         /// OUT/NAME.seedS); the report gives mean, sd and 95% intervals and the difference to
-        /// dense_ffn paired by seed.
+        /// the baseline paired by seed.
         #[arg(long, default_value_t = 1)]
         seeds: usize,
+        /// The run the others are compared with (its name; default dense_ffn).
+        #[arg(long)]
+        baseline: Option<String>,
         /// Runs trained at once (at least 1).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
@@ -204,9 +207,9 @@ fn run(cli: Cli) -> Result<()> {
             let loss = t.full_val_loss()?;
             println!("{}", serde_json::json!({"checkpoint": checkpoint, "step": t.state.step, "val_loss": loss}));
         }
-        Cmd::Compare { config, routers, steps, overrides, variants, seeds, jobs, out } => {
+        Cmd::Compare { config, routers, steps, overrides, variants, seeds, baseline, jobs, out } => {
             let exe = std::env::current_exe().context("cannot find the gumbel-moe binary to run the trainings")?;
-            let args = CompareArgs { config, routers, variants, sets: overrides, steps, seeds, jobs, out };
+            let args = CompareArgs { config, routers, variants, sets: overrides, steps, seeds, baseline, jobs, out };
             let report = compare(&exe, &args)?;
             let failed: Vec<&str> = report.runs.iter().filter(|r| r.status != "ok").map(|r| r.name.as_str()).collect();
             if !failed.is_empty() {

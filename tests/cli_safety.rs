@@ -158,6 +158,7 @@ fn compare_args(d: &Path, out: &Path) -> CompareArgs {
         sets: vec![],
         steps: Some(2),
         seeds: 1,
+        baseline: None,
         jobs: 1,
         out: out.to_path_buf(),
     }

@@ -210,6 +210,19 @@ fn report_of_several_seeds() {
     assert!(md.contains(", significant") && md.contains("Failed (a seed or more): hash."), "{md}");
     let js: Value = serde_json::to_value(&r).unwrap();
     assert_eq!(js["seeds"], 3);
+    // Against gumbel: the deltas and the test follow the baseline, delta_vs_dense_ffn stays.
+    let g = Report::against("test", r.runs.clone(), "gumbel");
+    assert_eq!(g.baseline.as_deref(), Some("gumbel"));
+    let want = paired(&[Some(1.71), Some(1.762), Some(1.729)], &[Some(1.70), Some(1.75), Some(1.72)]).unwrap();
+    assert_eq!(g.runs[1].delta_paired.as_ref(), Some(&want));
+    assert_eq!((g.runs[1].delta_vs_baseline, g.runs[1].delta_vs_dense_ffn), (Some(want.diff.mean), Some(0.0)));
+    let md = g.to_markdown();
+    assert!(
+        md.contains("| Δ vs gumbel |") && md.contains("Val loss against gumbel, paired by seed: dense_ffn +0.0103"),
+        "{md}"
+    );
+    let grow = md.lines().find(|l| l.starts_with("| gumbel | gumbel | 3 |")).unwrap();
+    assert!(grow.contains("] | – | – | – | "), "{grow}");
     assert_eq!(js["runs"][0]["per_seed"][1]["val_loss"], 1.75);
     assert_eq!(js["runs"][0]["per_seed"][1]["seed"], 11);
     assert_eq!(js["runs"][0]["val_loss_spread"]["n"], 3);
@@ -235,12 +248,13 @@ fn compare_with_two_seeds_grows_and_reuses() {
     )
     .unwrap();
     let out = d.path().join("cmp");
-    let run = |seeds: &str| {
+    let run_with = |seeds: &str, more: &[&str]| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_gumbel-moe"))
             .args(["compare", "--config"])
             .arg(&base)
             .args(["--routers", "gumbel,dense_ffn", "--steps", "2", "--jobs", "2", "--seeds", seeds, "--out"])
             .arg(&out)
+            .args(more)
             .env("RAYON_NUM_THREADS", "1")
             .output()
             .unwrap();
@@ -248,6 +262,7 @@ fn compare_with_two_seeds_grows_and_reuses() {
         assert!(o.status.success(), "{err}");
         err
     };
+    let run = |seeds: &str| run_with(seeds, &[]);
     let report =
         || -> Value { serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap() };
     run("1");
@@ -287,4 +302,20 @@ fn compare_with_two_seeds_grows_and_reuses() {
     let err = run("2");
     assert!(err.contains("gumbel.seed1338: finished with this config, reused"), "{err}");
     assert!(!err.contains("training ->"), "{err}");
+    // Against another baseline (reusing every seed); one that is not a run is refused.
+    let err = run_with("2", &["--baseline", "gumbel"]);
+    assert!(!err.contains("training ->"), "{err}");
+    let js = report();
+    assert_eq!(js["baseline"], "gumbel");
+    assert_eq!(js["runs"][1]["delta_paired"]["n"], 2);
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| Δ vs gumbel |"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gumbel-moe"))
+        .args(["compare", "--config"])
+        .arg(&base)
+        .args(["--routers", "gumbel", "--baseline", "hash", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success() && err.contains("--baseline hash is not one of the runs (gumbel)"), "{err}");
 }

@@ -12,7 +12,7 @@
 //! after: [`super::seeds`]); each seed is reused, resumed or retrained on its own, the report gives
 //! the spread over the seeds and the plots draw each run's mean curve in its min-max band.
 
-use super::plan::{plan_runs, run_state, RunPlan, RunState};
+use super::plan::{plan_runs, run_state, RunPlan, RunState, DENSE_FFN};
 use super::plot::{
     load_heatmap, train_loss_band_chart, train_loss_chart, val_loss_band_chart, val_loss_chart, SeedCurves,
 };
@@ -37,6 +37,8 @@ pub struct CompareArgs {
     pub steps: Option<usize>,
     /// Seeds per run (1: one training each, as before; see [`super::seeds`]).
     pub seeds: usize,
+    /// The run the others are compared with (None: dense_ffn, when planned).
+    pub baseline: Option<String>,
     pub jobs: usize,
     pub out: PathBuf,
 }
@@ -48,6 +50,10 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
     }
     refuse_run_folder(&a.out)?;
     let plans = plan_runs(&a.routers, &a.variants, &a.sets, a.steps)?;
+    if let Some(b) = a.baseline.as_deref().filter(|b| !plans.iter().any(|p| p.name == *b)) {
+        let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        bail!("--baseline {b} is not one of the runs ({})", names.join(", "));
+    }
     // Resolve every config first: a typo fails before anything trains.
     let mut base_seeds = Vec::new();
     for p in &plans {
@@ -128,7 +134,7 @@ pub fn compare(exe: &Path, a: &CompareArgs) -> Result<Report> {
         }
         plans.iter().zip(by_run).map(|(p, rows)| aggregate(&p.name, rows)).collect()
     };
-    let report = Report::new(&title, rows);
+    let report = Report::against(&title, rows, a.baseline.as_deref().unwrap_or(DENSE_FFN));
     report.write(&a.out)?;
     // Plots: a missing one is a warning, not a failed comparison.
     let (mut curves, mut train_curves) = (Vec::new(), Vec::new());

@@ -90,6 +90,7 @@ pub fn aggregate(name: &str, per_seed: Vec<RunSummary>) -> RunSummary {
         dead_experts: mean(|r| r.dead_experts.map(|d| d as f64)).map(|d| d.round() as u64),
         wall_s: mean(|r| r.wall_s),
         delta_vs_dense_ffn: None,
+        delta_vs_baseline: None,
         val_loss_spread: Spread::of(&vals),
         delta_paired: None,
         per_seed,

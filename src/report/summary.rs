@@ -110,10 +110,13 @@ pub struct RunSummary {
     /// val_loss minus dense_ffn's (filled in by the report; with several seeds, the mean of the
     /// differences paired by seed).
     pub delta_vs_dense_ffn: Option<f64>,
+    /// val_loss minus the baseline's (`compare --baseline`, dense_ffn by default), paired by seed
+    /// as delta_vs_dense_ffn.
+    pub delta_vs_baseline: Option<f64>,
     /// Several seeds: the final validation losses' mean, sd and 95% interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss_spread: Option<Spread>,
-    /// Several seeds: val_loss minus dense_ffn's, paired by seed (filled in by the report).
+    /// Several seeds: val_loss minus the baseline's, paired by seed (filled in by the report).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta_paired: Option<Paired>,
     /// Several seeds: each seed's own row, in seed order.

@@ -19,23 +19,34 @@ pub struct Report {
     pub runs: Vec<RunSummary>,
     /// The finished run with the lowest final validation loss.
     pub best: Option<String>,
-    /// "dense_ffn" when such a run finished (the deltas are against it).
+    /// The run the deltas are against (`compare --baseline`, "dense_ffn" by default), when it
+    /// finished.
     pub baseline: Option<String>,
 }
 
 impl Report {
+    /// [`Report::against`] `dense_ffn`.
+    pub fn new(title: &str, runs: Vec<RunSummary>) -> Self {
+        Self::against(title, runs, DENSE_FFN)
+    }
+
     /// Fills in the best run (the lowest mean final val loss of the runs whose every seed
-    /// finished) and the deltas against `dense_ffn`, paired by seed index when runs have several
-    /// seeds (`per_seed`).
-    pub fn new(title: &str, mut runs: Vec<RunSummary>) -> Self {
+    /// finished) and the deltas against `baseline` and `dense_ffn`, paired by seed index when runs
+    /// have several seeds (`per_seed`).
+    pub fn against(title: &str, mut runs: Vec<RunSummary>, baseline: &str) -> Self {
         let seeds = runs.iter().map(|r| r.per_seed.len()).max().unwrap_or(0).max(1);
-        let base_row = runs.iter().find(|r| r.name == DENSE_FFN);
+        let dense = runs.iter().find(|r| r.name == DENSE_FFN).map(seed_losses);
+        let base_row = runs.iter().find(|r| r.name == baseline);
         let base = base_row.map(seed_losses);
-        let baseline = base_row.and_then(|r| r.val_loss).map(|_| DENSE_FFN.to_string());
+        let baseline = base_row.and_then(|r| r.val_loss).map(|_| baseline.to_string());
         for r in &mut runs {
+            let own = seed_losses(r);
+            if let Some(d) = &dense {
+                r.delta_vs_dense_ffn = paired(&own, d).map(|p| p.diff.mean);
+            }
             let Some(b) = &base else { continue };
-            let p = paired(&seed_losses(r), b);
-            r.delta_vs_dense_ffn = p.as_ref().map(|p| p.diff.mean);
+            let p = paired(&own, b);
+            r.delta_vs_baseline = p.as_ref().map(|p| p.diff.mean);
             if !r.per_seed.is_empty() {
                 r.delta_paired = p;
             }
@@ -54,7 +65,7 @@ impl Report {
             return super::table_seeds::markdown(self);
         }
         let mut s = format!("# Router comparison\n\n{}\n\n", self.title);
-        s += "| run | router | val loss | Δ vs dense_ffn | tok/s | load CV | router entropy | top-1 prob | dropped % | dead experts | wall (s) |\n";
+        s += &format!("| run | router | val loss | Δ vs {} | tok/s | load CV | router entropy | top-1 prob | dropped % | dead experts | wall (s) |\n", self.baseline_name());
         s += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for r in &self.runs {
             if r.status != "ok" {
@@ -67,7 +78,7 @@ impl Report {
                 r.name,
                 r.router,
                 num(r.val_loss, 4),
-                r.delta_vs_dense_ffn.map_or("–".into(), |d| format!("{d:+.4}")),
+                r.delta_vs_baseline.map_or("–".into(), |d| format!("{d:+.4}")),
                 num(r.tok_per_s, 0),
                 num(r.load_cv, 3),
                 num(r.router_entropy, 3),
@@ -86,6 +97,11 @@ impl Report {
         s
     }
 
+    /// The baseline's name for headers: the finished baseline, else dense_ffn.
+    pub fn baseline_name(&self) -> &str {
+        self.baseline.as_deref().unwrap_or(DENSE_FFN)
+    }
+
     /// "Best: X (val loss ...). Against dense_ffn: a +0.01, b -0.02." and the failed runs.
     pub fn sentence(&self) -> String {
         if self.seeds > 1 {
@@ -102,11 +118,11 @@ impl Report {
             let d: Vec<String> = self
                 .runs
                 .iter()
-                .filter(|r| r.name != DENSE_FFN)
-                .filter_map(|r| r.delta_vs_dense_ffn.map(|d| format!("{} {d:+.4}", r.name)))
+                .filter(|r| r.name != self.baseline_name())
+                .filter_map(|r| r.delta_vs_baseline.map(|d| format!("{} {d:+.4}", r.name)))
                 .collect();
             if !d.is_empty() {
-                s += &format!(" Val loss against dense_ffn: {}.", d.join(", "));
+                s += &format!(" Val loss against {}: {}.", self.baseline_name(), d.join(", "));
             }
         }
         let failed: Vec<&str> = self.runs.iter().filter(|r| r.status != "ok").map(|r| r.name.as_str()).collect();

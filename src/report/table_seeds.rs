@@ -2,7 +2,6 @@
 //! final validation loss, the difference to `dense_ffn` paired by seed with its interval and
 //! whether that excludes 0, the other figures as means over the seeds; then every seed's loss.
 
-use super::plan::DENSE_FFN;
 use super::stats::Spread;
 use super::table::{num, Report};
 
@@ -23,7 +22,8 @@ fn mean_sd(s: Option<&Spread>) -> String {
 
 pub fn markdown(r: &Report) -> String {
     let mut s = format!("# Router comparison\n\n{} {} seeds per run.\n\n", r.title, r.seeds);
-    s += "| run | router | seeds | val loss (mean ± sd) | 95% CI | Δ vs dense_ffn | Δ 95% CI | Δ ≠ 0 | tok/s | load CV | router entropy | top-1 prob | dropped % | dead experts | wall (s) |\n";
+    let base = r.baseline_name();
+    s += &format!("| run | router | seeds | val loss (mean ± sd) | 95% CI | Δ vs {base} | Δ 95% CI | Δ ≠ 0 | tok/s | load CV | router entropy | top-1 prob | dropped % | dead experts | wall (s) |\n");
     s += "|---|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|---:|\n";
     for row in &r.runs {
         let done = row.per_seed.iter().filter(|p| p.status == "ok").count();
@@ -40,7 +40,7 @@ pub fn markdown(r: &Report) -> String {
         }
         let p = row.delta_paired.as_ref();
         let sig = match p {
-            _ if row.name == DENSE_FFN => "–".into(),
+            _ if row.name == base => "–".into(),
             Some(p) if p.diff.ci95.is_some() => if p.significant { "yes" } else { "no" }.to_string(),
             _ => "–".into(),
         };
@@ -50,12 +50,12 @@ pub fn markdown(r: &Report) -> String {
             row.router,
             mean_sd(row.val_loss_spread.as_ref()),
             ci(row.val_loss_spread.as_ref()),
-            if row.name == DENSE_FFN {
+            if row.name == base {
                 "–".into()
             } else {
-                row.delta_vs_dense_ffn.map_or("–".into(), |d| format!("{d:+.4}"))
+                row.delta_vs_baseline.map_or("–".into(), |d| format!("{d:+.4}"))
             },
-            if row.name == DENSE_FFN { "–".into() } else { ci(p.map(|p| &p.diff)) },
+            if row.name == base { "–".into() } else { ci(p.map(|p| &p.diff)) },
             num(row.tok_per_s, 0),
             num(row.load_cv, 3),
             num(row.router_entropy, 3),
@@ -67,13 +67,13 @@ pub fn markdown(r: &Report) -> String {
     }
     s += "\n";
     s += &sentence(r);
-    s += "\n\nval loss: the final validation loss of the done line (the whole validation split when \
+    s += &format!("\n\nval loss: the final validation loss of the done line (the whole validation split when \
           train.final_full_eval), mean ± sample standard deviation (n - 1) over the seeds; 95% CI: mean ± \
-          t(0.975, n - 1) sd / sqrt(n). Δ vs dense_ffn: the run's loss minus dense_ffn's, seed by seed \
+          t(0.975, n - 1) sd / sqrt(n). Δ vs {base}: the run's loss minus {base}'s, seed by seed \
           (seed k of each run is its base seed + k), mean and 95% CI of those differences; Δ ≠ 0 is yes \
           when that interval excludes 0. Load CV, router entropy (nats), top-1 prob, dropped %, dead \
           experts, tok/s and wall: means over the seeds (each seed's as in a one-seed report: \
-          its last log line, over the MoE layers).\n\n## Final val loss per seed\n\n| run | seed: val loss |\n|---|---|\n";
+          its last log line, over the MoE layers).\n\n## Final val loss per seed\n\n| run | seed: val loss |\n|---|---|\n");
     for row in &r.runs {
         let cells: Vec<String> = row
             .per_seed
@@ -108,7 +108,7 @@ pub fn sentence(r: &Report) -> String {
         let d: Vec<String> = r
             .runs
             .iter()
-            .filter(|x| x.name != DENSE_FFN)
+            .filter(|x| x.name != r.baseline_name())
             .filter_map(|x| {
                 let p = x.delta_paired.as_ref()?;
                 let verdict = match (p.diff.ci95.is_some(), p.significant) {
@@ -120,7 +120,7 @@ pub fn sentence(r: &Report) -> String {
             })
             .collect();
         if !d.is_empty() {
-            s += &format!(" Val loss against dense_ffn, paired by seed: {}.", d.join("; "));
+            s += &format!(" Val loss against {}, paired by seed: {}.", r.baseline_name(), d.join("; "));
         }
     }
     let failed: Vec<&str> = r.runs.iter().filter(|x| x.status != "ok").map(|x| x.name.as_str()).collect();
