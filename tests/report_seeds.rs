@@ -4,6 +4,7 @@
 //! (growing from one seed, then reusing every seed).
 
 mod common;
+use gumbel_moe::report::bands::{band, BandPoint};
 use gumbel_moe::report::seeds::{aggregate, expand, seed_folder};
 use gumbel_moe::report::stats::{paired, t975, Spread};
 use gumbel_moe::report::{Report, RunPlan, RunSummary};
@@ -148,6 +149,26 @@ fn seed_folders_and_overrides() {
     // One seed: exactly the plan.
     let one = expand(&plans, &[1337, 7], 1).unwrap();
     assert_eq!(one.iter().map(|r| r.plan.clone()).collect::<Vec<_>>(), plans);
+}
+
+/// The band: mean, lowest and highest at the steps every seed has (a seed that stopped early ends
+/// it; an empty curve is a failed seed, left out).
+#[test]
+fn band_over_seeds() {
+    let seeds = vec![
+        vec![(0.0, 3.0), (5.0, 2.0), (10.0, 1.5)],
+        vec![(0.0, 3.3), (5.0, 2.3)],
+        vec![],
+        vec![(5.0, 2.6), (0.0, 2.7)],
+    ];
+    let b = band(&seeds);
+    let p = |x: f64, mean: f64, lo: f64, hi: f64| BandPoint { x, mean, lo, hi };
+    assert_eq!(b.len(), 2);
+    for (got, want) in b.iter().zip([p(0.0, 3.0, 2.7, 3.3), p(5.0, 2.3, 2.0, 2.6)]) {
+        assert_eq!((got.x, got.lo, got.hi), (want.x, want.lo, want.hi));
+        assert!((got.mean - want.mean).abs() < 1e-12, "{got:?}");
+    }
+    assert!(band(&[vec![], vec![]]).is_empty());
 }
 
 fn seed_row(name: &str, router: &str, seed: u64, val: Option<f64>) -> RunSummary {

@@ -1,7 +1,11 @@
-//! The band of a run's curves over several seeds: at each step every seed's curve has, the mean,
-//! the lowest and the highest value.
+//! Several seeds per run on one chart: each run's mean curve over the seeds, inside the band from
+//! the seeds' lowest to their highest value (min-max, not +- sd: with 3 seeds an sd says little),
+//! for the validation and the training loss.
 
+use super::plot::{curves_chart, ema, finite, Series, TRAIN_LOSS_EMA};
+use anyhow::Result;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// One step of a band.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,4 +38,37 @@ pub fn band(seeds: &[Vec<(f64, f64)>]) -> Vec<BandPoint> {
         .collect();
     out.sort_by(|a, b| a.x.total_cmp(&b.x));
     out
+}
+
+/// A run's name and one curve of (step, value) per seed.
+pub type SeedCurves = (String, Vec<Vec<(u64, f64)>>);
+
+/// As [`val_loss_chart`] with several seeds per run: `(name, [seed][(step, val_loss)])`, the mean
+/// over the seeds with markers, in a min-max band.
+pub fn val_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|(n, seeds)| {
+            let b = band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>());
+            let raw = b.iter().map(|p| (p.x, p.mean)).collect();
+            Series { name: n, raw, smooth: None, band: Some(b) }
+        })
+        .collect();
+    curves_chart(path, "validation loss (mean, band: min-max over seeds)", "val loss", &series)
+}
+
+/// As [`train_loss_chart`] with several seeds per run: the mean over the seeds of every log line
+/// (faint), its EMA, and the min-max band of the seeds' own EMAs.
+pub fn train_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
+    let series: Vec<Series> = runs
+        .iter()
+        .map(|(n, seeds)| {
+            let raw: Vec<(f64, f64)> =
+                band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>()).iter().map(|p| (p.x, p.mean)).collect();
+            let smooth = Some(ema(&raw, TRAIN_LOSS_EMA));
+            let b = band(&seeds.iter().map(|p| ema(&finite(p), TRAIN_LOSS_EMA)).collect::<Vec<_>>());
+            Series { name: n, raw, smooth, band: Some(b) }
+        })
+        .collect();
+    curves_chart(path, "training loss (mean, band: min-max of the seeds' EMAs)", "train loss", &series)
 }

@@ -12,10 +12,9 @@
 //! after: [`super::seeds`]); each seed is reused, resumed or retrained on its own, the report gives
 //! the spread over the seeds and the plots draw each run's mean curve in its min-max band.
 
+use super::bands::{train_loss_band_chart, val_loss_band_chart, SeedCurves};
 use super::plan::{plan_runs, run_state, RunPlan, RunState, DENSE_FFN};
-use super::plot::{
-    load_heatmap, train_loss_band_chart, train_loss_chart, val_loss_band_chart, val_loss_chart, SeedCurves,
-};
+use super::plot::{load_heatmap, train_loss_chart, val_loss_chart};
 use super::prev::move_aside;
 use super::seeds::{aggregate, expand};
 use super::summary::{read_run, router_of, RunMetrics, RunSummary};

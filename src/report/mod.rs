@@ -1,8 +1,9 @@
 //! Comparing runs: plan the runs of `gumbel-moe compare` and decide which can be reused
-//! ([`plan`]), keep every earlier generation of a changed run ([`prev`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), write
-//! report.md / report.json ([`table`]), draw the PNG plots ([`plot`], coloured by [`colours`]),
-//! run each configuration with several seeds ([`seeds`]) and say how far their figures spread
-//! ([`stats`]), and drive it all from the command line ([`compare`]).
+//! ([`plan`]), run each with several seeds ([`seeds`]), keep every earlier generation of a changed
+//! run ([`prev`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), say
+//! how far the seeds spread ([`stats`]), write report.md / report.json ([`table`], [`table_seeds`]),
+//! draw the PNG plots ([`plot`], [`bands`], coloured by [`colours`]), and drive it all from the
+//! command line ([`compare`]).
 pub mod bands;
 pub mod colours;
 pub mod compare;

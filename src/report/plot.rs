@@ -1,15 +1,13 @@
 //! PNG plots with plotters' bitmap backend: validation-loss curves of several runs on one chart (a
 //! point per evaluation), their training loss (every log line, faint, under an exponential moving
 //! average) on another, and a run's expert load over time as a heat map (one panel per MoE layer).
-//! Each run has its own colour ([`series_colours`]). With several seeds per run a run is its mean
-//! curve over the seeds inside the band from the seeds' lowest to their highest value
-//! ([`super::bands`]).
+//! Each run has its own colour ([`series_colours`]). Several seeds per run: [`super::bands`].
 //!
 //! Text is drawn with DejaVu Sans Mono, embedded in the binary (assets/fonts, Bitstream Vera
 //! license beside it) and registered with plotters' `ab_glyph` backend, so plotting needs no
 //! system fonts, fontconfig or C library.
 
-use super::bands::{band, BandPoint};
+use super::bands::BandPoint;
 use super::colours::series_colours;
 use anyhow::{anyhow, bail, Result};
 use plotters::prelude::*;
@@ -45,39 +43,6 @@ pub fn val_loss_chart(path: &Path, runs: &[(String, Vec<(u64, f64)>)]) -> Result
     curves_chart(path, "validation loss", "val loss", &series)
 }
 
-/// A run's name and one curve of (step, value) per seed.
-pub type SeedCurves = (String, Vec<Vec<(u64, f64)>>);
-
-/// As [`val_loss_chart`] with several seeds per run: `(name, [seed][(step, val_loss)])`, the mean
-/// over the seeds with markers, in a min-max band.
-pub fn val_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
-    let series: Vec<Series> = runs
-        .iter()
-        .map(|(n, seeds)| {
-            let b = band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>());
-            let raw = b.iter().map(|p| (p.x, p.mean)).collect();
-            Series { name: n, raw, smooth: None, band: Some(b) }
-        })
-        .collect();
-    curves_chart(path, "validation loss (mean, band: min-max over seeds)", "val loss", &series)
-}
-
-/// As [`train_loss_chart`] with several seeds per run: the mean over the seeds of every log line
-/// (faint), its EMA, and the min-max band of the seeds' own EMAs.
-pub fn train_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
-    let series: Vec<Series> = runs
-        .iter()
-        .map(|(n, seeds)| {
-            let raw: Vec<(f64, f64)> =
-                band(&seeds.iter().map(|p| finite(p)).collect::<Vec<_>>()).iter().map(|p| (p.x, p.mean)).collect();
-            let smooth = Some(ema(&raw, TRAIN_LOSS_EMA));
-            let b = band(&seeds.iter().map(|p| ema(&finite(p), TRAIN_LOSS_EMA)).collect::<Vec<_>>());
-            Series { name: n, raw, smooth, band: Some(b) }
-        })
-        .collect();
-    curves_chart(path, "training loss (mean, band: min-max of the seeds' EMAs)", "train loss", &series)
-}
-
 /// The training loss of each run: `(name, [(step, train_loss)])` of every log line, drawn faint,
 /// with its bias-corrected EMA ([`TRAIN_LOSS_EMA`]) on top. Runs without points are left out; at
 /// least one point is needed.
@@ -107,21 +72,21 @@ pub fn ema(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn finite(p: &[(u64, f64)]) -> Vec<(f64, f64)> {
+pub(super) fn finite(p: &[(u64, f64)]) -> Vec<(f64, f64)> {
     p.iter().filter(|(_, v)| v.is_finite()).map(|&(s, v)| (s as f64, v)).collect()
 }
 
 /// One run on a chart: its points, and a smoothed line drawn over them (then the points are faint
 /// lines without markers).
-struct Series<'a> {
-    name: &'a str,
-    raw: Vec<(f64, f64)>,
-    smooth: Option<Vec<(f64, f64)>>,
+pub(super) struct Series<'a> {
+    pub name: &'a str,
+    pub raw: Vec<(f64, f64)>,
+    pub smooth: Option<Vec<(f64, f64)>>,
     /// Several seeds: the band drawn under the curve.
-    band: Option<Vec<BandPoint>>,
+    pub band: Option<Vec<BandPoint>>,
 }
 
-fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Result<()> {
+pub(super) fn curves_chart(path: &Path, title: &str, y_desc: &str, runs: &[Series]) -> Result<()> {
     register_font();
     let (mut x1, mut y0, mut y1) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(s, v) in runs.iter().flat_map(|r| r.raw.iter()) {
