@@ -246,6 +246,10 @@ fn report_of_several_seeds() {
     assert!(grow.contains("] | – | – | – | "), "{grow}");
     assert_eq!(js["runs"][0]["per_seed"][1]["val_loss"], 1.75);
     assert_eq!(js["runs"][0]["per_seed"][1]["seed"], 11);
+    // Each seed's own difference to the baseline's same seed; none where a seed failed.
+    let d1 = js["runs"][0]["per_seed"][1]["delta_vs_baseline"].as_f64().unwrap();
+    assert!((d1 - (1.75 - 1.762)).abs() < 1e-12, "{d1}");
+    assert!(js["runs"][2]["per_seed"][1]["delta_vs_baseline"].is_null());
     assert_eq!(js["runs"][0]["val_loss_spread"]["n"], 3);
     assert_eq!(js["runs"][0]["delta_paired"]["significant"], true);
     assert!(js["runs"][0]["delta_paired"]["ci95"].is_array());

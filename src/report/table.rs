@@ -39,8 +39,15 @@ impl Report {
         let base_row = runs.iter().find(|r| r.name == baseline);
         let base = base_row.map(seed_losses);
         let baseline = base_row.and_then(|r| r.val_loss).map(|_| baseline.to_string());
+        // Seed k's difference: its loss minus seed k's of the other run.
+        let diff = |other: &Option<Vec<Option<f64>>>, k: usize, own: Option<f64>| -> Option<f64> {
+            Some(own? - (*other.as_ref()?.get(k)?)?)
+        };
         for r in &mut runs {
             let own = seed_losses(r);
+            for (k, s) in r.per_seed.iter_mut().enumerate() {
+                (s.delta_vs_dense_ffn, s.delta_vs_baseline) = (diff(&dense, k, own[k]), diff(&base, k, own[k]));
+            }
             if let Some(d) = &dense {
                 r.delta_vs_dense_ffn = paired(&own, d).map(|p| p.diff.mean);
             }
