@@ -43,7 +43,7 @@ pub fn band(seeds: &[Vec<(f64, f64)>]) -> Vec<BandPoint> {
 /// A run's name and one curve of (step, value) per seed.
 pub type SeedCurves = (String, Vec<Vec<(u64, f64)>>);
 
-/// As [`val_loss_chart`] with several seeds per run: `(name, [seed][(step, val_loss)])`, the mean
+/// As [`super::plot::val_loss_chart`] with several seeds per run: `(name, [seed][(step, val_loss)])`, the mean
 /// over the seeds with markers, in a min-max band.
 pub fn val_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
     let series: Vec<Series> = runs
@@ -57,7 +57,7 @@ pub fn val_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
     curves_chart(path, "validation loss (mean, band: min-max over seeds)", "val loss", &series)
 }
 
-/// As [`train_loss_chart`] with several seeds per run: the mean over the seeds of every log line
+/// As [`super::plot::train_loss_chart`] with several seeds per run: the mean over the seeds of every log line
 /// (faint), its EMA, and the min-max band of the seeds' own EMAs.
 pub fn train_loss_band_chart(path: &Path, runs: &[SeedCurves]) -> Result<()> {
     let series: Vec<Series> = runs

@@ -3,7 +3,7 @@
 //! run ([`prev`]), boil each run's metrics.jsonl down to curves and a table row ([`summary`]), say
 //! how far the seeds spread ([`stats`]), write report.md / report.json ([`table`], [`table_seeds`]),
 //! draw the PNG plots ([`plot`], [`bands`], coloured by [`colours`]), and drive it all from the
-//! command line ([`compare`]).
+//! command line ([`compare`](mod@compare)).
 pub mod bands;
 pub mod colours;
 pub mod compare;

@@ -15,7 +15,7 @@ pub struct RunMetrics {
     pub val_loss: Vec<(u64, f64)>,
     /// (step, train_loss) of every log line (the loss of that step's batch).
     pub train_loss: Vec<(u64, f64)>,
-    /// Steps of the log lines with `tokens_per_expert`, and at each, [layer][expert] tokens.
+    /// Steps of the log lines with `tokens_per_expert`, and at each, `[layer][expert]` tokens.
     pub load_steps: Vec<u64>,
     pub load: Vec<Vec<Vec<u64>>>,
     /// The last log line with router telemetry.
