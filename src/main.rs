@@ -86,8 +86,9 @@ enum Cmd {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Train several routers (or variants) on the same data, seed and step budget, then write
-    /// OUT/report.md, OUT/report.json, OUT/val_loss.png, OUT/train_loss.png and OUT/NAME/load.png.
+    /// Train several routers (or variants) on the same data, seed (or N seeds each: --seeds) and
+    /// step budget, then write OUT/report.md, OUT/report.json, OUT/val_loss.png,
+    /// OUT/train_loss.png and OUT/NAME/load.png.
     /// Finished runs with the same config are reused; unfinished ones with a checkpoint are resumed;
     /// a run whose config changed is retrained, its old folder kept in OUT/.prev/G/NAME.
     Compare {
