@@ -311,7 +311,8 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
                     _ => (expert_mlp_reference(&ts[0], &ep, &offsets)?, None),
                 };
                 let gs = (&y * &w)?.sum_all()?.backward()?;
-                let side: std::collections::HashMap<_, _> = out.map(|o| o.grads()).unwrap_or_default().into_iter().collect();
+                let side: std::collections::HashMap<_, _> =
+                    out.map(|o| o.grads()).unwrap_or_default().into_iter().collect();
                 let grads = ts.iter().map(|t| gs.get(t).cloned().or_else(|| side.get(&t.id()).cloned())).collect();
                 Ok((y, grads))
             };
@@ -327,7 +328,11 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
                 let expert = (i > 0).then(|| (i - 1) / per);
                 let empty = expert.is_some_and(|x| offsets[x + 1] == offsets[x]);
                 for (form, g) in [("graph", &gf[i]), ("training", &gi[i]), ("twin", &gt[i])] {
-                    assert_eq!(g.is_none(), empty, "{what} input {i} ({form} form): a gradient exactly when it has rows");
+                    assert_eq!(
+                        g.is_none(),
+                        empty,
+                        "{what} input {i} ({form} form): a gradient exactly when it has rows"
+                    );
                 }
                 let (Some(got), Some(want), Some(inplace)) = (&gf[i], &gt[i], &gi[i]) else { continue };
                 let d = max_abs_diff(got, want)?;

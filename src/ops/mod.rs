@@ -4,25 +4,25 @@
 //! softmax, Gumbel-top-m selection) and its backward, fused per token row. Kernel sources live in
 //! `kernels/` (one row body in `gumbel_router.cuh`, shared by the `.cu` and the `.metal` files).
 //!
-//! [`balance_stats`]: the two factors of the load-balance loss (tokens per expert f, mean softmax
+//! [`balance_stats`](mod@balance_stats): the two factors of the load-balance loss (tokens per expert f, mean softmax
 //! probability P) in one op over (logits, indices), with a backward op for P; fixed-order sums.
 //!
-//! [`expert_sort`], [`gather_rows`], [`combine`]: MoE dispatch / combine. Sort the token-slots by
+//! [`expert_sort`](mod@expert_sort), [`gather_rows`](mod@gather_rows), [`combine`](mod@combine): MoE dispatch / combine. Sort the token-slots by
 //! expert (GShard slot-major order with capacity drops), gather the rows to that order, and the
 //! weighted sum back to tokens, each with a backward op; deterministic (no float atomics). Their
 //! shared order layout and kernel arguments are in `dispatch_common`, kernels in
 //! `kernels/moe_dispatch.{cuh,cu,metal}`, the host plan they are checked against in
 //! [`dispatch_plan`].
 //!
-//! [`straight_through`]: the hard router's straight-through weights (exactly 1/m forward, the soft
+//! [`straight_through`](mod@straight_through): the hard router's straight-through weights (exactly 1/m forward, the soft
 //! gradient of the chosen experts backward) as one op.
 //!
 //! Layer ops, fused each way (CPU kernels; other devices run their plain-tensor twins):
-//! [`linear`] (x W^T + b: dx, dW and db, a row sum, from one backward op), [`layer_norm`]
-//! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`] (exact GELU, one pass
-//! each way), [`causal_softmax`] (softmax of attention scores with the causal mask inside, where
+//! [`linear`](mod@linear) (x W^T + b: dx, dW and db, a row sum, from one backward op), [`layer_norm`]
+//! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`](mod@gelu) (exact GELU, one pass
+//! each way), [`causal_softmax`](mod@causal_softmax) (softmax of attention scores with the causal mask inside, where
 //! the fully fused attention does not run), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
-//! mask inside, flash-style backward), [`expert_mlp`] (every expert's GELU MLP over its block of
+//! mask inside, flash-style backward), [`expert_mlp`](mod@expert_mlp) (every expert's GELU MLP over its block of
 //! sorted rows, one op each way).
 //!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements

@@ -11,7 +11,9 @@ use super::{active, check_experts, per_expert, ExpertParams};
 use crate::ops::backend::cpu::{contiguous, out_vec, Float};
 use crate::ops::gelu::Normal;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor, TensorId, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor, TensorId, WithDType,
+};
 use std::sync::{Arc, Mutex};
 
 /// The gradients of the experts' parameters from a backward through [`expert_mlp_train`]'s output:

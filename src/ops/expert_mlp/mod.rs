@@ -1,5 +1,5 @@
 //! Every expert's GELU MLP over its block of the expert-sorted rows: per expert e with rows
-//! [offsets[e], offsets[e + 1]), y = gelu(x W1_e^T + b1_e) W2_e^T + b2_e, 6 matmuls per expert in
+//! \[offsets\[e\], offsets\[e + 1\]), y = gelu(x W1_e^T + b1_e) W2_e^T + b2_e, 6 matmuls per expert in
 //! one op each way (the loop of per-expert Candle ops is about 12 graph nodes per expert each way).
 //! Only the experts that got rows take part: an expert without rows costs nothing and gets no
 //! gradient (None, as in the plain-tensor twin and in PyTorch).
@@ -231,7 +231,9 @@ impl CustomOp2 for ExpertMlp {
         macro_rules! run {
             ($t:ty, $x:expr) => {{
                 let p = &<$t>::slice(sp, "params", "expert-mlp")?[pa..pz];
-                <$t>::storage(kernels::forward_all(&$x[xa..xz], &self.weights(p), &self.offsets, self.c, self.h, false).0)
+                <$t>::storage(
+                    kernels::forward_all(&$x[xa..xz], &self.weights(p), &self.offsets, self.c, self.h, false).0,
+                )
             }};
         }
         let out = match sx {
