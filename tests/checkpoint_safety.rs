@@ -4,9 +4,8 @@
 //! step leaves a loadable best/, and the command line's messages name the problem.
 
 mod common;
-use common::{tiny_config, tiny_overrides};
+use common::{snapshot, tiny_config, tiny_overrides};
 use gumbel_moe::train::{checkpoint, metrics, run_dir, FsSteps, IfRunExists, Trainer};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,23 +13,6 @@ fn trainer(extra: &[&str], dir: &Path) -> Trainer {
     let mut t = Trainer::new(tiny_config("gumbel", extra), dir).expect("trainer");
     t.progress = false;
     t
-}
-
-/// Every file under `dir` (relative path -> bytes).
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, at: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(at).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn names(dir: &Path) -> Vec<String> {

@@ -1,10 +1,10 @@
-//! Issue 20: what a new user of `import-hf`, `export-hf`, `train`, `generate` and `compare` could
-//! lose, and errors that named the wrong thing. One test per item, named after it: `lost_N_*` for
+//! What a new user of `import-hf`, `export-hf`, `train`, `generate` and `compare` could lose,
+//! and errors that must name the right thing. One test per item, named after it: `lost_N_*` for
 //! the six ways to lose data or hang, `says_N_*` for the ten unclear errors.
 
 mod common;
 
-use common::tiny_config;
+use common::{snapshot, tiny_config};
 use gumbel_moe::data::{HubOptions, Tokenizer, TokenizerKind};
 use gumbel_moe::generate::{generate_streaming, SampleConfig, MAX_NEW_TOKENS};
 use gumbel_moe::hf::export::{write_safetensors, LOGITS_FILE};
@@ -13,7 +13,6 @@ use gumbel_moe::nn::Ctx;
 use gumbel_moe::report::{compare, plan_runs, CompareArgs};
 use gumbel_moe::train::{checkpoint, memory, Trainer};
 use gumbel_moe::Config;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,23 +45,6 @@ fn cli(cwd: &Path, args: &[&str]) -> (bool, String) {
         .output()
         .unwrap();
     (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&o.stdout)))
-}
-
-/// Every file under `dir` (relative path -> bytes).
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, at: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(at).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn copy_dir(from: &Path, to: &Path) {

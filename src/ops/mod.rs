@@ -60,7 +60,8 @@ pub use dispatch_common::OrderDims;
 pub use dispatch_plan::{capacity, plan, Plan};
 pub use dropout::{dropout_reference, philox_dropout, PhiloxDropout};
 pub use expert_mlp::{
-    expert_mlp, expert_mlp_reference, expert_mlp_train, ExpertGrads, ExpertMlp, ExpertMlpBwd, ExpertMlpInPlace, ExpertParams,
+    expert_mlp, expert_mlp_reference, expert_mlp_train, ExpertGrads, ExpertMlp, ExpertMlpBwd, ExpertMlpInPlace,
+    ExpertParams,
 };
 pub use expert_sort::{expert_sort, expert_sort_reference, ExpertOrder, ExpertSort};
 pub use gather_rows::{gather_rows, gather_rows_reference, split_rows, GatherRows, GatherRowsBwd};

@@ -8,13 +8,13 @@ use super::grad_sum::{clip_scale, sum_grads};
 use super::metrics::MetricsWriter;
 use super::optim::{AdamW, AdamWConfig};
 use super::parallel::{worker_count, Workers};
+use super::run_data::RunData;
 use super::run_dir::{self, IfRunExists};
 use super::schedule::{lr_at, tau_at};
 pub use super::step::clip_grads;
 use super::step::{eval_batch_loss, micro_step, MicroOut};
 use super::telemetry::{StepRouting, Telemetry};
 use crate::config::{Config, DeviceKind, RouterKind};
-use super::run_data::RunData;
 use crate::data::{Batcher, Tokenizer};
 use crate::model::Gpt;
 use crate::moe::RouterFactory;
@@ -151,11 +151,7 @@ impl Trainer {
         }
         let (bs, bsz) = (cfg.model.block_size, cfg.train.batch_size);
         let val = data.batcher(false, &tokenizer, bs, bsz, cfg.seed ^ 0x5a5a)?;
-        let train = if with_train {
-            Some(data.batcher(true, &tokenizer, bs, bsz, cfg.seed)?)
-        } else {
-            None
-        };
+        let train = if with_train { Some(data.batcher(true, &tokenizer, bs, bsz, cfg.seed)?) } else { None };
         let params = Params::new();
         let vb = params.var_builder(cfg.seed, DType::F32, &device);
         let model = Gpt::new_with_router(&cfg, vb, router)?;
