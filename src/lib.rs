@@ -6,9 +6,11 @@
 //! [`train`] (optimizer, schedules, checkpoints, the training loop), [`generate`] (sampling),
 //! [`rng`] (the Philox generator every backend shares), [`ops`] (the custom ops and their kernels),
 //! [`report`] (`compare` and `plot`: router comparisons, report tables, PNG charts), [`hf`]
-//! (Mixtral / Qwen2-MoE checkpoints to and from transformers).
+//! (Mixtral / Qwen2-MoE checkpoints to and from transformers), [`dist`] (the communicator of
+//! multi-process training).
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod generate;
 pub mod hf;
 pub mod model;

@@ -169,7 +169,31 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             trainer.progress = !quiet;
-            if resume.is_some() && trainer.steps_left() == 0 {
+            let lead = trainer.comm.rank() == 0;
+            let size = trainer.comm.size();
+            if size > 1 {
+                let host = std::env::var("HOSTNAME").unwrap_or_default();
+                eprintln!(
+                    "rank {} of {size} ({}): pid {} {host}, micro-batches {:?} of each step",
+                    trainer.comm.rank(),
+                    trainer.comm.kind(),
+                    std::process::id(),
+                    {
+                        let (f, n) =
+                            gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, trainer.comm.rank(), size);
+                        f..f + n
+                    }
+                );
+                let (a, w) = (trainer.cfg.train.grad_accum, size);
+                if lead && !gumbel_moe::train::data_parallel::exact_split(a, w) {
+                    eprintln!(
+                        "note: {} micro-batches per rank is not a power of two: the gradients sum in another \
+                         order than one process's, so results match one process to rounding, not to the bit",
+                        a / w
+                    );
+                }
+            }
+            if lead && resume.is_some() && trainer.steps_left() == 0 {
                 eprintln!(
                     "note: the checkpoint is at step {}, already at or past train.max_iters = {}: nothing \
                      left to train, only the final evaluation runs (train further with --set \
@@ -177,20 +201,26 @@ fn run(cli: Cli) -> Result<()> {
                     trainer.state.step, trainer.cfg.train.max_iters, trainer.state.step
                 );
             }
-            eprintln!(
-                "training {} parameters on {} ({} steps) -> {}",
-                trainer.params.num_elements(),
-                trainer.cfg.train.device,
-                trainer.cfg.train.max_iters,
-                trainer.out_dir.display()
-            );
+            if lead {
+                eprintln!(
+                    "training {} parameters on {} ({} steps{}) -> {}",
+                    trainer.params.num_elements(),
+                    trainer.cfg.train.device,
+                    trainer.cfg.train.max_iters,
+                    if size > 1 { format!(", {size} ranks") } else { String::new() },
+                    trainer.out_dir.display()
+                );
+            }
             let s = trainer.fit()?;
-            println!(
-                "{}",
-                serde_json::json!({"event": "done", "step": s.step, "val_loss": s.val_loss, "wall_s": s.wall_s, "tok_per_s": s.tok_per_s})
-            );
+            if lead {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "done", "step": s.step, "val_loss": s.val_loss, "wall_s": s.wall_s, "tok_per_s": s.tok_per_s})
+                );
+            }
         }
         Cmd::Generate { checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device } => {
+            one_process("generate")?;
             let t = Trainer::for_inference(&checkpoint, device.as_deref())?;
             let s = SampleConfig { max_new_tokens, temperature, top_k, seed };
             let tau = tau_at(&t.cfg.model.router, t.state.step as usize);
@@ -204,11 +234,16 @@ fn run(cli: Cli) -> Result<()> {
             println!();
         }
         Cmd::Eval { checkpoint, device } => {
+            // Under mpirun the validation batches are shared by the ranks; rank 0 prints.
             let t = Trainer::for_inference(&checkpoint, device.as_deref())?;
             let loss = t.full_val_loss()?;
+            if t.comm.rank() != 0 {
+                return Ok(());
+            }
             println!("{}", serde_json::json!({"checkpoint": checkpoint, "step": t.state.step, "val_loss": loss}));
         }
         Cmd::Compare { config, routers, steps, overrides, variants, seeds, baseline, jobs, out } => {
+            one_process("compare")?;
             let exe = std::env::current_exe().context("cannot find the gumbel-moe binary to run the trainings")?;
             let args = CompareArgs { config, routers, variants, sets: overrides, steps, seeds, baseline, jobs, out };
             let report = compare(&exe, &args)?;
@@ -223,14 +258,39 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::ExportHf(args) => args.run()?,
-        Cmd::ImportHf(args) => args.run()?,
-        Cmd::Prepare(args) => args.run()?,
+        Cmd::ExportHf(args) => {
+            one_process("export-hf")?;
+            args.run()?
+        }
+        Cmd::ImportHf(args) => {
+            one_process("import-hf")?;
+            args.run()?
+        }
+        Cmd::Prepare(args) => {
+            one_process("prepare")?;
+            args.run()?
+        }
         Cmd::Plot { run_dir } => {
+            one_process("plot")?;
             for p in plot_run(&run_dir)? {
                 println!("{}", p.display());
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a command that runs in one process when a launcher started several (they would all
+/// write the same files).
+fn one_process(cmd: &str) -> Result<()> {
+    let w = gumbel_moe::dist::world()?;
+    if w.size() > 1 {
+        anyhow::bail!(
+            "`{cmd}` runs in one process, but this is rank {} of {}: run it without mpirun (only `train` and `eval` \
+             use several ranks)",
+            w.rank(),
+            w.size()
+        );
     }
     Ok(())
 }
@@ -258,8 +318,20 @@ fn main() -> Result<()> {
     gumbel_moe::train::alloc::tune_allocator();
     // Candle's backward walks the graph recursively: give it a large stack.
     let h = std::thread::Builder::new().stack_size(512 << 20).spawn(move || run(cli)).context("spawning the worker")?;
-    match h.join() {
+    let r = match h.join() {
         Ok(r) => r,
-        Err(_) => anyhow::bail!("the worker thread panicked"),
+        Err(_) => Err(anyhow::anyhow!("the worker thread panicked")),
+    };
+    match (r, gumbel_moe::dist::world_if_open()) {
+        // One of several ranks failed: say which, and end the whole job (the others would wait for
+        // it at their next exchange).
+        (Err(e), Some(w)) if w.size() > 1 => {
+            eprintln!("Error on rank {} of {}: {e:?}", w.rank(), w.size());
+            w.abort(1)
+        }
+        (r, _) => {
+            gumbel_moe::dist::finish();
+            r
+        }
     }
 }

@@ -39,13 +39,14 @@ impl Trainer {
         if cfg.model.vocab_size == 0 {
             cfg.model.vocab_size = loaded.cfg.model.vocab_size;
         }
-        if if_exists == IfRunExists::Refuse {
+        let lead = crate::dist::world()?.rank() == 0;
+        if lead && if_exists == IfRunExists::Refuse {
             run_dir::refuse_if_run(out_dir)?;
         }
         let t = Self::build(cfg, out_dir, Some(loaded.tokenizer), &crate::moe::build_router)?;
         checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)
             .with_context(|| format!("--init-from {}: the weights do not fit the config", loaded.dir.display()))?;
-        if if_exists == IfRunExists::Overwrite {
+        if lead && if_exists == IfRunExists::Overwrite {
             run_dir::clear(out_dir, &t.fs)?;
         }
         Ok(t)

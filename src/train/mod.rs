@@ -10,10 +10,12 @@
 //! - [`run_data`]: a run's data: a text tokenized in memory, or a prepared folder's shards.
 //! - [`init_from`]: a new run from another checkpoint's weights (fresh optimizer and schedule).
 //! - [`memory`]: the parameter count and estimated training memory, said first; too large is refused.
+//! - [`data_parallel`]: a step shared by ranks (processes or threads), with the bits of one process.
 //! - [`parallel`]: a step's micro-batches side by side on worker threads; [`alloc`]: allocator
 //!   thresholds for the loop.
 pub mod alloc;
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod file_mode;
 pub mod finite;
 pub mod fs_steps;

@@ -32,6 +32,42 @@ pub fn worker_count(threads: usize, accum: usize) -> usize {
     want.clamp(1, accum.max(1))
 }
 
+/// Several ranks on one machine share its cores: each rank's share (the cores it is bound to
+/// when the launcher binds it, else the machine's cores over the ranks on this machine) becomes
+/// what `train.threads = 0` means for it, and its ops run single-threaded unless the user set
+/// `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS`. (Unbounded, every rank's ops would start one
+/// thread per core, and ranks that wait for each other at every step would fight for them.)
+pub fn share_cores_with_local_ranks() {
+    let seen = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMIX_LOCAL_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mine = if seen < online_cpus() { seen } else { (seen / local).max(1) };
+    if std::env::var_os("GUMBEL_MOE_THREADS").is_none() {
+        std::env::set_var("GUMBEL_MOE_THREADS", mine.to_string());
+    }
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, "1");
+        }
+    }
+}
+
+/// The machine's online CPUs (on Linux; elsewhere what this process may use).
+fn online_cpus() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf reads a system setting.
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        if n > 0 {
+            return n as usize;
+        }
+    }
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 impl Workers {
     /// `n` workers; with n > 1 the ops inside each run single-threaded (see the module header).
     pub fn new(n: usize) -> Result<Self> {

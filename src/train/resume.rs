@@ -34,12 +34,27 @@ impl Trainer {
         out_dir: Option<&Path>,
         if_exists: IfRunExists,
     ) -> Result<Self> {
+        Self::resume_on(ckpt, overrides, out_dir, if_exists, crate::dist::world()?)
+    }
+
+    /// [`Trainer::resume_with`] on the ranks of `comm`, any number of them (each rank calls it):
+    /// rank 0 checks and repairs the run directory, then every rank reads the checkpoint.
+    pub fn resume_on(
+        ckpt: &Path,
+        overrides: &[String],
+        out_dir: Option<&Path>,
+        if_exists: IfRunExists,
+        comm: std::sync::Arc<dyn crate::dist::Comm>,
+    ) -> Result<Self> {
+        let lead = comm.rank() == 0;
         let found = checkpoint::resolve_dir(ckpt)?;
         let home = found.parent().context("checkpoint has no parent dir")?.to_path_buf();
         let out = out_dir.map(Path::to_path_buf).unwrap_or_else(|| home.clone());
         let in_place = run_dir::same_dir(&out, &home);
         let first = checkpoint::load(ckpt)?;
-        if in_place {
+        if !lead {
+            // Rank 0 checks and repairs the directory; the others wait for it, then read.
+        } else if in_place {
             if if_exists == IfRunExists::Overwrite {
                 bail!(
                     "--overwrite would delete the run {} that holds the checkpoint being resumed; give --out \
@@ -71,6 +86,7 @@ impl Trainer {
         } else if if_exists == IfRunExists::Refuse {
             run_dir::refuse_if_run(&out)?;
         }
+        comm.barrier()?;
         // Recovery may have renamed a `.old-best-*` the first load read back to `best`.
         let loaded = if in_place { checkpoint::load(ckpt)? } else { first };
         let text = toml::to_string(&loaded.cfg)?;
@@ -82,7 +98,7 @@ impl Trainer {
         if let Some(why) = refused_change(&loaded.cfg, &cfg) {
             bail!("cannot resume checkpoint {} with --set {why}", loaded.dir.display());
         }
-        let mut t = Self::build(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router)?;
+        let mut t = Self::build_on(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router, comm)?;
         checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
         let opt_file = loaded.dir.join(checkpoint::OPTIMIZER_FILE);
         checkpoint::check_optimizer_finite(&opt_file)?;
@@ -115,8 +131,10 @@ impl Trainer {
                     t.state.best_val_loss = Some(t.state.best_val_loss.map_or(b, |own| own.min(b)));
                 }
             }
-            metrics::truncate_after(&t.out_dir, t.state.step)?;
-        } else if if_exists == IfRunExists::Overwrite {
+            if lead {
+                metrics::truncate_after(&t.out_dir, t.state.step)?;
+            }
+        } else if lead && if_exists == IfRunExists::Overwrite {
             run_dir::clear(&out, &t.fs)?;
         }
         Ok(t)

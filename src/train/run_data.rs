@@ -74,6 +74,15 @@ impl RunData {
         }
     }
 
+    /// What identifies the data across ranks: the prepared dataset's manifest hash, or the text's
+    /// SHA-256 (16 hex digits).
+    pub fn identity(&self) -> String {
+        match self {
+            Self::Text { text, .. } => format!("text sha256 {}", super::data_parallel::short_hash(text.as_bytes())),
+            Self::Prepared(p) => format!("prepared dataset {}", p.hash),
+        }
+    }
+
     /// The prepared dataset's identity (its manifest's SHA-256); None for a text.
     pub fn dataset(&self) -> Option<String> {
         match self {

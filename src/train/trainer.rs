@@ -3,8 +3,9 @@
 //! checkpoint continues bit for bit where it stopped.
 
 use super::checkpoint::{self, TrainerState};
+use super::data_parallel;
 use super::fs_steps::FsSteps;
-use super::grad_sum::{clip_scale, sum_grads};
+use super::grad_sum::{clip_scale, sum_grads, sum_grads_with};
 use super::metrics::MetricsWriter;
 use super::optim::{AdamW, AdamWConfig};
 use super::parallel::{worker_count, Workers};
@@ -16,6 +17,7 @@ use super::step::{eval_batch_loss, micro_step, MicroOut};
 use super::telemetry::{StepRouting, Telemetry};
 use crate::config::{Config, DeviceKind, RouterKind};
 use crate::data::{Batcher, Tokenizer};
+use crate::dist::Comm;
 use crate::model::Gpt;
 use crate::moe::RouterFactory;
 use crate::nn::{Ctx, Params};
@@ -24,6 +26,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Batches for evaluation are keyed far from any training step.
@@ -62,6 +65,11 @@ pub struct Trainer {
     /// The file-system steps of every save and prune ([`FsSteps::failing_at`] stops one, for the
     /// crash tests).
     pub fs: FsSteps,
+    /// The ranks this run trains on ([`crate::dist::world`]; one process: [`crate::dist::Single`]).
+    /// Rank 0 alone writes files.
+    pub comm: Arc<dyn Comm>,
+    /// What identifies the training data, compared across ranks at the start.
+    data_id: String,
 }
 
 /// Outcome of `Trainer::fit`.
@@ -88,11 +96,24 @@ impl Trainer {
     /// A fresh run; `if_exists` says what to do when `out_dir` holds an earlier run. With
     /// [`IfRunExists::Overwrite`] that run's files are deleted once the model is built.
     pub fn new_with(cfg: Config, out_dir: &Path, router: &RouterFactory, if_exists: IfRunExists) -> Result<Self> {
-        if if_exists == IfRunExists::Refuse {
+        Self::new_on(cfg, out_dir, router, if_exists, crate::dist::world()?)
+    }
+
+    /// [`Trainer::new_with`] on the ranks of `comm` (each rank calls it; rank 0 checks and clears
+    /// the directory).
+    pub fn new_on(
+        cfg: Config,
+        out_dir: &Path,
+        router: &RouterFactory,
+        if_exists: IfRunExists,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
+        let lead = comm.rank() == 0;
+        if lead && if_exists == IfRunExists::Refuse {
             run_dir::refuse_if_run(out_dir)?;
         }
-        let t = Self::build(cfg, out_dir, None, router)?;
-        if if_exists == IfRunExists::Overwrite {
+        let t = Self::build_on(cfg, out_dir, None, router, comm)?;
+        if lead && if_exists == IfRunExists::Overwrite {
             run_dir::clear(out_dir, &t.fs)?;
         }
         Ok(t)
@@ -107,7 +128,8 @@ impl Trainer {
             cfg.train.device = d.parse()?;
         }
         let out = loaded.dir.clone();
-        let mut t = Self::build_inner(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router, false)?;
+        let comm = crate::dist::world()?;
+        let mut t = Self::build_inner(cfg, &out, Some(loaded.tokenizer), &crate::moe::build_router, false, comm)?;
         checkpoint::load_weights(&loaded.dir.join(checkpoint::MODEL_FILE), &t.params)?;
         t.state = loaded.state;
         Ok(t)
@@ -119,7 +141,17 @@ impl Trainer {
     }
 
     pub(super) fn build(cfg: Config, out_dir: &Path, tok: Option<Tokenizer>, router: &RouterFactory) -> Result<Self> {
-        Self::build_inner(cfg, out_dir, tok, router, true)
+        Self::build_on(cfg, out_dir, tok, router, crate::dist::world()?)
+    }
+
+    pub(super) fn build_on(
+        cfg: Config,
+        out_dir: &Path,
+        tok: Option<Tokenizer>,
+        router: &RouterFactory,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
+        Self::build_inner(cfg, out_dir, tok, router, true, comm)
     }
 
     fn build_inner(
@@ -128,10 +160,18 @@ impl Trainer {
         tok: Option<Tokenizer>,
         router: &RouterFactory,
         with_train: bool,
+        comm: Arc<dyn Comm>,
     ) -> Result<Self> {
+        if with_train {
+            super::data_parallel::check_layout(&cfg, comm.as_ref())?;
+        }
+        // This rank's micro-batches of a step.
+        let mine = cfg.train.grad_accum / comm.size();
+        if comm.size() > 1 && cfg.train.device == DeviceKind::Cpu {
+            super::parallel::share_cores_with_local_ranks();
+        }
         // Before the first tensor op: with several workers, Candle's own ops run single-threaded.
-        let n_workers =
-            if cfg.train.device == DeviceKind::Cpu { worker_count(cfg.train.threads, cfg.train.grad_accum) } else { 1 };
+        let n_workers = if cfg.train.device == DeviceKind::Cpu { worker_count(cfg.train.threads, mine) } else { 1 };
         let workers = Workers::new(n_workers)?;
         let device = open_device(cfg.train.device)?;
         if device.is_cuda() {
@@ -172,6 +212,7 @@ impl Trainer {
             reinforce_baseline: None,
             dataset: data.dataset(),
         };
+        let data_id = if comm.size() > 1 { data.identity() } else { String::new() };
         Ok(Self {
             cfg,
             device,
@@ -186,6 +227,8 @@ impl Trainer {
             progress: true,
             workers,
             fs: FsSteps::new(),
+            comm,
+            data_id,
         })
     }
 
@@ -194,11 +237,14 @@ impl Trainer {
         let tau = tau_at(&self.cfg.model.router, self.state.step as usize);
         let ctx = Ctx::eval(self.cfg.seed, tau);
         let (model, device, rows) = (&self.model, &self.device, b.batch_size());
-        let losses = self.workers.map(n, |i| {
-            let (x, y) = b.try_random_batch(EVAL_KEY + i as u64, 0)?;
-            eval_batch_loss(model, device, &x, &y, rows, &ctx)
+        // Batches dealt out over the ranks; summed in batch order.
+        let losses = data_parallel::map_dealt(self.comm.as_ref(), n, |mine| {
+            self.workers.map(mine.len(), |j| {
+                let (x, y) = b.try_random_batch(EVAL_KEY + mine[j] as u64, 0)?;
+                Ok((eval_batch_loss(model, device, &x, &y, rows, &ctx)?, 0.0))
+            })
         })?;
-        Ok(losses.iter().sum::<f64>() / n as f64)
+        Ok(losses.iter().map(|l| l.0).sum::<f64>() / n as f64)
     }
 
     /// Exact mean loss over every token of the validation split (non-overlapping windows).
@@ -207,11 +253,13 @@ impl Trainer {
         let ctx = Ctx::eval(self.cfg.seed, tau);
         let batches = self.val.try_sequential_batches()?;
         let (model, device) = (&self.model, &self.device);
-        let sums = self.workers.map(batches.len(), |i| {
-            let (x, y, rows) = &batches[i];
-            Ok((eval_batch_loss(model, device, x, y, *rows, &ctx)? * y.len() as f64, y.len()))
+        let sums = data_parallel::map_dealt(self.comm.as_ref(), batches.len(), |mine| {
+            self.workers.map(mine.len(), |j| {
+                let (x, y, rows) = &batches[mine[j]];
+                Ok((eval_batch_loss(model, device, x, y, *rows, &ctx)? * y.len() as f64, y.len() as f64))
+            })
         })?;
-        let (sum, count) = sums.iter().fold((0.0, 0usize), |(s, c), &(x, n)| (s + x, c + n));
+        let (sum, count) = sums.iter().fold((0.0, 0usize), |(s, c), &(x, n)| (s + x, c + n as usize));
         Ok(sum / count.max(1) as f64)
     }
 
@@ -236,12 +284,15 @@ impl Trainer {
                 baseline,
             )
         };
+        // This rank's block of the step's micro-batches (all of them in one process).
+        let (first, count) = crate::dist::my_share(accum, self.comm.rank(), self.comm.size());
         let outs: Vec<MicroOut> = if self.sequential_micro_batches() {
-            // Router state moves after each micro-batch: they run in order, on one worker.
+            // Router state moves after each micro-batch: they run in order, on one worker (one
+            // rank only: see data_parallel::check_layout).
             self.workers.install(|| -> Result<Vec<MicroOut>> {
-                let mut outs = Vec::with_capacity(accum);
+                let mut outs = Vec::with_capacity(count);
                 let mut baseline = baseline0;
-                for i in 0..accum {
+                for i in first..first + count {
                     let o = micro(i, baseline)?;
                     baseline = o.baseline;
                     outs.push(o);
@@ -249,27 +300,38 @@ impl Trainer {
                 Ok(outs)
             })?
         } else {
-            self.workers.map(accum, |i| micro(i, baseline0))?
+            self.workers.map(count, |j| micro(first + j, baseline0))?
         };
         let (mut loss_sum, mut aux_sum) = (0.0, 0.0);
         let e = self.cfg.model.moe.num_experts;
         let moe_layers = (0..self.cfg.model.n_layer).filter(|&l| self.cfg.is_moe_layer(l)).count();
         let mut routing = StepRouting::new(moe_layers, e);
         let mut parts = Vec::with_capacity(outs.len());
+        let mut scalars = Vec::with_capacity(outs.len());
         for out in outs {
             if let Some(b) = out.baseline {
                 self.state.reinforce_baseline = Some(b);
             }
-            loss_sum += out.ce;
-            aux_sum += out.aux;
             parts.push(out.grads);
-            routing.add(&out.moe_stats, accum, &self.device)?;
+            scalars.push((out.ce, out.aux, out.moe_stats));
+        }
+        // Every micro-batch's losses and routing, on every rank, in micro-batch order.
+        for (ce, aux, stats) in data_parallel::all_gather_scalars(self.comm.as_ref(), scalars, &self.device)? {
+            loss_sum += ce;
+            aux_sum += aux;
+            routing.add(&stats, accum, &self.device)?;
         }
         let lr = lr_at(&self.cfg.train, step as usize);
-        let (clip, opt, n) = (self.cfg.train.grad_clip, &mut self.opt, named.len());
+        let (clip, opt, n, comm) = (self.cfg.train.grad_clip, &mut self.opt, named.len(), self.comm.as_ref());
         let norm = self.workers.install(move || -> Result<f64> {
-            // Summed in micro-batch order, whatever the number of workers; clipped inside AdamW.
-            let (grads, norm) = sum_grads(parts, n)?;
+            // Summed by a fixed tree over the micro-batches, whatever the number of workers and
+            // ranks; clipped inside AdamW.
+            let (grads, norm) = if comm.size() == 1 {
+                sum_grads(parts, n)?
+            } else {
+                let (partial, _) = sum_grads_with(parts, n, false)?;
+                data_parallel::all_reduce_grads(comm, partial, &named)?
+            };
             opt.step_scaled(&grads, lr, clip_scale(norm, clip))?;
             Ok(norm)
         })?;
@@ -277,6 +339,35 @@ impl Trainer {
         self.state.step += 1;
         self.state.rng_next_step = self.state.step;
         Ok((loss_sum / accum as f64, aux_sum / accum as f64, norm, routing))
+    }
+
+    /// Every rank trains the same config, data, executable and weights (before the first step).
+    fn check_ranks_agree(&self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        data_parallel::check_same(
+            self.comm.as_ref(),
+            &[
+                ("config", self.cfg.to_json()?),
+                ("data", self.data_id.clone()),
+                ("executable", data_parallel::code_hash()?),
+                ("step", self.state.step.to_string()),
+                ("weights", data_parallel::weights_hash(&self.params.named())?),
+            ],
+        )
+    }
+
+    /// Every rank's weights are still the same bits (before each checkpoint).
+    fn check_weights_agree(&self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let hash = data_parallel::weights_hash(&self.params.named())?;
+        data_parallel::check_same(
+            self.comm.as_ref(),
+            &[("weights", format!("sha256 {hash} after step {}", self.state.step))],
+        )
     }
 
     /// Whether the micro-batches run in order: REINFORCE's baseline moves from one to the next. (The
@@ -309,14 +400,21 @@ impl Trainer {
 
     /// Trains until `train.max_iters`, logging, evaluating and checkpointing as configured.
     pub fn fit(&mut self) -> Result<FitSummary> {
-        std::fs::create_dir_all(&self.out_dir).with_context(|| format!("cannot create {}", self.out_dir.display()))?;
-        // Temporary directories of a save that was cut short (and a best/ renamed aside) first.
-        run_dir::recover(&self.out_dir, &self.fs)?;
-        self.write_run_config()?;
-        let mut metrics = MetricsWriter::open(&self.out_dir)?;
+        // Rank 0 alone writes; every rank first checks it trains what the others train.
+        let lead = self.comm.rank() == 0;
+        self.check_ranks_agree()?;
+        let mut metrics = None;
+        if lead {
+            std::fs::create_dir_all(&self.out_dir)
+                .with_context(|| format!("cannot create {}", self.out_dir.display()))?;
+            // Temporary directories of a save that was cut short (and a best/ renamed aside) first.
+            run_dir::recover(&self.out_dir, &self.fs)?;
+            self.write_run_config()?;
+            metrics = Some(MetricsWriter::open(&self.out_dir)?);
+        }
         let t = self.cfg.train.clone();
         let max = t.max_iters as u64;
-        let pb = if self.progress { ProgressBar::new(max) } else { ProgressBar::hidden() };
+        let pb = if self.progress && lead { ProgressBar::new(max) } else { ProgressBar::hidden() };
         pb.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
                 .expect("static template"),
@@ -365,7 +463,8 @@ impl Trainer {
                 line.insert("val_loss".into(), json!(val));
                 line.insert("train_eval_loss".into(), json!(tr));
                 let msg = format!("step {done}: train {tr:.4}, val {val:.4}");
-                if pb.is_hidden() {
+                if !lead {
+                } else if pb.is_hidden() {
                     eprintln!("{msg}");
                 } else {
                     pb.println(msg);
@@ -373,16 +472,21 @@ impl Trainer {
                 if self.state.best_val_loss.is_none_or(|b| val < b) {
                     self.state.best_val_loss = Some(val);
                     self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
-                    self.save_checkpoint("best")?;
+                    if lead {
+                        self.save_checkpoint("best")?;
+                    }
                 }
             }
-            if !line.is_empty() {
-                metrics.write(&serde_json::Value::Object(line))?;
+            if let (Some(m), false) = (metrics.as_mut(), line.is_empty()) {
+                m.write(&serde_json::Value::Object(line))?;
             }
             if (t.ckpt_interval > 0 && done.is_multiple_of(t.ckpt_interval as u64)) || done == max {
                 self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
-                self.save_checkpoint(&format!("ckpt-{done:07}"))?;
-                run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
+                self.check_weights_agree()?;
+                if lead {
+                    self.save_checkpoint(&format!("ckpt-{done:07}"))?;
+                    run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
+                }
             }
         }
         pb.finish_and_clear();
@@ -395,9 +499,11 @@ impl Trainer {
         };
         let wall_s = wall0 + run_start.elapsed().as_secs_f64();
         let tok_per_s = self.state.tokens_seen as f64 / wall_s.max(1e-9);
-        metrics.write(&json!({"event": "done", "step": self.state.step, "val_loss": val_loss,
-            "val_loss_kind": if t.final_full_eval { "full_split" } else { "eval_iters" },
-            "wall_s": wall_s, "tok_per_s": tok_per_s}))?;
+        if let Some(m) = metrics.as_mut() {
+            m.write(&json!({"event": "done", "step": self.state.step, "val_loss": val_loss,
+                "val_loss_kind": if t.final_full_eval { "full_split" } else { "eval_iters" },
+                "wall_s": wall_s, "tok_per_s": tok_per_s}))?;
+        }
         Ok(FitSummary { step: self.state.step, val_loss, wall_s, tok_per_s })
     }
 }

@@ -1,0 +1,179 @@
+//! Ranks as threads of one process: the same collectives as MPI's, through shared memory. Used by
+//! the tests (a two-rank run inside `cargo test`, no MPI needed) and by anyone who wants to check
+//! a multi-rank run's bits on one machine.
+//!
+//! A rank that fails calls [`Comm::abort`], which marks the group failed: every other rank's next
+//! (or current) collective returns an error naming it instead of waiting. A rank that never comes
+//! is reported after a timeout.
+
+use super::Comm;
+use anyhow::{bail, Result};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a rank waits for the others at a collective before it gives up.
+const WAIT: Duration = Duration::from_secs(300);
+
+struct State {
+    /// Rounds completed; each collective is one round.
+    round: u64,
+    /// Deposits of this round, by rank.
+    slots: Vec<Option<Vec<u8>>>,
+    /// The gathered deposits of this round, once all arrived, and how many ranks took them.
+    result: Option<Arc<Vec<Vec<u8>>>>,
+    taken: usize,
+    /// Set when a rank aborted.
+    failed: Option<usize>,
+}
+
+struct Shared {
+    n: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// One rank of a group made by [`LocalGroup::new`].
+pub struct LocalGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl LocalGroup {
+    /// `n` ranks that share one exchange: hand one to each thread.
+    pub fn new(n: usize) -> Vec<Arc<dyn Comm>> {
+        let shared = Arc::new(Shared {
+            n,
+            state: Mutex::new(State { round: 0, slots: vec![None; n], result: None, taken: 0, failed: None }),
+            cv: Condvar::new(),
+        });
+        (0..n).map(|rank| Arc::new(LocalGroup { rank, shared: shared.clone() }) as Arc<dyn Comm>).collect()
+    }
+
+    /// One round: deposit `x`, wait for every rank's, return them in rank order.
+    fn exchange(&self, x: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+        let s = &self.shared;
+        let start = Instant::now();
+        let mut st = s.state.lock().map_err(|_| anyhow::anyhow!("rank group lock poisoned"))?;
+        // The previous round may still be handing out its result.
+        while st.result.is_some() {
+            st = self.wait(st, start)?;
+        }
+        let round = st.round;
+        st.slots[self.rank] = Some(x);
+        if st.slots.iter().all(Option::is_some) {
+            let all: Vec<Vec<u8>> = st.slots.iter_mut().map(|v| v.take().unwrap_or_default()).collect();
+            st.result = Some(Arc::new(all));
+            st.taken = 0;
+            s.cv.notify_all();
+        }
+        while !(st.round == round && st.result.is_some()) {
+            st = self.wait(st, start)?;
+        }
+        let out = st.result.clone().expect("checked above");
+        st.taken += 1;
+        if st.taken == s.n {
+            st.result = None;
+            st.round += 1;
+            s.cv.notify_all();
+        }
+        Ok(out)
+    }
+
+    fn wait<'a>(
+        &self,
+        st: std::sync::MutexGuard<'a, State>,
+        start: Instant,
+    ) -> Result<std::sync::MutexGuard<'a, State>> {
+        if let Some(r) = st.failed {
+            bail!("rank {}: rank {r} failed, so the job stops", self.rank);
+        }
+        let left = WAIT.checked_sub(start.elapsed()).unwrap_or_default();
+        if left.is_zero() {
+            let missing: Vec<String> =
+                st.slots.iter().enumerate().filter(|(_, v)| v.is_none()).map(|(r, _)| r.to_string()).collect();
+            bail!("rank {}: waited {} s at a collective for rank(s) {}", self.rank, WAIT.as_secs(), missing.join(", "));
+        }
+        // The caller checks its condition again (and calls back here, which reports a failed
+        // rank, only while it still has to wait).
+        let (st, _) = self.shared.cv.wait_timeout(st, left).map_err(|_| anyhow::anyhow!("rank group lock poisoned"))?;
+        Ok(st)
+    }
+}
+
+fn from_bytes<T: Copy, const N: usize>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+    b.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
+}
+
+impl Comm for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.n
+    }
+    fn kind(&self) -> &'static str {
+        "threads"
+    }
+    fn all_gather_f32(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let all = self.exchange(x.iter().flat_map(|v| v.to_le_bytes()).collect())?;
+        Ok(all.iter().flat_map(|b| from_bytes(b, f32::from_le_bytes)).collect())
+    }
+    fn all_gather_f64(&self, x: &[f64]) -> Result<Vec<f64>> {
+        let all = self.exchange(x.iter().flat_map(|v| v.to_le_bytes()).collect())?;
+        Ok(all.iter().flat_map(|b| from_bytes(b, f64::from_le_bytes)).collect())
+    }
+    fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(self.exchange(x.to_vec())?.as_ref().clone())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.exchange(Vec::new()).map(|_| ())
+    }
+    /// Marks the group failed (the other ranks' collectives return errors) and ends this thread.
+    fn abort(&self, code: i32) -> ! {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.failed.get_or_insert(self.rank);
+        }
+        self.shared.cv.notify_all();
+        panic!("rank {} aborted the group (code {code})", self.rank)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathers_in_rank_order_over_many_rounds() {
+        let comms = LocalGroup::new(3);
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let r = c.rank() as f32;
+                    for round in 0..50 {
+                        let got = c.all_gather_f32(&[r, round as f32]).unwrap();
+                        assert_eq!(got, vec![0.0, round as f32, 1.0, round as f32, 2.0, round as f32]);
+                        let b = c.all_gather_bytes(&vec![c.rank() as u8; c.rank()]).unwrap();
+                        assert_eq!(b, vec![vec![], vec![1], vec![2, 2]]);
+                    }
+                    c.barrier().unwrap();
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_failed_rank_stops_the_others_with_its_name() {
+        let mut comms = LocalGroup::new(2);
+        let c1 = comms.pop().unwrap();
+        let c0 = comms.pop().unwrap();
+        let h = std::thread::spawn(move || c0.all_gather_f64(&[1.0]).unwrap_err().to_string());
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = std::thread::spawn(move || c1.abort(1)).join();
+        let msg = h.join().unwrap();
+        assert!(msg.contains("rank 1 failed"), "{msg}");
+    }
+}

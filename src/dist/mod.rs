@@ -1,0 +1,104 @@
+//! More than one process: the communicator that data-parallel training talks through.
+//!
+//! One small trait, [`Comm`] (rank, size, all-gather, barrier, abort), with three
+//! implementations:
+//! - [`Single`]: one process, every collective a copy (what `train` uses without a launcher);
+//! - [`local::LocalGroup`]: ranks as threads of one process (tests, and reproducing a multi-rank
+//!   run on one machine without MPI);
+//! - `mpi::MpiComm` (feature `mpi`): processes started by `mpirun`, on one machine or many.
+//!
+//! [`world`] is the process's communicator, chosen once from the environment a launcher leaves
+//! ([`launch`]). The training loop decides what to exchange ([`crate::train::data_parallel`]);
+//! this module only moves bytes, always in rank order, so every rank receives the same bits.
+pub mod launch;
+pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+use anyhow::Result;
+use std::sync::{Arc, OnceLock};
+
+/// A group of ranks that exchange data. Every collective must be called by every rank of the
+/// group, in the same order (a rank that skips one leaves the others waiting until the launcher
+/// or the timeout of the implementation ends the job).
+pub trait Comm: Send + Sync {
+    /// This process's rank, 0 ..= size - 1.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// What carries the data ("single", "threads", "mpi"), for messages.
+    fn kind(&self) -> &'static str;
+    /// Every rank's `x` (the same length on every rank), concatenated in rank order.
+    fn all_gather_f32(&self, x: &[f32]) -> Result<Vec<f32>>;
+    /// Every rank's `x` (the same length on every rank), concatenated in rank order.
+    fn all_gather_f64(&self, x: &[f64]) -> Result<Vec<f64>>;
+    /// Every rank's bytes (any length), in rank order.
+    fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Waits until every rank has arrived.
+    fn barrier(&self) -> Result<()>;
+    /// Ends the whole job after an error on this rank, so no rank waits forever for it.
+    fn abort(&self, code: i32) -> !;
+    /// Ends the communicator at a normal exit (MPI_Finalize); collectives after it fail.
+    fn finalize(&self) {}
+}
+
+/// One process: rank 0 of 1.
+pub struct Single;
+
+impl Comm for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn kind(&self) -> &'static str {
+        "single"
+    }
+    fn all_gather_f32(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+    fn all_gather_f64(&self, x: &[f64]) -> Result<Vec<f64>> {
+        Ok(x.to_vec())
+    }
+    fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![x.to_vec()])
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+static WORLD: OnceLock<Arc<dyn Comm>> = OnceLock::new();
+
+/// The process's communicator: MPI's world when a launcher started this process (and the binary
+/// has the `mpi` feature), else [`Single`]. Chosen on the first call; an MPI launch without the
+/// feature is an error, so two processes never train the same run unaware of each other.
+pub fn world() -> Result<Arc<dyn Comm>> {
+    if let Some(w) = WORLD.get() {
+        return Ok(w.clone());
+    }
+    let w = launch::open_world()?;
+    Ok(WORLD.get_or_init(|| w).clone())
+}
+
+/// The world if it was opened, for error paths that must not start MPI.
+pub fn world_if_open() -> Option<Arc<dyn Comm>> {
+    WORLD.get().cloned()
+}
+
+/// At the end of `main`: finalizes the world if it was opened.
+pub fn finish() {
+    if let Some(w) = WORLD.get() {
+        w.finalize();
+    }
+}
+
+/// `(first, count)`: the micro-batches of a step that `rank` of `size` runs: a contiguous block.
+pub fn my_share(total: usize, rank: usize, size: usize) -> (usize, usize) {
+    let per = total / size.max(1);
+    (rank * per, per)
+}

@@ -1,0 +1,179 @@
+//! Data-parallel training on ranks that are threads of this process (`dist::local`): the same
+//! bits as one process, resume with another rank count, refusals that name the rank and the key,
+//! rank 0 alone writing. The same runs through `mpirun` are in tests/mpi.rs (feature `mpi`).
+mod common;
+
+use common::tiny_config;
+use gumbel_moe::dist::local::LocalGroup;
+use gumbel_moe::dist::Comm;
+use gumbel_moe::moe::build_router;
+use gumbel_moe::train::{IfRunExists, Trainer};
+use gumbel_moe::Config;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Trains `cfg` on `n` thread ranks into `dir` (every rank is given `dir`; rank 0 alone writes).
+/// Returns each rank's outcome (the error text on failure).
+fn train_on_ranks(n: usize, cfg: &dyn Fn(usize) -> Config, dir: &Path) -> Vec<Result<f64, String>> {
+    let handles: Vec<_> = LocalGroup::new(n)
+        .into_iter()
+        .map(|comm| {
+            let (cfg, dir) = (cfg(comm.rank()), dir.to_path_buf());
+            std::thread::Builder::new()
+                .stack_size(256 << 20)
+                .spawn(move || run_rank(comm, |c| Trainer::new_on(cfg, &dir, &build_router, IfRunExists::Refuse, c)))
+                .unwrap()
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Builds this rank's trainer with `make` and fits it; a rank that fails aborts the group (as
+/// `main` does), so the others stop too.
+fn run_rank(comm: Arc<dyn Comm>, make: impl FnOnce(Arc<dyn Comm>) -> anyhow::Result<Trainer>) -> Result<f64, String> {
+    let r = make(comm.clone()).and_then(|mut t| {
+        t.progress = false;
+        t.fit().map(|s| s.val_loss)
+    });
+    if r.is_err() {
+        let c = comm.clone();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || c.abort(1)));
+    }
+    r.map_err(|e| format!("{e:#}"))
+}
+
+/// One process (rank 0 of 1) with `threads` workers.
+fn train_single(cfg: Config, threads: usize, dir: &Path) -> f64 {
+    let mut cfg = cfg;
+    cfg.train.threads = threads;
+    let mut t =
+        Trainer::new_on(cfg, dir, &build_router, IfRunExists::Refuse, Arc::new(gumbel_moe::dist::Single)).unwrap();
+    t.progress = false;
+    t.fit().unwrap().val_loss
+}
+
+/// The run's final weights file and its metrics without the timings.
+fn outcome(dir: &Path, step: usize) -> (Vec<u8>, Vec<String>) {
+    let w = std::fs::read(dir.join(format!("ckpt-{step:07}/model.safetensors"))).unwrap();
+    let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    // The `done` line of a run cut short stays in its metrics; compare the step and eval lines.
+    let lines = m
+        .lines()
+        .filter(|l| !l.contains("\"event\""))
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tok_per_s");
+            o.remove("wall_s");
+            v.to_string()
+        })
+        .collect();
+    (w, lines)
+}
+
+fn cfg_with(extra: &[&str]) -> Config {
+    let mut o = vec![
+        "train.grad_accum=2",
+        "train.max_iters=6",
+        "train.lr_decay_iters=6",
+        "train.ckpt_interval=3",
+        "train.threads=1",
+    ];
+    o.extend(extra);
+    tiny_config("gumbel", &o)
+}
+
+#[test]
+fn two_ranks_give_the_bits_of_one_process_with_one_or_two_threads() {
+    for accum in ["2", "4"] {
+        let extra = [format!("train.grad_accum={accum}")];
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (d1, d2, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let v1 = train_single(cfg_with(&extra), 1, d1.path());
+        let v2 = train_single(cfg_with(&extra), 2, d2.path());
+        let got = train_on_ranks(2, &|_| cfg_with(&extra), dr.path());
+        for (r, g) in got.iter().enumerate() {
+            assert_eq!(g.as_ref().map(|v| v.to_bits()), Ok(v1.to_bits()), "rank {r}'s val loss, accum {accum}");
+        }
+        assert_eq!(v1.to_bits(), v2.to_bits());
+        let (a, b, c) = (outcome(d1.path(), 6), outcome(d2.path(), 6), outcome(dr.path(), 6));
+        assert!(a.0 == b.0 && a.0 == c.0, "final weights differ (accum {accum})");
+        assert_eq!(a.1, c.1, "logged losses, grad norms and routing (accum {accum})");
+        assert_eq!(a.1, b.1);
+        assert_eq!(a.1.len(), 6, "a metrics line per step");
+    }
+}
+
+#[test]
+fn a_run_resumes_exactly_on_another_rank_count() {
+    let (straight, cut) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let accum4 = ["train.grad_accum=4"];
+    train_single(cfg_with(&accum4), 1, straight.path());
+    // Steps 1-3 on 4 ranks, then 4-6 on 2 ranks, then the final evaluation alone.
+    let first = train_on_ranks(4, &|_| cfg_with(&["train.grad_accum=4", "train.max_iters=3"]), cut.path());
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let dir = cut.path().to_path_buf();
+    let handles: Vec<_> = LocalGroup::new(2)
+        .into_iter()
+        .map(|comm| {
+            let dir = dir.clone();
+            std::thread::Builder::new()
+                .stack_size(256 << 20)
+                .spawn(move || {
+                    run_rank(comm, |c| {
+                        Trainer::resume_on(&dir, &["train.max_iters=6".into()], None, IfRunExists::Refuse, c)
+                    })
+                })
+                .unwrap()
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    let (a, b) = (outcome(straight.path(), 6), outcome(cut.path(), 6));
+    assert!(a.0 == b.0, "weights after 3 steps on 4 ranks and 3 on 2 differ from 6 steps in one process");
+    assert_eq!(a.1, b.1, "the resumed run's metrics");
+}
+
+#[test]
+fn ranks_that_disagree_are_refused_by_name() {
+    let d = tempfile::tempdir().unwrap();
+    let got = train_on_ranks(2, &|r| if r == 1 { cfg_with(&["train.lr=0.002"]) } else { cfg_with(&[]) }, d.path());
+    let msg = got[0].as_ref().unwrap_err();
+    assert!(msg.contains("rank 1's config differs from rank 0's") && msg.contains("lr"), "{msg}");
+    assert!(!d.path().join("metrics.jsonl").exists(), "nothing was trained or written");
+}
+
+#[test]
+fn rank_0_alone_writes() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dirs = [d0.path().to_path_buf(), d1.path().join("rank1")];
+    let handles: Vec<_> = LocalGroup::new(2)
+        .into_iter()
+        .zip(dirs.clone())
+        .map(|(comm, dir)| {
+            std::thread::Builder::new()
+                .stack_size(256 << 20)
+                .spawn(move || {
+                    run_rank(comm, |c| Trainer::new_on(cfg_with(&[]), &dir, &build_router, IfRunExists::Refuse, c))
+                })
+                .unwrap()
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    assert!(dirs[0].join("ckpt-0000006/model.safetensors").exists());
+    assert!(!dirs[1].exists(), "rank 1 created its output directory");
+}
+
+#[test]
+fn layouts_that_cannot_be_shared_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let got = train_on_ranks(2, &|_| cfg_with(&["train.grad_accum=3"]), d.path());
+    let msg = got[0].as_ref().unwrap_err();
+    assert!(msg.contains("train.grad_accum = 3") && msg.contains("2 ranks"), "{msg}");
+    let got = train_on_ranks(2, &|_| tiny_config("reinforce", &["train.max_iters=2", "train.grad_accum=2"]), d.path());
+    let msg = got[1].as_ref().unwrap_err();
+    assert!(msg.contains("model.router.kind") && msg.to_lowercase().contains("reinforce"), "{msg}");
+}
