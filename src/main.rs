@@ -173,17 +173,16 @@ fn run(cli: Cli) -> Result<()> {
             let size = trainer.comm.size();
             if size > 1 {
                 let host = std::env::var("HOSTNAME").unwrap_or_default();
-                eprintln!(
-                    "rank {} of {size} ({}): pid {} {host}, micro-batches {:?} of each step",
+                let (f, n) = gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, trainer.comm.rank(), size);
+                // One write, so the launcher does not interleave it with another rank's.
+                let line = format!(
+                    "rank {} of {size} ({}): pid {} {host}, micro-batches {:?} of each step\n",
                     trainer.comm.rank(),
                     trainer.comm.kind(),
                     std::process::id(),
-                    {
-                        let (f, n) =
-                            gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, trainer.comm.rank(), size);
-                        f..f + n
-                    }
+                    f..f + n
                 );
+                std::io::stderr().write_all(line.as_bytes())?;
                 let (a, w) = (trainer.cfg.train.grad_accum, size);
                 if lead && !gumbel_moe::train::data_parallel::exact_split(a, w) {
                     eprintln!(
