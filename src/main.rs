@@ -325,7 +325,9 @@ fn main() -> Result<()> {
         // One of several ranks failed: say which, and end the whole job (the others would wait for
         // it at their next exchange).
         (Err(e), Some(w)) if w.size() > 1 => {
-            eprintln!("Error on rank {} of {}: {e:?}", w.rank(), w.size());
+            // One write, so the launcher does not interleave it with another rank's.
+            let line = format!("Error on rank {} of {}: {e:#}\n", w.rank(), w.size());
+            let _ = std::io::stderr().write_all(line.as_bytes());
             w.abort(1)
         }
         (r, _) => {

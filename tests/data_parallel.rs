@@ -177,3 +177,20 @@ fn layouts_that_cannot_be_shared_are_refused() {
     let msg = got[1].as_ref().unwrap_err();
     assert!(msg.contains("model.router.kind") && msg.to_lowercase().contains("reinforce"), "{msg}");
 }
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_binary_without_mpi_refuses_a_launcher() {
+    let d = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gumbel-moe"))
+        .args(["train", "--quiet", "--out"])
+        .arg(d.path().join("run"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("OMPI_COMM_WORLD_SIZE=2") && err.contains("--features mpi"), "{err}");
+    assert!(!d.path().join("run").exists(), "it trained anyway");
+}
