@@ -18,6 +18,14 @@ pub fn launched_by() -> Option<(&'static str, String, &'static str)> {
     LAUNCH_VARS.iter().find_map(|(var, who)| std::env::var(var).ok().map(|v| (*var, v, *who)))
 }
 
+/// This process's rank among the ranks on its machine, as the launcher says (0 without one).
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The world communicator for this process (see [`super::world`]).
 pub fn open_world() -> Result<Arc<dyn Comm>> {
     let Some((var, value, who)) = launched_by() else { return Ok(Arc::new(Single)) };

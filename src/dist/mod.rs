@@ -5,7 +5,8 @@
 //! - [`Single`]: one process, every collective a copy (what `train` uses without a launcher);
 //! - [`local::LocalGroup`]: ranks as threads of one process (tests, and reproducing a multi-rank
 //!   run on one machine without MPI);
-//! - `mpi::MpiComm` (feature `mpi`): processes started by `mpirun`, on one machine or many.
+//! - `mpi::MpiComm` (feature `mpi`): processes started by `mpirun`, on one machine or many;
+//! - `nccl::NcclComm` (feature `nccl`): the same ranks, one per GPU, gradients moved by NCCL.
 //!
 //! [`world`] is the process's communicator, chosen once from the environment a launcher leaves
 //! ([`launch`]). The training loop decides what to exchange ([`crate::train::data_parallel`]);
@@ -14,6 +15,8 @@ pub mod launch;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use anyhow::Result;
 use std::sync::{Arc, OnceLock};
@@ -40,6 +43,14 @@ pub trait Comm: Send + Sync {
     fn abort(&self, code: i32) -> !;
     /// Ends the communicator at a normal exit (MPI_Finalize); collectives after it fail.
     fn finalize(&self) {}
+    /// Every rank's f32 tensor `t` (the same size on every rank), flattened and stacked in rank
+    /// order: (size, t.elem_count()), on `t`'s device. Through host memory unless the
+    /// communicator moves device memory itself (NCCL).
+    fn all_gather_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        let n = v.len();
+        Ok(candle_core::Tensor::from_vec(self.all_gather_f32(&v)?, (self.size(), n), t.device())?)
+    }
 }
 
 /// One process: rank 0 of 1.

@@ -21,7 +21,7 @@ use crate::config::{Config, RouterKind};
 use crate::dist::Comm;
 use crate::moe::layer::MoeStats;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Storage, Tensor, Var};
 use sha2::{Digest, Sha256};
 
 /// The ranks' partial gradient sums (`partial[i]`: parameter i's, None when this rank's
@@ -32,8 +32,12 @@ pub fn all_reduce_grads(
     partial: Vec<Option<Tensor>>,
     named: &[(String, Var)],
 ) -> Result<(Vec<Option<Tensor>>, f64)> {
+    if let Some(dev) = named.first().map(|(_, v)| v.device().clone()).filter(|d| !d.is_cpu()) {
+        return all_reduce_grads_on_device(comm, partial, named, &dev);
+    }
     let n: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
-    // [every parameter's gradient (zeros where None)] ++ [one presence flag per parameter]
+    // [every parameter's gradient (zeros where None)] ++ [one presence flag per parameter], each
+    // gradient copied once, straight from its storage.
     let mut buf = Vec::with_capacity(n + named.len());
     for (g, (name, v)) in partial.iter().zip(named) {
         match g {
@@ -41,14 +45,23 @@ pub fn all_reduce_grads(
                 if g.dtype() != DType::F32 {
                     bail!("data parallel exchanges f32 gradients; {name} is {:?}", g.dtype());
                 }
-                buf.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                let g = g.contiguous()?;
+                let (st, l) = g.storage_and_layout();
+                let Storage::Cpu(cpu) = &*st else { bail!("gradient of {name} not on the CPU") };
+                let start = l.start_offset();
+                buf.extend_from_slice(&cpu.as_slice::<f32>()?[start..start + g.elem_count()]);
             }
             None => buf.resize(buf.len() + v.elem_count(), 0.0),
         }
     }
     buf.extend(partial.iter().map(|g| if g.is_some() { 1.0f32 } else { 0.0 }));
-    let all = comm.all_gather_f32(&buf)?;
     let per = buf.len();
+    let all = comm.all_gather_f32(&buf)?;
+    drop(buf);
+    let flags: Vec<bool> =
+        (0..comm.size() * named.len()).map(|i| all[(i / named.len()) * per + n + i % named.len()] != 0.0).collect();
+    // The other ranks' gradients as views of one tensor: no further copy.
+    let all = Tensor::from_vec(all, comm.size() * per, &Device::Cpu)?;
     let me = comm.rank();
     let mut parts = Vec::with_capacity(comm.size());
     let mut own = Some(partial);
@@ -57,16 +70,49 @@ pub fn all_reduce_grads(
             parts.push(own.take().context("own partial taken twice")?);
             continue;
         }
-        let b = &all[r * per..(r + 1) * per];
-        let flags = &b[n..];
-        let (mut off, mut grads) = (0, Vec::with_capacity(named.len()));
+        let (mut off, mut grads) = (r * per, Vec::with_capacity(named.len()));
         for (i, (_, v)) in named.iter().enumerate() {
             let k = v.elem_count();
-            grads.push(if flags[i] != 0.0 {
-                Some(Tensor::from_slice(&b[off..off + k], v.shape(), v.device())?)
+            grads.push(if flags[r * named.len() + i] {
+                Some(all.narrow(0, off, k)?.reshape(v.shape())?)
             } else {
                 None
             });
+            off += k;
+        }
+        parts.push(grads);
+    }
+    sum_grads(parts, named.len())
+}
+
+/// [`all_reduce_grads`] for gradients on a GPU: packed there, all-gathered by the communicator
+/// (NCCL, or MPI through host memory), unpacked as views. Not run on a GPU yet.
+fn all_reduce_grads_on_device(
+    comm: &dyn Comm,
+    partial: Vec<Option<Tensor>>,
+    named: &[(String, Var)],
+    dev: &Device,
+) -> Result<(Vec<Option<Tensor>>, f64)> {
+    let mut pieces = Vec::with_capacity(named.len() + 1);
+    for (g, (_, v)) in partial.iter().zip(named) {
+        pieces.push(match g {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(v.elem_count(), DType::F32, dev)?,
+        });
+    }
+    let flags: Vec<f32> = partial.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    pieces.push(Tensor::from_vec(flags, named.len(), dev)?);
+    let all = comm.all_gather_tensor(&Tensor::cat(&pieces, 0)?)?; // (ranks, n + params)
+    let n: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut parts = Vec::with_capacity(comm.size());
+    for r in 0..comm.size() {
+        let row = all.get(r)?;
+        let flags = row.narrow(0, n, named.len())?.to_vec1::<f32>()?;
+        let (mut off, mut grads) = (0, Vec::with_capacity(named.len()));
+        for (i, (_, v)) in named.iter().enumerate() {
+            let k = v.elem_count();
+            let g = row.narrow(0, off, k)?.reshape(v.shape())?.to_dtype(v.dtype())?;
+            grads.push((flags[i] != 0.0).then_some(g));
             off += k;
         }
         parts.push(grads);

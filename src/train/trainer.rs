@@ -41,7 +41,8 @@ pub fn device_from_str(s: &str) -> Result<Device> {
 pub fn open_device(d: DeviceKind) -> Result<Device> {
     Ok(match d {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda(n) => Device::new_cuda(n.unwrap_or(0))?,
+        // Without an ordinal, the rank's GPU on its machine under a launcher (local rank), else 0.
+        DeviceKind::Cuda(n) => Device::new_cuda(n.unwrap_or_else(crate::dist::launch::local_rank))?,
         DeviceKind::Metal => Device::new_metal(0)?,
     })
 }
@@ -174,6 +175,12 @@ impl Trainer {
         let n_workers = if cfg.train.device == DeviceKind::Cpu { worker_count(cfg.train.threads, mine) } else { 1 };
         let workers = Workers::new(n_workers)?;
         let device = open_device(cfg.train.device)?;
+        #[cfg(feature = "nccl")]
+        let comm: Arc<dyn Comm> = if device.is_cuda() && comm.size() > 1 {
+            Arc::new(crate::dist::nccl::NcclComm::over(comm, &device)?)
+        } else {
+            comm
+        };
         if device.is_cuda() {
             // A process-wide cuBLAS setting in Candle: the last trainer built decides.
             candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.tf32);
