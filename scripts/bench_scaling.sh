@@ -4,7 +4,8 @@
 #   bash scripts/bench_scaling.sh
 #
 # Points (each with its MoE and its dense twin, model.moe_every=0):
-#   E=16, E=64, E=256   the default config (configs/shakespeare-char-cpu.toml) with
+#   E=16, E=64, E=256   the previous default config (configs/shakespeare-char-cpu-v1.toml: GELU
+#                       experts, MoE in every second block, which the PyTorch twin mirrors) with
 #                       model.moe.num_experts=E
 #   gpu-shape           configs/shakespeare-char-gpu.toml on the CPU: 6 layers x 384, T = 256,
 #                       16 experts of 1536, top-1 in every block; 16 sequences a step (2
@@ -34,7 +35,7 @@ STEPS_BIG="${STEPS_BIG:-4}"
 REPEATS="${REPEATS:-3}"
 THREADS="${THREADS:-2}"
 WARMUP=3 # bench_step's fixed warm-up
-CPU_CFG="$HERE/configs/shakespeare-char-cpu.toml"
+CPU_CFG="$HERE/configs/shakespeare-char-cpu-v1.toml"
 GPU_CFG="$HERE/configs/shakespeare-char-gpu.toml"
 VENV="${VENV:-$HERE/.venv-bench}"
 log() { echo "$*" >&2; }

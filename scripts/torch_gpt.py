@@ -564,7 +564,7 @@ def make_optimizer(model, cfg, kind, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="TOML config (default configs/shakespeare-char-cpu.toml)")
+    ap.add_argument("--config", default=None, help="TOML config (default configs/shakespeare-char-cpu-v1.toml, the previous default: GELU experts, tied head)")
     ap.add_argument("--config-gpu", action="store_true", help="use configs/shakespeare-char-gpu.toml (device from it: cuda)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--dense", action="store_true", help="the dense twin: model.moe_every=0")
@@ -586,7 +586,7 @@ def main():
 
     if tomllib is None:
         sys.exit("torch_gpt.py needs Python >= 3.11 (tomllib)")
-    path = a.config or os.path.join(REPO, "configs", "shakespeare-char-gpu.toml" if a.config_gpu else "shakespeare-char-cpu.toml")
+    path = a.config or os.path.join(REPO, "configs", "shakespeare-char-gpu.toml" if a.config_gpu else "shakespeare-char-cpu-v1.toml")
     sets = list(a.set) + (["model.moe_every=0"] if a.dense else [])
     cfg = load_config(path, sets)
     m, t = cfg["model"], cfg["train"]

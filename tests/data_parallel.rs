@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Trains `cfg` on `n` thread ranks into `dir` (every rank is given `dir`; rank 0 alone writes).
 /// Returns each rank's outcome (the error text on failure).
 fn train_on_ranks(n: usize, cfg: &dyn Fn(usize) -> Config, dir: &Path) -> Vec<Result<f64, String>> {
-    let handles: Vec<_> = LocalGroup::new(n)
+    let handles: Vec<_> = LocalGroup::ranks(n)
         .into_iter()
         .map(|comm| {
             let (cfg, dir) = (cfg(comm.rank()), dir.to_path_buf());
@@ -113,7 +113,7 @@ fn a_run_resumes_exactly_on_another_rank_count() {
     let first = train_on_ranks(4, &|_| cfg_with(&["train.grad_accum=4", "train.max_iters=3"]), cut.path());
     assert!(first.iter().all(Result::is_ok), "{first:?}");
     let dir = cut.path().to_path_buf();
-    let handles: Vec<_> = LocalGroup::new(2)
+    let handles: Vec<_> = LocalGroup::ranks(2)
         .into_iter()
         .map(|comm| {
             let dir = dir.clone();
@@ -148,7 +148,7 @@ fn ranks_that_disagree_are_refused_by_name() {
 fn rank_0_alone_writes() {
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dirs = [d0.path().to_path_buf(), d1.path().join("rank1")];
-    let handles: Vec<_> = LocalGroup::new(2)
+    let handles: Vec<_> = LocalGroup::ranks(2)
         .into_iter()
         .zip(dirs.clone())
         .map(|(comm, dir)| {

@@ -32,7 +32,7 @@ struct Shared {
     cv: Condvar,
 }
 
-/// One rank of a group made by [`LocalGroup::new`].
+/// One rank of a group made by [`LocalGroup::ranks`].
 pub struct LocalGroup {
     rank: usize,
     shared: Arc<Shared>,
@@ -40,7 +40,7 @@ pub struct LocalGroup {
 
 impl LocalGroup {
     /// `n` ranks that share one exchange: hand one to each thread.
-    pub fn new(n: usize) -> Vec<Arc<dyn Comm>> {
+    pub fn ranks(n: usize) -> Vec<Arc<dyn Comm>> {
         let shared = Arc::new(Shared {
             n,
             state: Mutex::new(State { round: 0, slots: vec![None; n], result: None, taken: 0, failed: None }),
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn gathers_in_rank_order_over_many_rounds() {
-        let comms = LocalGroup::new(3);
+        let comms = LocalGroup::ranks(3);
         let hs: Vec<_> = comms
             .into_iter()
             .map(|c| {
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn a_failed_rank_stops_the_others_with_its_name() {
-        let mut comms = LocalGroup::new(2);
+        let mut comms = LocalGroup::ranks(2);
         let c1 = comms.pop().unwrap();
         let c0 = comms.pop().unwrap();
         let h = std::thread::spawn(move || c0.all_gather_f64(&[1.0]).unwrap_err().to_string());
