@@ -38,12 +38,6 @@ pub fn open_world() -> Result<Arc<dyn Comm>> {
 
 #[cfg(feature = "mpi")]
 fn open_mpi(_var: &str, _value: &str, _who: &str) -> Result<Arc<dyn Comm>> {
-    // A rank that waits at an exchange yields its core instead of spinning on it (OpenMPI's
-    // default spins): on a machine shared with other work, spinning ranks ran 8x slower. The
-    // user's own setting wins.
-    if std::env::var_os("OMPI_MCA_mpi_yield_when_idle").is_none() {
-        std::env::set_var("OMPI_MCA_mpi_yield_when_idle", "1");
-    }
     Ok(Arc::new(super::mpi::MpiComm::init()?))
 }
 
