@@ -52,25 +52,6 @@ fn train_single(cfg: Config, threads: usize, dir: &Path) -> f64 {
     t.fit().unwrap().val_loss
 }
 
-/// The run's final weights file and its metrics without the timings.
-fn outcome(dir: &Path, step: usize) -> (Vec<u8>, Vec<String>) {
-    let w = std::fs::read(dir.join(format!("ckpt-{step:07}/model.safetensors"))).unwrap();
-    let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    // The `done` line of a run cut short stays in its metrics; compare the step and eval lines.
-    let lines = m
-        .lines()
-        .filter(|l| !l.contains("\"event\""))
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("tok_per_s");
-            o.remove("wall_s");
-            v.to_string()
-        })
-        .collect();
-    (w, lines)
-}
-
 fn cfg_with(extra: &[&str]) -> Config {
     let mut o = vec![
         "train.grad_accum=2",
@@ -96,7 +77,8 @@ fn two_ranks_give_the_bits_of_one_process_with_one_or_two_threads() {
             assert_eq!(g.as_ref().map(|v| v.to_bits()), Ok(v1.to_bits()), "rank {r}'s val loss, accum {accum}");
         }
         assert_eq!(v1.to_bits(), v2.to_bits());
-        let (a, b, c) = (outcome(d1.path(), 6), outcome(d2.path(), 6), outcome(dr.path(), 6));
+        let (a, b, c) =
+            (common::run_outcome(d1.path(), 6), common::run_outcome(d2.path(), 6), common::run_outcome(dr.path(), 6));
         assert!(a.0 == b.0 && a.0 == c.0, "final weights differ (accum {accum})");
         assert_eq!(a.1, c.1, "logged losses, grad norms and routing (accum {accum})");
         assert_eq!(a.1, b.1);
@@ -130,7 +112,7 @@ fn a_run_resumes_exactly_on_another_rank_count() {
     for h in handles {
         h.join().unwrap().unwrap();
     }
-    let (a, b) = (outcome(straight.path(), 6), outcome(cut.path(), 6));
+    let (a, b) = (common::run_outcome(straight.path(), 6), common::run_outcome(cut.path(), 6));
     assert!(a.0 == b.0, "weights after 3 steps on 4 ranks and 3 on 2 differ from 6 steps in one process");
     assert_eq!(a.1, b.1, "the resumed run's metrics");
 }

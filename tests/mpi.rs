@@ -45,24 +45,6 @@ fn ok(o: Output, what: &str) -> Output {
     o
 }
 
-/// Final weights and metrics (without timings and `done` lines).
-fn outcome(dir: &Path, step: usize) -> (Vec<u8>, Vec<String>) {
-    let w = std::fs::read(dir.join(format!("ckpt-{step:07}/model.safetensors"))).unwrap();
-    let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = m
-        .lines()
-        .filter(|l| !l.contains("\"event\""))
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("tok_per_s");
-            o.remove("wall_s");
-            v.to_string()
-        })
-        .collect();
-    (w, lines)
-}
-
 #[test]
 fn two_mpi_ranks_give_the_bits_of_one_process() {
     for accum in ["train.grad_accum=2", "train.grad_accum=4"] {
@@ -71,7 +53,7 @@ fn two_mpi_ranks_give_the_bits_of_one_process() {
         let o = ok(mpirun().args(["-np", "2", BIN]).args(train_args(two.path(), &[accum])).output().unwrap(), "mpirun");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("rank 1 of 2 (mpi)"), "{err}");
-        let (a, b) = (outcome(one.path(), 6), outcome(two.path(), 6));
+        let (a, b) = (common::run_outcome(one.path(), 6), common::run_outcome(two.path(), 6));
         assert!(a.0 == b.0, "{accum}: weights after 6 steps differ");
         assert_eq!(a.1, b.1, "{accum}: logged losses");
         assert_eq!(a.1.len(), 6);
@@ -144,7 +126,10 @@ fn a_killed_rank_ends_the_job_naming_it_and_the_last_checkpoint_resumes_exactly(
     let straight = tempfile::tempdir().unwrap();
     let ev = "train.eval_interval=1000";
     ok(Command::new(BIN).args(train_args(straight.path(), &[&max, ev])).output().unwrap(), "straight");
-    assert!(outcome(run.path(), to).0 == outcome(straight.path(), to).0, "resumed from step {newest}: weights differ");
+    assert!(
+        common::run_outcome(run.path(), to).0 == common::run_outcome(straight.path(), to).0,
+        "resumed from step {newest}: weights differ"
+    );
 }
 
 #[test]

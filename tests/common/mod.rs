@@ -92,3 +92,22 @@ pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec
     walk(dir, dir, &mut out);
     out
 }
+
+/// A run's weights file at `step` and its metrics lines without timings and `done` lines (a run
+/// cut short keeps its `done` line): what two runs that should agree bit for bit are compared on.
+pub fn run_outcome(dir: &std::path::Path, step: usize) -> (Vec<u8>, Vec<String>) {
+    let w = std::fs::read(dir.join(format!("ckpt-{step:07}/model.safetensors"))).unwrap();
+    let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines = m
+        .lines()
+        .filter(|l| !l.contains("\"event\""))
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tok_per_s");
+            o.remove("wall_s");
+            v.to_string()
+        })
+        .collect();
+    (w, lines)
+}
