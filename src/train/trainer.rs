@@ -470,10 +470,9 @@ impl Trainer {
                 line.insert("val_loss".into(), json!(val));
                 line.insert("train_eval_loss".into(), json!(tr));
                 let msg = format!("step {done}: train {tr:.4}, val {val:.4}");
-                if !lead {
-                } else if pb.is_hidden() {
+                if lead && pb.is_hidden() {
                     eprintln!("{msg}");
-                } else {
+                } else if lead {
                     pb.println(msg);
                 }
                 if self.state.best_val_loss.is_none_or(|b| val < b) {
