@@ -144,6 +144,17 @@ impl Gpt {
         Ok(())
     }
 
+    /// Splits every MoE layer's experts over the ranks of `group` in the training forward
+    /// ([`Gpt::forward_train`]; see [`crate::moe::expert_parallel`]).
+    pub fn set_expert_group(&mut self, group: &crate::moe::ExpertGroup) -> Result<()> {
+        for block in &mut self.blocks {
+            if let Ffn::Moe(moe) = &mut block.ffn {
+                moe.set_expert_group(group.clone())?;
+            }
+        }
+        Ok(())
+    }
+
     /// idx: (B, T) u32 token ids, T <= block_size -> logits (B, T, V) and aux losses.
     pub fn forward(&self, idx: &Tensor, ctx: &Ctx) -> Result<GptOutput> {
         self.forward_impl(idx, ctx, false)

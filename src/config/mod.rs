@@ -191,6 +191,14 @@ pub struct TrainConfig {
     /// single-threaded inside; gradients are summed in micro-batch order, so the result does not
     /// depend on this number. 0 = one per core, at most `grad_accum`. See `train::parallel`.
     pub threads: usize,
+    /// Expert parallel: each MoE layer's experts split over groups of this many ranks (1 = off);
+    /// it must divide the number of ranks and of experts. See `moe::expert_parallel`.
+    #[serde(default = "default_one")]
+    pub expert_parallel: usize,
+}
+
+fn default_one() -> usize {
+    1
 }
 
 fn default_true() -> bool {
@@ -279,6 +287,7 @@ impl Default for Config {
                 tf32: false,
                 dead_expert_window: 100,
                 threads: 0,
+                expert_parallel: 1,
             },
         }
     }

@@ -33,6 +33,16 @@ impl Config {
         if !(0.0..1.0).contains(&m.dropout) {
             bail!("model.dropout = {} must be in [0, 1)", m.dropout);
         }
+        let ep = self.train.expert_parallel;
+        if ep == 0 {
+            bail!("train.expert_parallel = 0: it is the number of ranks a layer's experts are split over (1 = off)");
+        }
+        if ep > 1 && (m.moe_every == 0 || !e.is_multiple_of(ep)) {
+            bail!(
+                "train.expert_parallel = {ep} splits each MoE layer's experts over {ep} ranks: it needs MoE layers \
+                 (model.moe_every > 0) and a number of experts it divides (model.moe.num_experts = {e})"
+            );
+        }
         if m.moe_every > 0 {
             if e == 0 {
                 bail!("model.moe.num_experts must be > 0");

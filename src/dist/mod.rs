@@ -43,6 +43,32 @@ pub trait Comm: Send + Sync {
     fn abort(&self, code: i32) -> !;
     /// Ends the communicator at a normal exit (MPI_Finalize); collectives after it fail.
     fn finalize(&self) {}
+    /// All-to-all with variable counts: `parts[j]` (one per rank, any length, empty for none) goes
+    /// to rank j; returns what each rank sent this one, in rank order. This default carries every
+    /// part through [`Comm::all_gather_bytes`] (each rank receives all of them); MPI overrides it
+    /// with `MPI_Alltoallv`, which moves each part to its rank only.
+    fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let (n, me) = (self.size(), self.rank());
+        if parts.len() != n {
+            anyhow::bail!("rank {me}: all-to-all with {} parts for {n} ranks", parts.len());
+        }
+        // [n lengths as u64] ++ the parts.
+        let mut buf: Vec<u8> = parts.iter().flat_map(|p| (p.len() as u64).to_le_bytes()).collect();
+        buf.extend(parts.concat());
+        let all = self.all_gather_bytes(&buf)?;
+        all.iter()
+            .map(|b| {
+                let len = |j: usize| -> Option<usize> {
+                    let c = b.get(8 * j..8 * j + 8)?;
+                    Some(u64::from_le_bytes(c.try_into().ok()?) as usize)
+                };
+                let start = 8 * n + (0..me).map(len).sum::<Option<usize>>()?;
+                b.get(start..start + len(me)?).map(<[u8]>::to_vec)
+            })
+            .enumerate()
+            .map(|(r, p)| p.ok_or_else(|| anyhow::anyhow!("rank {me}: rank {r}'s all-to-all parts are cut short")))
+            .collect()
+    }
     /// Every rank's f32 tensor `t` (the same size on every rank), flattened and stacked in rank
     /// order: (size, t.elem_count()), on `t`'s device. Through host memory unless the
     /// communicator moves device memory itself (NCCL).

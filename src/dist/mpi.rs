@@ -7,7 +7,7 @@
 
 use super::Comm;
 use anyhow::{bail, Context, Result};
-use mpi::datatype::PartitionMut;
+use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
@@ -83,6 +83,29 @@ impl Comm for MpiComm {
             c.all_gather_varcount_into(x, &mut part);
         })?;
         Ok(counts.iter().zip(&displs).map(|(&n, &d)| buf[d as usize..(d + n) as usize].to_vec()).collect())
+    }
+    /// `MPI_Alltoall` of the counts, then `MPI_Alltoallv` of the bytes: each part goes to its
+    /// rank only.
+    fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if parts.len() != self.size {
+            bail!("rank {}: all-to-all with {} parts for {} ranks", self.rank, parts.len(), self.size);
+        }
+        let count = |p: &Vec<u8>| Count::try_from(p.len()).context("more than 2 GiB to one rank in one exchange");
+        let send_counts = parts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let mut recv_counts = vec![0 as Count; self.size];
+        self.with(|c| c.all_to_all_into(&send_counts[..], &mut recv_counts[..]))?;
+        let displs = |counts: &[Count]| -> Vec<Count> {
+            counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect()
+        };
+        let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
+        let flat = parts.concat();
+        let mut buf = vec![0u8; recv_counts.iter().map(|&c| c as usize).sum()];
+        self.with(|c| {
+            let send = Partition::new(&flat[..], &send_counts[..], &send_displs[..]);
+            let mut recv = PartitionMut::new(&mut buf[..], &recv_counts[..], &recv_displs[..]);
+            c.all_to_all_varcount_into(&send, &mut recv);
+        })?;
+        Ok(recv_counts.iter().zip(&recv_displs).map(|(&n, &d)| buf[d as usize..(d + n) as usize].to_vec()).collect())
     }
     fn barrier(&self) -> Result<()> {
         self.with(|c| c.barrier())

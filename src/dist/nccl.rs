@@ -63,6 +63,10 @@ impl Comm for NcclComm {
     fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.host.all_gather_bytes(x)
     }
+    /// Through the host communicator (MPI): the expert-parallel rows go GPU -> host -> GPU.
+    fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.host.all_to_all_bytes(parts)
+    }
     fn barrier(&self) -> Result<()> {
         self.host.barrier()
     }

@@ -2,6 +2,7 @@
 //! combine, plus the auxiliary losses and routing statistics of the call.
 
 use super::dispatch::{capacity, plan};
+use super::expert_parallel::ExpertGroup;
 use super::finite::{check_on_host, nonfinite_flag};
 use super::losses::{load_balance, load_balance_fused, z_loss};
 use super::{RouteCtx, Router, RouterFactory, Routing};
@@ -24,6 +25,8 @@ pub struct MoeLayer {
     /// model.router.impl == "fused": dispatch / combine through the `ops::{expert_sort, gather_rows,
     /// combine}` kernels instead of index_select / index_add.
     fused_dispatch: bool,
+    /// Expert parallel: the ranks this layer's experts are split over (training steps only).
+    group: Option<ExpertGroup>,
 }
 
 /// (y (N, C), kept slots per expert, dropped slots) of one dispatch.
@@ -81,7 +84,24 @@ impl MoeLayer {
             layer: layer as u32,
             fused_balance: cfg.model.router.implementation == RouterImpl::Fused,
             fused_dispatch: cfg.model.router.implementation == RouterImpl::Fused,
+            group: None,
         })
+    }
+
+    /// Splits the experts of the training steps' forwards over `group` ([`ExpertGroup`]); the
+    /// plain forward (evaluation, generation) keeps running every expert here.
+    pub fn set_expert_group(&mut self, group: ExpertGroup) -> Result<()> {
+        let e = self.experts.len();
+        if !self.fused_dispatch || e % group.size() != 0 {
+            candle_core::bail!(
+                "layer {}: expert parallel needs model.router.impl = \"fused\" and a number of experts ({e}) that \
+                 the {} ranks of a group divide",
+                self.layer,
+                group.size()
+            );
+        }
+        self.group = Some(group);
+        Ok(())
     }
 
     pub fn num_experts(&self) -> usize {
@@ -157,9 +177,9 @@ impl MoeLayer {
     }
 
     /// The fused path: sort the slots by expert on the device, gather the rows to that order, run
-    /// each expert on its contiguous block, and combine with the routing weights. Only the E + 1
-    /// offsets and the non-finite `flag` come to the host, in one copy. xf (N, C) -> (y (N, C),
-    /// kept slots per expert, dropped slots).
+    /// each expert on its contiguous block (on the rank that holds it, with expert parallel), and
+    /// combine with the routing weights. Only the E + 1 offsets and the non-finite `flag` come to
+    /// the host, in one copy. xf (N, C) -> (y (N, C), kept slots per expert, dropped slots).
     fn experts_fused(
         &self,
         xf: &Tensor,
@@ -175,29 +195,45 @@ impl MoeLayer {
             check_on_host(&r.logits, ctx.step, self.layer)?;
         }
         let xs = gather_rows(xf, &order)?; // (N_kept, C), grouped by expert
-        let grouped: Option<Vec<_>> = self.experts.iter().map(|x| x.gelu_params()).collect();
-        if let (Some(params), true) = (grouped, xs.dim(0)? > 0) {
-            // Every expert in one op each way.
-            let (ys, grads) = if pack {
-                crate::ops::expert_mlp_train(&xs, &params, &order.offsets)? // (N_kept, C)
-            } else {
-                (crate::ops::expert_mlp(&xs, &params, &order.offsets)?, None)
-            };
-            let y = combine(&ys, &r.weights, &order)?; // (N, C)
-            return Ok(((y, order.tokens_per_expert(), order.dropped()), grads));
+        let counts = (order.tokens_per_expert(), order.dropped());
+        let (ys, grads) = match (&self.group, pack) {
+            (Some(group), true) => {
+                // This rank's experts on the rows of every rank of its group, the outputs sent
+                // back (every rank takes part, with or without rows).
+                let (xs_mine, offsets, route) =
+                    group.dispatch(&xs, &order.offsets).map_err(candle_core::Error::wrap)?;
+                let (ys_mine, grads) = Self::run_experts(&xs_mine, &self.experts[group.mine(e)], &offsets, pack)?;
+                (group.collect(&ys_mine, &route)?, grads) // (N_kept, C)
+            }
+            _ if xs.dim(0)? == 0 => return Ok(((xf.zeros_like()?, counts.0, counts.1), None)),
+            _ => Self::run_experts(&xs, &self.experts, &order.offsets, pack)?,
+        };
+        let y = combine(&ys, &r.weights, &order)?; // (N, C)
+        Ok(((y, counts.0, counts.1), grads))
+    }
+
+    /// `experts` on their blocks of xs (N, C) (`offsets`: one block each) -> (N, C), and the
+    /// out-of-band gradients of the training form. Rows that reach no expert (N = 0) come back as
+    /// xs itself, so the graph still links the output to the input.
+    fn run_experts(xs: &Tensor, experts: &[Mlp], offsets: &[u32], pack: bool) -> Result<(Tensor, Option<ExpertGrads>)> {
+        if xs.dim(0)? == 0 {
+            return Ok((xs.clone(), None));
         }
-        let mut outs = Vec::with_capacity(e);
-        for (expert, rows) in self.experts.iter().zip(split_rows(&xs, &order.offsets)?) {
+        let grouped: Option<Vec<_>> = experts.iter().map(|x| x.gelu_params()).collect();
+        if let Some(params) = grouped {
+            return if pack {
+                crate::ops::expert_mlp_train(xs, &params, offsets)
+            } else {
+                Ok((crate::ops::expert_mlp(xs, &params, offsets)?, None))
+            };
+        }
+        let mut outs = Vec::with_capacity(experts.len());
+        for (expert, rows) in experts.iter().zip(split_rows(xs, offsets)?) {
             if let Some(rows) = rows {
                 outs.push(expert.forward(&rows)?); // (n_e, C)
             }
         }
-        let y = if outs.is_empty() {
-            xf.zeros_like()?
-        } else {
-            combine(&Tensor::cat(&outs, 0)?, &r.weights, &order)? // (N, C)
-        };
-        Ok(((y, order.tokens_per_expert(), order.dropped()), None))
+        Ok((Tensor::cat(&outs, 0)?, None))
     }
 
     /// The reference path: host plan (the indices and the non-finite `flag` copied in one

@@ -268,7 +268,13 @@ pub fn weights_hash(named: &[(String, Var)]) -> Result<String> {
 
 /// Refuses a run that cannot be split over the ranks of `comm`, saying why.
 pub fn check_layout(cfg: &Config, comm: &dyn Comm) -> Result<()> {
-    let (w, a) = (comm.size(), cfg.train.grad_accum);
+    let (w, a, g) = (comm.size(), cfg.train.grad_accum, cfg.train.expert_parallel);
+    if g > 1 && w % g != 0 {
+        bail!(
+            "train.expert_parallel = {g} splits the experts over groups of {g} ranks, and this run has {w} rank(s) \
+             (launch a multiple of {g}: mpirun -np {g} gumbel-moe train ...)"
+        );
+    }
     if w == 1 {
         return Ok(());
     }

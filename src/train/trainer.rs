@@ -19,7 +19,7 @@ use crate::config::{Config, DeviceKind, RouterKind};
 use crate::data::{Batcher, Tokenizer};
 use crate::dist::Comm;
 use crate::model::Gpt;
-use crate::moe::RouterFactory;
+use crate::moe::{ExpertGroup, RouterFactory};
 use crate::nn::{Ctx, Params};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -172,7 +172,9 @@ impl Trainer {
             super::parallel::share_cores_with_local_ranks();
         }
         // Before the first tensor op: with several workers, Candle's own ops run single-threaded.
-        let n_workers = if cfg.train.device == DeviceKind::Cpu { worker_count(cfg.train.threads, mine) } else { 1 };
+        // With expert parallel a rank's micro-batches run one at a time (their moves are collectives).
+        let cpu_workers = cfg.train.device == DeviceKind::Cpu && !(with_train && cfg.train.expert_parallel > 1);
+        let n_workers = if cpu_workers { worker_count(cfg.train.threads, mine) } else { 1 };
         let workers = Workers::new(n_workers)?;
         let device = open_device(cfg.train.device)?;
         #[cfg(feature = "nccl")]
@@ -201,7 +203,10 @@ impl Trainer {
         let train = if with_train { Some(data.batcher(true, &tokenizer, bs, bsz, cfg.seed)?) } else { None };
         let params = Params::new();
         let vb = params.var_builder(cfg.seed, DType::F32, &device);
-        let model = Gpt::new_with_router(&cfg, vb, router)?;
+        let mut model = Gpt::new_with_router(&cfg, vb, router)?;
+        if with_train && cfg.train.expert_parallel > 1 {
+            model.set_expert_group(&ExpertGroup::new(comm.clone(), cfg.train.expert_parallel)?)?;
+        }
         let t = &cfg.train;
         let mut opt = AdamW::new(
             params.named(),
@@ -294,8 +299,8 @@ impl Trainer {
         // This rank's block of the step's micro-batches (all of them in one process).
         let (first, count) = crate::dist::my_share(accum, self.comm.rank(), self.comm.size());
         let outs: Vec<MicroOut> = if self.sequential_micro_batches() {
-            // Router state moves after each micro-batch: they run in order, on one worker (one
-            // rank only: see data_parallel::check_layout).
+            // Router state moves after each micro-batch (one rank only: see
+            // data_parallel::check_layout), or expert parallel's collectives: in order, one worker.
             self.workers.install(|| -> Result<Vec<MicroOut>> {
                 let mut outs = Vec::with_capacity(count);
                 let mut baseline = baseline0;
@@ -377,11 +382,13 @@ impl Trainer {
         )
     }
 
-    /// Whether the micro-batches run in order: REINFORCE's baseline moves from one to the next. (The
+    /// Whether the micro-batches run in order: REINFORCE's baseline moves from one to the next, and
+    /// expert parallel's moves are collectives that every rank calls in the same order. (The
     /// sigmoid router's bias moves only after the step, from integer counts, so its micro-batches
     /// could run side by side; they run in order, as they are timed.)
     fn sequential_micro_batches(&self) -> bool {
         matches!(self.cfg.model.router.kind, RouterKind::Reinforce | RouterKind::SigmoidBias)
+            || self.cfg.train.expert_parallel > 1
     }
 
     fn tokens_per_step(&self) -> u64 {
