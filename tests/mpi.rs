@@ -1,6 +1,7 @@
 //! Data-parallel training through `mpirun` (feature `mpi`; OpenMPI installed, as `.ci/run` does):
 //! two ranks give one process's bits, a killed rank ends the job within seconds naming the rank
-//! and leaves a checkpoint that resumes exactly, ranks that disagree are refused.
+//! and leaves a checkpoint that resumes exactly, ranks that disagree are refused, and two ranks
+//! that split the experts (`train.expert_parallel = 2`) follow one process.
 //!
 //!     cargo test --features mpi --test mpi
 #![cfg(feature = "mpi")]
@@ -145,4 +146,25 @@ fn ranks_with_different_configs_are_refused_by_name() {
     assert!(err.contains("rank 1's config differs from rank 0's") && err.contains("lr"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(60));
     assert!(!run.path().join("metrics.jsonl").exists(), "nothing was trained");
+}
+
+#[test]
+fn two_mpi_ranks_holding_half_the_experts_each_follow_one_process() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let moe = ["model.moe_every=1", "model.router.top_m=2"];
+    ok(Command::new(BIN).args(train_args(one.path(), &moe)).output().unwrap(), "one process");
+    let split: Vec<&str> = moe.iter().copied().chain(["train.expert_parallel=2"]).collect();
+    ok(mpirun().args(["-np", "2", BIN]).args(train_args(two.path(), &split)).output().unwrap(), "mpirun");
+    let loss = |dir: &Path| -> Vec<f64> {
+        common::run_outcome(dir, 6)
+            .1
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (loss(one.path()), loss(two.path()));
+    assert_eq!(a.len(), 6);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {}: {y} with the experts split vs {x}", i + 1);
+    }
 }
