@@ -8,6 +8,7 @@
 
 use super::Comm;
 use anyhow::{bail, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ struct Shared {
 pub struct LocalGroup {
     rank: usize,
     shared: Arc<Shared>,
+    /// Bytes deposited for the other ranks ([`Comm::bytes_sent`]).
+    sent: AtomicU64,
 }
 
 impl LocalGroup {
@@ -46,12 +49,15 @@ impl LocalGroup {
             state: Mutex::new(State { round: 0, slots: vec![None; n], result: None, taken: 0, failed: None }),
             cv: Condvar::new(),
         });
-        (0..n).map(|rank| Arc::new(LocalGroup { rank, shared: shared.clone() }) as Arc<dyn Comm>).collect()
+        (0..n)
+            .map(|rank| Arc::new(LocalGroup { rank, shared: shared.clone(), sent: AtomicU64::new(0) }) as Arc<dyn Comm>)
+            .collect()
     }
 
     /// One round: deposit `x`, wait for every rank's, return them in rank order.
     fn exchange(&self, x: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let s = &self.shared;
+        self.sent.fetch_add((x.len() * (s.n - 1)) as u64, Ordering::Relaxed);
         let start = Instant::now();
         let mut st = s.state.lock().map_err(|_| anyhow::anyhow!("rank group lock poisoned"))?;
         // The previous round may still be handing out its result.
@@ -128,6 +134,9 @@ impl Comm for LocalGroup {
     fn barrier(&self) -> Result<()> {
         self.exchange(Vec::new()).map(|_| ())
     }
+    fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
     /// Marks the group failed (the other ranks' collectives return errors) and ends this thread.
     fn abort(&self, code: i32) -> ! {
         if let Ok(mut st) = self.shared.state.lock() {
@@ -157,6 +166,30 @@ mod tests {
                         assert_eq!(b, vec![vec![], vec![1], vec![2, 2]]);
                     }
                     c.barrier().unwrap();
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn all_to_all_and_varcount_gathers_deliver_each_part_to_its_rank() {
+        let comms = LocalGroup::ranks(3);
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let me = c.rank() as u8;
+                    // Rank r sends rank j the bytes [10 r + j] repeated j times.
+                    let parts = (0..3u8).map(|j| vec![10 * me + j; j as usize]).collect();
+                    let got = c.all_to_all_bytes(parts).unwrap();
+                    let want: Vec<Vec<u8>> = (0..3u8).map(|r| vec![10 * r + me; me as usize]).collect();
+                    assert_eq!(got, want, "rank {me}");
+                    let (v, n) = c.all_gather_f32_varcount(&vec![me as f32; me as usize]).unwrap();
+                    assert_eq!((v, n), (vec![1.0, 2.0, 2.0], vec![0, 1, 2]));
+                    assert!(c.bytes_sent() > 0);
                 })
             })
             .collect();

@@ -43,6 +43,19 @@ pub trait Comm: Send + Sync {
     fn abort(&self, code: i32) -> !;
     /// Ends the communicator at a normal exit (MPI_Finalize); collectives after it fail.
     fn finalize(&self) {}
+    /// Every rank's `x` (any length), concatenated in rank order, and each rank's length. This
+    /// default goes through [`Comm::all_gather_bytes`] (one more copy); MPI overrides it.
+    fn all_gather_f32_varcount(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.all_gather_bytes(&bytes)?;
+        let counts = all.iter().map(|b| b.len() / 4).collect();
+        let v = all.iter().flat_map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Ok((v.collect(), counts))
+    }
+    /// Bytes this rank has sent to other ranks so far (0 where not counted: [`Single`]).
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
     /// All-to-all with variable counts: `parts[j]` (one per rank, any length, empty for none) goes
     /// to rank j; returns what each rank sent this one, in rank order. This default carries every
     /// part through [`Comm::all_gather_bytes`] (each rank receives all of them); MPI overrides it

@@ -12,6 +12,7 @@ use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The MPI world (and the universe that finalizes MPI when [`Comm::finalize`] drops it).
@@ -20,6 +21,8 @@ pub struct MpiComm {
     world: SimpleCommunicator,
     rank: usize,
     size: usize,
+    /// Bytes sent to other ranks ([`Comm::bytes_sent`]).
+    sent: AtomicU64,
 }
 
 // SAFETY: MPI runs at MPI_THREAD_SERIALIZED (checked in `init`), and every call into it below
@@ -38,7 +41,7 @@ impl MpiComm {
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let dup = universe.world();
-        Ok(Self { inner: Mutex::new(Some((universe, dup))), world, rank, size })
+        Ok(Self { inner: Mutex::new(Some((universe, dup))), world, rank, size, sent: AtomicU64::new(0) })
     }
 
     /// Runs `f` with the communicator, serialised.
@@ -48,11 +51,33 @@ impl MpiComm {
         Ok(f(comm))
     }
 
+    /// Counts `bytes` sent to each of `to` other ranks.
+    fn count(&self, bytes: usize, to: usize) {
+        self.sent.fetch_add((bytes * to) as u64, Ordering::Relaxed);
+    }
+
     /// Gathers equal-length slices of any MPI type.
     fn gather<T: Equivalence + Copy + Default>(&self, x: &[T]) -> Result<Vec<T>> {
+        self.count(std::mem::size_of_val(x), self.size - 1);
         let mut out = vec![T::default(); x.len() * self.size];
         self.with(|c| c.all_gather_into(x, &mut out[..]))?;
         Ok(out)
+    }
+}
+
+impl MpiComm {
+    /// Every rank's `x` (any length) in rank order, and each rank's length.
+    fn gather_varcount<T: Equivalence + Copy + Default>(&self, x: &[T]) -> Result<(Vec<T>, Vec<usize>)> {
+        let len = Count::try_from(x.len()).context("more than 2^31 elements in one exchange")?;
+        let counts = self.gather(&[len])?;
+        let displs: Vec<Count> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+        let mut buf = vec![T::default(); counts.iter().map(|&c| c as usize).sum()];
+        self.count(std::mem::size_of_val(x), self.size - 1);
+        self.with(|c| {
+            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            c.all_gather_varcount_into(x, &mut part);
+        })?;
+        Ok((buf, counts.iter().map(|&c| c as usize).collect()))
     }
 }
 
@@ -73,16 +98,15 @@ impl Comm for MpiComm {
         self.gather(x)
     }
     fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let len = Count::try_from(x.len()).context("more than 2 GiB in one exchange")?;
-        let counts = self.gather(&[len])?;
-        let displs: Vec<Count> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
-        let total: usize = counts.iter().map(|&c| c as usize).sum();
-        let mut buf = vec![0u8; total];
-        self.with(|c| {
-            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            c.all_gather_varcount_into(x, &mut part);
-        })?;
-        Ok(counts.iter().zip(&displs).map(|(&n, &d)| buf[d as usize..(d + n) as usize].to_vec()).collect())
+        let (buf, counts) = self.gather_varcount(x)?;
+        let mut at = 0;
+        Ok(counts.iter().map(|&n| (buf[at..at + n].to_vec(), at += n).0).collect())
+    }
+    fn all_gather_f32_varcount(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.gather_varcount(x)
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
     /// `MPI_Alltoall` of the counts, then `MPI_Alltoallv` of the bytes: each part goes to its
     /// rank only.
@@ -98,6 +122,8 @@ impl Comm for MpiComm {
             counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect()
         };
         let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
+        let to_others: usize = parts.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, p)| p.len()).sum();
+        self.count(to_others, 1);
         let flat = parts.concat();
         let mut buf = vec![0u8; recv_counts.iter().map(|&c| c as usize).sum()];
         self.with(|c| {

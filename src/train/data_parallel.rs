@@ -13,8 +13,10 @@
 //! - At the start every rank compares its config, data and executable with rank 0's; at every
 //!   checkpoint, its weights.
 //!
-//! Moved per step and rank: the gradient (4 bytes a parameter, plus one flag a parameter) to every
-//! other rank, and a few numbers per micro-batch.
+//! Moved per step and rank: the gradients it has (4 bytes a parameter, plus one flag a parameter)
+//! to every other rank, and a few numbers per micro-batch. With expert parallel a rank has no
+//! gradient for the experts it does not hold, so it sends none: an expert's gradient comes from
+//! the rank of each group that holds it.
 
 use super::grad_sum::sum_grads;
 use crate::config::{Config, RouterKind};
@@ -35,33 +37,33 @@ pub fn all_reduce_grads(
     if let Some(dev) = named.first().map(|(_, v)| v.device().clone()).filter(|d| !d.is_cpu()) {
         return all_reduce_grads_on_device(comm, partial, named, &dev);
     }
-    let n: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
-    // [every parameter's gradient (zeros where None)] ++ [one presence flag per parameter], each
-    // gradient copied once, straight from its storage.
-    let mut buf = Vec::with_capacity(n + named.len());
-    for (g, (name, v)) in partial.iter().zip(named) {
-        match g {
-            Some(g) => {
-                if g.dtype() != DType::F32 {
-                    bail!("data parallel exchanges f32 gradients; {name} is {:?}", g.dtype());
-                }
-                let g = g.contiguous()?;
-                let (st, l) = g.storage_and_layout();
-                let Storage::Cpu(cpu) = &*st else { bail!("gradient of {name} not on the CPU") };
-                let start = l.start_offset();
-                buf.extend_from_slice(&cpu.as_slice::<f32>()?[start..start + g.elem_count()]);
+    // [one presence flag per parameter] ++ [the gradients this rank has, in parameter order], each
+    // copied once, straight from its storage. A parameter without a gradient here (an expert of
+    // another rank, or one that got no tokens) costs nothing to send.
+    let mut buf: Vec<f32> = partial.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    buf.reserve(partial.iter().flatten().map(Tensor::elem_count).sum());
+    for (g, (name, _)) in partial.iter().zip(named) {
+        if let Some(g) = g {
+            if g.dtype() != DType::F32 {
+                bail!("data parallel exchanges f32 gradients; {name} is {:?}", g.dtype());
             }
-            None => buf.resize(buf.len() + v.elem_count(), 0.0),
+            let g = g.contiguous()?;
+            let (st, l) = g.storage_and_layout();
+            let Storage::Cpu(cpu) = &*st else { bail!("gradient of {name} not on the CPU") };
+            let start = l.start_offset();
+            buf.extend_from_slice(&cpu.as_slice::<f32>()?[start..start + g.elem_count()]);
         }
     }
-    buf.extend(partial.iter().map(|g| if g.is_some() { 1.0f32 } else { 0.0 }));
-    let per = buf.len();
-    let all = comm.all_gather_f32(&buf)?;
+    let (all, counts) = comm.all_gather_f32_varcount(&buf)?;
     drop(buf);
-    let flags: Vec<bool> =
-        (0..comm.size() * named.len()).map(|i| all[(i / named.len()) * per + n + i % named.len()] != 0.0).collect();
+    let starts: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
     // The other ranks' gradients as views of one tensor: no further copy.
-    let all = Tensor::from_vec(all, comm.size() * per, &Device::Cpu)?;
+    let p = named.len();
+    if let Some(r) = counts.iter().position(|&c| c < p) {
+        bail!("rank {r} sent {} numbers, fewer than its {p} gradient flags", counts[r]);
+    }
+    let flags: Vec<Vec<bool>> = starts.iter().map(|&s| all[s..s + p].iter().map(|&f| f != 0.0).collect()).collect();
+    let all = Tensor::from_vec(all, counts.iter().sum::<usize>(), &Device::Cpu)?;
     let me = comm.rank();
     let mut parts = Vec::with_capacity(comm.size());
     let mut own = Some(partial);
@@ -70,14 +72,18 @@ pub fn all_reduce_grads(
             parts.push(own.take().context("own partial taken twice")?);
             continue;
         }
-        let (mut off, mut grads) = (r * per, Vec::with_capacity(named.len()));
-        for (i, (_, v)) in named.iter().enumerate() {
+        let start = starts[r];
+        let (mut off, mut grads) = (start + p, Vec::with_capacity(p));
+        for (i, (name, v)) in named.iter().enumerate() {
+            if !flags[r][i] {
+                grads.push(None);
+                continue;
+            }
             let k = v.elem_count();
-            grads.push(if flags[r * named.len() + i] {
-                Some(all.narrow(0, off, k)?.reshape(v.shape())?)
-            } else {
-                None
-            });
+            if off + k > start + counts[r] {
+                bail!("rank {r} sent {} numbers, fewer than its gradients flagged (at {name})", counts[r]);
+            }
+            grads.push(Some(all.narrow(0, off, k)?.reshape(v.shape())?));
             off += k;
         }
         parts.push(grads);

@@ -436,7 +436,7 @@ impl Trainer {
         pb.set_position(self.state.step);
         let run_start = Instant::now();
         let wall0 = self.state.wall_s;
-        let mut last_log = (Instant::now(), self.state.step);
+        let mut last_log = (Instant::now(), self.state.step, self.comm.bytes_sent());
         let mut last_val = f64::NAN;
         // Router telemetry of the steps since the last log line; restarts on resume.
         let mut telemetry = Telemetry::new(t.dead_expert_window);
@@ -451,7 +451,9 @@ impl Trainer {
             if done.is_multiple_of(t.log_interval as u64) || done == max || step == 0 {
                 let dt = last_log.0.elapsed().as_secs_f64();
                 let tok_s = (done - last_log.1) as f64 * self.tokens_per_step() as f64 / dt.max(1e-9);
-                last_log = (Instant::now(), done);
+                let sent = self.comm.bytes_sent();
+                let mib = (sent - last_log.2) as f64 / (done - last_log.1).max(1) as f64 / (1u64 << 20) as f64;
+                last_log = (Instant::now(), done, sent);
                 let tau = tau_at(&self.cfg.model.router, step as usize);
                 let lr = lr_at(&t, step as usize);
                 let summary = telemetry.summary()?;
@@ -464,6 +466,10 @@ impl Trainer {
                 line.insert("aux_loss".into(), json!(aux));
                 line.insert("grad_norm".into(), json!(norm));
                 line.insert("tok_per_s".into(), json!(tok_s));
+                if self.comm.size() > 1 {
+                    // Sent by rank 0 to the others, per step since the last line (MiB).
+                    line.insert("sent_mib_per_step".into(), json!(mib));
+                }
                 line.extend(summary.to_json());
             }
             if done.is_multiple_of(t.eval_interval as u64) || done == max {

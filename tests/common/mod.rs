@@ -106,6 +106,7 @@ pub fn run_outcome(dir: &std::path::Path, step: usize) -> (Vec<u8>, Vec<String>)
             let o = v.as_object_mut().unwrap();
             o.remove("tok_per_s");
             o.remove("wall_s");
+            o.remove("sent_mib_per_step");
             v.to_string()
         })
         .collect();
