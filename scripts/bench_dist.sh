@@ -3,10 +3,12 @@
 #   one      one process, one thread (train.threads=1, RAYON_NUM_THREADS=CANDLE_NUM_THREADS=1)
 #   workers  one process, two workers (train.threads=2: the step's 2 micro-batches side by side)
 #   mpi      mpirun -np 2, one thread each (OpenMPI's default binding: one core per rank)
+#   ep       the same with train.expert_parallel=2 (each rank holds half of every layer's experts)
 # each STEPS steps (no evaluation but the last), REPEATS rounds back to back so that a change of
 # load hits all three. tok/s is the median over the log intervals after the first LOG steps, as
 # the trainer logs it (tokens of the whole step, all ranks, over wall time); the table gives the
-# median over the rounds and the ratios.
+# median over the rounds and the ratios, and for the two-rank runs the MiB rank 0 sent per step
+# (the metrics' sent_mib_per_step: gradients, and for ep the rows to the experts and back).
 #
 #   bash scripts/bench_dist.sh            (installs OpenMPI via scripts/install_mpi.sh if missing)
 #
@@ -55,13 +57,25 @@ run() { # name -> tok/s
     >/dev/null 2>"$out.err" ;;
   mpi) "${PRIO[@]}" mpirun -np 2 "$BIN" train --config "$CONFIG" "${SETS[@]}" --set train.threads=1 --out "$out" \
     >/dev/null 2>"$out.err" ;;
+  ep) "${PRIO[@]}" mpirun -np 2 "$BIN" train --config "$CONFIG" "${SETS[@]}" --set train.threads=1 \
+    --set train.expert_parallel=2 --out "$out" >/dev/null 2>"$out.err" ;;
   esac || { cat "$out.err" >&2; exit 1; }
   rate "$out"
 }
 
+# median MiB sent per step by rank 0 (two-rank runs) of run dir $1
+sent() {
+  python3 - "$1/metrics.jsonl" "$LOG" <<'EOF'
+import json, statistics, sys
+xs = [json.loads(l) for l in open(sys.argv[1])]
+r = [x["sent_mib_per_step"] for x in xs if "sent_mib_per_step" in x and x["step"] > int(sys.argv[2])]
+print(f"{statistics.median(r):.1f}" if r else "-")
+EOF
+}
+
 declare -A R
 for i in $(seq 1 "$REPEATS"); do
-  for c in one workers mpi; do
+  for c in one workers mpi ep; do
     v="$(run "$c" "$i")"
     R[$c]="${R[$c]:-} $v"
     echo "round $i: $c $v tok/s" >&2
@@ -72,13 +86,14 @@ med() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)
 one="$(echo "${R[one]}" | med)"
 workers="$(echo "${R[workers]}" | med)"
 mpi="$(echo "${R[mpi]}" | med)"
+ep="$(echo "${R[ep]}" | med)"
 echo
 echo "$(date -u +%F) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $STEPS steps, median of $REPEATS"
 echo
-echo "| run | tok/s | vs one process, one thread | rounds |"
-echo "|---|---:|---:|---|"
-for c in one workers mpi; do
-  echo "| $c | $(echo "${R[$c]}" | med) | $(python3 -c "print(f'{$(echo "${R[$c]}" | med)/$one:.2f}x')") |${R[$c]} |"
+echo "| run | tok/s | vs one process, one thread | MiB sent per step, rank 0 | rounds |"
+echo "|---|---:|---:|---:|---|"
+for c in one workers mpi ep; do
+  echo "| $c | $(echo "${R[$c]}" | med) | $(python3 -c "print(f'{$(echo "${R[$c]}" | med)/$one:.2f}x')") | $(sent "$WORK/$c.1") |${R[$c]} |"
 done
 echo
-python3 -c "print(f'mpi vs workers: {$mpi/$workers:.2f}x; gradient exchanged per step and rank: {4*$params/2**20:.1f} MiB to each other rank ($params parameters)')"
+python3 -c "print(f'mpi vs workers: {$mpi/$workers:.2f}x; ep vs mpi: {$ep/$mpi:.2f}x; all gradients: {4*$params/2**20:.1f} MiB ($params parameters)')"
