@@ -28,17 +28,9 @@ pub fn sum_grads_with(
     n_params: usize,
     norm: bool,
 ) -> Result<(Vec<Option<Tensor>>, f64)> {
-    let mut by_param: Vec<Vec<Option<Tensor>>> = (0..n_params).map(|_| Vec::with_capacity(parts.len())).collect();
-    for micro in parts {
-        anyhow::ensure!(micro.len() == n_params, "{} gradients for {n_params} parameters", micro.len());
-        for (acc, g) in by_param.iter_mut().zip(micro) {
-            acc.push(g);
-        }
-    }
-    let sums: Vec<Result<Option<(Tensor, f64)>>> = by_param.into_par_iter().map(|gs| sum_one(&gs, norm)).collect();
     let (mut grads, mut sq) = (Vec::with_capacity(n_params), 0.0);
-    for s in sums {
-        match s? {
+    for s in sum_each(parts, n_params, norm)? {
+        match s {
             Some((g, q)) => {
                 sq += q;
                 grads.push(Some(g));
@@ -47,6 +39,19 @@ pub fn sum_grads_with(
         }
     }
     Ok((grads, sq.sqrt()))
+}
+
+/// Each parameter's tree sum over `parts` and its squared L2 norm (f64; 0 without `norm`), None
+/// where no part has a gradient. [`sum_grads`] adds the squares in parameter order.
+pub fn sum_each(parts: Vec<Vec<Option<Tensor>>>, n_params: usize, norm: bool) -> Result<Vec<Option<(Tensor, f64)>>> {
+    let mut by_param: Vec<Vec<Option<Tensor>>> = (0..n_params).map(|_| Vec::with_capacity(parts.len())).collect();
+    for micro in parts {
+        anyhow::ensure!(micro.len() == n_params, "{} gradients for {n_params} parameters", micro.len());
+        for (acc, g) in by_param.iter_mut().zip(micro) {
+            acc.push(g);
+        }
+    }
+    by_param.into_par_iter().map(|gs| sum_one(&gs, norm)).collect()
 }
 
 /// The clip factor for a gradient of global norm `norm` (None: no clipping; `max_norm` 0 = off).

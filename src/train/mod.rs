@@ -10,7 +10,8 @@
 //! - [`run_data`]: a run's data: a text tokenized in memory, or a prepared folder's shards.
 //! - [`init_from`]: a new run from another checkpoint's weights (fresh optimizer and schedule).
 //! - [`memory`]: the parameter count and estimated training memory, said first; too large is refused.
-//! - [`data_parallel`]: a step shared by ranks (processes or threads), with the bits of one process.
+//! - [`data_parallel`]: a step shared by ranks (processes or threads), with the bits of one process;
+//!   [`sharded`]: the optimizer step itself shared by the ranks (ZeRO stage 1).
 //! - [`parallel`]: a step's micro-batches side by side on worker threads; [`alloc`]: allocator
 //!   thresholds for the loop.
 pub mod alloc;
@@ -30,6 +31,7 @@ pub mod resume_check;
 pub mod run_data;
 pub mod run_dir;
 pub mod schedule;
+pub mod sharded;
 pub mod step;
 pub mod telemetry;
 pub mod trainer;

@@ -187,6 +187,17 @@ impl AdamW {
         Ok(())
     }
 
+    /// Each parameter's moments as one (2, *shape) tensor (m then v), in parameter order, stacked
+    /// first where they are split: the state the ranks of a shared step exchange
+    /// ([`super::sharded::gather_moments`]). Writing into them writes the state.
+    pub fn moment_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(self.params.len());
+        for ((name, _), m) in self.params.iter().zip(self.moments.iter_mut()) {
+            out.push((name.clone(), m.stacked()?.clone()));
+        }
+        Ok(out)
+    }
+
     /// Writes `m.<name>`, `v.<name>` and `step` to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();

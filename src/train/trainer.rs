@@ -12,6 +12,7 @@ use super::parallel::{worker_count, Workers};
 use super::run_data::RunData;
 use super::run_dir::{self, IfRunExists};
 use super::schedule::{lr_at, tau_at};
+use super::sharded::{self, Shards};
 pub use super::step::clip_grads;
 use super::step::{eval_batch_loss, micro_step, MicroOut};
 use super::telemetry::{StepRouting, Telemetry};
@@ -71,6 +72,9 @@ pub struct Trainer {
     pub comm: Arc<dyn Comm>,
     /// What identifies the training data, compared across ranks at the start.
     data_id: String,
+    /// Several ranks on the CPU: each rank's range of parameters in the shared optimizer step
+    /// ([`super::sharded`]).
+    shards: Option<Shards>,
 }
 
 /// Outcome of `Trainer::fit`.
@@ -225,6 +229,8 @@ impl Trainer {
             dataset: data.dataset(),
         };
         let data_id = if comm.size() > 1 { data.identity() } else { String::new() };
+        let shared_step = with_train && comm.size() > 1 && device.is_cpu();
+        let shards = shared_step.then(|| Shards::new(&params.named(), comm.size()));
         Ok(Self {
             cfg,
             device,
@@ -241,6 +247,7 @@ impl Trainer {
             fs: FsSteps::new(),
             comm,
             data_id,
+            shards,
         })
     }
 
@@ -335,16 +342,24 @@ impl Trainer {
         }
         let lr = lr_at(&self.cfg.train, step as usize);
         let (clip, opt, n, comm) = (self.cfg.train.grad_clip, &mut self.opt, named.len(), self.comm.as_ref());
+        let shards = self.shards.as_ref();
         let norm = self.workers.install(move || -> Result<f64> {
             // Summed by a fixed tree over the micro-batches, whatever the number of workers and
-            // ranks; clipped inside AdamW.
+            // ranks; clipped inside AdamW. On several CPU ranks each sums and updates its range
+            // of the parameters, then they exchange the updated parameters.
             let (grads, norm) = if comm.size() == 1 {
                 sum_grads(parts, n)?
             } else {
                 let (partial, _) = sum_grads_with(parts, n, false)?;
-                data_parallel::all_reduce_grads(comm, partial, &named)?
+                match shards {
+                    Some(sh) => sharded::reduce_scatter(comm, partial, &named, sh)?,
+                    None => data_parallel::all_reduce_grads(comm, partial, &named)?,
+                }
             };
             opt.step_scaled(&grads, lr, clip_scale(norm, clip))?;
+            if let Some(sh) = shards {
+                sharded::all_gather_params(comm, &named, sh)?;
+            }
             Ok(norm)
         })?;
         self.model.after_step()?;
@@ -368,6 +383,15 @@ impl Trainer {
                 ("weights", data_parallel::weights_hash(&self.params.named())?),
             ],
         )
+    }
+
+    /// Every rank's optimizer state made whole again after shared steps (before a checkpoint;
+    /// every rank calls it).
+    fn sync_optimizer(&mut self) -> Result<()> {
+        match &self.shards {
+            Some(sh) => sharded::gather_moments(self.comm.as_ref(), &mut self.opt, sh),
+            None => Ok(()),
+        }
     }
 
     /// Every rank's weights are still the same bits (before each checkpoint).
@@ -491,6 +515,7 @@ impl Trainer {
                 if self.state.best_val_loss.is_none_or(|b| val < b) {
                     self.state.best_val_loss = Some(val);
                     self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
+                    self.sync_optimizer()?;
                     if lead {
                         self.save_checkpoint("best")?;
                     }
@@ -502,6 +527,7 @@ impl Trainer {
             if (t.ckpt_interval > 0 && done.is_multiple_of(t.ckpt_interval as u64)) || done == max {
                 self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
                 self.check_weights_agree()?;
+                self.sync_optimizer()?;
                 if lead {
                     self.save_checkpoint(&format!("ckpt-{done:07}"))?;
                     run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;

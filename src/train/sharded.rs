@@ -1,0 +1,229 @@
+//! The ranks share the optimizer step (ZeRO stage 1, on the CPU): the parameters are cut into one
+//! contiguous range per rank ([`Shards`]), each rank receives only its range's partial gradients
+//! from the others (an all-to-all), sums them, updates its range with AdamW, and the ranks then
+//! all-gather the updated parameters. Each rank adds and updates 1/N of the parameters instead of
+//! all of them; the bytes moved are the same as an all-gather of the gradients.
+//!
+//! Same bits as one process: every sum is the pairwise tree in rank order, the global norm adds
+//! every parameter's squared norm in parameter order (as [`super::grad_sum::sum_grads`] does), and
+//! AdamW is element-wise. A rank's moments outside its range go stale; [`gather_moments`] brings
+//! every rank up to date before a checkpoint.
+
+use super::grad_sum::sum_each;
+use super::optim::AdamW;
+use crate::dist::Comm;
+use anyhow::{bail, Context, Result};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use std::ops::Range;
+
+/// One contiguous range of parameters per rank, of about equal element counts.
+pub struct Shards {
+    bounds: Vec<usize>,
+}
+
+impl Shards {
+    pub fn new(named: &[(String, Var)], ranks: usize) -> Self {
+        let total: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut bounds = vec![0];
+        let mut acc = 0;
+        for (i, (_, v)) in named.iter().enumerate() {
+            acc += v.elem_count();
+            while bounds.len() < ranks && acc * ranks >= total * bounds.len() {
+                bounds.push(i + 1);
+            }
+        }
+        while bounds.len() <= ranks {
+            bounds.push(named.len());
+        }
+        Self { bounds }
+    }
+
+    /// The parameters of rank `r`.
+    pub fn range(&self, r: usize) -> Range<usize> {
+        self.bounds[r]..self.bounds[r + 1]
+    }
+}
+
+/// The f32 elements of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        bail!("the shared optimizer step moves contiguous f32 tensors; {what} is {:?}", t.dtype());
+    }
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else { bail!("{what} is not on the CPU") };
+    let start = l.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
+}
+
+fn f32_bytes(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
+    v.iter().flat_map(|x| x.to_le_bytes())
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// This rank's share of the step's gradient: every rank's partial sums (`partial`, one per
+/// parameter) of this rank's range, summed in rank order; None outside the range. And the global
+/// norm of the whole summed gradient, with the bits of one process.
+pub fn reduce_scatter(
+    comm: &dyn Comm,
+    partial: Vec<Option<Tensor>>,
+    named: &[(String, Var)],
+    shards: &Shards,
+) -> Result<(Vec<Option<Tensor>>, f64)> {
+    let (n, me) = (comm.size(), comm.rank());
+    // To rank j: [a presence byte per parameter of its range] ++ [the f32 gradients present].
+    let mut parts = vec![Vec::new(); n];
+    for (j, part) in parts.iter_mut().enumerate().filter(|(j, _)| *j != me) {
+        let r = shards.range(j);
+        part.extend(partial[r.clone()].iter().map(|g| u8::from(g.is_some())));
+        for (g, (name, _)) in partial[r.clone()].iter().zip(&named[r]) {
+            if let Some(g) = g {
+                with_f32(&g.contiguous()?, name, |v| part.extend(f32_bytes(v)))?;
+            }
+        }
+    }
+    let got = comm.all_to_all_bytes(parts)?;
+    let mine = shards.range(me);
+    let k = mine.len();
+    let mut own = Some(partial);
+    let mut by_rank = Vec::with_capacity(n);
+    for (s, b) in got.iter().enumerate() {
+        if s == me {
+            let p = own.take().context("own partial taken twice")?;
+            by_rank.push(p.into_iter().skip(mine.start).take(k).collect::<Vec<_>>());
+            continue;
+        }
+        if b.len() < k {
+            bail!("rank {s} sent {} bytes, fewer than the {k} gradient flags of rank {me}'s parameters", b.len());
+        }
+        let data = f32s(&b[k..]);
+        let len = data.len();
+        let data = Tensor::from_vec(data, len, &Device::Cpu)?;
+        let (mut off, mut grads) = (0, Vec::with_capacity(k));
+        for (t, (name, v)) in named[mine.clone()].iter().enumerate() {
+            if b[t] == 0 {
+                grads.push(None);
+                continue;
+            }
+            let e = v.elem_count();
+            if off + e > len {
+                bail!("rank {s} sent {len} gradient numbers, fewer than its flags say (at {name})");
+            }
+            grads.push(Some(data.narrow(0, off, e)?.reshape(v.shape())?));
+            off += e;
+        }
+        by_rank.push(grads);
+    }
+    let mut grads = vec![None; named.len()];
+    let mut sq = Vec::with_capacity(k);
+    for (t, s) in sum_each(by_rank, k, true)?.into_iter().enumerate() {
+        sq.push(match s {
+            Some((g, q)) => {
+                grads[mine.start + t] = Some(g);
+                q
+            }
+            None => 0.0,
+        });
+    }
+    // Every parameter's squared norm, in parameter order (ranks hold consecutive ranges).
+    let all = comm.all_gather_bytes(&sq.iter().flat_map(|q| q.to_le_bytes()).collect::<Vec<u8>>())?;
+    let mut total = 0.0f64;
+    for b in &all {
+        for c in b.chunks_exact(8) {
+            total += f64::from_le_bytes(c.try_into().expect("8 bytes"));
+        }
+    }
+    Ok((grads, total.sqrt()))
+}
+
+/// Writes a slice into a CPU f32 tensor's storage in place.
+struct CopyIn<'a>(&'a [f32]);
+
+impl InplaceOp1 for CopyIn<'_> {
+    fn name(&self) -> &'static str {
+        "copy-in"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(v) = s else { candle_core::bail!("copy-in: not f32") };
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("copy-in: not contiguous".into()))?;
+        if b - a != self.0.len() {
+            candle_core::bail!("copy-in: {} values for {} elements", self.0.len(), b - a);
+        }
+        v[a..b].copy_from_slice(self.0);
+        Ok(())
+    }
+}
+
+/// Every rank's range of `tensors` (f32, contiguous, on the CPU) to every rank, in place.
+fn all_gather_ranges(comm: &dyn Comm, tensors: &[(String, Tensor)], shards: &Shards) -> Result<()> {
+    let me = comm.rank();
+    let mut buf = Vec::new();
+    for (name, t) in &tensors[shards.range(me)] {
+        with_f32(t, name, |v| buf.extend_from_slice(v))?;
+    }
+    let (all, counts) = comm.all_gather_f32_varcount(&buf)?;
+    let mut at = 0;
+    for (s, &count) in counts.iter().enumerate() {
+        let end = at + count;
+        if s != me {
+            for (name, t) in &tensors[shards.range(s)] {
+                let e = t.elem_count();
+                if at + e > end {
+                    bail!("rank {s} sent {count} numbers, fewer than its parameters need (at {name})");
+                }
+                t.inplace_op1(&CopyIn(&all[at..at + e]))?;
+                at += e;
+            }
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// After each rank updated its range: every rank's updated parameters to every rank.
+pub fn all_gather_params(comm: &dyn Comm, named: &[(String, Var)], shards: &Shards) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    all_gather_ranges(comm, &tensors, shards)
+}
+
+/// Every rank's AdamW moments of its range to every rank (before a checkpoint, so that the one
+/// rank 0 writes is whole).
+pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Result<()> {
+    all_gather_ranges(comm, &opt.moment_tensors()?, shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_contiguous_cover_every_parameter_and_balance_the_elements() {
+        let named: Vec<(String, Var)> = [100, 3, 50, 50, 7, 200, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (format!("p{i}"), Var::zeros(n, DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        for ranks in 1..=4 {
+            let s = Shards::new(&named, ranks);
+            assert_eq!(s.range(0).start, 0);
+            assert_eq!(s.range(ranks - 1).end, named.len());
+            for r in 1..ranks {
+                assert_eq!(s.range(r - 1).end, s.range(r).start, "{ranks} ranks: contiguous");
+            }
+            // Each range closes at the first parameter that reaches its share of the elements.
+            let size = |r: usize| named[s.range(r)].iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+            let total: usize = (0..ranks).map(size).sum();
+            assert_eq!(total, 411);
+            let mut acc = 0;
+            for r in 0..ranks - 1 {
+                acc += size(r);
+                assert!(acc * ranks >= total * (r + 1), "{ranks} ranks: range {r} ends short of its share");
+            }
+        }
+        // Two ranks: p0..p4 (210 elements, past half of 411), then p5, p6.
+        assert_eq!(Shards::new(&named, 2).range(1), 5..7);
+    }
+}
