@@ -229,7 +229,9 @@ impl Trainer {
             dataset: data.dataset(),
         };
         let data_id = if comm.size() > 1 { data.identity() } else { String::new() };
-        let shared_step = with_train && comm.size() > 1 && device.is_cpu();
+        // Not with expert parallel: there an expert's gradient is on one rank only, so the plain
+        // exchange already sends it once, and a shared step would send its weights back each step.
+        let shared_step = with_train && comm.size() > 1 && device.is_cpu() && cfg.train.expert_parallel == 1;
         let shards = shared_step.then(|| Shards::new(&params.named(), comm.size()));
         Ok(Self {
             cfg,
