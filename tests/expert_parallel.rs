@@ -81,57 +81,67 @@ fn split_config(activation: &str) -> Config {
 #[test]
 fn two_ranks_holding_half_the_experts_give_the_loss_and_gradients_of_one_process() {
     for activation in ["gelu", "swiglu"] {
-        let cfg = split_config(activation);
-        let single: Arc<dyn Comm> = Arc::new(Single);
-        let (params, m) = model(&cfg, &single, 1);
-        let (ce1, g1) = grads(&cfg, &params, &m, &[0, 1], 2);
-        let names: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
-        let handles: Vec<_> = LocalGroup::ranks(2)
-            .into_iter()
-            .map(|comm| {
-                let cfg = cfg.clone();
-                std::thread::Builder::new()
-                    .stack_size(256 << 20)
-                    .spawn(move || {
-                        let (params, m) = model(&cfg, &comm, 2);
-                        let (ce, g) = grads(&cfg, &params, &m, &[comm.rank()], 2);
-                        let own = g.iter().filter(|g| g.is_some()).count();
-                        let (sum, _) = all_reduce_grads(comm.as_ref(), g, &params.named()).unwrap();
-                        (ce[0], own, sum)
-                    })
-                    .unwrap()
-            })
-            .collect();
-        let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut worst = 0f64;
-        for (r, (ce, own, sum)) in ranks.iter().enumerate() {
-            let rel = (ce - ce1[r]).abs() / ce1[r].abs();
-            assert!(rel <= 1e-6, "{activation}: rank {r}'s cross-entropy {ce} vs one process {} ({rel:e})", ce1[r]);
-            assert!(*own < names.len(), "{activation}: rank {r} took a gradient for every parameter");
-            for ((name, a), b) in names.iter().zip(sum).zip(&g1) {
-                let (a, b) = match (a, b) {
-                    (Some(a), Some(b)) => (common::host::flat(a), common::host::flat(b)),
-                    (a, b) => panic!(
-                        "{activation}: {name}: gradient {} on rank {r}, {} in one process",
-                        a.is_some(),
-                        b.is_some()
-                    ),
-                };
-                let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    diff <= 1e-6 * scale,
-                    "{activation}: {name} on rank {r}: max |diff| {diff:e}, max |grad| {scale:e}"
-                );
-                worst = worst.max(diff / scale.max(f64::MIN_POSITIVE));
-            }
-        }
-        eprintln!("{activation}: largest gradient difference / its tensor's largest gradient: {worst:e}");
+        split_matches_one_process(activation, 2, 2);
     }
 }
 
-/// Trains `cfg(rank)` on `n` thread ranks into `dir` (rank 0 alone writes), with `make` building
-/// each rank's trainer; every rank's final val loss, or its error.
+#[test]
+fn four_ranks_in_two_groups_give_the_loss_and_gradients_of_one_process() {
+    split_matches_one_process("gelu", 4, 2);
+}
+
+/// `ranks` thread ranks, one micro-batch each, experts split over groups of `g`: every rank's
+/// cross-entropy and every reduced gradient against one process running all micro-batches.
+fn split_matches_one_process(activation: &str, ranks: usize, g: usize) {
+    let cfg = split_config(activation);
+    let single: Arc<dyn Comm> = Arc::new(Single);
+    let (params, m) = model(&cfg, &single, 1);
+    let micros: Vec<usize> = (0..ranks).collect();
+    let (ce1, g1) = grads(&cfg, &params, &m, &micros, ranks);
+    let names: Vec<String> = params.named().into_iter().map(|(n, _)| n).collect();
+    let handles: Vec<_> = LocalGroup::ranks(ranks)
+        .into_iter()
+        .map(|comm| {
+            let cfg = cfg.clone();
+            std::thread::Builder::new()
+                .stack_size(256 << 20)
+                .spawn(move || {
+                    let (params, m) = model(&cfg, &comm, g);
+                    let (ce, g) = grads(&cfg, &params, &m, &[comm.rank()], ranks);
+                    let own = g.iter().filter(|g| g.is_some()).count();
+                    let (sum, _) = all_reduce_grads(comm.as_ref(), g, &params.named()).unwrap();
+                    (ce[0], own, sum)
+                })
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut worst = 0f64;
+    for (r, (ce, own, sum)) in outs.iter().enumerate() {
+        let rel = (ce - ce1[r]).abs() / ce1[r].abs();
+        assert!(rel <= 1e-6, "{activation}: rank {r}'s cross-entropy {ce} vs one process {} ({rel:e})", ce1[r]);
+        assert!(*own < names.len(), "{activation}: rank {r} took a gradient for every parameter");
+        for ((name, a), b) in names.iter().zip(sum).zip(&g1) {
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (common::host::flat(a), common::host::flat(b)),
+                (a, b) => {
+                    panic!("{activation}: {name}: gradient {} on rank {r}, {} in one process", a.is_some(), b.is_some())
+                }
+            };
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-6 * scale,
+                "{activation}: {name} on rank {r}: max |diff| {diff:e}, max |grad| {scale:e}"
+            );
+            worst = worst.max(diff / scale.max(f64::MIN_POSITIVE));
+        }
+    }
+    eprintln!("{activation}, {ranks} ranks, groups of {g}: largest gradient difference / its tensor's largest gradient: {worst:e}");
+}
+
+/// Fits the trainer `make` builds on each of `n` thread ranks, all given `dir` (rank 0 alone
+/// writes); every rank's final val loss, or its error.
 fn on_ranks(
     n: usize,
     dir: &Path,
