@@ -172,12 +172,22 @@ fn run(cli: Cli) -> Result<()> {
             let lead = trainer.comm.rank() == 0;
             let size = trainer.comm.size();
             if size > 1 {
-                let host = std::env::var("HOSTNAME").unwrap_or_default();
-                let (f, n) = gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, trainer.comm.rank(), size);
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .map(|h| format!(" on {}", h.trim()))
+                    .unwrap_or_default();
+                let rank = trainer.comm.rank();
+                let (f, n) = gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, rank, size);
+                let g = trainer.cfg.train.expert_parallel;
+                let experts = if g > 1 {
+                    let per = trainer.cfg.model.moe.num_experts / g;
+                    format!(", experts {:?} of each MoE layer", (rank % g) * per..(rank % g + 1) * per)
+                } else {
+                    String::new()
+                };
                 // One write, so the launcher does not interleave it with another rank's.
                 let line = format!(
-                    "rank {} of {size} ({}): pid {} {host}, micro-batches {:?} of each step\n",
-                    trainer.comm.rank(),
+                    "rank {rank} of {size} ({}): pid {}{host}, micro-batches {:?} of each step{experts}\n",
                     trainer.comm.kind(),
                     std::process::id(),
                     f..f + n

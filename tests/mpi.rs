@@ -85,7 +85,7 @@ fn a_killed_rank_ends_the_job_naming_it_and_the_last_checkpoint_resumes_exactly(
         let line = rx.recv_timeout(Duration::from_secs(120)).expect("rank 1's start-up line");
         seen.push(line.clone());
         if let Some(at) = line.find("rank 1 of 2 (mpi): pid ") {
-            break line[at + 23..].split_whitespace().next().unwrap().to_string();
+            break line[at + 23..].split(|c: char| !c.is_ascii_digit()).next().unwrap().to_string();
         }
     };
     let start = Instant::now();

@@ -3,7 +3,7 @@
 //! rows a rank routed to expert e go to the rank that holds e by an all-to-all with variable
 //! counts ([`Comm::all_to_all_bytes`]: MPI's `alltoallv`); the experts run there on the rows of
 //! every rank of the group, and the results come back the same way. The two moves are ops
-//! ([`ToExperts`], [`ToSources`]) whose backward is the other move, so autograd carries the
+//! (`ToExperts`, `ToSources`) whose backward is the other move, so autograd carries the
 //! gradients across the ranks, and an expert's weight gradient holds the rows of every rank.
 //!
 //! Every rank keeps every expert's weights: a checkpoint is the full model whatever G was, and
@@ -57,7 +57,7 @@ impl ExpertGroup {
     /// and, within an expert, by source rank; their E / G + 1 offsets; the route back).
     pub fn dispatch(&self, xs: &Tensor, offsets: &[u32]) -> anyhow::Result<(Tensor, Vec<u32>, Route)> {
         let e = offsets.len() - 1;
-        if e % self.size != 0 {
+        if !e.is_multiple_of(self.size) {
             anyhow::bail!("expert parallel: {e} experts cannot be split over {} ranks", self.size);
         }
         let per = e / self.size;

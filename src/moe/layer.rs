@@ -92,7 +92,7 @@ impl MoeLayer {
     /// plain forward (evaluation, generation) keeps running every expert here.
     pub fn set_expert_group(&mut self, group: ExpertGroup) -> Result<()> {
         let e = self.experts.len();
-        if !self.fused_dispatch || e % group.size() != 0 {
+        if !self.fused_dispatch || !e.is_multiple_of(group.size()) {
             candle_core::bail!(
                 "layer {}: expert parallel needs model.router.impl = \"fused\" and a number of experts ({e}) that \
                  the {} ranks of a group divide",

@@ -135,11 +135,10 @@ pub fn available() -> Option<(u64, String)> {
     Some((bytes, what))
 }
 
-/// Prints the parameter count and the estimate; on the CPU, refuses when the estimate exceeds
-/// `avail` (unless [`ignore_check`]). Called before the model is built.
+/// The parameter count and the estimate (printed by the caller); on the CPU, refuses when the
+/// estimate exceeds `avail` (unless [`ignore_check`]). Called before the model is built.
 pub fn check(cfg: &Config, avail: Option<(u64, String)>) -> Result<Estimate> {
     let est = estimate(cfg);
-    eprintln!("model: {est}");
     if cfg.train.device != DeviceKind::Cpu || IGNORE.load(Ordering::SeqCst) {
         return Ok(est);
     }

@@ -297,7 +297,7 @@ mod tests {
         let g = Tensor::from_vec(vec![0.5f64, 0.25], (1, 2), &Device::Cpu)?;
         opt.step(&[Some(g.clone()), Some(g)], 0.01)?;
         // First Adam step: m_hat / (sqrt(v_hat) + eps) = sign(g) (to 1e-8), so theta' = theta (1 - lr wd) - lr.
-        let expect = |lr: f64| [1.0 * (1.0 - lr * 0.1) - lr, -1.0 * (1.0 - lr * 0.1) - lr];
+        let expect = |lr: f64| [(1.0 - lr * 0.1) - lr, -(1.0 - lr * 0.1) - lr];
         let (ga, gb) = (a.as_tensor().flatten_all()?.to_vec1::<f64>()?, b.as_tensor().flatten_all()?.to_vec1::<f64>()?);
         for i in 0..2 {
             assert!((ga[i] - expect(0.03)[i]).abs() < 1e-6, "router {i}: {}", ga[i]);
@@ -319,7 +319,7 @@ mod tests {
         let lr = 0.01;
         opt.step(&[Some(g.clone()), Some(g)], lr)?;
         let (ga, gb) = (a.as_tensor().flatten_all()?.to_vec1::<f64>()?, b.as_tensor().flatten_all()?.to_vec1::<f64>()?);
-        let (no_decay, decay) = ([1.0 - lr, -1.0 - lr], [1.0 * (1.0 - lr * 0.1) - lr, -1.0 * (1.0 - lr * 0.1) - lr]);
+        let (no_decay, decay) = ([1.0 - lr, -1.0 - lr], [(1.0 - lr * 0.1) - lr, -(1.0 - lr * 0.1) - lr]);
         for i in 0..2 {
             assert!((ga[i] - no_decay[i]).abs() < 1e-6, "router {i}: {}", ga[i]);
             assert!((gb[i] - decay[i]).abs() < 1e-6, "wte {i}: {}", gb[i]);

@@ -200,7 +200,10 @@ impl Trainer {
         }
         if with_train {
             // Said (and a model too large refused) before anything big is allocated.
-            super::memory::check(&cfg, super::memory::available())?;
+            let est = super::memory::check(&cfg, super::memory::available())?;
+            if comm.rank() == 0 {
+                eprintln!("model: {est}");
+            }
         }
         let (bs, bsz) = (cfg.model.block_size, cfg.train.batch_size);
         let val = data.batcher(false, &tokenizer, bs, bsz, cfg.seed ^ 0x5a5a)?;
