@@ -3,7 +3,7 @@
 //! rank 0 alone writing. The same runs through `mpirun` are in tests/mpi.rs (feature `mpi`).
 mod common;
 
-use common::tiny_config;
+use common::{fit_rank as run_rank, tiny_config};
 use gumbel_moe::dist::local::LocalGroup;
 use gumbel_moe::dist::Comm;
 use gumbel_moe::moe::build_router;
@@ -26,20 +26,6 @@ fn train_on_ranks(n: usize, cfg: &dyn Fn(usize) -> Config, dir: &Path) -> Vec<Re
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
-/// Builds this rank's trainer with `make` and fits it; a rank that fails aborts the group (as
-/// `main` does), so the others stop too.
-fn run_rank(comm: Arc<dyn Comm>, make: impl FnOnce(Arc<dyn Comm>) -> anyhow::Result<Trainer>) -> Result<f64, String> {
-    let r = make(comm.clone()).and_then(|mut t| {
-        t.progress = false;
-        t.fit().map(|s| s.val_loss)
-    });
-    if r.is_err() {
-        let c = comm.clone();
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || c.abort(1)));
-    }
-    r.map_err(|e| format!("{e:#}"))
 }
 
 /// One process (rank 0 of 1) with `threads` workers.

@@ -153,17 +153,7 @@ fn on_ranks(
             let (dir, make) = (dir.to_path_buf(), make.clone());
             std::thread::Builder::new()
                 .stack_size(256 << 20)
-                .spawn(move || {
-                    let r = make(comm.clone(), &dir).and_then(|mut t| {
-                        t.progress = false;
-                        t.fit().map(|s| s.val_loss)
-                    });
-                    if r.is_err() {
-                        let c = comm.clone();
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || c.abort(1)));
-                    }
-                    r.map_err(|e| format!("{e:#}"))
-                })
+                .spawn(move || common::fit_rank(comm, |c| make(c, &dir)))
                 .unwrap()
         })
         .collect();

@@ -112,3 +112,20 @@ pub fn run_outcome(dir: &std::path::Path, step: usize) -> (Vec<u8>, Vec<String>)
         .collect();
     (w, lines)
 }
+
+/// Builds this rank's trainer with `make` and fits it; a rank that fails aborts its group (as
+/// `main` does), so the others stop too. The final val loss, or the error's text.
+pub fn fit_rank(
+    comm: std::sync::Arc<dyn gumbel_moe::dist::Comm>,
+    make: impl FnOnce(std::sync::Arc<dyn gumbel_moe::dist::Comm>) -> anyhow::Result<gumbel_moe::train::Trainer>,
+) -> Result<f64, String> {
+    let r = make(comm.clone()).and_then(|mut t| {
+        t.progress = false;
+        t.fit().map(|s| s.val_loss)
+    });
+    if r.is_err() {
+        let c = comm.clone();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || c.abort(1)));
+    }
+    r.map_err(|e| format!("{e:#}"))
+}
