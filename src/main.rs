@@ -180,8 +180,9 @@ fn run(cli: Cli) -> Result<()> {
                 let (f, n) = gumbel_moe::dist::my_share(trainer.cfg.train.grad_accum, rank, size);
                 let g = trainer.cfg.train.expert_parallel;
                 let experts = if g > 1 {
-                    let per = trainer.cfg.model.moe.num_experts / g;
-                    format!(", experts {:?} of each MoE layer", (rank % g) * per..(rank % g + 1) * per)
+                    let mine = gumbel_moe::moe::ExpertGroup::new(trainer.comm.clone(), g)?
+                        .mine(trainer.cfg.model.moe.num_experts);
+                    format!(", experts {mine:?} of each MoE layer")
                 } else {
                     String::new()
                 };

@@ -5,7 +5,6 @@ mod common;
 
 use common::{fit_rank as run_rank, tiny_config};
 use gumbel_moe::dist::local::LocalGroup;
-use gumbel_moe::dist::Comm;
 use gumbel_moe::moe::build_router;
 use gumbel_moe::train::{IfRunExists, Trainer};
 use gumbel_moe::Config;

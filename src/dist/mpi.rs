@@ -63,14 +63,12 @@ impl MpiComm {
         self.with(|c| c.all_gather_into(x, &mut out[..]))?;
         Ok(out)
     }
-}
 
-impl MpiComm {
     /// Every rank's `x` (any length) in rank order, and each rank's length.
     fn gather_varcount<T: Equivalence + Copy + Default>(&self, x: &[T]) -> Result<(Vec<T>, Vec<usize>)> {
         let len = Count::try_from(x.len()).context("more than 2^31 elements in one exchange")?;
         let counts = self.gather(&[len])?;
-        let displs: Vec<Count> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+        let displs = displs(&counts);
         let mut buf = vec![T::default(); counts.iter().map(|&c| c as usize).sum()];
         self.count(std::mem::size_of_val(x), self.size - 1);
         self.with(|c| {
@@ -79,6 +77,11 @@ impl MpiComm {
         })?;
         Ok((buf, counts.iter().map(|&c| c as usize).collect()))
     }
+}
+
+/// Where each rank's block starts in a buffer of blocks of `counts` elements.
+fn displs(counts: &[Count]) -> Vec<Count> {
+    counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect()
 }
 
 impl Comm for MpiComm {
@@ -118,9 +121,6 @@ impl Comm for MpiComm {
         let send_counts = parts.iter().map(count).collect::<Result<Vec<Count>>>()?;
         let mut recv_counts = vec![0 as Count; self.size];
         self.with(|c| c.all_to_all_into(&send_counts[..], &mut recv_counts[..]))?;
-        let displs = |counts: &[Count]| -> Vec<Count> {
-            counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect()
-        };
         let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
         let to_others: usize = parts.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, p)| p.len()).sum();
         self.count(to_others, 1);

@@ -44,14 +44,7 @@ pub fn all_reduce_grads(
     buf.reserve(partial.iter().flatten().map(Tensor::elem_count).sum());
     for (g, (name, _)) in partial.iter().zip(named) {
         if let Some(g) = g {
-            if g.dtype() != DType::F32 {
-                bail!("data parallel exchanges f32 gradients; {name} is {:?}", g.dtype());
-            }
-            let g = g.contiguous()?;
-            let (st, l) = g.storage_and_layout();
-            let Storage::Cpu(cpu) = &*st else { bail!("gradient of {name} not on the CPU") };
-            let start = l.start_offset();
-            buf.extend_from_slice(&cpu.as_slice::<f32>()?[start..start + g.elem_count()]);
+            with_f32(&g.contiguous()?, name, |v| buf.extend_from_slice(v))?;
         }
     }
     let (all, counts) = comm.all_gather_f32_varcount(&buf)?;
@@ -89,6 +82,17 @@ pub fn all_reduce_grads(
         parts.push(grads);
     }
     sum_grads(parts, named.len())
+}
+
+/// `f` of the f32 elements of a contiguous CPU tensor, read in place (`what` names it in errors).
+pub(super) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        bail!("ranks exchange contiguous f32 tensors; {what} is {:?}", t.dtype());
+    }
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else { bail!("{what} is not on the CPU") };
+    let start = l.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
 /// [`all_reduce_grads`] for gradients on a GPU: packed there, all-gathered by the communicator

@@ -9,11 +9,12 @@
 //! AdamW is element-wise. A rank's moments outside its range go stale; [`gather_moments`] brings
 //! every rank up to date before a checkpoint.
 
+use super::data_parallel::with_f32;
 use super::grad_sum::sum_each;
 use super::optim::AdamW;
 use crate::dist::Comm;
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
 use std::ops::Range;
 
 /// One contiguous range of parameters per rank, of about equal element counts.
@@ -42,17 +43,6 @@ impl Shards {
     pub fn range(&self, r: usize) -> Range<usize> {
         self.bounds[r]..self.bounds[r + 1]
     }
-}
-
-/// The f32 elements of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.dtype() != DType::F32 || !t.is_contiguous() {
-        bail!("the shared optimizer step moves contiguous f32 tensors; {what} is {:?}", t.dtype());
-    }
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*st else { bail!("{what} is not on the CPU") };
-    let start = l.start_offset();
-    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
 fn f32_bytes(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
@@ -198,6 +188,7 @@ pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn shards_are_contiguous_cover_every_parameter_and_balance_the_elements() {
