@@ -13,8 +13,9 @@ use common::fd::fd_check;
 use common::host::*;
 use common::routing::router_with;
 
-fn softplus(z: f64) -> f64 {
-    z.max(0.0) + (-z.abs()).exp().ln_1p()
+/// The noise std: softplus plus the reference implementations' floor of 1e-2.
+fn noise_std(z: f64) -> f64 {
+    z.max(0.0) + (-z.abs()).exp().ln_1p() + 1e-2
 }
 
 fn cv2(v: &[f64]) -> f64 {
@@ -39,7 +40,7 @@ fn host_noisy_topk(
     let (mut indices, mut weights) = (Vec::new(), Vec::new());
     let (mut importance, mut load) = (vec![0f64; e], vec![0f64; e]);
     for tok in 0..t {
-        let std: Vec<f64> = raw[tok].iter().map(|&z| softplus(z)).collect();
+        let std: Vec<f64> = raw[tok].iter().map(|&z| noise_std(z)).collect();
         let h: Vec<f64> = (0..e)
             .map(|i| {
                 let eps = noise.map_or(0.0, |(seed, step, layer)| {
@@ -127,6 +128,33 @@ fn noisy_topk_gradients_match_finite_differences() {
     // The losses alone also reach both projections (the load loss through Phi).
     let aux_only = || route(router.as_ref(), &xt, ctx, 0).aux_loss.unwrap();
     fd_check(&params, &aux_only, "noise.weight", &elems, 1e-6, "noisy_topk aux -> noise");
+}
+
+#[test]
+fn noisy_topk_gradients_stay_finite_when_the_learned_noise_vanishes() {
+    // A noise projection driven far negative, as training drives it: softplus underflows to
+    // exactly 0 (below about -37 in f64), and without a floor the load loss's (clean - thr) / std
+    // is infinite and its gradient 0 * inf = NaN. Both projections' gradients must stay finite.
+    let (e, d, t, m) = (6, 4, 16, 2);
+    let mut rng = Rng(29);
+    let wg = rng.normals(e * d, 0.6);
+    let wn = vec![-40.0; e * d];
+    let x: Vec<f64> = rng.normals(t * d, 1.0).iter().map(|v| v.abs() + 0.5).collect(); // x W_noise < -80
+    let xt = tensor2(&x, t, d, DType::F64);
+    let mut cfg = router_config("noisy_topk", e, d, m, m, true);
+    cfg.model.router.load_coef = 0.5;
+    cfg.model.router.importance_coef = 0.5;
+    let (router, params) = router_with(&cfg, &[("weight", wg.clone()), ("noise.weight", wn.clone())], &mut Rng(0));
+    let r = route(router.as_ref(), &xt, train_ctx(4, 2, 1.0), 0);
+    let aux = r.aux_loss.expect("aux loss");
+    let grads = (r.weights.sum_all().unwrap() + &aux).unwrap().backward().unwrap();
+    for (name, var) in params.named() {
+        let g = flat(grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")));
+        let bad = g.iter().position(|v| !v.is_finite());
+        assert!(bad.is_none(), "{name}: gradient element {bad:?} is {:?}", bad.map(|i| g[i]));
+    }
+    let (_, _, host_aux) = host_noisy_topk(&x, &wg, &wn, (t, d, e, m), Some((4, 2, 0)), (0.5, 0.5));
+    assert_close(scalar(&aux), host_aux, 1e-5, 1e-7, "aux with a vanished noise projection");
 }
 
 #[test]

@@ -122,8 +122,8 @@ pub struct RouterConfig {
     /// by the token ids: context-free routing, a learned version of hash routing.
     pub input: RouterInput,
     /// noisy_topk: std of the init of the noise projection W_noise (the noise std per expert is
-    /// softplus(x W_noise)). 0 is Shazeer et al.'s zero init: every expert starts with noise std
-    /// softplus(0) = ln 2 and the router learns how much noise to keep.
+    /// softplus(x W_noise) + 0.01). 0 is Shazeer et al.'s zero init: every expert starts with noise
+    /// std softplus(0) + 0.01 = ln 2 + 0.01 and the router learns how much noise to keep.
     pub noise_init_std: f64,
     /// noisy_topk: coefficient of Shazeer's load loss CV(load)^2, load_i = sum_x P(x, i) the smooth
     /// (normal-CDF) estimate of the tokens expert i gets. 0.01, the order of the paper's w_load.

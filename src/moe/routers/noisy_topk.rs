@@ -1,7 +1,7 @@
 //! Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks", sec. 2.1 and
 //! appendix A), with its importance and load losses.
 //!
-//! H(x)_i = (x W_g)_i + eps_i * softplus((x W_noise)_i), eps ~ N(0, 1) from Philox
+//! H(x)_i = (x W_g)_i + eps_i * (softplus((x W_noise)_i) + 0.01), eps ~ N(0, 1) from Philox
 //! (`rng::normal_noise` keyed by (seed, step, layer, token, expert)), in training only. The m largest
 //! H are kept (the rest set to -inf) and the gates are G = softmax(KeepTopK(H, m)), so the combine
 //! weights are the softmax over the m kept values. Losses (`Routing::aux_loss`):
@@ -49,6 +49,12 @@ impl NoisyTopkRouter {
     }
 }
 
+/// Floor of the noise std, as in the reference implementations (tensor2tensor's
+/// `noisy_top_k_gating`, FastMoE's `NoisyGate`: `noise_epsilon = 1e-2`). Without it, a noise
+/// projection that training drives negative makes softplus underflow to 0, the load loss's
+/// (clean - thr) / std infinite, and its gradient NaN.
+pub const NOISE_EPSILON: f64 = 1e-2;
+
 /// softplus(z) = ln(1 + e^z), written as relu(z) + ln(1 + e^-|z|) so it never overflows.
 pub fn softplus(z: &Tensor) -> Result<Tensor> {
     z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?
@@ -72,7 +78,7 @@ impl Router for NoisyTopkRouter {
     fn route(&self, x: &Tensor, rc: &RouteCtx) -> Result<Routing> {
         let (e, m) = (self.e, self.m);
         let clean = self.gate.logits(x, rc)?; // (T, E)
-        let std = softplus(&self.noise.forward(x)?)?; // (T, E) noise std per expert, > 0
+        let std = (softplus(&self.noise.forward(x)?)? + NOISE_EPSILON)?; // (T, E) noise std per expert, >= 0.01
         let t = clean.dim(0)?;
         let h = if rc.ctx.train {
             let c = &rc.ctx;
