@@ -4,9 +4,10 @@
 #   bash scripts/bench_scaling.sh
 #
 # Points (each with its MoE and its dense twin, model.moe_every=0):
-#   E=16, E=64, E=256   the previous default config (configs/shakespeare-char-cpu-v1.toml: GELU
-#                       experts, MoE in every second block, which the PyTorch twin mirrors) with
-#                       model.moe.num_experts=E
+#   E=16, E=64, E=256   the default config (configs/shakespeare-char-cpu.toml: RMSNorm, SwiGLU
+#                       experts of 128 in every block, untied head) with model.moe.num_experts=E;
+#                       CPU_CFG=configs/shakespeare-char-cpu-v1.toml gives the previous default
+#                       (GELU experts of 256 in blocks 2 and 4, tied head)
 #   gpu-shape           configs/shakespeare-char-gpu.toml on the CPU: 6 layers x 384, T = 256,
 #                       16 experts of 1536, top-1 in every block; 16 sequences a step (2
 #                       micro-batches of 8), dropout 0
@@ -24,6 +25,7 @@
 # Environment:
 #   POINTS="E=16 E=64 E=256 gpu-shape"   STEPS=20 (default-config points)   STEPS_BIG=4 (gpu-shape)
 #   REPEATS=3   THREADS=2   NO_BUILD=1 (use the existing binary)   RAW=file (every measurement, TSV)
+#   CPU_CFG=config of the E=N points (default configs/shakespeare-char-cpu.toml)
 #   PYTHON=/path/to/python with torch; else the venv .venv-bench/ (scripts/torch_venv.sh)
 set -euo pipefail
 
@@ -35,7 +37,7 @@ STEPS_BIG="${STEPS_BIG:-4}"
 REPEATS="${REPEATS:-3}"
 THREADS="${THREADS:-2}"
 WARMUP=3 # bench_step's fixed warm-up
-CPU_CFG="$HERE/configs/shakespeare-char-cpu-v1.toml"
+CPU_CFG="${CPU_CFG:-$HERE/configs/shakespeare-char-cpu.toml}"
 GPU_CFG="$HERE/configs/shakespeare-char-gpu.toml"
 VENV="${VENV:-$HERE/.venv-bench}"
 log() { echo "$*" >&2; }

@@ -27,7 +27,7 @@
 #
 # Environment:
 #   STEPS=20          timed steps per measurement       REPEATS=3    measurements per cell
-#   THREADS="1 2"     CPU thread counts                 CONFIG=...   default configs/shakespeare-char-cpu-v1.toml (the previous default)
+#   THREADS="1 2"     CPU thread counts                 CONFIG=...   default configs/shakespeare-char-cpu.toml
 #   NO_BUILD=1        do not run cargo (the binary must exist); otherwise cargo builds the example
 #                     when a source is newer than the binary
 #   CRATE_DIR=...     the crate whose bench_step runs (default: the parent of CARGO_TARGET_DIR when
@@ -62,7 +62,7 @@ STEPS="${STEPS:-20}"
 REPEATS="${REPEATS:-3}"
 THREADS="${THREADS-1 2}"
 WARMUP=3 # bench_step's fixed warm-up (examples/bench_step.rs: time_steps(cfg, 3, steps))
-CONFIG="${CONFIG:-$CRATE_DIR/configs/shakespeare-char-cpu-v1.toml}"
+CONFIG="${CONFIG:-$CRATE_DIR/configs/shakespeare-char-cpu.toml}"
 GPU_CONFIG="${GPU_CONFIG:-$CRATE_DIR/configs/shakespeare-char-gpu.toml}"
 VENV="${VENV:-$HERE/.venv-bench}"
 log() { echo "$*" >&2; }

@@ -5,11 +5,13 @@ scripts/bench_vs_pytorch.sh.
 It reads the same TOML configs as the crate (configs/*.toml over the crate's built-in defaults,
 src/config.rs, plus `--set key=value` overrides) and builds the same network:
 
-- token embedding `wte` (V, C) ~ N(0, 0.02), LM head tied to it; learned positions `wpe` only with
+- token embedding `wte` (V, C) ~ N(0, 0.02), LM head tied to it, or its own (V, C) `lm_head` with
+  model.tie_embeddings = false; learned positions `wpe` only with
   model.positions = "learned" (the default configs use "rotary": no position table);
 - n_layer pre-norm blocks: x += attn(ln_1(x)); x += ffn(ln_2(x)); then ln_f (src/model.rs);
-- LayerNorm eps 1e-5 with bias (model.bias), or RMSNorm (src/nn/norm.rs);
-- causal self-attention, c_attn C -> 3C and c_proj C -> C with biases, rotary half-split (GPT-NeoX
+- LayerNorm with bias (model.bias), or RMSNorm (src/nn/norm.rs), eps model.norm_eps;
+- causal self-attention, c_attn C -> 3C (C + 2 kv widths with grouped-query attention,
+  model.n_kv_head) and c_proj C -> C with biases, rotary half-split (GPT-NeoX
   layout) on q and k with theta model.rope_theta (src/nn/attention.rs, src/nn/rotary.rs);
 - dense blocks: GELU (exact erf) MLP C -> 4C -> C (src/nn/mlp.rs); c_proj init std
   0.02 / sqrt(2 n_layer), as every residual projection;
@@ -76,7 +78,11 @@ DEFAULTS = {
         "positions": "learned",
         "rope_theta": 10000.0,
         "norm": "layer",
+        "fused_layers": True,
         "moe_every": 1,
+        "n_kv_head": 0,
+        "tie_embeddings": True,
+        "norm_eps": 1e-5,
         "moe": {
             "num_experts": 8,
             "expert_hidden": 0,
@@ -134,6 +140,8 @@ DEFAULTS = {
         "device": "cpu",
         "tf32": False,
         "dead_expert_window": 100,
+        "threads": 0,
+        "expert_parallel": 1,
     },
 }
 
@@ -313,16 +321,16 @@ class Batches:
 
 
 class Norm(nn.Module):
-    def __init__(self, dim, kind, bias):
+    def __init__(self, dim, kind, bias, eps):
         super().__init__()
-        self.rms = kind == "rms"
+        self.rms, self.eps = kind == "rms", eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if (bias and not self.rms) else None
 
     def forward(self, x):
         if self.rms:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 def linear(i, o, bias, std):
@@ -376,15 +384,21 @@ class CausalSelfAttention(nn.Module):
         m = cfg["model"]
         c = m["n_embd"]
         self.n_head, self.dropout, self.impl = m["n_head"], m["dropout"], attn_impl
-        self.c_attn = linear(c, 3 * c, m["bias"], 0.02)
+        self.n_kv = m["n_kv_head"] or m["n_head"]  # grouped-query attention when < n_head
+        if m["n_head"] % self.n_kv:
+            sys.exit(f"model.n_kv_head ({self.n_kv}) must divide model.n_head ({m['n_head']})")
+        self.c_attn = linear(c, c + 2 * self.n_kv * (c // m["n_head"]), m["bias"], 0.02)
         self.c_proj = linear(c, c, m["bias"], 0.02 / math.sqrt(2 * m["n_layer"]))
         self.rotary = Rotary(c // m["n_head"], m["block_size"], m["rope_theta"]) if m["positions"] == "rotary" else None
 
     def forward(self, x):
         b, t, c = x.shape
         hs = c // self.n_head
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, hs).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split([c, self.n_kv * hs, self.n_kv * hs], dim=2)
+        q = q.view(b, t, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (z.view(b, t, self.n_kv, hs).transpose(1, 2) for z in (k, v))  # (B, nkv, T, hs)
+        if self.n_kv != self.n_head:  # each kv head serves n_head / n_kv consecutive query heads
+            k, v = (z.repeat_interleave(self.n_head // self.n_kv, dim=1) for z in (k, v))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         p = self.dropout if self.training else 0.0
@@ -491,9 +505,9 @@ class Block(nn.Module):
     def __init__(self, cfg, i, attn_impl):
         super().__init__()
         m = cfg["model"]
-        self.ln_1 = Norm(m["n_embd"], m["norm"], m["bias"])
+        self.ln_1 = Norm(m["n_embd"], m["norm"], m["bias"], m["norm_eps"])
         self.attn = CausalSelfAttention(cfg, attn_impl)
-        self.ln_2 = Norm(m["n_embd"], m["norm"], m["bias"])
+        self.ln_2 = Norm(m["n_embd"], m["norm"], m["bias"], m["norm_eps"])
         if is_moe_layer(cfg, i):
             self.moe = MoeLayer(cfg)
         else:
@@ -514,7 +528,9 @@ class Gpt(nn.Module):
         else:
             self.wpe = None
         self.h = nn.ModuleList(Block(cfg, i, attn_impl) for i in range(m["n_layer"]))
-        self.ln_f = Norm(m["n_embd"], m["norm"], m["bias"])
+        # (V, C) untied output layer, or None: the LM head is wte (model.tie_embeddings).
+        self.lm_head = None if m["tie_embeddings"] else linear(m["n_embd"], m["vocab_size"], False, 0.02)
+        self.ln_f = Norm(m["n_embd"], m["norm"], m["bias"], m["norm_eps"])
         self.dropout = m["dropout"]
 
     def forward(self, idx, tau):
@@ -534,7 +550,7 @@ class Gpt(nn.Module):
                 f = blk.mlp(h)
             x = x + F.dropout(f, self.dropout, self.training)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # tied LM head
+        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         return logits, aux
 
 
@@ -564,7 +580,7 @@ def make_optimizer(model, cfg, kind, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="TOML config (default configs/shakespeare-char-cpu-v1.toml, the previous default: GELU experts, tied head)")
+    ap.add_argument("--config", default=None, help="TOML config (default configs/shakespeare-char-cpu.toml)")
     ap.add_argument("--config-gpu", action="store_true", help="use configs/shakespeare-char-gpu.toml (device from it: cuda)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--dense", action="store_true", help="the dense twin: model.moe_every=0")
@@ -586,7 +602,7 @@ def main():
 
     if tomllib is None:
         sys.exit("torch_gpt.py needs Python >= 3.11 (tomllib)")
-    path = a.config or os.path.join(REPO, "configs", "shakespeare-char-gpu.toml" if a.config_gpu else "shakespeare-char-cpu-v1.toml")
+    path = a.config or os.path.join(REPO, "configs", "shakespeare-char-gpu.toml" if a.config_gpu else "shakespeare-char-cpu.toml")
     sets = list(a.set) + (["model.moe_every=0"] if a.dense else [])
     cfg = load_config(path, sets)
     m, t = cfg["model"], cfg["train"]
