@@ -1,4 +1,4 @@
-//! The fused layer ops (`ops::{linear, norm, gelu, causal_softmax, causal_attention, expert_mlp}`) against their plain-tensor
+//! The fused layer ops (`ops::{linear, norm, gelu, swiglu, causal_softmax, causal_attention, expert_mlp}`) against their plain-tensor
 //! twins, forward and backward, on odd shapes in f32 and f64, and against f64 finite differences.
 //! The twin comparisons run on every device (`test_device!`); f64 cases and finite differences run
 //! on the CPU only.
@@ -8,7 +8,10 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::fd::assert_grad_matches_fd;
 use common::host::{flat, Rng};
-use gumbel_moe::ops::{causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, NormOp};
+use gumbel_moe::ops::{
+    causal_softmax, causal_softmax_reference, gelu, gelu_reference, norm, norm_reference, swiglu, swiglu_reference,
+    NormOp,
+};
 
 const CPU: Device = Device::Cpu;
 
@@ -163,6 +166,49 @@ test_device!(
     gelu_matches_twin_and_finite_differences_metal
 );
 
+fn swiglu_matches_twin_and_finite_differences_on(dev: &Device) -> Result<()> {
+    let mut rng = Rng(14);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 5e-7)] {
+        if !runs(dev, dtype) {
+            continue;
+        }
+        for shape in [vec![1usize], vec![3, 7], vec![2, 33, 129]] {
+            // Wide gates reach both tails of the sigmoid.
+            let g = randn(&mut rng, &shape, 6.0, dtype, dev)?;
+            let u = randn(&mut rng, &shape, 1.0, dtype, dev)?;
+            let fused = |t: &[Tensor]| swiglu(&t[0], &t[1]);
+            let twin = |t: &[Tensor]| swiglu_reference(&t[0], &t[1]);
+            check_twin(&format!("swiglu {dtype:?} {shape:?}"), &fused, &twin, &[g, u], &shape, tol)?;
+        }
+    }
+    if dev.is_cpu() {
+        let g = randn(&mut rng, &[6, 5], 2.0, DType::F64, dev)?;
+        let u = randn(&mut rng, &[6, 5], 1.0, DType::F64, dev)?;
+        let w = randn(&mut rng, &[6, 5], 1.0, DType::F64, dev)?;
+        assert_grad_matches_fd(|g| (swiglu(g, &u)? * &w)?.sum_all(), &g, 1e-6, "swiglu gate ")?;
+        assert_grad_matches_fd(|u| (swiglu(&g, u)? * &w)?.sum_all(), &u, 1e-6, "swiglu up ")?;
+        // The f32 kernel (polynomial exp) against f64 math, element by element, far into both tails.
+        let gs: Vec<f64> = (0..4001).map(|i| -100.0 + i as f64 * 0.05).collect();
+        let gt = Tensor::new(gs.iter().map(|&v| v as f32).collect::<Vec<f32>>(), dev)?;
+        let y = swiglu(&gt, &gt.ones_like()?)?.to_vec1::<f32>()?;
+        for (&g, &got) in gs.iter().zip(&y) {
+            let g32 = g as f32 as f64;
+            let want = g32 / (1.0 + (-g32).exp());
+            // Below g = -87.3 the polynomial exp saturates (see `exp_f32`): |silu| stays under 1e-35
+            // instead of going subnormal.
+            assert!((got as f64 - want).abs() <= 3e-7 * want.abs() + 1e-35, "silu({g32}) = {got}, want {want}");
+        }
+    }
+    Ok(())
+}
+
+test_device!(
+    swiglu_matches_twin_and_finite_differences_on,
+    swiglu_matches_twin_and_finite_differences,
+    swiglu_matches_twin_and_finite_differences_cuda,
+    swiglu_matches_twin_and_finite_differences_metal
+);
+
 fn causal_softmax_matches_twin_and_finite_differences_on(dev: &Device) -> Result<()> {
     let mut rng = Rng(5);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
@@ -271,15 +317,16 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
         if !runs(dev, dtype) {
             continue;
         }
-        for bias in [true, false] {
+        for (bias, gated) in [(true, false), (false, false), (true, true), (false, true)] {
             let (c, h) = (5, 7);
             // Experts 1 and 3 get no rows.
             let offsets = [0u32, 4, 4, 13, 13, 14];
             let e = offsets.len() - 1;
             let n = *offsets.last().unwrap() as usize;
-            let per = if bias { 4 } else { 2 };
+            let per = (if bias { 4 } else { 2 }) + (if gated { 1 + bias as usize } else { 0 });
             let mut inputs = vec![randn(&mut rng, &[n, c], 1.0, dtype, dev)?];
             for _ in 0..e {
+                // In the order of `p` below: w1, [b1], w2, [b2], [wg, [bg]].
                 inputs.push(randn(&mut rng, &[h, c], 0.5, dtype, dev)?);
                 if bias {
                     inputs.push(randn(&mut rng, &[h], 0.5, dtype, dev)?);
@@ -288,8 +335,14 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
                 if bias {
                     inputs.push(randn(&mut rng, &[c], 0.5, dtype, dev)?);
                 }
+                if gated {
+                    inputs.push(randn(&mut rng, &[h, c], 1.0, dtype, dev)?);
+                    if bias {
+                        inputs.push(randn(&mut rng, &[h], 0.5, dtype, dev)?);
+                    }
+                }
             }
-            let what = format!("expert_mlp {dtype:?} bias={bias}");
+            let what = format!("expert_mlp {dtype:?} bias={bias} gated={gated}");
             let w = randn(&mut Rng(99), &[n, c], 1.0, dtype, dev)?;
             let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -297,12 +350,11 @@ fn expert_mlp_matches_twin_including_empty_experts_on(dev: &Device) -> Result<()
             let run = |form: usize| -> Result<(Tensor, Vec<Option<Tensor>>)> {
                 let ep: Vec<ExpertParams> = (0..e)
                     .map(|i| {
-                        let p = &ts[1 + per * i..1 + per * (i + 1)];
-                        if bias {
-                            ExpertParams { w1: &p[0], b1: Some(&p[1]), w2: &p[2], b2: Some(&p[3]) }
-                        } else {
-                            ExpertParams { w1: &p[0], b1: None, w2: &p[1], b2: None }
-                        }
+                        let mut p = ts[1 + per * i..1 + per * (i + 1)].iter();
+                        let mut next = |present: bool| if present { p.next() } else { None };
+                        let (w1, b1, w2, b2) = (next(true).unwrap(), next(bias), next(true).unwrap(), next(bias));
+                        let (wg, bg) = (next(gated), next(gated && bias));
+                        ExpertParams { w1, b1, w2, b2, wg, bg }
                     })
                     .collect();
                 let (y, out) = match form {
@@ -356,29 +408,48 @@ test_device!(
 
 #[test]
 fn expert_mlp_gradient_matches_finite_differences() -> Result<()> {
-    use gumbel_moe::ops::{expert_mlp, ExpertParams};
+    use gumbel_moe::ops::{expert_mlp, expert_mlp_train, ExpertParams};
     let mut rng = Rng(8);
     let (c, h) = (3, 4);
     let offsets = [0u32, 2, 2, 5];
     let x = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
-    let w1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h, c], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
-    let b1s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[h], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
-    let w2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c, h], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
-    let b2s: Vec<Tensor> = (0..3).map(|_| randn(&mut rng, &[c], 0.7, DType::F64, &CPU)).collect::<Result<_>>()?;
-    let w = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
-    let loss = |x: &Tensor, w1_2: Option<&Tensor>| -> Result<Tensor> {
-        let ep: Vec<ExpertParams> = (0..3)
-            .map(|i| ExpertParams {
-                w1: if i == 2 { w1_2.unwrap_or(&w1s[2]) } else { &w1s[i] },
-                b1: Some(&b1s[i]),
-                w2: &w2s[i],
-                b2: Some(&b2s[i]),
-            })
-            .collect();
-        (expert_mlp(x, &ep, &offsets)? * &w)?.sum_all()
+    let mut draw = |shape: &[usize]| -> Result<Vec<Tensor>> {
+        (0..3).map(|_| randn(&mut rng, shape, 0.7, DType::F64, &CPU)).collect()
     };
-    assert_grad_matches_fd(|x| loss(x, None), &x, 1e-6, "expert_mlp x ")?;
-    assert_grad_matches_fd(|w1| loss(&x, Some(w1)), &w1s[2], 1e-6, "expert_mlp W1 of expert 2 ")?;
+    let (w1s, b1s, w2s, b2s) = (draw(&[h, c])?, draw(&[h])?, draw(&[c, h])?, draw(&[c])?);
+    let (wgs, bgs) = (draw(&[h, c])?, draw(&[h])?);
+    let w = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
+    for (gated, train) in [(false, false), (true, false), (true, true)] {
+        let what = format!("expert_mlp gated={gated} training form={train}");
+        // Expert 2's W1 and Wg may be replaced (the finite differences perturb them).
+        let loss = |x: &Tensor, w1_2: Option<&Tensor>, wg_2: Option<&Tensor>| -> Result<Tensor> {
+            let ep: Vec<ExpertParams> = (0..3)
+                .map(|i| ExpertParams {
+                    w1: if i == 2 { w1_2.unwrap_or(&w1s[2]) } else { &w1s[i] },
+                    b1: Some(&b1s[i]),
+                    w2: &w2s[i],
+                    b2: Some(&b2s[i]),
+                    wg: gated.then(|| if i == 2 { wg_2.unwrap_or(&wgs[2]) } else { &wgs[i] }),
+                    bg: gated.then_some(&bgs[i]),
+                })
+                .collect();
+            let y = if train { expert_mlp_train(x, &ep, &offsets)?.0 } else { expert_mlp(x, &ep, &offsets)? };
+            (y * &w)?.sum_all()
+        };
+        assert_grad_matches_fd(|x| loss(x, None, None), &x, 1e-6, &format!("{what} x "))?;
+        if !train {
+            // The training form's parameter gradients go out of band (checked against this form above).
+            assert_grad_matches_fd(|w1| loss(&x, Some(w1), None), &w1s[2], 1e-6, &format!("{what} W1 of expert 2 "))?;
+            if gated {
+                assert_grad_matches_fd(
+                    |wg| loss(&x, None, Some(wg)),
+                    &wgs[2],
+                    1e-6,
+                    &format!("{what} Wg of expert 2 "),
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -83,6 +83,13 @@ fn training_step_gradients_match_autograd() {
     training_grads_match_autograd("gumbel", &["model.bias=false"]);
     // More experts than a batch reaches: the experts without rows get no gradient in either form.
     training_grads_match_autograd("gumbel", &["model.moe.num_experts=64"]);
+    // SwiGLU experts and a SwiGLU dense block (the default config's block): the fused expert op
+    // with a gate, and the swiglu op.
+    training_grads_match_autograd(
+        "gumbel",
+        &["model.moe.activation=\"swiglu\"", "model.moe_every=2", "model.bias=false"],
+    );
+    training_grads_match_autograd("gumbel", &["model.moe.activation=\"swiglu\"", "model.moe_every=2"]);
 }
 
 #[test]

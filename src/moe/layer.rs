@@ -219,7 +219,7 @@ impl MoeLayer {
         if xs.dim(0)? == 0 {
             return Ok((xs.clone(), None));
         }
-        let grouped: Option<Vec<_>> = experts.iter().map(|x| x.gelu_params()).collect();
+        let grouped: Option<Vec<_>> = experts.iter().map(|x| x.expert_params()).collect();
         if let Some(params) = grouped {
             return if pack {
                 crate::ops::expert_mlp_train(xs, &params, offsets)

@@ -31,10 +31,9 @@ impl Mlp {
         })
     }
 
-    /// The weights of a GELU MLP for `ops::expert_mlp` (None for SwiGLU, or when the layers are
-    /// not fused).
-    pub fn gelu_params(&self) -> Option<crate::ops::ExpertParams<'_>> {
-        if self.c_gate.is_some() || !self.fused {
+    /// The weights for `ops::expert_mlp` (None when the layers are not fused).
+    pub fn expert_params(&self) -> Option<crate::ops::ExpertParams<'_>> {
+        if !self.fused {
             return None;
         }
         Some(crate::ops::ExpertParams {
@@ -42,6 +41,8 @@ impl Mlp {
             b1: self.c_fc.bias(),
             w2: self.c_proj.weight(),
             b2: self.c_proj.bias(),
+            wg: self.c_gate.as_ref().map(|g| g.weight()),
+            bg: self.c_gate.as_ref().and_then(|g| g.bias()),
         })
     }
 
@@ -49,7 +50,8 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?; // (..., H)
         let h = match &self.c_gate {
-            Some(g) => (candle_nn::ops::silu(&g.forward(x)?)? * h)?,
+            Some(g) if self.fused => crate::ops::swiglu(&g.forward(x)?, &h)?,
+            Some(g) => crate::ops::swiglu_reference(&g.forward(x)?, &h)?,
             // Exact GELU, as PyTorch nn.GELU().
             None if self.fused => crate::ops::gelu(&h)?,
             None => crate::ops::gelu_reference(&h)?,

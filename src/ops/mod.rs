@@ -20,10 +20,10 @@
 //! Layer ops, fused each way (CPU kernels; other devices run their plain-tensor twins):
 //! [`linear`](mod@linear) (x W^T + b: dx, dW and db, a row sum, from one backward op), [`layer_norm`]
 //! (LayerNorm/RMSNorm with dx, dgamma, dbeta in one backward pass), [`gelu`](mod@gelu) (exact GELU, one pass
-//! each way), [`causal_softmax`](mod@causal_softmax) (softmax of attention scores with the causal mask inside, where
+//! each way), [`swiglu`](mod@swiglu) (silu(g) u, one pass each way, CPU only), [`causal_softmax`](mod@causal_softmax) (softmax of attention scores with the causal mask inside, where
 //! the fully fused attention does not run), [`attention`] (the causal attention core from the (B, T, 3C) projection, rotary and
-//! mask inside, flash-style backward), [`expert_mlp`](mod@expert_mlp) (every expert's GELU MLP over its block of
-//! sorted rows, one op each way).
+//! mask inside, flash-style backward), [`expert_mlp`](mod@expert_mlp) (every expert's GELU or SwiGLU MLP over its
+//! block of sorted rows, one op each way).
 //!
 //! [`dropout`]: inverted dropout whose mask is drawn from Philox on the device (same elements
 //! dropped on every backend; the backward is the same op on the gradient). [`adamw`]: the fused
@@ -51,6 +51,7 @@ mod layer_kernels;
 pub mod layer_norm;
 pub mod linear;
 pub mod straight_through;
+pub mod swiglu;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionBwd, CausalAttention, RopeTables};
 pub use balance_stats::{balance_stats, balance_stats_reference, expert_fractions, BalanceStats, BalanceStatsBwd};
@@ -73,3 +74,4 @@ pub use gumbel_router::{
 pub use layer_norm::{norm, norm_reference, Norm as NormOp, NormBwd};
 pub use linear::{linear, linear_reference, Linear as LinearOp, LinearBwd};
 pub use straight_through::{straight_through, StraightThrough};
+pub use swiglu::{swiglu, swiglu_reference, Swiglu, SwigluBwd};

@@ -32,15 +32,15 @@ impl ExpertGrads {
 }
 
 /// The forward op over the sorted rows (N, C) -> (N, C), with the active experts' weights
-/// (w1, b1, w2, b2; biases None without bias) and E' + 1 offsets.
+/// (w1, b1, w2, b2, wg, bg; biases None without bias, the gate None for GELU) and E' + 1 offsets.
 #[derive(Clone, Debug)]
 pub struct ExpertMlpInPlace {
     c: usize,
     h: usize,
     offsets: Arc<Vec<u32>>,
-    params: Arc<Vec<[Option<Tensor>; 4]>>,
+    params: Arc<Vec<[Option<Tensor>; 6]>>,
     out: ExpertGrads,
-    /// The forward's pre-activations (N, H), taken by the backward.
+    /// The forward's pre-activations, taken by the backward.
     saved: Arc<Mutex<Option<CpuStorage>>>,
 }
 
@@ -53,16 +53,16 @@ pub fn expert_mlp_train(
     offsets: &[u32],
 ) -> Result<(Tensor, Option<ExpertGrads>)> {
     if !xs.device().is_cpu() {
-        return Ok((per_expert(xs, experts, offsets, crate::ops::gelu::gelu)?, None));
+        return Ok((per_expert(xs, experts, offsets, true)?, None));
     }
     let (n, c) = xs.dims2()?;
-    let (h, _) = check_experts(experts, offsets, n, c)?;
+    let (h, _, _) = check_experts(experts, offsets, n, c)?;
     let (experts, offsets) = active(experts, offsets)?;
     let out = ExpertGrads::default();
     if experts.is_empty() {
         return Ok((xs.zeros_like()?, Some(out)));
     }
-    let params = experts.iter().map(|p| [Some(p.w1.clone()), p.b1.cloned(), Some(p.w2.clone()), p.b2.cloned()]);
+    let params = experts.iter().map(|p| p.all().map(|t| t.cloned()));
     let op = ExpertMlpInPlace {
         c,
         h,
@@ -76,7 +76,7 @@ pub fn expert_mlp_train(
 
 /// `f` of each expert's weights, read in place from their storages (contiguous, CPU, of type T)
 /// under read locks held for the call.
-fn with_weights<T: Float, R>(params: &[[Option<Tensor>; 4]], f: impl FnOnce(&[Weights<T>]) -> R) -> Result<R> {
+fn with_weights<T: Float, R>(params: &[[Option<Tensor>; 6]], f: impl FnOnce(&[Weights<T>]) -> R) -> Result<R> {
     let guards: Vec<_> = params.iter().flatten().map(|t| t.as_ref().map(|t| t.storage_and_layout())).collect();
     let mut s = Vec::with_capacity(guards.len());
     for g in &guards {
@@ -89,7 +89,8 @@ fn with_weights<T: Float, R>(params: &[[Option<Tensor>; 4]], f: impl FnOnce(&[We
             }
         });
     }
-    let ws: Vec<Weights<T>> = s.chunks(4).map(|w| Weights { w1: w[0], b1: w[1], w2: w[2], b2: w[3] }).collect();
+    let ws: Vec<Weights<T>> =
+        s.chunks(6).map(|w| Weights { w1: w[0], b1: w[1], w2: w[2], b2: w[3], wg: w[4], bg: w[5] }).collect();
     Ok(f(&ws))
 }
 
@@ -110,9 +111,11 @@ impl ExpertMlpInPlace {
             _ => None,
         };
         let bufs = with_weights(&self.params, |ws: &[Weights<T>]| {
-            let mut bufs: Vec<[Vec<T>; 4]> =
-                ws.iter().map(|w| [w.w1.len(), w.b1.len(), w.w2.len(), w.b2.len()].map(out_vec::<T>)).collect();
-            let gs = bufs.iter_mut().map(|[w1, b1, w2, b2]| Grads { w1, b1, w2, b2 }).collect();
+            let mut bufs: Vec<[Vec<T>; 6]> = ws
+                .iter()
+                .map(|w| [w.w1.len(), w.b1.len(), w.w2.len(), w.b2.len(), w.wg.len(), w.bg.len()].map(out_vec::<T>))
+                .collect();
+            let gs = bufs.iter_mut().map(|[w1, b1, w2, b2, wg, bg]| Grads { w1, b1, w2, b2, wg, bg }).collect();
             kernels::backward_all(x, dy, pre, ws, &self.offsets, self.c, self.h, &mut dx, gs);
             bufs
         })?;

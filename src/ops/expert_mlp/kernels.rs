@@ -1,21 +1,34 @@
 //! The CPU kernels of the expert MLP ops, over each expert's own weight slices: one expert's
 //! forward and backward, and every expert of a call in parallel (deterministic: each expert
-//! writes only its own rows and its own gradients). The forward can keep the pre-activations
-//! H = x W1^T + b1 for the backward, which otherwise recomputes them (one matmul of the seven).
+//! writes only its own rows and its own gradients). GELU experts: y = gelu(x W1^T + b1) W2^T + b2;
+//! SwiGLU experts (a gate Wg): y = (silu(x Wg^T + bg) (x W1^T + b1)) W2^T + b2. The forward can
+//! keep the pre-activations (U = x W1^T + b1, and G = x Wg^T + bg) for the backward, which
+//! otherwise recomputes them.
 
 use super::super::backend::cpu::out_vec;
 use super::super::float::{add_rows, col_sum};
 use super::super::gelu::{gelu_act_and_grad, gelu_chunk, Normal};
 use super::super::gemm::{matmul, Mat};
+use super::super::swiglu::{swiglu_act_and_grad, swiglu_chunk};
 use rayon::prelude::*;
 
-/// One expert's weights: W1 (H, C), b1 (H), W2 (C, H), b2 (C); the biases empty when there are none.
+/// One expert's weights: W1 (H, C), b1 (H), W2 (C, H), b2 (C), and for SwiGLU the gate Wg (H, C),
+/// bg (H); the biases empty when there are none, wg and bg empty for GELU.
 #[derive(Clone, Copy)]
 pub(super) struct Weights<'a, T> {
     pub w1: &'a [T],
     pub b1: &'a [T],
     pub w2: &'a [T],
     pub b2: &'a [T],
+    pub wg: &'a [T],
+    pub bg: &'a [T],
+}
+
+impl<T> Weights<'_, T> {
+    /// SwiGLU (a gate) rather than GELU.
+    fn gated(&self) -> bool {
+        !self.wg.is_empty()
+    }
 }
 
 /// One expert's gradients, shaped as its [`Weights`].
@@ -24,21 +37,43 @@ pub(super) struct Grads<'a, T> {
     pub b1: &'a mut [T],
     pub w2: &'a mut [T],
     pub b2: &'a mut [T],
+    pub wg: &'a mut [T],
+    pub bg: &'a mut [T],
 }
 
-/// Pre-activation pre (n, H) = x W1^T + b1 of one expert.
+/// Pre-activations per row of one expert: H (GELU) or 2H (SwiGLU: U then G).
+pub(super) fn pre_width(h: usize, gated: bool) -> usize {
+    if gated {
+        2 * h
+    } else {
+        h
+    }
+}
+
+/// Pre-activations of one expert's n rows into `pre`: U (n, H) = x W1^T + b1, then for SwiGLU
+/// G (n, H) = x Wg^T + bg.
 fn hidden_into<T: Normal>(pre: &mut [T], x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) {
-    matmul(pre, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
-    add_rows(pre, w.b1);
+    let (u, g) = pre.split_at_mut(n * h);
+    matmul(u, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
+    add_rows(u, w.b1);
+    if w.gated() {
+        matmul(g, Mat::rows(x, n, c), Mat::t(w.wg, c, h), false);
+        add_rows(g, w.bg);
+    }
 }
 
-/// y (n, C) = gelu(H) W2^T + b2 of one expert's rows x (n, C), with H = x W1^T + b1 (n, H)
-/// written to `pre`.
+/// y (n, C) = act W2^T + b2 of one expert's rows x (n, C), act = gelu(U) or silu(G) U, with the
+/// pre-activations written to `pre` (n x [`pre_width`]).
 fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], pre: &mut [T]) {
     let n = x.len() / c;
     hidden_into(pre, x, w, n, c, h);
     let mut act = out_vec::<T>(n * h);
-    gelu_chunk(&mut act, pre);
+    let (u, g) = pre.split_at(n * h);
+    if w.gated() {
+        swiglu_chunk(&mut act, g, u);
+    } else {
+        gelu_chunk(&mut act, u);
+    }
     matmul(y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
     add_rows(y, w.b2);
 }
@@ -59,41 +94,57 @@ fn backward<T: Normal>(
 ) {
     let n = x.len() / c;
     if n == 0 {
-        for v in [g.w1, g.b1, g.w2, g.b2] {
+        for v in [g.w1, g.b1, g.w2, g.b2, g.wg, g.bg] {
             v.fill(T::ZERO);
         }
         return;
     }
+    let gated = w.gated();
     let recomputed;
     let pre = match pre {
         Some(p) => p,
         None => {
             recomputed = {
-                let mut p = out_vec::<T>(n * h);
+                let mut p = out_vec::<T>(n * pre_width(h, gated));
                 hidden_into(&mut p, x, w, n, c, h);
                 p
             };
             &recomputed
         }
     };
+    let (u, gp) = pre.split_at(n * h);
     let mut act = out_vec::<T>(n * h);
-    let mut dpre = out_vec::<T>(n * h);
-    // dA = dY W2, then through GELU: dH = dA * gelu'(H).
-    matmul(&mut dpre, Mat::rows(dy, n, c), Mat::rows(w.w2, c, h), false);
-    gelu_act_and_grad(&mut dpre, &mut act, pre);
+    let mut du = out_vec::<T>(n * h);
+    let mut dg = out_vec::<T>(if gated { n * h } else { 0 });
+    // dA = dY W2, then through the activation: dU = dA gelu'(U), or dU = dA silu(G) and
+    // dG = dA U silu'(G).
+    matmul(&mut du, Mat::rows(dy, n, c), Mat::rows(w.w2, c, h), false);
+    if gated {
+        swiglu_act_and_grad(&mut du, &mut dg, &mut act, gp, u);
+    } else {
+        gelu_act_and_grad(&mut du, &mut act, u);
+    }
     matmul(g.w2, Mat::t(dy, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
-    matmul(g.w1, Mat::t(&dpre, h, n), Mat::rows(x, n, c), false); // dW1 = dH^T X
+    matmul(g.w1, Mat::t(&du, h, n), Mat::rows(x, n, c), false); // dW1 = dU^T X
     if !g.b1.is_empty() {
-        g.b1.copy_from_slice(&col_sum(&dpre, h));
+        g.b1.copy_from_slice(&col_sum(&du, h));
     }
     if !g.b2.is_empty() {
         g.b2.copy_from_slice(&col_sum(dy, c));
     }
-    matmul(dx, Mat::rows(&dpre, n, h), Mat::rows(w.w1, h, c), false); // dX = dH W1
+    matmul(dx, Mat::rows(&du, n, h), Mat::rows(w.w1, h, c), false); // dX = dU W1
+    if gated {
+        matmul(g.wg, Mat::t(&dg, h, n), Mat::rows(x, n, c), false); // dWg = dG^T X
+        if !g.bg.is_empty() {
+            g.bg.copy_from_slice(&col_sum(&dg, h));
+        }
+        matmul(dx, Mat::rows(&dg, n, h), Mat::rows(w.wg, h, c), true); // dX += dG Wg
+    }
 }
 
 /// The rows [offsets[e], offsets[e + 1]) of x (N, C) through expert e, for every expert, in
-/// parallel -> (y (N, C), with `keep` the pre-activations (N, H) in the same row order).
+/// parallel -> (y (N, C), with `keep` the pre-activations: each expert's block of
+/// n_e x [`pre_width`], in expert order).
 pub(super) fn forward_all<T: Normal>(
     x: &[T],
     ws: &[Weights<T>],
@@ -103,13 +154,14 @@ pub(super) fn forward_all<T: Normal>(
     keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
     let rows = x.len() / c;
-    let (mut y, mut pre) = (out_vec::<T>(rows * c), out_vec::<T>(rows * h));
+    let hp = pre_width(h, ws.first().is_some_and(|w| w.gated()));
+    let (mut y, mut pre) = (out_vec::<T>(rows * c), out_vec::<T>(rows * hp));
     let mut pieces = Vec::with_capacity(ws.len());
     let (mut y_rest, mut pre_rest) = (&mut y[..], &mut pre[..]);
     for e in 0..ws.len() {
         let n = (offsets[e + 1] - offsets[e]) as usize;
         let (ye, r) = std::mem::take(&mut y_rest).split_at_mut(n * c);
-        let (pe, rp) = std::mem::take(&mut pre_rest).split_at_mut(n * h);
+        let (pe, rp) = std::mem::take(&mut pre_rest).split_at_mut(n * hp);
         (y_rest, pre_rest) = (r, rp);
         pieces.push((e, ye, pe));
     }
@@ -120,7 +172,7 @@ pub(super) fn forward_all<T: Normal>(
 }
 
 /// The backward of [`forward_all`]: writes dx (N, C), and expert e's gradients into `gs[e]`;
-/// `pre`: the forward's pre-activations (N, H), or None to recompute them.
+/// `pre`: the forward's pre-activations, or None to recompute them.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_all<T: Normal>(
     x: &[T],
@@ -134,6 +186,7 @@ pub(super) fn backward_all<T: Normal>(
     gs: Vec<Grads<T>>,
 ) {
     assert_eq!(gs.len(), ws.len(), "expert_mlp: {} gradient sets for {} experts", gs.len(), ws.len());
+    let hp = pre_width(h, ws.first().is_some_and(|w| w.gated()));
     let mut pieces = Vec::with_capacity(ws.len());
     let mut dx_rest = dx;
     for (e, g) in gs.into_iter().enumerate() {
@@ -144,7 +197,7 @@ pub(super) fn backward_all<T: Normal>(
     }
     pieces.into_par_iter().for_each(|(e, dxe, g)| {
         let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
-        let pre = pre.map(|p| &p[a * h..b * h]);
+        let pre = pre.map(|p| &p[a * hp..b * hp]);
         backward(&x[a * c..b * c], &dy[a * c..b * c], pre, &ws[e], c, h, dxe, g);
     });
 }

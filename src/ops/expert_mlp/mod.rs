@@ -1,6 +1,7 @@
-//! Every expert's GELU MLP over its block of the expert-sorted rows: per expert e with rows
-//! \[offsets\[e\], offsets\[e + 1\]), y = gelu(x W1_e^T + b1_e) W2_e^T + b2_e, 6 matmuls per expert in
-//! one op each way (the loop of per-expert Candle ops is about 12 graph nodes per expert each way).
+//! Every expert's MLP over its block of the expert-sorted rows: per expert e with rows
+//! \[offsets\[e\], offsets\[e + 1\]), y = gelu(x W1_e^T + b1_e) W2_e^T + b2_e (6 matmuls per expert),
+//! or SwiGLU y = (silu(x Wg_e^T + bg_e) (x W1_e^T + b1_e)) W2_e^T + b2_e (9 matmuls), in one op
+//! each way (the loop of per-expert Candle ops is 12-20 graph nodes per expert each way).
 //! Only the experts that got rows take part: an expert without rows costs nothing and gets no
 //! gradient (None, as in the plain-tensor twin and in PyTorch).
 //!
@@ -13,7 +14,8 @@
 //!   ([`ExpertGrads`]): no copy of the weights, no packed gradient to zero-fill and add.
 //!
 //! On GPUs both run the per-expert loop with the matmuls on the device's GEMM and the
-//! [`gelu`](super::gelu()) op's kernels; the plain-tensor twin is [`expert_mlp_reference`].
+//! [`gelu`](super::gelu()) op's kernels (SwiGLU: Candle's silu); the plain-tensor twin is
+//! [`expert_mlp_reference`].
 
 mod in_place;
 mod kernels;
@@ -22,6 +24,7 @@ pub use in_place::{expert_mlp_train, ExpertGrads, ExpertMlpInPlace};
 
 use super::backend::cpu::{contiguous, out_vec, Float};
 use super::gelu::Normal;
+use super::swiglu::{swiglu, swiglu_reference};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use kernels::{Grads, Weights};
@@ -33,47 +36,65 @@ pub struct ExpertMlp {
     pub c: usize,
     pub h: usize,
     pub bias: bool,
+    /// SwiGLU experts (a gate projection) rather than GELU.
+    pub gated: bool,
     /// E + 1 row offsets into the sorted rows.
     pub offsets: Arc<Vec<u32>>,
 }
 
-/// One expert's parameters, in the order they are packed.
+/// One expert's parameters, in the order they are packed: W1 (H, C) (the "up" projection of
+/// SwiGLU, `c_fc`), b1, W2 (C, H), b2, and for SwiGLU the gate Wg (H, C) (`c_gate`), bg.
 #[derive(Clone, Copy)]
 pub struct ExpertParams<'a> {
     pub w1: &'a Tensor,
     pub b1: Option<&'a Tensor>,
     pub w2: &'a Tensor,
     pub b2: Option<&'a Tensor>,
+    /// SwiGLU's gate (None: a GELU expert).
+    pub wg: Option<&'a Tensor>,
+    pub bg: Option<&'a Tensor>,
+}
+
+impl<'a> ExpertParams<'a> {
+    /// The parameters in packing order, absent ones as None.
+    fn all(&self) -> [Option<&'a Tensor>; 6] {
+        [Some(self.w1), self.b1, Some(self.w2), self.b2, self.wg, self.bg]
+    }
 }
 
 impl ExpertMlp {
     fn per_expert(&self) -> usize {
-        2 * self.h * self.c + if self.bias { self.h + self.c } else { 0 }
+        self.ranges(0).iter().map(|r| r.len()).sum()
     }
 
     fn experts(&self) -> usize {
         self.offsets.len() - 1
     }
 
-    /// (w1, b1, w2, b2) ranges of expert e in the packed buffer.
-    fn ranges(&self, e: usize) -> [std::ops::Range<usize>; 4] {
+    /// (w1, b1, w2, b2, wg, bg) ranges of expert e in the packed buffer (empty when absent).
+    fn ranges(&self, e: usize) -> [std::ops::Range<usize>; 6] {
         let (c, h) = (self.c, self.h);
-        let s = e * self.per_expert();
-        let bh = if self.bias { h } else { 0 };
-        let bc = if self.bias { c } else { 0 };
-        let w1 = s..s + h * c;
-        let b1 = w1.end..w1.end + bh;
-        let w2 = b1.end..b1.end + c * h;
-        let b2 = w2.end..w2.end + bc;
-        [w1, b1, w2, b2]
+        let lens = [
+            h * c,
+            if self.bias { h } else { 0 },
+            c * h,
+            if self.bias { c } else { 0 },
+            if self.gated { h * c } else { 0 },
+            if self.gated && self.bias { h } else { 0 },
+        ];
+        let mut at = e * lens.iter().sum::<usize>();
+        lens.map(|n| {
+            at += n;
+            at - n..at
+        })
     }
 
     /// Each expert's weights in the packed buffer `p`.
     fn weights<'a, T>(&self, p: &'a [T]) -> Vec<Weights<'a, T>> {
         (0..self.experts())
             .map(|e| {
-                let [w1, b1, w2, b2] = self.ranges(e);
-                Weights { w1: &p[w1], b1: &p[b1], w2: &p[w2], b2: &p[b2] }
+                let [w1, b1, w2, b2, wg, bg] = self.ranges(e).map(|r| &p[r]);
+                Weights { w1, b1, w2, b2, wg, bg }
             })
             .collect()
     }
@@ -98,10 +119,11 @@ fn active<'a>(experts: &[ExpertParams<'a>], offsets: &[u32]) -> Result<(Vec<Expe
     Ok((kept, offs))
 }
 
-/// (H, bias) of the experts, checked against rows of width `c` and the offsets' last entry `n`.
-fn check_experts(experts: &[ExpertParams], offsets: &[u32], n: usize, c: usize) -> Result<(usize, bool)> {
+/// (H, bias, gated) of the experts, checked against rows of width `c` and the offsets' last entry `n`.
+fn check_experts(experts: &[ExpertParams], offsets: &[u32], n: usize, c: usize) -> Result<(usize, bool, bool)> {
     let (h, wc) = experts.first().map(|p| p.w1.dims2()).transpose()?.unwrap_or((0, c));
     let bias = experts.first().is_some_and(|p| p.b1.is_some() && p.b2.is_some());
+    let gated = experts.first().is_some_and(|p| p.wg.is_some());
     if offsets.len() != experts.len() + 1 || wc != c || offsets.last().copied() != Some(n as u32) {
         candle_core::bail!(
             "expert_mlp: {} experts of C = {wc} with {} offsets (last {:?}) for {n} rows of C = {c}",
@@ -114,63 +136,67 @@ fn check_experts(experts: &[ExpertParams], offsets: &[u32], n: usize, c: usize) 
         let ok = p.w1.dims() == [h, c]
             && p.w2.dims() == [c, h]
             && p.b1.map_or(!bias, |b| bias && b.dims() == [h])
-            && p.b2.map_or(!bias, |b| bias && b.dims() == [c]);
+            && p.b2.map_or(!bias, |b| bias && b.dims() == [c])
+            && p.wg.map_or(!gated, |w| gated && w.dims() == [h, c])
+            && p.bg.map_or(!(gated && bias), |b| gated && bias && b.dims() == [h]);
         if !ok {
-            candle_core::bail!("expert_mlp: expert parameters are not all (H, C) = ({h}, {c}) and (C, H)");
+            candle_core::bail!(
+                "expert_mlp: expert parameters are not all (H, C) = ({h}, {c}) and (C, H), with the same biases \
+                 and gates (bias {bias}, gated {gated})"
+            );
         }
     }
-    Ok((h, bias))
+    Ok((h, bias, gated))
 }
 
 /// xs: (N_kept, C) rows grouped by expert (`offsets`, E + 1 entries) -> (N_kept, C), the graph
 /// form: every active expert's parameter gets its gradient through autograd.
 pub fn expert_mlp(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Result<Tensor> {
     if !xs.device().is_cpu() {
-        return per_expert(xs, experts, offsets, super::gelu::gelu);
+        return per_expert(xs, experts, offsets, true);
     }
     let (n, c) = xs.dims2()?;
-    let (h, bias) = check_experts(experts, offsets, n, c)?;
+    let (h, bias, gated) = check_experts(experts, offsets, n, c)?;
     let (experts, offsets) = active(experts, offsets)?;
     if experts.is_empty() {
         return xs.zeros_like();
     }
-    let mut flat = Vec::with_capacity(4 * experts.len());
-    for p in &experts {
-        flat.push(p.w1.flatten_all()?);
-        if bias {
-            flat.extend([p.b1.expect("bias").clone()]);
-        }
-        flat.push(p.w2.flatten_all()?);
-        if bias {
-            flat.extend([p.b2.expect("bias").clone()]);
-        }
-    }
+    let flat: Vec<Tensor> =
+        experts.iter().flat_map(|p| p.all()).flatten().map(|t| t.flatten_all()).collect::<Result<_>>()?;
     let packed = Tensor::cat(&flat, 0)?;
-    xs.contiguous()?.apply_op2(&packed, ExpertMlp { c, h, bias, offsets: Arc::new(offsets) })
+    xs.contiguous()?.apply_op2(&packed, ExpertMlp { c, h, bias, gated, offsets: Arc::new(offsets) })
 }
 
 /// The plain-tensor twin: a loop of Candle ops per expert, then the blocks concatenated.
 pub fn expert_mlp_reference(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32]) -> Result<Tensor> {
-    per_expert(xs, experts, offsets, super::gelu::gelu_reference)
+    per_expert(xs, experts, offsets, false)
 }
 
-/// The loop of Candle ops per expert with activation `act`, then the blocks concatenated.
-fn per_expert(
-    xs: &Tensor,
-    experts: &[ExpertParams],
-    offsets: &[u32],
-    act: fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+/// x W^T + b.
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// The loop of Candle ops per expert, then the blocks concatenated; the activation as the
+/// [`gelu`](super::gelu()) / [`swiglu`] ops (`fused`) or their plain-tensor twins.
+fn per_expert(xs: &Tensor, experts: &[ExpertParams], offsets: &[u32], fused: bool) -> Result<Tensor> {
     let (experts, offsets) = active(experts, offsets)?;
     let mut outs = Vec::new();
     for (e, p) in experts.iter().enumerate() {
         let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
         let x = xs.narrow(0, a, b - a)?;
-        let mut hd = x.matmul(&p.w1.t()?)?;
-        if let Some(b1) = p.b1 {
-            hd = hd.broadcast_add(b1)?;
-        }
-        let mut y = act(&hd)?.matmul(&p.w2.t()?)?;
+        let hd = affine(&x, p.w1, p.b1)?;
+        let act = match (p.wg, fused) {
+            (Some(wg), true) => swiglu(&affine(&x, wg, p.bg)?, &hd)?,
+            (Some(wg), false) => swiglu_reference(&affine(&x, wg, p.bg)?, &hd)?,
+            (None, true) => super::gelu::gelu(&hd)?,
+            (None, false) => super::gelu::gelu_reference(&hd)?,
+        };
+        let mut y = act.matmul(&p.w2.t()?)?;
         if let Some(b2) = p.b2 {
             y = y.broadcast_add(b2)?;
         }
@@ -190,14 +216,16 @@ impl ExpertMlp {
         let (dx, mut g_rest) = out.split_at_mut(rows * self.c);
         let mut gs = Vec::with_capacity(self.experts());
         for e in 0..self.experts() {
-            let [w1, b1, w2, b2] = self.ranges(e).map(|r| r.len());
+            let [w1, b1, w2, b2, wg, bg] = self.ranges(e).map(|r| r.len());
             let (g, r) = std::mem::take(&mut g_rest).split_at_mut(self.per_expert());
             g_rest = r;
             let (gw1, r) = g.split_at_mut(w1);
             let (gb1, r) = r.split_at_mut(b1);
-            let (gw2, gb2) = r.split_at_mut(w2);
-            debug_assert_eq!(gb2.len(), b2);
-            gs.push(Grads { w1: gw1, b1: gb1, w2: gw2, b2: gb2 });
+            let (gw2, r) = r.split_at_mut(w2);
+            let (gb2, r) = r.split_at_mut(b2);
+            let (gwg, gbg) = r.split_at_mut(wg);
+            debug_assert_eq!(gbg.len(), bg);
+            gs.push(Grads { w1: gw1, b1: gb1, w2: gw2, b2: gb2, wg: gwg, bg: gbg });
         }
         kernels::backward_all(x, dy, None, &self.weights(p), &self.offsets, self.c, self.h, dx, gs);
         out
