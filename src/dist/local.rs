@@ -6,6 +6,7 @@
 //! (or current) collective returns an error naming it instead of waiting. A rank that never comes
 //! is reported after a timeout.
 
+use super::bytes::{from_bytes, to_bytes};
 use super::Comm;
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,10 +107,6 @@ impl LocalGroup {
     }
 }
 
-fn from_bytes<T: Copy, const N: usize>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    b.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
-}
-
 impl Comm for LocalGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -121,12 +118,12 @@ impl Comm for LocalGroup {
         "threads"
     }
     fn all_gather_f32(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let all = self.exchange(x.iter().flat_map(|v| v.to_le_bytes()).collect())?;
-        Ok(all.iter().flat_map(|b| from_bytes(b, f32::from_le_bytes)).collect())
+        let all = self.exchange(to_bytes(x))?;
+        Ok(all.iter().flat_map(|b| from_bytes::<f32>(b)).collect())
     }
     fn all_gather_f64(&self, x: &[f64]) -> Result<Vec<f64>> {
-        let all = self.exchange(x.iter().flat_map(|v| v.to_le_bytes()).collect())?;
-        Ok(all.iter().flat_map(|b| from_bytes(b, f64::from_le_bytes)).collect())
+        let all = self.exchange(to_bytes(x))?;
+        Ok(all.iter().flat_map(|b| from_bytes::<f64>(b)).collect())
     }
     fn all_gather_bytes(&self, x: &[u8]) -> Result<Vec<Vec<u8>>> {
         Ok(self.exchange(x.to_vec())?.as_ref().clone())

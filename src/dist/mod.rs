@@ -11,6 +11,7 @@
 //! [`world`] is the process's communicator, chosen once from the environment a launcher leaves
 //! ([`launch`]). The training loop decides what to exchange ([`crate::train::data_parallel`]);
 //! this module only moves bytes, always in rank order, so every rank receives the same bits.
+pub mod bytes;
 pub mod launch;
 pub mod local;
 #[cfg(feature = "mpi")]
@@ -46,11 +47,9 @@ pub trait Comm: Send + Sync {
     /// Every rank's `x` (any length), concatenated in rank order, and each rank's length. This
     /// default goes through [`Comm::all_gather_bytes`] (one more copy); MPI overrides it.
     fn all_gather_f32_varcount(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
-        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.all_gather_bytes(&bytes)?;
+        let all = self.all_gather_bytes(&bytes::to_bytes(x))?;
         let counts = all.iter().map(|b| b.len() / 4).collect();
-        let v = all.iter().flat_map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-        Ok((v.collect(), counts))
+        Ok((all.iter().flat_map(|b| bytes::from_bytes::<f32>(b)).collect(), counts))
     }
     /// Bytes this rank has sent to other ranks so far (0 where not counted: [`Single`]).
     fn bytes_sent(&self) -> u64 {
@@ -66,15 +65,12 @@ pub trait Comm: Send + Sync {
             anyhow::bail!("rank {me}: all-to-all with {} parts for {n} ranks", parts.len());
         }
         // [n lengths as u64] ++ the parts.
-        let mut buf: Vec<u8> = parts.iter().flat_map(|p| (p.len() as u64).to_le_bytes()).collect();
+        let mut buf = bytes::to_bytes(&parts.iter().map(|p| p.len() as u64).collect::<Vec<_>>());
         buf.extend(parts.concat());
         let all = self.all_gather_bytes(&buf)?;
         all.iter()
             .map(|b| {
-                let len = |j: usize| -> Option<usize> {
-                    let c = b.get(8 * j..8 * j + 8)?;
-                    Some(u64::from_le_bytes(c.try_into().ok()?) as usize)
-                };
+                let len = |j: usize| -> Option<usize> { Some(bytes::read::<u64>(b.get(8 * j..)?)? as usize) };
                 let start = 8 * n + (0..me).map(len).sum::<Option<usize>>()?;
                 b.get(start..start + len(me)?).map(<[u8]>::to_vec)
             })

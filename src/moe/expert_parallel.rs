@@ -14,6 +14,7 @@
 //! layer order, their backwards in reverse (the graph chains them, so Candle's backward visits
 //! them in that order on every rank). A rank's micro-batches run one at a time.
 
+use crate::dist::bytes::{as_bytes, from_bytes, to_bytes, Le};
 use crate::dist::Comm;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
@@ -66,7 +67,7 @@ impl ExpertGroup {
         let mut send = Vec::with_capacity(self.size);
         for j in 0..self.size {
             let block = &offsets[j * per..=(j + 1) * per];
-            counts[self.first + j] = block.windows(2).flat_map(|w| (w[1] - w[0]).to_le_bytes()).collect();
+            counts[self.first + j] = to_bytes(&block.windows(2).map(|w| w[1] - w[0]).collect::<Vec<u32>>());
             send.push((block[per] - block[0]) as usize);
         }
         let got = self.comm.all_to_all_bytes(counts)?;
@@ -81,7 +82,7 @@ impl ExpertGroup {
                     4 * per
                 );
             }
-            recv.push(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize).collect());
+            recv.push(from_bytes::<u32>(b).into_iter().map(|c| c as usize).collect());
         }
         let route = Route(Arc::new(Plan { group: self.clone(), send, recv, per }));
         let mut local = vec![0u32];
@@ -130,26 +131,10 @@ impl Route {
     }
 }
 
-/// Rows of f32 or f64 as bytes (little-endian, as every supported target is).
-fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: f32 / f64 have no padding and every byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-fn from_bytes<T: Copy + Default>(b: &[u8]) -> Vec<T> {
-    let mut out = vec![T::default(); b.len() / std::mem::size_of::<T>()];
-    // SAFETY: the destination holds exactly b.len() bytes (whole elements), the source is read
-    // bytewise (no alignment needed), and any bit pattern is a valid f32 / f64.
-    unsafe {
-        std::ptr::copy_nonoverlapping(b.as_ptr(), out.as_mut_ptr() as *mut u8, out.len() * std::mem::size_of::<T>())
-    };
-    out
-}
-
 /// One move: `x` (rows of width c) cut into the parts each world rank gets, exchanged, and the
 /// received parts put in order. `cut(rows)` gives the send parts (by group member) as lists of
 /// (first row, rows); `place(parts, c)` assembles the output from the received ones.
-fn exchange<T: Copy + Default>(
+fn exchange<T: Le>(
     plan: &Plan,
     x: &[T],
     c: usize,
@@ -178,7 +163,7 @@ impl Plan {
     }
 
     /// To the experts: the sorted rows (N_kept) -> the rows of this rank's experts (N_mine).
-    fn to_experts<T: Copy + Default>(&self, x: &[T], c: usize) -> Result<Vec<T>> {
+    fn to_experts<T: Le>(&self, x: &[T], c: usize) -> Result<Vec<T>> {
         let mut first = 0;
         let cut: Vec<Vec<(usize, usize)>> = self
             .send
@@ -204,7 +189,7 @@ impl Plan {
 
     /// Back to the sources: the rows of this rank's experts (N_mine) -> this rank's sorted rows
     /// (N_kept).
-    fn to_sources<T: Copy + Default>(&self, x: &[T], c: usize) -> Result<Vec<T>> {
+    fn to_sources<T: Le>(&self, x: &[T], c: usize) -> Result<Vec<T>> {
         let cut: Vec<Vec<(usize, usize)>> = (0..self.group.size)
             .map(|s| (0..self.per).map(|e| (self.local_start(s, e), self.recv[s][e])).collect())
             .collect();

@@ -270,8 +270,7 @@ pub fn weights_hash(named: &[(String, Var)]) -> Result<String> {
     for (name, v) in named {
         h.update(name.as_bytes());
         let t = v.as_tensor().flatten_all()?.to_dtype(DType::F32)?;
-        let bytes: Vec<u8> = t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
-        h.update(&bytes);
+        h.update(crate::dist::bytes::as_bytes(&t.to_vec1::<f32>()?));
     }
     Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
 }

@@ -12,6 +12,7 @@
 use super::data_parallel::with_f32;
 use super::grad_sum::sum_each;
 use super::optim::AdamW;
+use crate::dist::bytes::{from_bytes, to_bytes};
 use crate::dist::Comm;
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
@@ -45,14 +46,6 @@ impl Shards {
     }
 }
 
-fn f32_bytes(v: &[f32]) -> impl Iterator<Item = u8> + '_ {
-    v.iter().flat_map(|x| x.to_le_bytes())
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
 /// This rank's share of the step's gradient: every rank's partial sums (`partial`, one per
 /// parameter) of this rank's range, summed in rank order; None outside the range. And the global
 /// norm of the whole summed gradient, with the bits of one process.
@@ -70,7 +63,7 @@ pub fn reduce_scatter(
         part.extend(partial[r.clone()].iter().map(|g| u8::from(g.is_some())));
         for (g, (name, _)) in partial[r.clone()].iter().zip(&named[r]) {
             if let Some(g) = g {
-                with_f32(&g.contiguous()?, name, |v| part.extend(f32_bytes(v)))?;
+                with_f32(&g.contiguous()?, name, |v| part.extend(to_bytes(v)))?;
             }
         }
     }
@@ -88,7 +81,7 @@ pub fn reduce_scatter(
         if b.len() < k {
             bail!("rank {s} sent {} bytes, fewer than the {k} gradient flags of rank {me}'s parameters", b.len());
         }
-        let data = f32s(&b[k..]);
+        let data = from_bytes::<f32>(&b[k..]);
         let len = data.len();
         let data = Tensor::from_vec(data, len, &Device::Cpu)?;
         let (mut off, mut grads) = (0, Vec::with_capacity(k));
@@ -118,13 +111,8 @@ pub fn reduce_scatter(
         });
     }
     // Every parameter's squared norm, in parameter order (ranks hold consecutive ranges).
-    let all = comm.all_gather_bytes(&sq.iter().flat_map(|q| q.to_le_bytes()).collect::<Vec<u8>>())?;
-    let mut total = 0.0f64;
-    for b in &all {
-        for c in b.chunks_exact(8) {
-            total += f64::from_le_bytes(c.try_into().expect("8 bytes"));
-        }
-    }
+    let all = comm.all_gather_bytes(&to_bytes(&sq))?;
+    let total: f64 = all.iter().flat_map(|b| from_bytes::<f64>(b)).sum();
     Ok((grads, total.sqrt()))
 }
 
