@@ -3,7 +3,7 @@
 //! tensor ops in the backward. Backward ([`SwigluBwd`], itself an op): du = dy silu(g),
 //! dg = dy u silu'(g), silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
 //!
-//! f32 uses the polynomial exp of [`exp_f32`](super::float::exp_f32) (no libm call, so the loops
+//! f32 uses the polynomial exp of `ops::float::exp_f32` (no libm call, so the loops
 //! vectorize), f64 libm. CPU kernels here, also used by the SwiGLU experts of
 //! [`expert_mlp`](mod@super::expert_mlp); on other devices [`swiglu`] is the plain-tensor twin
 //! [`swiglu_reference`].
