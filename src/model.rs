@@ -189,7 +189,11 @@ impl Gpt {
             x = (&x + block.attn.forward(&block.ln_1.forward(&x)?, &mask, ctx)?)?;
             let h = block.ln_2.forward(&x)?;
             let f = match &block.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&h)?,
+                Ffn::Dense(mlp) => {
+                    let (y, grads) = mlp.forward_block(&h, pack)?;
+                    expert_grads.extend(grads);
+                    y
+                }
                 Ffn::Moe(moe) => {
                     // The token ids go along for routers that route by id (hash layers).
                     let out = if pack {

@@ -46,6 +46,26 @@ impl Mlp {
         })
     }
 
+    /// A dense block's feed-forward, x: (B, T, C) -> (B, T, C). On the CPU with fused layers it is
+    /// one `ops::expert_mlp` op (a single expert over all rows) instead of three ops, which saves
+    /// the graph the two (B, T, H) gradients Candle zero-fills and adds; with `train` the op's
+    /// training form reads the weights in place and hands their gradients out of band (the
+    /// [`ExpertGrads`](crate::ops::ExpertGrads), gathered with the experts').
+    pub fn forward_block(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<crate::ops::ExpertGrads>)> {
+        let Some(p) = self.expert_params().filter(|_| x.device().is_cpu()) else {
+            return Ok((self.forward(x)?, None));
+        };
+        let (b, t, c) = x.dims3()?;
+        let rows = x.reshape((b * t, c))?;
+        let offsets = [0, (b * t) as u32];
+        let (y, grads) = if train {
+            crate::ops::expert_mlp_train(&rows, &[p], &offsets)?
+        } else {
+            (crate::ops::expert_mlp(&rows, &[p], &offsets)?, None)
+        };
+        Ok((y.reshape((b, t, c))?, grads))
+    }
+
     /// x: (..., C) -> (..., C)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?; // (..., H)

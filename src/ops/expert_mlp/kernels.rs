@@ -8,7 +8,7 @@
 use super::super::backend::cpu::out_vec;
 use super::super::float::{add_rows, col_sum};
 use super::super::gelu::{gelu_act_and_grad, gelu_chunk, Normal};
-use super::super::gemm::{matmul, Mat};
+use super::super::gemm::{matmul, matmul_par, Mat};
 use super::super::swiglu::{swiglu_act_and_grad, swiglu_chunk};
 use rayon::prelude::*;
 
@@ -41,6 +41,19 @@ pub(super) struct Grads<'a, T> {
     pub bg: &'a mut [T],
 }
 
+/// A matrix product: [`matmul`] (one thread: the experts of a call run in parallel) or, for a
+/// call with one expert (a dense block), [`matmul_par`].
+type MatMul<T> = fn(&mut [T], Mat<'_, T>, Mat<'_, T>, bool);
+
+/// The product for a call with `experts` experts.
+fn matmul_for<T: Normal>(experts: usize) -> MatMul<T> {
+    if experts == 1 {
+        matmul_par
+    } else {
+        matmul
+    }
+}
+
 /// Pre-activations per row of one expert: H (GELU) or 2H (SwiGLU: U then G).
 pub(super) fn pre_width(h: usize, gated: bool) -> usize {
     if gated {
@@ -52,21 +65,21 @@ pub(super) fn pre_width(h: usize, gated: bool) -> usize {
 
 /// Pre-activations of one expert's n rows into `pre`: U (n, H) = x W1^T + b1, then for SwiGLU
 /// G (n, H) = x Wg^T + bg.
-fn hidden_into<T: Normal>(pre: &mut [T], x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) {
+fn hidden_into<T: Normal>(mm: MatMul<T>, pre: &mut [T], x: &[T], w: &Weights<T>, n: usize, c: usize, h: usize) {
     let (u, g) = pre.split_at_mut(n * h);
-    matmul(u, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
+    mm(u, Mat::rows(x, n, c), Mat::t(w.w1, c, h), false);
     add_rows(u, w.b1);
     if w.gated() {
-        matmul(g, Mat::rows(x, n, c), Mat::t(w.wg, c, h), false);
+        mm(g, Mat::rows(x, n, c), Mat::t(w.wg, c, h), false);
         add_rows(g, w.bg);
     }
 }
 
 /// y (n, C) = act W2^T + b2 of one expert's rows x (n, C), act = gelu(U) or silu(G) U, with the
 /// pre-activations written to `pre` (n x [`pre_width`]).
-fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], pre: &mut [T]) {
+fn forward<T: Normal>(mm: MatMul<T>, x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], pre: &mut [T]) {
     let n = x.len() / c;
-    hidden_into(pre, x, w, n, c, h);
+    hidden_into(mm, pre, x, w, n, c, h);
     let mut act = out_vec::<T>(n * h);
     let (u, g) = pre.split_at(n * h);
     if w.gated() {
@@ -74,7 +87,7 @@ fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], 
     } else {
         gelu_chunk(&mut act, u);
     }
-    matmul(y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
+    mm(y, Mat::rows(&act, n, h), Mat::t(w.w2, h, c), false);
     add_rows(y, w.b2);
 }
 
@@ -83,6 +96,7 @@ fn forward<T: Normal>(x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], 
 /// are not empty).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Normal>(
+    mm: MatMul<T>,
     x: &[T],
     dy: &[T],
     pre: Option<&[T]>,
@@ -106,7 +120,7 @@ fn backward<T: Normal>(
         None => {
             recomputed = {
                 let mut p = out_vec::<T>(n * pre_width(h, gated));
-                hidden_into(&mut p, x, w, n, c, h);
+                hidden_into(mm, &mut p, x, w, n, c, h);
                 p
             };
             &recomputed
@@ -118,27 +132,27 @@ fn backward<T: Normal>(
     let mut dg = out_vec::<T>(if gated { n * h } else { 0 });
     // dA = dY W2, then through the activation: dU = dA gelu'(U), or dU = dA silu(G) and
     // dG = dA U silu'(G).
-    matmul(&mut du, Mat::rows(dy, n, c), Mat::rows(w.w2, c, h), false);
+    mm(&mut du, Mat::rows(dy, n, c), Mat::rows(w.w2, c, h), false);
     if gated {
         swiglu_act_and_grad(&mut du, &mut dg, &mut act, gp, u);
     } else {
         gelu_act_and_grad(&mut du, &mut act, u);
     }
-    matmul(g.w2, Mat::t(dy, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
-    matmul(g.w1, Mat::t(&du, h, n), Mat::rows(x, n, c), false); // dW1 = dU^T X
+    mm(g.w2, Mat::t(dy, c, n), Mat::rows(&act, n, h), false); // dW2 = dY^T A
+    mm(g.w1, Mat::t(&du, h, n), Mat::rows(x, n, c), false); // dW1 = dU^T X
     if !g.b1.is_empty() {
         g.b1.copy_from_slice(&col_sum(&du, h));
     }
     if !g.b2.is_empty() {
         g.b2.copy_from_slice(&col_sum(dy, c));
     }
-    matmul(dx, Mat::rows(&du, n, h), Mat::rows(w.w1, h, c), false); // dX = dU W1
+    mm(dx, Mat::rows(&du, n, h), Mat::rows(w.w1, h, c), false); // dX = dU W1
     if gated {
-        matmul(g.wg, Mat::t(&dg, h, n), Mat::rows(x, n, c), false); // dWg = dG^T X
+        mm(g.wg, Mat::t(&dg, h, n), Mat::rows(x, n, c), false); // dWg = dG^T X
         if !g.bg.is_empty() {
             g.bg.copy_from_slice(&col_sum(&dg, h));
         }
-        matmul(dx, Mat::rows(&dg, n, h), Mat::rows(w.wg, h, c), true); // dX += dG Wg
+        mm(dx, Mat::rows(&dg, n, h), Mat::rows(w.wg, h, c), true); // dX += dG Wg
     }
 }
 
@@ -165,8 +179,9 @@ pub(super) fn forward_all<T: Normal>(
         (y_rest, pre_rest) = (r, rp);
         pieces.push((e, ye, pe));
     }
+    let mm = matmul_for(ws.len());
     pieces.into_par_iter().for_each(|(e, ye, pe)| {
-        forward(&x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h, ye, pe);
+        forward(mm, &x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h, ye, pe);
     });
     (y, keep.then_some(pre))
 }
@@ -195,9 +210,10 @@ pub(super) fn backward_all<T: Normal>(
         dx_rest = r;
         pieces.push((e, dxe, g));
     }
+    let mm = matmul_for(ws.len());
     pieces.into_par_iter().for_each(|(e, dxe, g)| {
         let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
         let pre = pre.map(|p| &p[a * hp..b * hp]);
-        backward(&x[a * c..b * c], &dy[a * c..b * c], pre, &ws[e], c, h, dxe, g);
+        backward(mm, &x[a * c..b * c], &dy[a * c..b * c], pre, &ws[e], c, h, dxe, g);
     });
 }
