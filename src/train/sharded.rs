@@ -12,7 +12,7 @@
 use super::data_parallel::with_f32;
 use super::grad_sum::sum_each;
 use super::optim::AdamW;
-use crate::dist::bytes::{from_bytes, to_bytes};
+use crate::dist::bytes::{as_bytes, from_bytes, to_bytes};
 use crate::dist::Comm;
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
@@ -63,7 +63,7 @@ pub fn reduce_scatter(
         part.extend(partial[r.clone()].iter().map(|g| u8::from(g.is_some())));
         for (g, (name, _)) in partial[r.clone()].iter().zip(&named[r]) {
             if let Some(g) = g {
-                with_f32(&g.contiguous()?, name, |v| part.extend(to_bytes(v)))?;
+                with_f32(&g.contiguous()?, name, |v| part.extend_from_slice(as_bytes(v)))?;
             }
         }
     }
