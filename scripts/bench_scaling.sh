@@ -5,7 +5,7 @@
 #
 # Points (each with its MoE and its dense twin, model.moe_every=0):
 #   E=16, E=64, E=256   the default config (configs/shakespeare-char-cpu.toml: RMSNorm, SwiGLU
-#                       experts of 128 in every block, untied head) with model.moe.num_experts=E;
+#                       experts in every block, untied head) with model.moe.num_experts=E;
 #                       CPU_CFG=configs/shakespeare-char-cpu-v1.toml gives the previous default
 #                       (GELU experts of 256 in blocks 2 and 4, tied head)
 #   gpu-shape           configs/shakespeare-char-gpu.toml on the CPU: 6 layers x 384, T = 256,
