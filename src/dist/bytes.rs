@@ -37,7 +37,9 @@ pub fn from_bytes<T: Le>(b: &[u8]) -> Vec<T> {
 
 /// One number from the first bytes of `b`, None when `b` is too short.
 pub fn read<T: Le>(b: &[u8]) -> Option<T> {
-    from_bytes(b.get(..std::mem::size_of::<T>())?).first().copied()
+    let b = b.get(..std::mem::size_of::<T>())?;
+    // SAFETY: b holds the size of T, read without alignment; any bit pattern is a valid T.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const T) })
 }
 
 #[cfg(test)]

@@ -40,6 +40,14 @@ fn sig_silu<T: Float>(g: T) -> (T, T) {
     (s, g * s)
 }
 
+/// From the gate g, up u and the gradient d of the product: (silu(g) u, du = d silu(g),
+/// dg = d u silu'(g)), silu'(g) = s (1 + g (1 - s)).
+#[inline(always)]
+fn act_and_grads<T: Float>(g: T, u: T, d: T) -> (T, T, T) {
+    let (s, silu) = sig_silu(g);
+    (silu * u, d * silu, d * u * (s * (T::ONE + g * (T::ONE - s))))
+}
+
 widest! {
     /// a = silu(g) u, element by element.
     pub(crate) fn swiglu_chunk<T: Float>(a: &mut [T], g: &[T], u: &[T]) {
@@ -51,11 +59,9 @@ widest! {
 
 widest! {
     /// dg = dy u silu'(g) and du = dy silu(g), element by element.
-    pub(crate) fn swiglu_bwd_chunk<T: Float>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
+    fn swiglu_bwd_chunk<T: Float>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
         for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
-            let (s, silu) = sig_silu(g);
-            *du = d * silu;
-            *dg = d * u * (s * (T::ONE + g * (T::ONE - s)));
+            (_, *du, *dg) = act_and_grads(g, u, d);
         }
     }
 }
@@ -65,11 +71,7 @@ widest! {
     /// du = d silu(g), dg = d u silu'(g) (one pass for a SwiGLU MLP's backward, which needs all).
     pub(crate) fn swiglu_act_and_grad<T: Float>(du: &mut [T], dg: &mut [T], a: &mut [T], g: &[T], u: &[T]) {
         for ((((du, dg), a), &g), &u) in du.iter_mut().zip(dg.iter_mut()).zip(a.iter_mut()).zip(g).zip(u) {
-            let (s, silu) = sig_silu(g);
-            let d = *du;
-            *a = silu * u;
-            *du = d * silu;
-            *dg = d * u * (s * (T::ONE + g * (T::ONE - s)));
+            (*a, *du, *dg) = act_and_grads(g, u, *du);
         }
     }
 }

@@ -55,7 +55,7 @@ fn matmul_for<T: Normal>(experts: usize) -> MatMul<T> {
 }
 
 /// Pre-activations per row of one expert: H (GELU) or 2H (SwiGLU: U then G).
-pub(super) fn pre_width(h: usize, gated: bool) -> usize {
+fn pre_width(h: usize, gated: bool) -> usize {
     if gated {
         2 * h
     } else {
