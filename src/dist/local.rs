@@ -186,6 +186,18 @@ mod tests {
                     assert_eq!(got, want, "rank {me}");
                     let (v, n) = c.all_gather_f32_varcount(&vec![me as f32; me as usize]).unwrap();
                     assert_eq!((v, n), (vec![1.0, 2.0, 2.0], vec![0, 1, 2]));
+                    // The same as f32 in one buffer: rank r sends rank j the number 10 r + j, j times.
+                    let send: Vec<f32> = (0..3u8).flat_map(|j| vec![(10 * me + j) as f32; j as usize]).collect();
+                    let (got, lens) = c.all_to_all_f32(&send, &[0, 1, 2]).unwrap();
+                    let want: Vec<f32> = (0..3u8).flat_map(|r| vec![(10 * r + me) as f32; me as usize]).collect();
+                    assert_eq!((got, lens), (want, vec![me as usize; 3]), "rank {me}");
+                    assert!(c.all_to_all_f32(&send, &[1, 1, 2]).is_err(), "blocks that do not cover the buffer");
+                    // Gathered into a buffer of known lengths (rank r: r + 1 numbers).
+                    let mut out = vec![f32::NAN; 6];
+                    c.all_gather_f32_into(&vec![me as f32; me as usize + 1], &[1, 2, 3], &mut out).unwrap();
+                    assert_eq!(out, vec![0.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+                    let err = c.all_gather_f32_into(&[0.0], &[1, 1, 1], &mut out).unwrap_err().to_string();
+                    assert!(err.contains(&format!("rank {me}")), "{err}");
                     assert!(c.bytes_sent() > 0);
                 })
             })

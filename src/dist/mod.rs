@@ -78,6 +78,39 @@ pub trait Comm: Send + Sync {
             .map(|(r, p)| p.ok_or_else(|| anyhow::anyhow!("rank {me}: rank {r}'s all-to-all parts are cut short")))
             .collect()
     }
+    /// Every rank's `x` into `out`, in rank order, when every rank knows every rank's length
+    /// (`counts[r]`; `x.len() == counts[rank]`, `out.len()` their sum). `out` is the caller's, so
+    /// a buffer kept across steps is neither allocated nor zero-filled again. This default goes
+    /// through [`Comm::all_gather_f32_varcount`]; MPI gathers straight into `out`.
+    fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        check_gather_into(self.rank(), self.size(), x.len(), counts, out.len())?;
+        let (all, got) = self.all_gather_f32_varcount(x)?;
+        if got != counts {
+            anyhow::bail!("rank {}: the ranks sent {got:?} numbers where {counts:?} were expected", self.rank());
+        }
+        out.copy_from_slice(&all);
+        Ok(())
+    }
+    /// All-to-all of f32 with variable counts: `send` holds one block per rank in rank order,
+    /// `counts[j]` numbers for rank j (its own block included). Returns what every rank sent this
+    /// one, blocks in rank order, and each block's length. This default goes through
+    /// [`Comm::all_to_all_bytes`]; MPI overrides it with one `MPI_Alltoallv` straight from `send`
+    /// into the result (no packing of parts, no decoding).
+    fn all_to_all_f32(&self, send: &[f32], counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+        if counts.len() != self.size() || counts.iter().sum::<usize>() != send.len() {
+            anyhow::bail!(
+                "rank {}: all-to-all of {} numbers in blocks of {counts:?} for {} ranks",
+                self.rank(),
+                send.len(),
+                self.size()
+            );
+        }
+        let mut at = 0;
+        let parts = counts.iter().map(|&c| (bytes::to_bytes(&send[at..at + c]), at += c).0).collect();
+        let got = self.all_to_all_bytes(parts)?;
+        let lens = got.iter().map(|b| b.len() / 4).collect();
+        Ok((got.iter().flat_map(|b| bytes::from_bytes::<f32>(b)).collect(), lens))
+    }
     /// Every rank's f32 tensor `t` (the same size on every rank), flattened and stacked in rank
     /// order: (size, t.elem_count()), on `t`'s device. Through host memory unless the
     /// communicator moves device memory itself (NCCL).
@@ -86,6 +119,14 @@ pub trait Comm: Send + Sync {
         let n = v.len();
         Ok(candle_core::Tensor::from_vec(self.all_gather_f32(&v)?, (self.size(), n), t.device())?)
     }
+}
+
+/// The lengths [`Comm::all_gather_f32_into`] needs, or an error naming the one that is off.
+pub(crate) fn check_gather_into(me: usize, n: usize, len: usize, counts: &[usize], out: usize) -> Result<()> {
+    if counts.len() != n || counts.get(me) != Some(&len) || counts.iter().sum::<usize>() != out {
+        anyhow::bail!("rank {me}: gathering {len} numbers in blocks of {counts:?} for {n} ranks into {out}");
+    }
+    Ok(())
 }
 
 /// One process: rank 0 of 1.

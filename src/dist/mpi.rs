@@ -77,6 +77,38 @@ impl MpiComm {
         })?;
         Ok((buf, counts.iter().map(|&c| c as usize).collect()))
     }
+
+    /// `MPI_Alltoall` of the counts, then `MPI_Alltoallv` of `send` (blocks of `send_counts`
+    /// elements in rank order, this rank's own block included): what every rank sent this one,
+    /// in rank order, and each block's length.
+    fn all_to_all_v<T: Equivalence + Copy + Default>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+    ) -> Result<(Vec<T>, Vec<Count>)> {
+        if send_counts.len() != self.size || send_counts.iter().sum::<usize>() != send.len() {
+            bail!(
+                "rank {}: all-to-all of {} elements in blocks of {send_counts:?} for {} ranks",
+                self.rank,
+                send.len(),
+                self.size
+            );
+        }
+        let count = |&n: &usize| Count::try_from(n).context("more than 2^31 elements to one rank in one exchange");
+        let send_counts = send_counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let mut recv_counts = vec![0 as Count; self.size];
+        self.with(|c| c.all_to_all_into(&send_counts[..], &mut recv_counts[..]))?;
+        let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
+        let to_others: usize = (send.len() - send_counts[self.rank] as usize) * std::mem::size_of::<T>();
+        self.count(to_others, 1);
+        let mut buf = vec![T::default(); recv_counts.iter().map(|&c| c as usize).sum()];
+        self.with(|c| {
+            let send = Partition::new(send, &send_counts[..], &send_displs[..]);
+            let mut recv = PartitionMut::new(&mut buf[..], &recv_counts[..], &recv_displs[..]);
+            c.all_to_all_varcount_into(&send, &mut recv);
+        })?;
+        Ok((buf, recv_counts))
+    }
 }
 
 /// Where each rank's block starts in a buffer of blocks of `counts` elements.
@@ -111,27 +143,32 @@ impl Comm for MpiComm {
     fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
-    /// `MPI_Alltoall` of the counts, then `MPI_Alltoallv` of the bytes: each part goes to its
-    /// rank only.
+    /// [`MpiComm::all_to_all_v`] of the parts concatenated, cut again per rank.
     fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         if parts.len() != self.size {
             bail!("rank {}: all-to-all with {} parts for {} ranks", self.rank, parts.len(), self.size);
         }
-        let count = |p: &Vec<u8>| Count::try_from(p.len()).context("more than 2 GiB to one rank in one exchange");
-        let send_counts = parts.iter().map(count).collect::<Result<Vec<Count>>>()?;
-        let mut recv_counts = vec![0 as Count; self.size];
-        self.with(|c| c.all_to_all_into(&send_counts[..], &mut recv_counts[..]))?;
-        let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
-        let to_others: usize = parts.iter().enumerate().filter(|(r, _)| *r != self.rank).map(|(_, p)| p.len()).sum();
-        self.count(to_others, 1);
-        let flat = parts.concat();
-        let mut buf = vec![0u8; recv_counts.iter().map(|&c| c as usize).sum()];
+        let lens: Vec<usize> = parts.iter().map(Vec::len).collect();
+        let (buf, counts) = self.all_to_all_v(&parts.concat(), &lens)?;
+        let mut at = 0;
+        Ok(counts.iter().map(|&n| (buf[at..at + n as usize].to_vec(), at += n as usize).0).collect())
+    }
+    /// One `MPI_Allgatherv` straight into `out` (the counts known, not exchanged).
+    fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        super::check_gather_into(self.rank, self.size, x.len(), counts, out.len())?;
+        let count = |&n: &usize| Count::try_from(n).context("more than 2^31 elements from one rank in one exchange");
+        let counts = counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let displs = displs(&counts);
+        self.count(std::mem::size_of_val(x), self.size - 1);
         self.with(|c| {
-            let send = Partition::new(&flat[..], &send_counts[..], &send_displs[..]);
-            let mut recv = PartitionMut::new(&mut buf[..], &recv_counts[..], &recv_displs[..]);
-            c.all_to_all_varcount_into(&send, &mut recv);
-        })?;
-        Ok(recv_counts.iter().zip(&recv_displs).map(|(&n, &d)| buf[d as usize..(d + n) as usize].to_vec()).collect())
+            let mut part = PartitionMut::new(out, &counts[..], &displs[..]);
+            c.all_gather_varcount_into(x, &mut part);
+        })
+    }
+    /// One `MPI_Alltoallv` straight from `send` into the result.
+    fn all_to_all_f32(&self, send: &[f32], counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (buf, got) = self.all_to_all_v(send, counts)?;
+        Ok((buf, got.iter().map(|&c| c as usize).collect()))
     }
     fn barrier(&self) -> Result<()> {
         self.with(|c| c.barrier())

@@ -67,6 +67,9 @@ impl Comm for NcclComm {
     fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         self.host.all_to_all_bytes(parts)
     }
+    fn all_to_all_f32(&self, send: &[f32], counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.host.all_to_all_f32(send, counts)
+    }
     fn barrier(&self) -> Result<()> {
         self.host.barrier()
     }

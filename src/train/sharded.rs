@@ -12,15 +12,18 @@
 use super::data_parallel::with_f32;
 use super::grad_sum::sum_each;
 use super::optim::AdamW;
-use crate::dist::bytes::{as_bytes, from_bytes, to_bytes};
+use crate::dist::bytes::{from_bytes, to_bytes};
 use crate::dist::Comm;
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
 use std::ops::Range;
+use std::sync::Mutex;
 
 /// One contiguous range of parameters per rank, of about equal element counts.
 pub struct Shards {
     bounds: Vec<usize>,
+    /// The all-gathers' receive buffer, kept from step to step (no allocation, no zero fill).
+    gathered: Mutex<Vec<f32>>,
 }
 
 impl Shards {
@@ -37,7 +40,7 @@ impl Shards {
         while bounds.len() <= ranks {
             bounds.push(named.len());
         }
-        Self { bounds }
+        Self { bounds, gathered: Mutex::new(Vec::new()) }
     }
 
     /// The parameters of rank `r`.
@@ -56,44 +59,55 @@ pub fn reduce_scatter(
     shards: &Shards,
 ) -> Result<(Vec<Option<Tensor>>, f64)> {
     let (n, me) = (comm.size(), comm.rank());
-    // To rank j: [a presence byte per parameter of its range] ++ [the f32 gradients present].
-    let mut parts = vec![Vec::new(); n];
-    for (j, part) in parts.iter_mut().enumerate().filter(|(j, _)| *j != me) {
-        let r = shards.range(j);
-        part.extend(partial[r.clone()].iter().map(|g| u8::from(g.is_some())));
+    // One buffer, a block per other rank j in rank order: [a presence flag (1.0 or 0.0) per
+    // parameter of j's range] ++ [the gradients present], each copied once from its storage.
+    let mut send = Vec::with_capacity(partial.iter().flatten().map(Tensor::elem_count).sum::<usize>() + named.len());
+    let mut counts = vec![0; n];
+    for (j, count) in counts.iter_mut().enumerate().filter(|(j, _)| *j != me) {
+        let (r, start) = (shards.range(j), send.len());
+        send.extend(partial[r.clone()].iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
         for (g, (name, _)) in partial[r.clone()].iter().zip(&named[r]) {
             if let Some(g) = g {
-                with_f32(&g.contiguous()?, name, |v| part.extend_from_slice(as_bytes(v)))?;
+                with_f32(&g.contiguous()?, name, |v| send.extend_from_slice(v))?;
             }
         }
+        *count = send.len() - start;
     }
-    let got = comm.all_to_all_bytes(parts)?;
+    let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
+    drop(send);
     let mine = shards.range(me);
     let k = mine.len();
+    // Check every block before the received numbers become one tensor (viewed, not copied).
+    let starts: Vec<usize> = got_counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+    for (s, &c) in got_counts.iter().enumerate().filter(|(s, _)| *s != me) {
+        if c < k {
+            bail!("rank {s} sent {c} numbers, fewer than the {k} gradient flags of rank {me}'s parameters");
+        }
+        let flags = &got[starts[s]..starts[s] + k];
+        let need: usize =
+            named[mine.clone()].iter().zip(flags).filter(|(_, &f)| f != 0.0).map(|((_, v), _)| v.elem_count()).sum();
+        if c - k < need {
+            bail!("rank {s} sent {} gradient numbers, fewer than the {need} its flags say", c - k);
+        }
+    }
+    let flags: Vec<Vec<bool>> =
+        starts.iter().map(|&s| got[s..(s + k).min(got.len())].iter().map(|&f| f != 0.0).collect()).collect();
+    let data = Tensor::from_vec(got, got_counts.iter().sum::<usize>(), &Device::Cpu)?;
     let mut own = Some(partial);
     let mut by_rank = Vec::with_capacity(n);
-    for (s, b) in got.iter().enumerate() {
+    for s in 0..n {
         if s == me {
             let p = own.take().context("own partial taken twice")?;
             by_rank.push(p.into_iter().skip(mine.start).take(k).collect::<Vec<_>>());
             continue;
         }
-        if b.len() < k {
-            bail!("rank {s} sent {} bytes, fewer than the {k} gradient flags of rank {me}'s parameters", b.len());
-        }
-        let data = from_bytes::<f32>(&b[k..]);
-        let len = data.len();
-        let data = Tensor::from_vec(data, len, &Device::Cpu)?;
-        let (mut off, mut grads) = (0, Vec::with_capacity(k));
-        for (t, (name, v)) in named[mine.clone()].iter().enumerate() {
-            if b[t] == 0 {
+        let (mut off, mut grads) = (starts[s] + k, Vec::with_capacity(k));
+        for (t, (_, v)) in named[mine.clone()].iter().enumerate() {
+            if !flags[s][t] {
                 grads.push(None);
                 continue;
             }
             let e = v.elem_count();
-            if off + e > len {
-                bail!("rank {s} sent {len} gradient numbers, fewer than its flags say (at {name})");
-            }
             grads.push(Some(data.narrow(0, off, e)?.reshape(v.shape())?));
             off += e;
         }
@@ -138,25 +152,26 @@ impl InplaceOp1 for CopyIn<'_> {
 /// Every rank's range of `tensors` (f32, contiguous, on the CPU) to every rank, in place.
 fn all_gather_ranges(comm: &dyn Comm, tensors: &[(String, Tensor)], shards: &Shards) -> Result<()> {
     let me = comm.rank();
-    let mut buf = Vec::new();
+    let size = |r: usize| tensors[shards.range(r)].iter().map(|(_, t)| t.elem_count()).sum::<usize>();
+    let counts: Vec<usize> = (0..comm.size()).map(size).collect();
+    let mut send = Vec::with_capacity(counts[me]);
     for (name, t) in &tensors[shards.range(me)] {
-        with_f32(t, name, |v| buf.extend_from_slice(v))?;
+        with_f32(t, name, |v| send.extend_from_slice(v))?;
     }
-    let (all, counts) = comm.all_gather_f32_varcount(&buf)?;
+    let mut all = shards.gathered.lock().map_err(|_| anyhow::anyhow!("the gather buffer's lock is poisoned"))?;
+    all.resize(counts.iter().sum(), 0.0);
+    comm.all_gather_f32_into(&send, &counts, &mut all)?;
     let mut at = 0;
     for (s, &count) in counts.iter().enumerate() {
-        let end = at + count;
         if s != me {
-            for (name, t) in &tensors[shards.range(s)] {
+            let mut off = at;
+            for (_, t) in &tensors[shards.range(s)] {
                 let e = t.elem_count();
-                if at + e > end {
-                    bail!("rank {s} sent {count} numbers, fewer than its parameters need (at {name})");
-                }
-                t.inplace_op1(&CopyIn(&all[at..at + e]))?;
-                at += e;
+                t.inplace_op1(&CopyIn(&all[off..off + e]))?;
+                off += e;
             }
         }
-        at = end;
+        at += count;
     }
     Ok(())
 }
