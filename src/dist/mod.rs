@@ -78,9 +78,10 @@ pub trait Comm: Send + Sync {
             .map(|(r, p)| p.ok_or_else(|| anyhow::anyhow!("rank {me}: rank {r}'s all-to-all parts are cut short")))
             .collect()
     }
-    /// Every rank's `x` into `out`, in rank order, when every rank knows every rank's length
-    /// (`counts[r]`; `x.len() == counts[rank]`, `out.len()` their sum). `out` is the caller's, so
-    /// a buffer kept across steps is neither allocated nor zero-filled again. This default goes
+    /// Every other rank's `x` into `out`, in rank order, when every rank knows every rank's
+    /// length (`counts[r]`; `x.len() == counts[rank]`, `out.len()` their sum). This rank's own
+    /// block of `out` may be left as it was (MPI does not copy it). `out` is the caller's, so a
+    /// buffer kept across steps is neither allocated nor zero-filled again. This default goes
     /// through [`Comm::all_gather_f32_varcount`]; MPI gathers straight into `out`.
     fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
         check_gather_into(self.rank(), self.size(), x.len(), counts, out.len())?;

@@ -6,6 +6,7 @@
 //! ends every rank; a rank that dies makes `mpirun` end the others and name it.
 
 use super::Comm;
+use crate::ops::backend::cpu::output_vec;
 use anyhow::{bail, Context, Result};
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::{Threading, Universe};
@@ -59,7 +60,7 @@ impl MpiComm {
     /// Gathers equal-length slices of any MPI type.
     fn gather<T: Equivalence + Copy + Default>(&self, x: &[T]) -> Result<Vec<T>> {
         self.count(std::mem::size_of_val(x), self.size - 1);
-        let mut out = vec![T::default(); x.len() * self.size];
+        let mut out = output_vec(x.len() * self.size, T::default());
         self.with(|c| c.all_gather_into(x, &mut out[..]))?;
         Ok(out)
     }
@@ -69,7 +70,7 @@ impl MpiComm {
         let len = Count::try_from(x.len()).context("more than 2^31 elements in one exchange")?;
         let counts = self.gather(&[len])?;
         let displs = displs(&counts);
-        let mut buf = vec![T::default(); counts.iter().map(|&c| c as usize).sum()];
+        let mut buf = output_vec(counts.iter().map(|&c| c as usize).sum(), T::default());
         self.count(std::mem::size_of_val(x), self.size - 1);
         self.with(|c| {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
@@ -101,7 +102,7 @@ impl MpiComm {
         let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
         let to_others: usize = (send.len() - send_counts[self.rank] as usize) * std::mem::size_of::<T>();
         self.count(to_others, 1);
-        let mut buf = vec![T::default(); recv_counts.iter().map(|&c| c as usize).sum()];
+        let mut buf = output_vec(recv_counts.iter().map(|&c| c as usize).sum(), T::default());
         self.with(|c| {
             let send = Partition::new(send, &send_counts[..], &send_displs[..]);
             let mut recv = PartitionMut::new(&mut buf[..], &recv_counts[..], &recv_displs[..]);
@@ -153,16 +154,23 @@ impl Comm for MpiComm {
         let mut at = 0;
         Ok(counts.iter().map(|&n| (buf[at..at + n as usize].to_vec(), at += n as usize).0).collect())
     }
-    /// One `MPI_Allgatherv` straight into `out` (the counts known, not exchanged).
+    /// One `MPI_Alltoallv` straight into `out`, the counts known: every other rank's block is
+    /// read from the same `x` (no packing per rank), and this rank's own block is not copied.
     fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
         super::check_gather_into(self.rank, self.size, x.len(), counts, out.len())?;
         let count = |&n: &usize| Count::try_from(n).context("more than 2^31 elements from one rank in one exchange");
-        let counts = counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
-        let displs = displs(&counts);
+        let recv_counts = counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let recv_displs = displs(&recv_counts);
+        let recv_counts: Vec<Count> =
+            recv_counts.iter().enumerate().map(|(r, &c)| if r == self.rank { 0 } else { c }).collect();
+        let len = count(&x.len())?;
+        let send_counts: Vec<Count> = (0..self.size).map(|r| if r == self.rank { 0 } else { len }).collect();
+        let send_displs = vec![0 as Count; self.size];
         self.count(std::mem::size_of_val(x), self.size - 1);
         self.with(|c| {
-            let mut part = PartitionMut::new(out, &counts[..], &displs[..]);
-            c.all_gather_varcount_into(x, &mut part);
+            let send = Partition::new(x, &send_counts[..], &send_displs[..]);
+            let mut recv = PartitionMut::new(out, &recv_counts[..], &recv_displs[..]);
+            c.all_to_all_varcount_into(&send, &mut recv);
         })
     }
     /// One `MPI_Alltoallv` straight from `send` into the result.
