@@ -148,10 +148,10 @@ fn gumbel_token_input_looks_up_a_learned_table() {
     }
     // No ids: refused, naming the problem.
     let x = Tensor::zeros((2, d), DType::F64, &CPU).unwrap();
-    let err = router.route(&x, &RouteCtx::new(train_ctx(1, 0, 1.0), 0)).err().expect("no ids must fail").to_string();
+    let err = router.route(&x, &RouteCtx::new(train_ctx(1, 0, 1.0), 0)).expect_err("no ids must fail").to_string();
     assert!(err.contains("token ids"), "{err}");
     let mut bad = cfg.clone();
     bad.model.router.kind = RouterKind::Hash;
-    let err = bad.validate().err().expect("token input on hash must fail").to_string();
+    let err = bad.validate().expect_err("token input on hash must fail").to_string();
     assert!(err.contains("model.router.input"), "{err}");
 }

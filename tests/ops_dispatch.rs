@@ -258,9 +258,9 @@ fn finite_difference_gradcheck_f64() -> Result<()> {
         largest = largest.max(fd.abs());
         assert!((fd - d_out[i]).abs() <= 1e-8 * (1.0 + fd.abs()), "d_out[{i}]: {} vs fd {fd}", d_out[i]);
     }
-    for i in 0..d_w.len() {
+    for (i, &dw) in d_w.iter().enumerate() {
         let fd = central(|d| loss(&k.out, &perturb(&k.w, i, d)));
-        assert!((fd - d_w[i]).abs() <= 1e-8 * (1.0 + fd.abs()), "d_w[{i}]: {} vs fd {fd}", d_w[i]);
+        assert!((fd - dw).abs() <= 1e-8 * (1.0 + fd.abs()), "d_w[{i}]: {dw} vs fd {fd}");
     }
     let xv = Var::from_tensor(&k.x)?;
     let g = (gather_rows(xv.as_tensor(), &k.o)? * &k.dxs)?.sum_all()?.backward()?;

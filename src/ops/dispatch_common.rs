@@ -103,7 +103,7 @@ impl DispatchKernelArgs {
 }
 
 /// The whole (T, m) slot_row section and the kept row count N of a host order slice.
-pub(crate) fn host_order<'a>(order: &'a [u32], start: usize, d: OrderDims) -> (&'a [u32], &'a [u32], usize) {
+pub(crate) fn host_order(order: &[u32], start: usize, d: OrderDims) -> (&[u32], &[u32], usize) {
     let o = &order[start..start + d.len()];
     let n = o[d.e] as usize;
     (&o[d.row_slot()..d.slot_row()], &o[d.slot_row()..], n)

@@ -12,13 +12,7 @@ use rayon::prelude::*;
 /// from 0. NaN stays NaN.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    let x = if x < EXP_LO {
-        EXP_LO
-    } else if x > EXP_HI {
-        EXP_HI
-    } else {
-        x
-    };
+    let x = x.clamp(EXP_LO, EXP_HI); // NaN stays NaN
     let t = x * std::f32::consts::LOG2_E + EXP_MAGIC;
     let n = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i32; // round(x log2 e)
     let fx = t - EXP_MAGIC;

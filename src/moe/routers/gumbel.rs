@@ -156,7 +156,8 @@ impl Router for GumbelRouter {
         let logits = self.gate.logits(x, rc)?; // (T, E)
         let probs = softmax(&logits)?; // (T, E)
         let tau = rc.ctx.tau;
-        if !(tau > 0.0) {
+        // Refuses NaN too.
+        if tau.is_nan() || tau <= 0.0 {
             candle_core::bail!("gumbel router: temperature tau = {tau} must be > 0");
         }
         let t = logits.dim(0)?;

@@ -15,7 +15,8 @@
 //!     (0 when dropped), summed as 32 column-strided partial sums (`LANES`: coalesced GPU reads)
 //!     added in lane order; on the GPU a partial kernel then a reduction kernel, on the CPU the same
 //!     arithmetic in the same order.
-//!   Each is computed only when its input takes part in the graph.
+//!
+//! Each is computed only when its input takes part in the graph.
 //!
 //! GPU entry points: `combine_f32`, `combine_bwd_out_f32`, `combine_bwd_w_part_f32`,
 //! `combine_bwd_w_f32` (kernels/moe_dispatch.{cu,metal}, bodies in moe_dispatch.cuh). CPU: rayon over

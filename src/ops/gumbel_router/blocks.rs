@@ -167,7 +167,7 @@ pub(super) fn use_avx2() -> bool {
 }
 
 /// Rows t0.. of the selection into `out` (w columns per row), in batches of [`BATCH`] rows. The row
-
+/// kernels are `#[inline(always)]` all the way down, so `select_block_avx2` compiles them for
 /// AVX2 + FMA. Err((token, expert)) at the first non-finite logit.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
