@@ -7,7 +7,7 @@
 //! - CV^2 (Shazeer et al. 2017): squared coefficient of variation of a per-expert quantity, the
 //!   importance and load losses of noisy top-k gating.
 //! - The score-function (REINFORCE) surrogate: sum_t (L_t - b) log p(chosen_t) / N, whose gradient is
-//!   an unbiased estimate of the gradient of E[L] through a sampled discrete choice.
+//!   an unbiased estimate of the gradient of `E[L]` through a sampled discrete choice.
 
 use crate::nn::ops::logsumexp;
 use candle_core::{DType, Result, Tensor};
@@ -32,7 +32,7 @@ pub fn load_balance(probs: &Tensor, indices: &Tensor) -> Result<Tensor> {
     (p * f)?.sum_all()? * e as f64
 }
 
-/// The same loss through the fused [`crate::ops::balance_stats`] op: logits (T, E), indices (T, m)
+/// The same loss through the fused [`crate::ops::balance_stats()`] op: logits (T, E), indices (T, m)
 /// u32 on the logits' device. The softmax over all experts is never materialized; the gradient
 /// reaches the logits through the op's backward kernel.
 pub fn load_balance_fused(logits: &Tensor, indices: &Tensor) -> Result<Tensor> {
@@ -61,7 +61,7 @@ pub fn cv_squared(v: &Tensor) -> Result<Tensor> {
 /// The score-function surrogate of one batch: `logps` one (N,) tensor per layer of the log-prob
 /// of each token's sampled expert, `per_token_loss` (N,) the loss of each token (detached here).
 /// Returns sum_layers sum_t (L_t - b) * logp_t / N, a scalar to add to the loss: its gradient is the
-/// REINFORCE estimate of d E[L] / d router (each token's choice credited with its own loss); its
+/// REINFORCE estimate of `d E[L] / d router` (each token's choice credited with its own loss); its
 /// value carries no meaning. `baseline` b is a moving average of the mean loss: a non-finite value
 /// (start it at `f64::NAN`) means unset and takes this batch's mean; after use it becomes
 /// decay * b + (1 - decay) * mean(L). None when `logps` is empty.

@@ -17,7 +17,7 @@
 //! (add, sqr, sqrt, div, sub) are the plain element-wise ones, so the two paths agree bit for bit.
 //!
 //! Two Candle in-place ops nest: [`MomentsUpdate`] (an `InplaceOp2`) holds the state's storage for
-//! writing and the gradient's for reading, and inside its `cpu_fwd` runs [`ParamUpdate`] (an
+//! writing and the gradient's for reading, and inside its `cpu_fwd` runs `ParamUpdate` (an
 //! `InplaceOp1`) on the parameter, which receives the state slice through the op struct. The three
 //! storages must be distinct (the caller checks that the gradient does not share the parameter's
 //! storage; the state is owned by the optimizer). There are no CUDA / Metal kernels: on other

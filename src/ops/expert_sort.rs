@@ -27,7 +27,7 @@
 //! (each (chunk, expert) thread scans its chunk), which is small next to the experts for E <= 256.
 //!
 //! Out-of-range expert ids (>= E): an error on the CPU; on a GPU the slot is dropped (never a stray
-//! write). Only the E + 1 offsets need to reach the host (N = offsets[E], tokens per expert).
+//! write). Only the E + 1 offsets need to reach the host (`N = offsets[E]`, tokens per expert).
 
 use super::backend::cpu::{u32_slice, Rows};
 use super::backend::fits;
@@ -195,7 +195,7 @@ impl CustomOp1 for ExpertSort {
 pub struct ExpertOrder {
     /// (E + 1 + 2 T m) u32, the packed layout of `ops::dispatch_common`.
     pub order: Tensor,
-    /// (E + 1) host offsets: expert e owns sorted rows offsets[e]..offsets[e + 1].
+    /// (E + 1) host offsets: expert e owns sorted rows `offsets[e]..offsets[e + 1]`.
     pub offsets: Vec<u32>,
     pub dims: OrderDims,
 }

@@ -4,7 +4,7 @@
 //! # Design
 //!
 //! * [`GatherRows`] (`CustomOp2`: x (T, C), order) -> xs (N, C): `xs[r] = x[row_slot[r] / m]`, the
-//!   input rows in the order of [`expert_sort`](super::expert_sort), so expert e's tokens are the
+//!   input rows in the order of [`expert_sort`](super::expert_sort()), so expert e's tokens are the
 //!   contiguous rows `offsets[e]..offsets[e + 1]`.
 //! * Its backward, [`GatherRowsBwd`] (`CustomOp2`: dxs (N, C), order) -> dx (T, C):
 //!   `dx[t] = sum_s dxs[slot_row[t, s]]` over the token's kept slots in slot order. A gather
@@ -29,7 +29,7 @@ use rayon::prelude::*;
 #[derive(Clone, Copy, Debug)]
 pub struct GatherRows {
     pub dims: OrderDims,
-    /// Kept rows N = offsets[E].
+    /// Kept rows `N = offsets[E]`.
     pub n: usize,
 }
 

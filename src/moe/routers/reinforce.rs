@@ -5,7 +5,7 @@
 //! Philox noise, `rng::gumbel_noise` keyed by (seed, step, layer, token, expert), over all E) and
 //! uses it with weight exactly 1, so no gradient reaches the router through the forward pass.
 //! The router learns from the surrogate sum_t (L_t - b) log p(chosen_t) / N, whose gradient is an
-//! unbiased estimate of d E[L_t] / d router when token t's loss depends on its own choice. L_t is
+//! unbiased estimate of `d E[L_t] / d router` when token t's loss depends on its own choice. L_t is
 //! only known after the LM head, so the router returns `log_prob` (T,) and the trainer adds
 //! `model::router_surrogate` to the loss. At eval (`eval_mode = "argmax"`) the most probable
 //! expert, no noise.

@@ -168,7 +168,7 @@ impl CustomOp2 for BalanceStats {
 // ---------------------------------------------------------------------------------------------
 // The backward op.
 
-/// (logits (T, E), grad (2, E)) -> dlogits (T, E) = p_t * (grad[1] - <p_t, grad[1]>) / T: the
+/// (logits (T, E), grad (2, E)) -> dlogits (T, E) = `p_t * (grad[1] - <p_t, grad[1]>) / T`: the
 /// backward of [`BalanceStats`] (grad row 0, the gradient of the count row, is ignored).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BalanceStatsBwd;

@@ -9,7 +9,7 @@
 //!   Each output element is one thread's fixed-order sum: no scatter-add, no float atomics.
 //! * Its backward needs two gradients, so it is two custom ops, each with its own kernels:
 //!   - [`CombineBwdOut`] (dy (T, C), w (T, m), order) -> d_out (N, C): `d_out[r] = w[f] dy[t]`,
-//!     f = row_slot[r] = t m + s (every kept row belongs to exactly one slot: a gather, one writer
+//!     `f = row_slot[r] = t m + s` (every kept row belongs to exactly one slot: a gather, one writer
 //!     per element);
 //!   - [`CombineBwdW`] (out (N, C), dy (T, C), order) -> d_w (T, m): `d_w[t, s] = <out[row], dy[t]>`
 //!     (0 when dropped), summed as 32 column-strided partial sums (`LANES`: coalesced GPU reads)
@@ -42,7 +42,7 @@ pub use bwd::{CombineBwdOut, CombineBwdW};
 #[derive(Clone, Copy, Debug)]
 pub struct Combine {
     pub dims: OrderDims,
-    /// Kept rows N = offsets[E].
+    /// Kept rows `N = offsets[E]`.
     pub n: usize,
 }
 

@@ -145,7 +145,7 @@ pub fn gumbel_select_saving_y(logits: &Tensor, p: &GumbelParams) -> Result<Tenso
     logits.apply_op1_no_bwd(&GumbelSelect { p: *p, save_y: true })
 }
 
-/// y = softmax((logits[cand] + g) / tau): (T, K), differentiable in `logits`. `cand` (T, >= K) u32,
+/// y = `softmax((logits[cand] + g) / tau)`: (T, K), differentiable in `logits`. `cand` (T, >= K) u32,
 /// e.g. the output of [`gumbel_select`].
 pub fn gumbel_weights(logits: &Tensor, cand: &Tensor, p: &GumbelParams) -> Result<Tensor> {
     logits.apply_op2(cand, GumbelWeights(*p))

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// (logits (T, E), cand (T, >= K) u32) -> y = softmax((logits[cand] + g) / tau) (T, K).
+/// (logits (T, E), cand (T, >= K) u32) -> y = `softmax((logits[cand] + g) / tau)` (T, K).
 ///
 /// `cand` of width exactly 2K + m is taken for the output of `GumbelSelect { save_y: true }` on the
 /// same logits: with f32 logits y is then copied from its columns K + m .. 2K + m. Any other width
