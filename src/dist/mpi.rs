@@ -144,7 +144,7 @@ impl Comm for MpiComm {
     fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
-    /// [`MpiComm::all_to_all_v`] of the parts concatenated, cut again per rank.
+    /// One `MPI_Alltoallv` of the parts concatenated, cut again per rank.
     fn all_to_all_bytes(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         if parts.len() != self.size {
             bail!("rank {}: all-to-all with {} parts for {} ranks", self.rank, parts.len(), self.size);
