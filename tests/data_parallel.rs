@@ -72,6 +72,62 @@ fn two_ranks_give_the_bits_of_one_process_with_one_or_two_threads() {
 }
 
 #[test]
+fn each_rank_holds_the_optimizer_state_of_its_range_and_checkpoints_hold_all_of_it() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train_single(cfg_with(&[]), 1, one.path());
+    let dir = two.path().to_path_buf();
+    let handles: Vec<_> = LocalGroup::ranks(2)
+        .into_iter()
+        .map(|comm| {
+            let dir = dir.clone();
+            std::thread::Builder::new()
+                .stack_size(256 << 20)
+                .spawn(move || {
+                    let t = Trainer::new_on(cfg_with(&[]), &dir, &build_router, IfRunExists::Refuse, comm.clone());
+                    let r = t.and_then(|mut t| {
+                        t.progress = false;
+                        t.fit()?;
+                        let total: usize = t.params.named().iter().map(|(_, v)| v.elem_count()).sum();
+                        Ok((t.opt.held_elements(), total))
+                    });
+                    if r.is_err() {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || comm.abort(1)));
+                    }
+                    r.map_err(|e| format!("{e:#}"))
+                })
+                .unwrap()
+        })
+        .collect();
+    let held: Vec<(usize, usize)> = handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    let total = held[0].1;
+    // After the last checkpoint every rank is back to its own range: m and v of each parameter
+    // held once among the ranks, and neither rank holding most of them.
+    assert_eq!(held.iter().map(|h| h.0).sum::<usize>(), 2 * total, "{held:?}");
+    for (r, &(h, _)) in held.iter().enumerate() {
+        assert!(h > 0 && h < 2 * total * 3 / 4, "rank {r} holds {h} of the {} moment elements", 2 * total);
+    }
+    // The checkpoints' optimizer state, gathered from both ranks, has the bits of one process's.
+    for step in [3, 6] {
+        let file = |d: &Path| d.join(format!("ckpt-{step:07}")).join(gumbel_moe::train::checkpoint::OPTIMIZER_FILE);
+        let a = candle_core::safetensors::load(file(one.path()), &candle_core::Device::Cpu).unwrap();
+        let b = candle_core::safetensors::load(file(two.path()), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (k, x) in &a {
+            let bits = |t: &candle_core::Tensor| -> Vec<u8> {
+                let t = t.flatten_all().unwrap();
+                match t.dtype() {
+                    candle_core::DType::I64 => {
+                        t.to_vec1::<i64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+                    }
+                    _ => t.to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+                }
+            };
+            assert!(bits(x) == bits(&b[k]), "step {step}: optimizer tensor {k} differs from one process's");
+        }
+    }
+}
+
+#[test]
 fn a_run_resumes_exactly_on_another_rank_count() {
     let (straight, cut) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let accum4 = ["train.grad_accum=4"];

@@ -29,6 +29,9 @@ enum Moments {
     Split { m: Tensor, v: Tensor },
     /// m and v stacked in one (2, *shape) tensor that the fused CPU op updates in place.
     Stacked(Tensor),
+    /// Held by another rank (ZeRO stage 1: a shared step's parameter outside this rank's range),
+    /// no memory here until [`AdamW::moment_tensors`] brings them back.
+    Away,
 }
 
 impl Moments {
@@ -37,6 +40,7 @@ impl Moments {
         match self {
             Moments::Split { m, v } => Ok((m.clone(), v.clone())),
             Moments::Stacked(mv) => Ok((mv.get(0)?, mv.get(1)?)),
+            Moments::Away => candle_core::bail!("held by another rank"),
         }
     }
 
@@ -48,6 +52,7 @@ impl Moments {
         match self {
             Moments::Stacked(mv) => Ok(mv),
             Moments::Split { .. } => unreachable!(),
+            Moments::Away => candle_core::bail!("held by another rank"),
         }
     }
 }
@@ -144,6 +149,9 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, (_, p)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            if matches!(self.moments[i], Moments::Away) {
+                bail!("AdamW: a gradient for {}, whose moments another rank holds", self.params[i].0);
+            }
             let lr = lr * self.lr_scale[i];
             let wd = c.weight_decay * self.decay_scale[i];
             let decay = wd > 0.0 && Self::decays(p);
@@ -188,21 +196,64 @@ impl AdamW {
     }
 
     /// Each parameter's moments as one (2, *shape) tensor (m then v), in parameter order, stacked
-    /// first where they are split: the state the ranks of a shared step exchange
-    /// ([`super::sharded::gather_moments`]). Writing into them writes the state.
+    /// first where they are split, and zeros where another rank holds them: the state the ranks
+    /// of a shared step exchange ([`super::sharded::gather_moments`]). Writing into them writes
+    /// the state.
     pub fn moment_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(self.params.len());
-        for ((name, _), m) in self.params.iter().zip(self.moments.iter_mut()) {
+        for ((name, p), m) in self.params.iter().zip(self.moments.iter_mut()) {
+            if matches!(m, Moments::Away) {
+                let mut dims = vec![2];
+                dims.extend_from_slice(p.dims());
+                *m = Moments::Stacked(Tensor::zeros(dims, p.dtype(), p.device())?);
+            }
             out.push((name.clone(), m.stacked()?.clone()));
         }
         Ok(out)
+    }
+
+    /// [`AdamW::moment_tensors`] of the parameters in `range` only, which must be held here.
+    pub fn moment_tensors_in(&mut self, range: std::ops::Range<usize>) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(range.len());
+        for i in range {
+            let name = &self.params[i].0;
+            let t = self.moments[i].stacked().with_context(|| format!("the optimizer state of {name}"))?;
+            out.push((name.clone(), t.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Frees the moments of every parameter outside `keep` (parameter indices): in a shared step
+    /// another rank updates those ([`super::sharded`]), so this one need not hold their state.
+    /// [`AdamW::moment_tensors`] brings them back (for a checkpoint); a gradient for one of them
+    /// is refused.
+    pub fn release_moments(&mut self, keep: std::ops::Range<usize>) {
+        for (i, m) in self.moments.iter_mut().enumerate() {
+            if !keep.contains(&i) {
+                *m = Moments::Away;
+            }
+        }
+    }
+
+    /// Elements of optimizer state held here (m and v).
+    pub fn held_elements(&self) -> usize {
+        self.moments
+            .iter()
+            .map(|m| match m {
+                Moments::Split { m, v } => m.elem_count() + v.elem_count(),
+                Moments::Stacked(mv) => mv.elem_count(),
+                Moments::Away => 0,
+            })
+            .sum()
     }
 
     /// Writes `m.<name>`, `v.<name>` and `step` to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            let (m, v) = self.moments[i].split()?;
+            let (m, v) = self.moments[i]
+                .split()
+                .with_context(|| format!("saving the optimizer state of {name} (gather the moments first)"))?;
             map.insert(format!("m.{name}"), m);
             map.insert(format!("v.{name}"), v);
         }

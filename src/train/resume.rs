@@ -103,6 +103,7 @@ impl Trainer {
         let opt_file = loaded.dir.join(checkpoint::OPTIMIZER_FILE);
         checkpoint::check_optimizer_finite(&opt_file)?;
         t.opt.load(&opt_file)?;
+        t.release_foreign_moments();
         if t.opt.step_count() != loaded.state.step {
             bail!(
                 "checkpoint {}: optimizer step {} != trainer step {}",

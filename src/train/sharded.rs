@@ -6,8 +6,8 @@
 //!
 //! Same bits as one process: every sum is the pairwise tree in rank order, the global norm adds
 //! every parameter's squared norm in parameter order (as [`super::grad_sum::sum_grads`] does), and
-//! AdamW is element-wise. A rank's moments outside its range go stale; [`gather_moments`] brings
-//! every rank up to date before a checkpoint.
+//! AdamW is element-wise. A rank holds the moments of its range only (ZeRO stage 1: 1/N of the
+//! optimizer state); [`gather_moments`] brings them to rank 0 for a checkpoint.
 
 use super::data_parallel::with_f32;
 use super::grad_sum::sum_each;
@@ -182,10 +182,39 @@ pub fn all_gather_params(comm: &dyn Comm, named: &[(String, Var)], shards: &Shar
     all_gather_ranges(comm, &tensors, shards)
 }
 
-/// Every rank's AdamW moments of its range to every rank (before a checkpoint, so that the one
-/// rank 0 writes is whole).
+/// Every rank's AdamW moments of its range to rank 0, which writes the checkpoint; the other
+/// ranks keep only their own range (rank 0 holds the whole state until
+/// [`AdamW::release_moments`]).
 pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Result<()> {
-    all_gather_ranges(comm, &opt.moment_tensors()?, shards)
+    let (me, n) = (comm.rank(), comm.size());
+    let mine = shards.range(me);
+    let tensors = if me == 0 { opt.moment_tensors()? } else { opt.moment_tensors_in(mine.clone())? };
+    let mut send = Vec::new();
+    if me != 0 {
+        send.reserve(tensors.iter().map(|(_, t)| t.elem_count()).sum());
+        for (name, t) in &tensors {
+            with_f32(t, name, |v| send.extend_from_slice(v))?;
+        }
+    }
+    let mut counts = vec![0; n];
+    counts[0] = send.len();
+    let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
+    if me != 0 {
+        return Ok(());
+    }
+    let mut at = 0;
+    for (s, &count) in got_counts.iter().enumerate().skip(1) {
+        let need: usize = tensors[shards.range(s)].iter().map(|(_, t)| t.elem_count()).sum();
+        if count != need {
+            bail!("rank {s} sent {count} numbers of optimizer state, its parameters need {need}");
+        }
+        for (_, t) in &tensors[shards.range(s)] {
+            let e = t.elem_count();
+            t.inplace_op1(&CopyIn(&got[at..at + e]))?;
+            at += e;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -236,7 +236,7 @@ impl Trainer {
         // exchange already sends it once, and a shared step would send its weights back each step.
         let shared_step = with_train && comm.size() > 1 && device.is_cpu() && cfg.train.expert_parallel == 1;
         let shards = shared_step.then(|| Shards::new(&params.named(), comm.size()));
-        Ok(Self {
+        let mut t = Self {
             cfg,
             device,
             params,
@@ -253,7 +253,9 @@ impl Trainer {
             comm,
             data_id,
             shards,
-        })
+        };
+        t.release_foreign_moments();
+        Ok(t)
     }
 
     /// Mean loss (cross-entropy only) over `n` random batches of `b` keyed by EVAL_KEY.
@@ -390,8 +392,16 @@ impl Trainer {
         )
     }
 
+    /// With a shared step, frees the optimizer state of the parameters other ranks update (after
+    /// start-up, a resume's load, and each checkpoint).
+    pub(super) fn release_foreign_moments(&mut self) {
+        if let Some(sh) = &self.shards {
+            self.opt.release_moments(sh.range(self.comm.rank()));
+        }
+    }
+
     /// Every rank's optimizer state made whole again after shared steps (before a checkpoint;
-    /// every rank calls it).
+    /// every rank calls it, and [`Trainer::release_foreign_moments`] after).
     fn sync_optimizer(&mut self) -> Result<()> {
         match &self.shards {
             Some(sh) => sharded::gather_moments(self.comm.as_ref(), &mut self.opt, sh),
@@ -524,6 +534,7 @@ impl Trainer {
                     if lead {
                         self.save_checkpoint("best")?;
                     }
+                    self.release_foreign_moments();
                 }
             }
             if let (Some(m), false) = (metrics.as_mut(), line.is_empty()) {
@@ -537,6 +548,7 @@ impl Trainer {
                     self.save_checkpoint(&format!("ckpt-{done:07}"))?;
                     run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
                 }
+                self.release_foreign_moments();
             }
         }
         pb.finish_and_clear();
