@@ -5,26 +5,31 @@ mod common;
 
 use common::{fit_rank as run_rank, tiny_config};
 use gumbel_moe::dist::local::LocalGroup;
+use gumbel_moe::dist::Comm;
 use gumbel_moe::moe::build_router;
 use gumbel_moe::train::{IfRunExists, Trainer};
 use gumbel_moe::Config;
 use std::path::Path;
 use std::sync::Arc;
 
+/// `f(comm)` on each of `n` thread ranks (with room for the model's stack), in rank order.
+fn on_ranks<T: Send>(n: usize, f: &(dyn Fn(Arc<dyn Comm>) -> T + Sync)) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = LocalGroup::ranks(n)
+            .into_iter()
+            .map(|comm| std::thread::Builder::new().stack_size(256 << 20).spawn_scoped(s, move || f(comm)).unwrap())
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Trains `cfg` on `n` thread ranks into `dir` (every rank is given `dir`; rank 0 alone writes).
 /// Returns each rank's outcome (the error text on failure).
-fn train_on_ranks(n: usize, cfg: &dyn Fn(usize) -> Config, dir: &Path) -> Vec<Result<f64, String>> {
-    let handles: Vec<_> = LocalGroup::ranks(n)
-        .into_iter()
-        .map(|comm| {
-            let (cfg, dir) = (cfg(comm.rank()), dir.to_path_buf());
-            std::thread::Builder::new()
-                .stack_size(256 << 20)
-                .spawn(move || run_rank(comm, |c| Trainer::new_on(cfg, &dir, &build_router, IfRunExists::Refuse, c)))
-                .unwrap()
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+fn train_on_ranks(n: usize, cfg: &(dyn Fn(usize) -> Config + Sync), dir: &Path) -> Vec<Result<f64, String>> {
+    on_ranks(n, &|comm| {
+        let cfg = cfg(comm.rank());
+        run_rank(comm, |c| Trainer::new_on(cfg, dir, &build_router, IfRunExists::Refuse, c))
+    })
 }
 
 /// One process (rank 0 of 1) with `threads` workers.
@@ -75,30 +80,19 @@ fn two_ranks_give_the_bits_of_one_process_with_one_or_two_threads() {
 fn each_rank_holds_the_optimizer_state_of_its_range_and_checkpoints_hold_all_of_it() {
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train_single(cfg_with(&[]), 1, one.path());
-    let dir = two.path().to_path_buf();
-    let handles: Vec<_> = LocalGroup::ranks(2)
-        .into_iter()
-        .map(|comm| {
-            let dir = dir.clone();
-            std::thread::Builder::new()
-                .stack_size(256 << 20)
-                .spawn(move || {
-                    let t = Trainer::new_on(cfg_with(&[]), &dir, &build_router, IfRunExists::Refuse, comm.clone());
-                    let r = t.and_then(|mut t| {
-                        t.progress = false;
-                        t.fit()?;
-                        let total: usize = t.params.named().iter().map(|(_, v)| v.elem_count()).sum();
-                        Ok((t.opt.held_elements(), total))
-                    });
-                    if r.is_err() {
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || comm.abort(1)));
-                    }
-                    r.map_err(|e| format!("{e:#}"))
-                })
-                .unwrap()
-        })
-        .collect();
-    let held: Vec<(usize, usize)> = handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    let held: Vec<(usize, usize)> = on_ranks(2, &|comm| {
+        let t = Trainer::new_on(cfg_with(&[]), two.path(), &build_router, IfRunExists::Refuse, comm.clone());
+        let r = t.and_then(|mut t| {
+            t.progress = false;
+            t.fit()?;
+            let total: usize = t.params.named().iter().map(|(_, v)| v.elem_count()).sum();
+            Ok((t.opt.held_elements(), total))
+        });
+        if r.is_err() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || comm.abort(1)));
+        }
+        r.map_err(|e| format!("{e:#}")).unwrap()
+    });
     let total = held[0].1;
     // After the last checkpoint every rank is back to its own range: m and v of each parameter
     // held once among the ranks, and neither rank holding most of them.
@@ -135,24 +129,10 @@ fn a_run_resumes_exactly_on_another_rank_count() {
     // Steps 1-3 on 4 ranks, then 4-6 on 2 ranks, then the final evaluation alone.
     let first = train_on_ranks(4, &|_| cfg_with(&["train.grad_accum=4", "train.max_iters=3"]), cut.path());
     assert!(first.iter().all(Result::is_ok), "{first:?}");
-    let dir = cut.path().to_path_buf();
-    let handles: Vec<_> = LocalGroup::ranks(2)
-        .into_iter()
-        .map(|comm| {
-            let dir = dir.clone();
-            std::thread::Builder::new()
-                .stack_size(256 << 20)
-                .spawn(move || {
-                    run_rank(comm, |c| {
-                        Trainer::resume_on(&dir, &["train.max_iters=6".into()], None, IfRunExists::Refuse, c)
-                    })
-                })
-                .unwrap()
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().unwrap();
-    }
+    let second = on_ranks(2, &|comm| {
+        run_rank(comm, |c| Trainer::resume_on(cut.path(), &["train.max_iters=6".into()], None, IfRunExists::Refuse, c))
+    });
+    assert!(second.iter().all(Result::is_ok), "{second:?}");
     let (a, b) = (common::run_outcome(straight.path(), 6), common::run_outcome(cut.path(), 6));
     assert!(a.0 == b.0, "weights after 3 steps on 4 ranks and 3 on 2 differ from 6 steps in one process");
     assert_eq!(a.1, b.1, "the resumed run's metrics");
@@ -171,21 +151,11 @@ fn ranks_that_disagree_are_refused_by_name() {
 fn rank_0_alone_writes() {
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dirs = [d0.path().to_path_buf(), d1.path().join("rank1")];
-    let handles: Vec<_> = LocalGroup::ranks(2)
-        .into_iter()
-        .zip(dirs.clone())
-        .map(|(comm, dir)| {
-            std::thread::Builder::new()
-                .stack_size(256 << 20)
-                .spawn(move || {
-                    run_rank(comm, |c| Trainer::new_on(cfg_with(&[]), &dir, &build_router, IfRunExists::Refuse, c))
-                })
-                .unwrap()
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap().unwrap();
-    }
+    let got = on_ranks(2, &|comm| {
+        let dir = &dirs[comm.rank()];
+        run_rank(comm, |c| Trainer::new_on(cfg_with(&[]), dir, &build_router, IfRunExists::Refuse, c))
+    });
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
     assert!(dirs[0].join("ckpt-0000006/model.safetensors").exists());
     assert!(!dirs[1].exists(), "rank 1 created its output directory");
 }
