@@ -67,7 +67,7 @@ impl MpiComm {
 
     /// Every rank's `x` (any length) in rank order, and each rank's length.
     fn gather_varcount<T: Equivalence + Copy + Default>(&self, x: &[T]) -> Result<(Vec<T>, Vec<usize>)> {
-        let len = Count::try_from(x.len()).context("more than 2^31 elements in one exchange")?;
+        let len = to_count(x.len())?;
         let counts = self.gather(&[len])?;
         let displs = displs(&counts);
         let mut buf = output_vec(counts.iter().map(|&c| c as usize).sum(), T::default());
@@ -95,8 +95,7 @@ impl MpiComm {
                 self.size
             );
         }
-        let count = |&n: &usize| Count::try_from(n).context("more than 2^31 elements to one rank in one exchange");
-        let send_counts = send_counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let send_counts = to_counts(send_counts)?;
         let mut recv_counts = vec![0 as Count; self.size];
         self.with(|c| c.all_to_all_into(&send_counts[..], &mut recv_counts[..]))?;
         let (send_displs, recv_displs) = (displs(&send_counts), displs(&recv_counts));
@@ -110,6 +109,16 @@ impl MpiComm {
         })?;
         Ok((buf, recv_counts))
     }
+}
+
+/// Element counts as MPI takes them, or an error for a block past MPI's int.
+fn to_counts(counts: &[usize]) -> Result<Vec<Count>> {
+    counts.iter().map(|&n| to_count(n)).collect()
+}
+
+/// One block's element count as MPI takes it.
+fn to_count(n: usize) -> Result<Count> {
+    Count::try_from(n).context("more than 2^31 elements in one block of one exchange")
 }
 
 /// Where each rank's block starts in a buffer of blocks of `counts` elements.
@@ -158,12 +167,11 @@ impl Comm for MpiComm {
     /// read from the same `x` (no packing per rank), and this rank's own block is not copied.
     fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
         super::check_gather_into(self.rank, self.size, x.len(), counts, out.len())?;
-        let count = |&n: &usize| Count::try_from(n).context("more than 2^31 elements from one rank in one exchange");
-        let recv_counts = counts.iter().map(count).collect::<Result<Vec<Count>>>()?;
+        let recv_counts = to_counts(counts)?;
         let recv_displs = displs(&recv_counts);
         let recv_counts: Vec<Count> =
             recv_counts.iter().enumerate().map(|(r, &c)| if r == self.rank { 0 } else { c }).collect();
-        let len = count(&x.len())?;
+        let len = to_count(counts[self.rank])?;
         let send_counts: Vec<Count> = (0..self.size).map(|r| if r == self.rank { 0 } else { len }).collect();
         let send_displs = vec![0 as Count; self.size];
         self.count(std::mem::size_of_val(x), self.size - 1);

@@ -37,51 +37,79 @@ pub fn all_reduce_grads(
     if let Some(dev) = named.first().map(|(_, v)| v.device().clone()).filter(|d| !d.is_cpu()) {
         return all_reduce_grads_on_device(comm, partial, named, &dev);
     }
-    // [one presence flag per parameter] ++ [the gradients this rank has, in parameter order], each
-    // copied once, straight from its storage. A parameter without a gradient here (an expert of
-    // another rank, or one that got no tokens) costs nothing to send.
-    let mut buf: Vec<f32> = partial.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
-    buf.reserve(partial.iter().flatten().map(Tensor::elem_count).sum());
-    for (g, (name, _)) in partial.iter().zip(named) {
-        if let Some(g) = g {
-            with_f32(&g.contiguous()?, name, |v| buf.extend_from_slice(v))?;
-        }
-    }
+    // A parameter without a gradient here (an expert of another rank, or one that got no tokens)
+    // costs nothing to send.
+    let mut buf = Vec::new();
+    pack_grads(&partial, named, &mut buf)?;
     let (all, counts) = comm.all_gather_f32_varcount(&buf)?;
     drop(buf);
-    let starts: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
-    // The other ranks' gradients as views of one tensor: no further copy.
-    let p = named.len();
-    if let Some(r) = counts.iter().position(|&c| c < p) {
-        bail!("rank {r} sent {} numbers, fewer than its {p} gradient flags", counts[r]);
-    }
-    let flags: Vec<Vec<bool>> = starts.iter().map(|&s| all[s..s + p].iter().map(|&f| f != 0.0).collect()).collect();
-    let all = Tensor::from_vec(all, counts.iter().sum::<usize>(), &Device::Cpu)?;
     let me = comm.rank();
     let mut parts = Vec::with_capacity(comm.size());
     let mut own = Some(partial);
-    for r in 0..comm.size() {
+    for (r, got) in unpack_grads(all, &counts, named, me)?.into_iter().enumerate() {
+        parts.push(match got {
+            Some(g) => g,
+            None => own.take().with_context(|| format!("rank {r}: own partial taken twice"))?,
+        });
+    }
+    sum_grads(parts, named.len())
+}
+
+/// Appends to `out` the block one rank sends of `grads` (one per parameter of `named`): [a
+/// presence flag (1.0 or 0.0) per parameter] ++ [the gradients present, in parameter order], each
+/// copied once, straight from its storage.
+pub(super) fn pack_grads(grads: &[Option<Tensor>], named: &[(String, Var)], out: &mut Vec<f32>) -> Result<()> {
+    out.reserve(grads.len() + grads.iter().flatten().map(Tensor::elem_count).sum::<usize>());
+    out.extend(grads.iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+    for (g, (name, _)) in grads.iter().zip(named) {
+        if let Some(g) = g {
+            with_f32(&g.contiguous()?, name, |v| out.extend_from_slice(v))?;
+        }
+    }
+    Ok(())
+}
+
+/// The blocks of [`pack_grads`] that every rank but `me` sent, received as `all` (blocks of
+/// `counts[r]` numbers in rank order), as gradients of `named` that are views of one tensor (no
+/// further copy); None at `me`.
+#[allow(clippy::type_complexity)]
+pub(super) fn unpack_grads(
+    all: Vec<f32>,
+    counts: &[usize],
+    named: &[(String, Var)],
+    me: usize,
+) -> Result<Vec<Option<Vec<Option<Tensor>>>>> {
+    let p = named.len();
+    let starts: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+    if let Some(r) = (0..counts.len()).find(|&r| r != me && counts[r] < p) {
+        bail!("rank {r} sent {} numbers, fewer than its {p} gradient flags", counts[r]);
+    }
+    let flags: Vec<Vec<bool>> = (0..counts.len())
+        .map(|r| if r == me { Vec::new() } else { all[starts[r]..starts[r] + p].iter().map(|&f| f != 0.0).collect() })
+        .collect();
+    let all = Tensor::from_vec(all, counts.iter().sum::<usize>(), &Device::Cpu)?;
+    let mut out = Vec::with_capacity(counts.len());
+    for (r, flags) in flags.iter().enumerate() {
         if r == me {
-            parts.push(own.take().context("own partial taken twice")?);
+            out.push(None);
             continue;
         }
-        let start = starts[r];
-        let (mut off, mut grads) = (start + p, Vec::with_capacity(p));
-        for (i, (name, v)) in named.iter().enumerate() {
-            if !flags[r][i] {
+        let (mut off, mut grads) = (starts[r] + p, Vec::with_capacity(p));
+        for ((name, v), &flag) in named.iter().zip(flags) {
+            if !flag {
                 grads.push(None);
                 continue;
             }
             let k = v.elem_count();
-            if off + k > start + counts[r] {
+            if off + k > starts[r] + counts[r] {
                 bail!("rank {r} sent {} numbers, fewer than its gradients flagged (at {name})", counts[r]);
             }
             grads.push(Some(all.narrow(0, off, k)?.reshape(v.shape())?));
             off += k;
         }
-        parts.push(grads);
+        out.push(Some(grads));
     }
-    sum_grads(parts, named.len())
+    Ok(out)
 }
 
 /// `f` of the f32 elements of a contiguous CPU tensor, read in place (`what` names it in errors).

@@ -9,13 +9,13 @@
 //! AdamW is element-wise. A rank holds the moments of its range only (ZeRO stage 1: 1/N of the
 //! optimizer state); [`gather_moments`] brings them to rank 0 for a checkpoint.
 
-use super::data_parallel::with_f32;
+use super::data_parallel::{pack_grads, unpack_grads, with_f32};
 use super::grad_sum::sum_each;
 use super::optim::AdamW;
 use crate::dist::bytes::{from_bytes, to_bytes};
 use crate::dist::Comm;
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -59,59 +59,28 @@ pub fn reduce_scatter(
     shards: &Shards,
 ) -> Result<(Vec<Option<Tensor>>, f64)> {
     let (n, me) = (comm.size(), comm.rank());
-    // One buffer, a block per other rank j in rank order: [a presence flag (1.0 or 0.0) per
-    // parameter of j's range] ++ [the gradients present], each copied once from its storage.
-    let mut send = Vec::with_capacity(partial.iter().flatten().map(Tensor::elem_count).sum::<usize>() + named.len());
+    // One buffer, a block per other rank j in rank order: j's range of the gradients, packed.
+    let mut send = Vec::new();
     let mut counts = vec![0; n];
     for (j, count) in counts.iter_mut().enumerate().filter(|(j, _)| *j != me) {
         let (r, start) = (shards.range(j), send.len());
-        send.extend(partial[r.clone()].iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
-        for (g, (name, _)) in partial[r.clone()].iter().zip(&named[r]) {
-            if let Some(g) = g {
-                with_f32(&g.contiguous()?, name, |v| send.extend_from_slice(v))?;
-            }
-        }
+        pack_grads(&partial[r.clone()], &named[r], &mut send)?;
         *count = send.len() - start;
     }
     let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
     drop(send);
     let mine = shards.range(me);
     let k = mine.len();
-    // Check every block before the received numbers become one tensor (viewed, not copied).
-    let starts: Vec<usize> = got_counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
-    for (s, &c) in got_counts.iter().enumerate().filter(|(s, _)| *s != me) {
-        if c < k {
-            bail!("rank {s} sent {c} numbers, fewer than the {k} gradient flags of rank {me}'s parameters");
-        }
-        let flags = &got[starts[s]..starts[s] + k];
-        let need: usize =
-            named[mine.clone()].iter().zip(flags).filter(|(_, &f)| f != 0.0).map(|((_, v), _)| v.elem_count()).sum();
-        if c - k < need {
-            bail!("rank {s} sent {} gradient numbers, fewer than the {need} its flags say", c - k);
-        }
-    }
-    let flags: Vec<Vec<bool>> =
-        starts.iter().map(|&s| got[s..(s + k).min(got.len())].iter().map(|&f| f != 0.0).collect()).collect();
-    let data = Tensor::from_vec(got, got_counts.iter().sum::<usize>(), &Device::Cpu)?;
     let mut own = Some(partial);
     let mut by_rank = Vec::with_capacity(n);
-    for s in 0..n {
-        if s == me {
-            let p = own.take().context("own partial taken twice")?;
-            by_rank.push(p.into_iter().skip(mine.start).take(k).collect::<Vec<_>>());
-            continue;
-        }
-        let (mut off, mut grads) = (starts[s] + k, Vec::with_capacity(k));
-        for (t, (_, v)) in named[mine.clone()].iter().enumerate() {
-            if !flags[s][t] {
-                grads.push(None);
-                continue;
+    for (s, got) in unpack_grads(got, &got_counts, &named[mine.clone()], me)?.into_iter().enumerate() {
+        by_rank.push(match got {
+            Some(g) => g,
+            None => {
+                let p = own.take().with_context(|| format!("rank {s}: own partial taken twice"))?;
+                p.into_iter().skip(mine.start).take(k).collect()
             }
-            let e = v.elem_count();
-            grads.push(Some(data.narrow(0, off, e)?.reshape(v.shape())?));
-            off += e;
-        }
-        by_rank.push(grads);
+        });
     }
     let mut grads = vec![None; named.len()];
     let mut sq = Vec::with_capacity(k);
@@ -155,23 +124,37 @@ fn all_gather_ranges(comm: &dyn Comm, tensors: &[(String, Tensor)], shards: &Sha
     let size = |r: usize| tensors[shards.range(r)].iter().map(|(_, t)| t.elem_count()).sum::<usize>();
     let counts: Vec<usize> = (0..comm.size()).map(size).collect();
     let mut send = Vec::with_capacity(counts[me]);
-    for (name, t) in &tensors[shards.range(me)] {
-        with_f32(t, name, |v| send.extend_from_slice(v))?;
-    }
+    pack(&tensors[shards.range(me)], &mut send)?;
     let mut all = shards.gathered.lock().map_err(|_| anyhow::anyhow!("the gather buffer's lock is poisoned"))?;
     all.resize(counts.iter().sum(), 0.0);
     comm.all_gather_f32_into(&send, &counts, &mut all)?;
     let mut at = 0;
     for (s, &count) in counts.iter().enumerate() {
         if s != me {
-            let mut off = at;
-            for (_, t) in &tensors[shards.range(s)] {
-                let e = t.elem_count();
-                t.inplace_op1(&CopyIn(&all[off..off + e]))?;
-                off += e;
-            }
+            copy_in(&tensors[shards.range(s)], &all[at..at + count])?;
         }
         at += count;
+    }
+    Ok(())
+}
+
+/// Appends the elements of `tensors` (f32, contiguous, on the CPU) to `out`, back to back.
+fn pack(tensors: &[(String, Tensor)], out: &mut Vec<f32>) -> Result<()> {
+    out.reserve(tensors.iter().map(|(_, t)| t.elem_count()).sum());
+    for (name, t) in tensors {
+        with_f32(t, name, |v| out.extend_from_slice(v))?;
+    }
+    Ok(())
+}
+
+/// Writes `src` into `tensors` in place, the inverse of [`pack`]: `src` holds their elements back
+/// to back.
+fn copy_in(tensors: &[(String, Tensor)], src: &[f32]) -> Result<()> {
+    let mut at = 0;
+    for (_, t) in tensors {
+        let e = t.elem_count();
+        t.inplace_op1(&CopyIn(&src[at..at + e]))?;
+        at += e;
     }
     Ok(())
 }
@@ -191,10 +174,7 @@ pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Resu
     let tensors = if me == 0 { opt.moment_tensors()? } else { opt.moment_tensors_in(mine.clone())? };
     let mut send = Vec::new();
     if me != 0 {
-        send.reserve(tensors.iter().map(|(_, t)| t.elem_count()).sum());
-        for (name, t) in &tensors {
-            with_f32(t, name, |v| send.extend_from_slice(v))?;
-        }
+        pack(&tensors, &mut send)?;
     }
     let mut counts = vec![0; n];
     counts[0] = send.len();
@@ -208,11 +188,8 @@ pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Resu
         if count != need {
             bail!("rank {s} sent {count} numbers of optimizer state, its parameters need {need}");
         }
-        for (_, t) in &tensors[shards.range(s)] {
-            let e = t.elem_count();
-            t.inplace_op1(&CopyIn(&got[at..at + e]))?;
-            at += e;
-        }
+        copy_in(&tensors[shards.range(s)], &got[at..at + count])?;
+        at += count;
     }
     Ok(())
 }
@@ -220,7 +197,7 @@ pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
+    use candle_core::{DType, Device};
 
     #[test]
     fn shards_are_contiguous_cover_every_parameter_and_balance_the_elements() {
