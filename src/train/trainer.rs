@@ -393,20 +393,23 @@ impl Trainer {
     }
 
     /// With a shared step, frees the optimizer state of the parameters other ranks update (after
-    /// start-up, a resume's load, and each checkpoint).
+    /// start-up, a resume's load, and each checkpoint: [`Trainer::with_whole_optimizer`]).
     pub(super) fn release_foreign_moments(&mut self) {
         if let Some(sh) = &self.shards {
             self.opt.release_moments(sh.range(self.comm.rank()));
         }
     }
 
-    /// Every rank's optimizer state made whole again after shared steps (before a checkpoint;
-    /// every rank calls it, and [`Trainer::release_foreign_moments`] after).
-    fn sync_optimizer(&mut self) -> Result<()> {
-        match &self.shards {
-            Some(sh) => sharded::gather_moments(self.comm.as_ref(), &mut self.opt, sh),
-            None => Ok(()),
+    /// `write` (rank 0 writing a checkpoint) with the whole optimizer state on rank 0: after shared
+    /// steps the ranks' ranges are gathered there first, and freed again after. Every rank calls
+    /// it.
+    fn with_whole_optimizer(&mut self, write: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+        if let Some(sh) = &self.shards {
+            sharded::gather_moments(self.comm.as_ref(), &mut self.opt, sh)?;
         }
+        write(self)?;
+        self.release_foreign_moments();
+        Ok(())
     }
 
     /// Every rank's weights are still the same bits (before each checkpoint).
@@ -530,11 +533,7 @@ impl Trainer {
                 if self.state.best_val_loss.is_none_or(|b| val < b) {
                     self.state.best_val_loss = Some(val);
                     self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
-                    self.sync_optimizer()?;
-                    if lead {
-                        self.save_checkpoint("best")?;
-                    }
-                    self.release_foreign_moments();
+                    self.with_whole_optimizer(|t| if lead { t.save_checkpoint("best") } else { Ok(()) })?;
                 }
             }
             if let (Some(m), false) = (metrics.as_mut(), line.is_empty()) {
@@ -543,12 +542,13 @@ impl Trainer {
             if (t.ckpt_interval > 0 && done.is_multiple_of(t.ckpt_interval as u64)) || done == max {
                 self.state.wall_s = wall0 + run_start.elapsed().as_secs_f64();
                 self.check_weights_agree()?;
-                self.sync_optimizer()?;
-                if lead {
-                    self.save_checkpoint(&format!("ckpt-{done:07}"))?;
-                    run_dir::prune(&self.out_dir, self.cfg.train.keep_last, &self.fs)?;
-                }
-                self.release_foreign_moments();
+                self.with_whole_optimizer(|t| {
+                    if lead {
+                        t.save_checkpoint(&format!("ckpt-{done:07}"))?;
+                        run_dir::prune(&t.out_dir, t.cfg.train.keep_last, &t.fs)?;
+                    }
+                    Ok(())
+                })?;
             }
         }
         pb.finish_and_clear();
