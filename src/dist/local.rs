@@ -192,11 +192,37 @@ mod tests {
                     let want: Vec<f32> = (0..3u8).flat_map(|r| vec![(10 * r + me) as f32; me as usize]).collect();
                     assert_eq!((got, lens), (want, vec![me as usize; 3]), "rank {me}");
                     assert!(c.all_to_all_f32(&send, &[1, 1, 2]).is_err(), "blocks that do not cover the buffer");
-                    // Gathered into a buffer of known lengths (rank r: r + 1 numbers).
-                    let mut out = vec![f32::NAN; 6];
-                    c.all_gather_f32_into(&vec![me as f32; me as usize + 1], &[1, 2, 3], &mut out).unwrap();
-                    assert_eq!(out, vec![0.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
-                    let err = c.all_gather_f32_into(&[0.0], &[1, 1, 1], &mut out).unwrap_err().to_string();
+                    // Pieces in place: rank r sends rank j (j != r) pieces of 1 and j + 1
+                    // numbers, 100 r + 10 j + k for the k-th number.
+                    let me = me as usize;
+                    let mine: Vec<Vec<f32>> =
+                        (0..3).map(|j| (0..j + 2).map(|k| (100 * me + 10 * j + k) as f32).collect()).collect();
+                    let send: Vec<Vec<&[f32]>> =
+                        (0..3).map(|j| if j == me { vec![] } else { vec![&mine[j][..1], &mine[j][1..]] }).collect();
+                    let mut into: Vec<Vec<f32>> = (0..3).map(|_| vec![f32::NAN; me + 2]).collect();
+                    let mut recv: Vec<Vec<&mut [f32]>> = into
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(r, v)| {
+                            if r == me {
+                                vec![]
+                            } else {
+                                let (a, b) = v.split_at_mut(1);
+                                vec![a, b]
+                            }
+                        })
+                        .collect();
+                    c.exchange_f32(&send, &mut recv).unwrap();
+                    for (r, v) in into.iter().enumerate().filter(|(r, _)| *r != me) {
+                        let want: Vec<f32> = (0..me + 2).map(|k| (100 * r + 10 * me + k) as f32).collect();
+                        assert_eq!(v, &want, "rank {me} from rank {r}");
+                    }
+                    // A piece to this rank itself is refused (by every rank), naming the rank.
+                    let one = [1.0f32];
+                    let mut bad: Vec<Vec<&[f32]>> = vec![vec![]; 3];
+                    bad[me] = vec![&one[..]];
+                    let mut none: Vec<Vec<&mut [f32]>> = (0..3).map(|_| vec![]).collect();
+                    let err = c.exchange_f32(&bad, &mut none).unwrap_err().to_string();
                     assert!(err.contains(&format!("rank {me}")), "{err}");
                     assert!(c.bytes_sent() > 0);
                 })

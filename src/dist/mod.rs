@@ -78,18 +78,30 @@ pub trait Comm: Send + Sync {
             .map(|(r, p)| p.ok_or_else(|| anyhow::anyhow!("rank {me}: rank {r}'s all-to-all parts are cut short")))
             .collect()
     }
-    /// Every other rank's `x` into `out`, in rank order, when every rank knows every rank's
-    /// length (`counts[r]`; `x.len() == counts[rank]`, `out.len()` their sum). This rank's own
-    /// block of `out` may be left as it was (MPI does not copy it). `out` is the caller's, so a
-    /// buffer kept across steps is neither allocated nor zero-filled again. This default goes
-    /// through [`Comm::all_gather_f32_varcount`]; MPI gathers straight into `out`.
-    fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
-        check_gather_into(self.rank(), self.size(), x.len(), counts, out.len())?;
-        let (all, got) = self.all_gather_f32_varcount(x)?;
-        if got != counts {
-            anyhow::bail!("rank {}: the ranks sent {got:?} numbers where {counts:?} were expected", self.rank());
+    /// Pieces to and from every other rank at once, each moved from where it lies to where it
+    /// goes: `send[j]` (slices, in order) goes to rank j, which receives it into its `recv[me]`,
+    /// piece by piece: the same number of pieces of the same lengths, in the same order.
+    /// `send[me]` and `recv[me]` are empty. Lets a caller send parameters straight from their
+    /// storage and receive them straight into it. This default packs each rank's pieces into one
+    /// block and goes through [`Comm::all_to_all_f32`]; MPI sends and receives every piece in
+    /// place.
+    fn exchange_f32(&self, send: &[Vec<&[f32]>], recv: &mut [Vec<&mut [f32]>]) -> Result<()> {
+        let me = self.rank();
+        check_exchange(me, self.size(), send, recv)?;
+        let counts: Vec<usize> = send.iter().map(|p| p.iter().map(|s| s.len()).sum()).collect();
+        let buf: Vec<f32> = send.iter().flatten().flat_map(|s| s.iter().copied()).collect();
+        let (got, got_counts) = self.all_to_all_f32(&buf, &counts)?;
+        let mut at = 0;
+        for (r, (pieces, &count)) in recv.iter_mut().zip(&got_counts).enumerate() {
+            let want: usize = pieces.iter().map(|p| p.len()).sum();
+            if count != want {
+                anyhow::bail!("rank {me}: rank {r} sent {count} numbers where {want} were expected");
+            }
+            for p in pieces.iter_mut() {
+                p.copy_from_slice(&got[at..at + p.len()]);
+                at += p.len();
+            }
         }
-        out.copy_from_slice(&all);
         Ok(())
     }
     /// All-to-all of f32 with variable counts: `send` holds one block per rank in rank order,
@@ -122,10 +134,14 @@ pub trait Comm: Send + Sync {
     }
 }
 
-/// The lengths [`Comm::all_gather_f32_into`] needs, or an error naming the one that is off.
-pub(crate) fn check_gather_into(me: usize, n: usize, len: usize, counts: &[usize], out: usize) -> Result<()> {
-    if counts.len() != n || counts.get(me) != Some(&len) || counts.iter().sum::<usize>() != out {
-        anyhow::bail!("rank {me}: gathering {len} numbers in blocks of {counts:?} for {n} ranks into {out}");
+/// The shape [`Comm::exchange_f32`] needs: one list of pieces per rank each way, none to or
+/// from this rank; or an error naming what is off.
+pub(crate) fn check_exchange(me: usize, n: usize, send: &[Vec<&[f32]>], recv: &[Vec<&mut [f32]>]) -> Result<()> {
+    if send.len() != n || recv.len() != n {
+        anyhow::bail!("rank {me}: an exchange with {} send and {} receive lists for {n} ranks", send.len(), recv.len());
+    }
+    if !send[me].is_empty() || !recv[me].is_empty() {
+        anyhow::bail!("rank {me}: an exchange with pieces to or from this rank itself");
     }
     Ok(())
 }

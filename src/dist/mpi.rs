@@ -111,6 +111,9 @@ impl MpiComm {
     }
 }
 
+/// The tag of [`Comm::exchange_f32`]'s messages (pieces between two ranks match in order).
+const EXCHANGE_TAG: mpi::Tag = 7;
+
 /// Element counts as MPI takes them, or an error for a block past MPI's int.
 fn to_counts(counts: &[usize]) -> Result<Vec<Count>> {
     counts.iter().map(|&n| to_count(n)).collect()
@@ -163,23 +166,46 @@ impl Comm for MpiComm {
         let mut at = 0;
         Ok(counts.iter().map(|&n| (buf[at..at + n as usize].to_vec(), at += n as usize).0).collect())
     }
-    /// One `MPI_Alltoallv` straight into `out`, the counts known: every other rank's block is
-    /// read from the same `x` (no packing per rank), and this rank's own block is not copied.
-    fn all_gather_f32_into(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
-        super::check_gather_into(self.rank, self.size, x.len(), counts, out.len())?;
-        let recv_counts = to_counts(counts)?;
-        let recv_displs = displs(&recv_counts);
-        let recv_counts: Vec<Count> =
-            recv_counts.iter().enumerate().map(|(r, &c)| if r == self.rank { 0 } else { c }).collect();
-        let len = to_count(counts[self.rank])?;
-        let send_counts: Vec<Count> = (0..self.size).map(|r| if r == self.rank { 0 } else { len }).collect();
-        let send_displs = vec![0 as Count; self.size];
-        self.count(std::mem::size_of_val(x), self.size - 1);
-        self.with(|c| {
-            let send = Partition::new(x, &send_counts[..], &send_displs[..]);
-            let mut recv = PartitionMut::new(out, &recv_counts[..], &recv_displs[..]);
-            c.all_to_all_varcount_into(&send, &mut recv);
-        })
+    /// One nonblocking receive per piece posted, then one nonblocking send per piece, each
+    /// straight from and into the caller's slices (on one machine OpenMPI copies a large piece
+    /// once, from the sender's memory into the receiver's); then waits for all. A piece that
+    /// arrives shorter than its slice is an error naming the rank; a longer one makes MPI end
+    /// the job (a truncation error).
+    fn exchange_f32(&self, send: &[Vec<&[f32]>], recv: &mut [Vec<&mut [f32]>]) -> Result<()> {
+        let me = self.rank;
+        super::check_exchange(me, self.size, send, recv)?;
+        self.count(send.iter().flatten().map(|s| std::mem::size_of_val(*s)).sum(), 1);
+        let wants: Vec<(usize, usize)> =
+            recv.iter().enumerate().flat_map(|(r, ps)| ps.iter().map(move |p| (r, p.len()))).collect();
+        let counts = self.with(|c| {
+            mpi::request::scope(|scope| {
+                let mut got = Vec::with_capacity(wants.len());
+                for (r, pieces) in recv.iter_mut().enumerate() {
+                    let from = c.process_at_rank(r as i32);
+                    for p in pieces.iter_mut() {
+                        got.push(from.immediate_receive_into_with_tag(scope, &mut **p, EXCHANGE_TAG));
+                    }
+                }
+                let mut sent = Vec::with_capacity(send.iter().map(Vec::len).sum());
+                for (j, pieces) in send.iter().enumerate() {
+                    let to = c.process_at_rank(j as i32);
+                    for p in pieces {
+                        sent.push(to.immediate_send_with_tag(scope, *p, EXCHANGE_TAG));
+                    }
+                }
+                let counts: Vec<Count> = got.into_iter().map(|q| q.wait().count(f32::equivalent_datatype())).collect();
+                sent.into_iter().for_each(|q| {
+                    q.wait();
+                });
+                counts
+            })
+        })?;
+        for ((r, want), got) in wants.into_iter().zip(counts) {
+            if got as usize != want {
+                bail!("rank {me}: rank {r} sent a piece of {got} numbers where {want} were expected");
+            }
+        }
+        Ok(())
     }
     /// One `MPI_Alltoallv` straight from `send` into the result.
     fn all_to_all_f32(&self, send: &[f32], counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {

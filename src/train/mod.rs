@@ -21,6 +21,7 @@ pub mod file_mode;
 pub mod finite;
 pub mod fs_steps;
 pub mod grad_sum;
+pub mod in_place;
 pub mod init_from;
 pub mod memory;
 pub mod metrics;

@@ -9,21 +9,19 @@
 //! AdamW is element-wise. A rank holds the moments of its range only (ZeRO stage 1: 1/N of the
 //! optimizer state); [`gather_moments`] brings them to rank 0 for a checkpoint.
 
-use super::data_parallel::{pack_grads, unpack_grads, with_f32};
 use super::grad_sum::sum_each;
+use super::in_place::{with_f32_mut_all, Reads};
 use super::optim::AdamW;
 use crate::dist::bytes::{from_bytes, to_bytes};
 use crate::dist::Comm;
+use crate::ops::backend::cpu::output_vec;
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use std::ops::Range;
-use std::sync::Mutex;
 
 /// One contiguous range of parameters per rank, of about equal element counts.
 pub struct Shards {
     bounds: Vec<usize>,
-    /// The all-gathers' receive buffer, kept from step to step (no allocation, no zero fill).
-    gathered: Mutex<Vec<f32>>,
 }
 
 impl Shards {
@@ -40,7 +38,7 @@ impl Shards {
         while bounds.len() <= ranks {
             bounds.push(named.len());
         }
-        Self { bounds, gathered: Mutex::new(Vec::new()) }
+        Self { bounds }
     }
 
     /// The parameters of rank `r`.
@@ -52,6 +50,10 @@ impl Shards {
 /// This rank's share of the step's gradient: every rank's partial sums (`partial`, one per
 /// parameter) of this rank's range, summed in rank order; None outside the range. And the global
 /// norm of the whole summed gradient, with the bits of one process.
+///
+/// Two exchanges: which gradients each rank has of each other rank's range (a flag a parameter),
+/// then the gradients themselves, sent from their storage (no packing) into one buffer whose
+/// views are summed.
 pub fn reduce_scatter(
     comm: &dyn Comm,
     partial: Vec<Option<Tensor>>,
@@ -59,29 +61,65 @@ pub fn reduce_scatter(
     shards: &Shards,
 ) -> Result<(Vec<Option<Tensor>>, f64)> {
     let (n, me) = (comm.size(), comm.rank());
-    // One buffer, a block per other rank j in rank order: j's range of the gradients, packed.
-    let mut send = Vec::new();
-    let mut counts = vec![0; n];
-    for (j, count) in counts.iter_mut().enumerate().filter(|(j, _)| *j != me) {
-        let (r, start) = (shards.range(j), send.len());
-        pack_grads(&partial[r.clone()], &named[r], &mut send)?;
-        *count = send.len() - start;
-    }
-    let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
-    drop(send);
     let mine = shards.range(me);
     let k = mine.len();
-    let mut own = Some(partial);
-    let mut by_rank = Vec::with_capacity(n);
-    for (s, got) in unpack_grads(got, &got_counts, &named[mine.clone()], me)?.into_iter().enumerate() {
-        by_rank.push(match got {
-            Some(g) => g,
-            None => {
-                let p = own.take().with_context(|| format!("rank {s}: own partial taken twice"))?;
-                p.into_iter().skip(mine.start).take(k).collect()
-            }
-        });
+    let others = || (0..n).filter(move |&j| j != me);
+    // Flags: rank j gets one per parameter of its range, 1.0 where this rank has a gradient.
+    let mut flags = Vec::new();
+    let mut counts = vec![0; n];
+    for j in others() {
+        flags.extend(partial[shards.range(j)].iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+        counts[j] = shards.range(j).len();
     }
+    let (got_flags, flag_counts) = comm.all_to_all_f32(&flags, &counts)?;
+    if let Some(s) = others().find(|&s| flag_counts[s] != k) {
+        bail!("rank {s} sent {} gradient flags for the {k} parameters of rank {me}", flag_counts[s]);
+    }
+    // Send: this rank's gradients of each other rank's range, in parameter order.
+    let mut sending: Vec<(usize, &str, Tensor)> = Vec::new();
+    for j in others() {
+        for i in shards.range(j) {
+            if let Some(g) = &partial[i] {
+                sending.push((j, named[i].0.as_str(), g.contiguous()?));
+            }
+        }
+    }
+    let reads = Reads::new(sending.iter().map(|(_, name, t)| (*name, t)))?;
+    let mut send: Vec<Vec<&[f32]>> = vec![Vec::new(); n];
+    for ((j, _, _), v) in sending.iter().zip(reads.slices()?) {
+        send[*j].push(v);
+    }
+    // Receive: from each other rank s, the gradients it flagged, back to back in one buffer.
+    let mut flagged: Vec<(usize, usize)> = Vec::new(); // (rank, parameter)
+    let mut at = 0;
+    for s in others() {
+        let block = &got_flags[at..at + k];
+        at += k;
+        flagged.extend(block.iter().zip(mine.clone()).filter(|(f, _)| **f != 0.0).map(|(_, i)| (s, i)));
+    }
+    let mut buf = output_vec(flagged.iter().map(|&(_, i)| named[i].1.elem_count()).sum(), f32::NAN);
+    {
+        let mut recv: Vec<Vec<&mut [f32]>> = (0..n).map(|_| Vec::new()).collect();
+        let mut rest = &mut buf[..];
+        for &(s, i) in &flagged {
+            let (piece, tail) = rest.split_at_mut(named[i].1.elem_count());
+            recv[s].push(piece);
+            rest = tail;
+        }
+        comm.exchange_f32(&send, &mut recv)?;
+    }
+    drop(reads);
+    // Each rank's partial of this range: views of the buffer, and this rank's own.
+    let buf =
+        Tensor::from_vec(buf, flagged.iter().map(|&(_, i)| named[i].1.elem_count()).sum::<usize>(), &Device::Cpu)?;
+    let mut by_rank: Vec<Vec<Option<Tensor>>> = (0..n).map(|_| vec![None; k]).collect();
+    let mut off = 0;
+    for &(s, i) in &flagged {
+        let v = &named[i].1;
+        by_rank[s][i - mine.start] = Some(buf.narrow(0, off, v.elem_count())?.reshape(v.shape())?);
+        off += v.elem_count();
+    }
+    by_rank[me] = partial.into_iter().skip(mine.start).take(k).collect();
     let mut grads = vec![None; named.len()];
     let mut sq = Vec::with_capacity(k);
     for (t, s) in sum_each(by_rank, k, true)?.into_iter().enumerate() {
@@ -99,70 +137,49 @@ pub fn reduce_scatter(
     Ok((grads, total.sqrt()))
 }
 
-/// Writes a slice into a CPU f32 tensor's storage in place.
-struct CopyIn<'a>(&'a [f32]);
-
-impl InplaceOp1 for CopyIn<'_> {
-    fn name(&self) -> &'static str {
-        "copy-in"
+/// This rank's tensors `own` (its range) to every rank in `to`, and from each rank s of `from`
+/// its range into the tensors given with it: straight from and into their storage (f32,
+/// contiguous, on the CPU).
+fn move_ranges(
+    comm: &dyn Comm,
+    own: &[(String, Tensor)],
+    to: &[usize],
+    from: &[(usize, &[(String, Tensor)])],
+) -> Result<()> {
+    let n = comm.size();
+    let reads = Reads::new(own.iter().map(|(name, t)| (name.as_str(), t)))?;
+    let own = reads.slices()?;
+    let mut send: Vec<Vec<&[f32]>> = vec![Vec::new(); n];
+    for &j in to {
+        send[j] = own.clone();
     }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(v) = s else { candle_core::bail!("copy-in: not f32") };
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("copy-in: not contiguous".into()))?;
-        if b - a != self.0.len() {
-            candle_core::bail!("copy-in: {} values for {} elements", self.0.len(), b - a);
+    let targets: Vec<&Tensor> = from.iter().flat_map(|(_, ts)| ts.iter().map(|(_, t)| t)).collect();
+    with_f32_mut_all(&targets, &mut |slices| {
+        let mut recv: Vec<Vec<&mut [f32]>> = (0..n).map(|_| Vec::new()).collect();
+        let mut it = slices.iter_mut();
+        for (s, ts) in from {
+            for (name, _) in ts.iter() {
+                recv[*s].push(it.next().with_context(|| format!("no slice for {name}"))?);
+            }
         }
-        v[a..b].copy_from_slice(self.0);
-        Ok(())
-    }
+        comm.exchange_f32(&send, &mut recv)
+    })
 }
 
-/// Every rank's range of `tensors` (f32, contiguous, on the CPU) to every rank, in place.
-fn all_gather_ranges(comm: &dyn Comm, tensors: &[(String, Tensor)], shards: &Shards) -> Result<()> {
-    let me = comm.rank();
-    let size = |r: usize| tensors[shards.range(r)].iter().map(|(_, t)| t.elem_count()).sum::<usize>();
-    let counts: Vec<usize> = (0..comm.size()).map(size).collect();
-    let mut send = Vec::with_capacity(counts[me]);
-    pack(&tensors[shards.range(me)], &mut send)?;
-    let mut all = shards.gathered.lock().map_err(|_| anyhow::anyhow!("the gather buffer's lock is poisoned"))?;
-    all.resize(counts.iter().sum(), 0.0);
-    comm.all_gather_f32_into(&send, &counts, &mut all)?;
-    let mut at = 0;
-    for (s, &count) in counts.iter().enumerate() {
-        if s != me {
-            copy_in(&tensors[shards.range(s)], &all[at..at + count])?;
-        }
-        at += count;
-    }
-    Ok(())
+/// The tensors of `named` in `range`, as (name, tensor).
+fn tensors_in(named: &[(String, Var)], range: Range<usize>) -> Vec<(String, Tensor)> {
+    named[range].iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
 }
 
-/// Appends the elements of `tensors` (f32, contiguous, on the CPU) to `out`, back to back.
-fn pack(tensors: &[(String, Tensor)], out: &mut Vec<f32>) -> Result<()> {
-    out.reserve(tensors.iter().map(|(_, t)| t.elem_count()).sum());
-    for (name, t) in tensors {
-        with_f32(t, name, |v| out.extend_from_slice(v))?;
-    }
-    Ok(())
-}
-
-/// Writes `src` into `tensors` in place, the inverse of [`pack`]: `src` holds their elements back
-/// to back.
-fn copy_in(tensors: &[(String, Tensor)], src: &[f32]) -> Result<()> {
-    let mut at = 0;
-    for (_, t) in tensors {
-        let e = t.elem_count();
-        t.inplace_op1(&CopyIn(&src[at..at + e]))?;
-        at += e;
-    }
-    Ok(())
-}
-
-/// After each rank updated its range: every rank's updated parameters to every rank.
+/// After each rank updated its range: every rank's updated parameters to every rank, from and
+/// into the parameters' own storage.
 pub fn all_gather_params(comm: &dyn Comm, named: &[(String, Var)], shards: &Shards) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = named.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    all_gather_ranges(comm, &tensors, shards)
+    let (n, me) = (comm.size(), comm.rank());
+    let others: Vec<usize> = (0..n).filter(|&j| j != me).collect();
+    let theirs: Vec<(usize, Vec<(String, Tensor)>)> =
+        others.iter().map(|&s| (s, tensors_in(named, shards.range(s)))).collect();
+    let from: Vec<(usize, &[(String, Tensor)])> = theirs.iter().map(|(s, ts)| (*s, &ts[..])).collect();
+    move_ranges(comm, &tensors_in(named, shards.range(me)), &others, &from)
 }
 
 /// Every rank's AdamW moments of its range to rank 0, which writes the checkpoint; the other
@@ -170,28 +187,12 @@ pub fn all_gather_params(comm: &dyn Comm, named: &[(String, Var)], shards: &Shar
 /// [`AdamW::release_moments`]).
 pub fn gather_moments(comm: &dyn Comm, opt: &mut AdamW, shards: &Shards) -> Result<()> {
     let (me, n) = (comm.rank(), comm.size());
-    let mine = shards.range(me);
-    let tensors = if me == 0 { opt.moment_tensors()? } else { opt.moment_tensors_in(mine.clone())? };
-    let mut send = Vec::new();
     if me != 0 {
-        pack(&tensors, &mut send)?;
+        return move_ranges(comm, &opt.moment_tensors_in(shards.range(me))?, &[0], &[]);
     }
-    let mut counts = vec![0; n];
-    counts[0] = send.len();
-    let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
-    if me != 0 {
-        return Ok(());
-    }
-    let mut at = 0;
-    for (s, &count) in got_counts.iter().enumerate().skip(1) {
-        let need: usize = tensors[shards.range(s)].iter().map(|(_, t)| t.elem_count()).sum();
-        if count != need {
-            bail!("rank {s} sent {count} numbers of optimizer state, its parameters need {need}");
-        }
-        copy_in(&tensors[shards.range(s)], &got[at..at + count])?;
-        at += count;
-    }
-    Ok(())
+    let all = opt.moment_tensors()?;
+    let from: Vec<(usize, &[(String, Tensor)])> = (1..n).map(|s| (s, &all[shards.range(s)])).collect();
+    move_ranges(comm, &[], &[], &from)
 }
 
 #[cfg(test)]
