@@ -254,7 +254,9 @@ fn causal_attention_matches_twin_on_odd_shapes_on(dev: &Device) -> Result<()> {
         if !runs(dev, dtype) {
             continue;
         }
-        for (b, t, nh, hs) in [(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 4), (3, 13, 2, 6), (1, 33, 4, 8)] {
+        for (b, t, nh, hs) in
+            [(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 4), (3, 13, 2, 6), (1, 33, 4, 8), (2, 150, 2, 8)]
+        {
             let c = nh * hs;
             let qkv = randn(&mut rng, &[b, t, 3 * c], 1.5, dtype, dev)?;
             for rope in [None, Some(Arc::new(RopeTables::new(hs, t + 3, 10000.0)))] {

@@ -10,11 +10,20 @@
 use super::backend::cpu::{contiguous, out_vec, Float};
 use super::backend::simd::widest;
 use super::float::{dot, max_of, sum_of};
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_strided, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Arc;
+
+/// The row (query) and column (key) blocks of the causal products: a query block sees the keys
+/// up to its last row only.
+pub const CAUSAL_BLOCK: usize = 64;
+
+/// The blocks `[r0, r1)` of `0..t`, [`CAUSAL_BLOCK`] long but the last.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(CAUSAL_BLOCK).map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
+}
 
 /// RoPE tables: cos and sin of position t times frequency i, (t_max, hs / 2) row-major, as f32
 /// (the values the composite rotary multiplies by).
@@ -147,9 +156,23 @@ impl CausalAttention {
     fn probs<T: Float>(hd: &Head<T>, t: usize, hs: usize) -> Vec<T> {
         let scale = T::from_f64(1.0 / (hs as f64).sqrt());
         let mut p = out_vec::<T>(t * t);
-        matmul(&mut p, Mat::rows(&hd.q, t, hs), Mat::t(&hd.k, hs, t), false); // q k^T
+        for (r0, r1) in blocks(t) {
+            // q k^T of rows r0..r1 against keys 0..r1; the rest of the rows is zeroed below.
+            matmul_strided(&mut p[r0 * t..], t, Mat::rows(&hd.q[r0 * hs..], r1 - r0, hs), Mat::t(&hd.k, hs, r1), false);
+        }
         causal_softmax_rows(&mut p, t, scale);
         p
+    }
+
+    /// Rows r0..r1 of a row-major (T, T) matrix, columns 0..r1 (the causal part of a row block).
+    fn row_block<T>(m: &[T], t: usize, r0: usize, r1: usize) -> Mat<'_, T> {
+        Mat { data: &m[r0 * t..], rows: r1 - r0, cols: r1, rs: t, cs: 1 }
+    }
+
+    /// Columns c0..c1 of a row-major (T, T) matrix, rows c0..T (the causal part of a column
+    /// block), transposed: (c1 - c0, T - c0).
+    fn col_block_t<T>(m: &[T], t: usize, c0: usize, c1: usize) -> Mat<'_, T> {
+        Mat { data: &m[c0 * t + c0..], rows: c1 - c0, cols: t - c0, rs: 1, cs: t }
     }
 
     /// v of head h as a (T, hs) view of the (T, 3C) rows.
@@ -161,7 +184,10 @@ impl CausalAttention {
     fn fwd_head<T: Float>(&self, rows: &[T], t: usize, c: usize, hs: usize, h: usize) -> Vec<T> {
         let p = Self::probs(&self.load(rows, t, c, hs, h), t, hs);
         let mut y = out_vec::<T>(t * hs);
-        matmul(&mut y, Mat::rows(&p, t, t), Self::v(rows, t, c, hs, h), false);
+        let v = Self::v(rows, t, c, hs, h);
+        for (r0, r1) in blocks(t) {
+            matmul(&mut y[r0 * hs..r1 * hs], Self::row_block(&p, t, r0, r1), Mat { rows: r1, ..v }, false);
+        }
         y
     }
 
@@ -197,16 +223,24 @@ impl CausalAttention {
         let hd = self.load(rows, t, c, hs, h);
         let scale = T::from_f64(1.0 / (hs as f64).sqrt());
         let p = Self::probs(&hd, t, hs);
-        let dyh = Mat { data: &dy[h * hs..], rows: t, cols: hs, rs: c, cs: 1 };
+        // dy of this head from row r on, (T - r, hs).
+        let dyh = |r: usize, rows: usize| Mat { data: &dy[r * c + h * hs..], rows, cols: hs, rs: c, cs: 1 };
         // dP = dY v^T, then dS = P (dP - D_i) * scale with D_i = dy_i . y_i = sum_j P_ij dP_ij.
         let mut ds = out_vec::<T>(t * t);
         let v = Self::v(rows, t, c, hs, h);
-        matmul(&mut ds, dyh, Mat { data: v.data, rows: hs, cols: t, rs: 1, cs: 3 * c }, false);
+        for (r0, r1) in blocks(t) {
+            let vt = Mat { data: v.data, rows: hs, cols: r1, rs: 1, cs: 3 * c };
+            matmul_strided(&mut ds[r0 * t..], t, dyh(r0, r1 - r0), vt, false);
+        }
         softmax_bwd_rows(&mut ds, &p, &dy[h * hs..], &y[h * hs..], t, hs, c, scale);
         let (mut dq, mut dk, mut dv) = (out_vec::<T>(t * hs), out_vec::<T>(t * hs), out_vec::<T>(t * hs));
-        matmul(&mut dq, Mat::rows(&ds, t, t), Mat::rows(&hd.k, t, hs), false); // dS k
-        matmul(&mut dk, Mat::t(&ds, t, t), Mat::rows(&hd.q, t, hs), false); // dS^T q
-        matmul(&mut dv, Mat::t(&p, t, t), dyh, false); // P^T dY
+        for (r0, r1) in blocks(t) {
+            // dS k for query rows r0..r1; dS^T q and P^T dY for key rows r0..r1.
+            matmul(&mut dq[r0 * hs..r1 * hs], Self::row_block(&ds, t, r0, r1), Mat::rows(&hd.k, r1, hs), false);
+            let q = Mat::rows(&hd.q[r0 * hs..], t - r0, hs);
+            matmul(&mut dk[r0 * hs..r1 * hs], Self::col_block_t(&ds, t, r0, r1), q, false);
+            matmul(&mut dv[r0 * hs..r1 * hs], Self::col_block_t(&p, t, r0, r1), dyh(r0, t - r0), false);
+        }
         if let Some(r) = &self.rope {
             rotate(&mut dq, r, t, hs, true);
             rotate(&mut dk, r, t, hs, true);

@@ -34,6 +34,18 @@ pub fn matmul<T: 'static + super::backend::cpu::Float>(dst: &mut [T], a: Mat<T>,
     product(dst, a, b, accumulate, gemm::Parallelism::None)
 }
 
+/// [`matmul`] into rows of `dst` that lie `dst_rs` >= n apart (a block of a wider matrix); the
+/// elements between the rows are left as they are.
+pub fn matmul_strided<T: 'static + super::backend::cpu::Float>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+) {
+    product_strided(dst, dst_rs, a, b, accumulate, gemm::Parallelism::None)
+}
+
 /// [`matmul`] on Candle's thread count.
 pub fn matmul_par<T: 'static + super::backend::cpu::Float>(dst: &mut [T], a: Mat<T>, b: Mat<T>, accumulate: bool) {
     let n = candle_core::utils::get_num_threads();
@@ -48,9 +60,22 @@ fn product<T: 'static + super::backend::cpu::Float>(
     accumulate: bool,
     par: gemm::Parallelism,
 ) {
+    assert!(dst.len() == a.rows * b.cols, "matmul: ({}, {}) into {}", a.rows, b.cols, dst.len());
+    product_strided(dst, b.cols, a, b, accumulate, par)
+}
+
+fn product_strided<T: 'static + super::backend::cpu::Float>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    let dst_fits = m == 0 || n == 0 || (dst_rs >= n && (m - 1) * dst_rs + n <= dst.len());
     assert!(
-        b.rows == k && dst.len() == m * n && a.fits() && b.fits(),
+        b.rows == k && dst_fits && a.fits() && b.fits(),
         "matmul: shapes ({m}, {k}) x ({}, {n}) into {}",
         b.rows,
         dst.len()
@@ -60,7 +85,7 @@ fn product<T: 'static + super::backend::cpu::Float>(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(T::ZERO);
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(T::ZERO));
         }
         return;
     }
@@ -72,7 +97,7 @@ fn product<T: 'static + super::backend::cpu::Float>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -93,6 +118,20 @@ fn product<T: 'static + super::backend::cpu::Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strided_rows_land_in_their_block_and_leave_the_rest() {
+        let (m, k, n, rs) = (3, 4, 2, 5);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.3).cos()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.7).sin()).collect();
+        let mut dst = vec![9.0; (m - 1) * rs + n];
+        matmul_strided(&mut dst, rs, Mat::rows(&a, m, k), Mat::rows(&b, k, n), false);
+        for (at, &got) in dst.iter().enumerate() {
+            let (i, j) = (at / rs, at % rs);
+            let want = if j < n { (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum::<f64>() } else { 9.0 };
+            assert!((got - want).abs() < 1e-12, "({i}, {j}): {got} vs {want}");
+        }
+    }
 
     #[test]
     fn matches_triple_loop_with_transposes_and_accumulate() {
