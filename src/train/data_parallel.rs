@@ -19,11 +19,12 @@
 //! the rank of each group that holds it.
 
 use super::grad_sum::sum_grads;
+use super::in_place::Reads;
 use crate::config::{Config, RouterKind};
 use crate::dist::Comm;
 use crate::moe::layer::MoeStats;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Storage, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use sha2::{Digest, Sha256};
 
 /// The ranks' partial gradient sums (`partial[i]`: parameter i's, None when this rank's
@@ -58,14 +59,18 @@ pub fn all_reduce_grads(
 /// Appends to `out` the block one rank sends of `grads` (one per parameter of `named`): [a
 /// presence flag (1.0 or 0.0) per parameter] ++ [the gradients present, in parameter order], each
 /// copied once, straight from its storage.
-pub(super) fn pack_grads(grads: &[Option<Tensor>], named: &[(String, Var)], out: &mut Vec<f32>) -> Result<()> {
-    out.reserve(grads.len() + grads.iter().flatten().map(Tensor::elem_count).sum::<usize>());
-    out.extend(grads.iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+fn pack_grads(grads: &[Option<Tensor>], named: &[(String, Var)], out: &mut Vec<f32>) -> Result<()> {
+    let mut present = Vec::with_capacity(grads.len());
     for (g, (name, _)) in grads.iter().zip(named) {
         if let Some(g) = g {
-            with_f32(&g.contiguous()?, name, |v| out.extend_from_slice(v))?;
+            present.push((name.as_str(), g.contiguous()?));
         }
     }
+    let reads = Reads::new(present.iter().map(|(name, g)| (*name, g)))?;
+    let slices = reads.slices()?;
+    out.reserve(grads.len() + slices.iter().map(|v| v.len()).sum::<usize>());
+    out.extend(grads.iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+    slices.iter().for_each(|v| out.extend_from_slice(v));
     Ok(())
 }
 
@@ -73,7 +78,7 @@ pub(super) fn pack_grads(grads: &[Option<Tensor>], named: &[(String, Var)], out:
 /// `counts[r]` numbers in rank order), as gradients of `named` that are views of one tensor (no
 /// further copy); None at `me`.
 #[allow(clippy::type_complexity)]
-pub(super) fn unpack_grads(
+fn unpack_grads(
     all: Vec<f32>,
     counts: &[usize],
     named: &[(String, Var)],
@@ -110,17 +115,6 @@ pub(super) fn unpack_grads(
         out.push(Some(grads));
     }
     Ok(out)
-}
-
-/// `f` of the f32 elements of a contiguous CPU tensor, read in place (`what` names it in errors).
-pub(super) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.dtype() != DType::F32 || !t.is_contiguous() {
-        bail!("ranks exchange contiguous f32 tensors; {what} is {:?}", t.dtype());
-    }
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*st else { bail!("{what} is not on the CPU") };
-    let start = l.start_offset();
-    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
 /// [`all_reduce_grads`] for gradients on a GPU: packed there, all-gathered by the communicator

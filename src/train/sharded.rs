@@ -110,8 +110,8 @@ pub fn reduce_scatter(
     }
     drop(reads);
     // Each rank's partial of this range: views of the buffer, and this rank's own.
-    let buf =
-        Tensor::from_vec(buf, flagged.iter().map(|&(_, i)| named[i].1.elem_count()).sum::<usize>(), &Device::Cpu)?;
+    let len = buf.len();
+    let buf = Tensor::from_vec(buf, len, &Device::Cpu)?;
     let mut by_rank: Vec<Vec<Option<Tensor>>> = (0..n).map(|_| vec![None; k]).collect();
     let mut off = 0;
     for &(s, i) in &flagged {
