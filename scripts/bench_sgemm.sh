@@ -3,6 +3,8 @@
 # Candle's matmul use), OpenBLAS (Debian's libopenblas, through cblas_sgemm) and PyTorch's
 # torch.mm (MKL), one thread each (THREADS=N for more), in one run:
 #   bash scripts/bench_sgemm.sh
+# Also the six products of one GELU expert with its hidden activations in rows or transposed, the
+# two layouts of src/ops/expert_mlp/kernels.rs (one thread), which set its TRANSPOSED_ROWS.
 # The Rust harness (scripts/sgemm/main.rs) builds in a throwaway crate under $TMPDIR, so the
 # crate itself never links a BLAS. Installs libopenblas-dev with apt-get when it is missing.
 set -euo pipefail
@@ -49,6 +51,9 @@ if [ -n "$core" ]; then
   echo "## gemm crate and OpenBLAS with OPENBLAS_CORETYPE=$core, $THREADS thread(s)"
   OPENBLAS_CORETYPE="$core" "$DIR/target/release/sgemm" "$THREADS"
 fi
+echo
+echo "## One GELU expert's six products, hidden activations in rows or transposed (ops::expert_mlp), one thread"
+"$DIR/target/release/sgemm" layouts
 echo
 echo "## torch.mm, $THREADS thread(s) ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
 "$PY" "$HERE/scripts/sgemm/torch_mm.py" "$THREADS"

@@ -37,6 +37,21 @@ pub(crate) const EXP_P: [f32; 6] =
     [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
 widest! {
+    /// Adds `b[i]` to every element of row i of `y` (b.len() rows; a bias over a transposed
+    /// activation).
+    pub(crate) fn add_per_row<T: Float>(y: &mut [T], b: &[T]) {
+        if b.is_empty() || y.is_empty() {
+            return;
+        }
+        for (row, &bb) in y.chunks_mut(y.len() / b.len()).zip(b) {
+            for v in row.iter_mut() {
+                *v = *v + bb;
+            }
+        }
+    }
+}
+
+widest! {
     /// acc += x, element by element.
     pub(crate) fn add_into<T: Float>(acc: &mut [T], x: &[T]) {
         for (a, &v) in acc.iter_mut().zip(x) {
@@ -148,4 +163,45 @@ pub(crate) fn col_sum<T: Float>(x: &[T], c: usize) -> Vec<T> {
         }
     }
     out
+}
+
+/// The sums of the `rows` rows of `x`, each added as [`col_sum`] adds a column of the transpose
+/// (blocks of rows, then the blocks in order): the same bits for the transposed layout.
+pub(crate) fn row_sums<T: Float>(x: &[T], rows: usize) -> Vec<T> {
+    let n = x.len() / rows.max(1);
+    if n == 0 {
+        return vec![T::ZERO; rows];
+    }
+    x.chunks(n)
+        .map(|row| {
+            row.chunks(COL_SUM_BLOCK).fold(T::ZERO, |out, block| out + block.iter().fold(T::ZERO, |p, &v| p + v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_sums_of_the_transpose_have_the_bits_of_col_sum() {
+        for (rows, c) in [(1, 3), (64, 5), (150, 7), (300, 2)] {
+            let x: Vec<f32> = (0..rows * c).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let xt: Vec<f32> = (0..c * rows).map(|k| x[(k % rows) * c + k / rows]).collect(); // (c, rows)
+            let want = col_sum(&x, c);
+            assert_eq!(row_sums(&xt, c), want, "{rows} rows of {c}");
+            let f64_sums: Vec<f64> = (0..c).map(|j| (0..rows).map(|i| x[i * c + j] as f64).sum::<f64>()).collect();
+            for (g, w) in want.iter().zip(&f64_sums) {
+                assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        }
+        assert_eq!(row_sums::<f32>(&[], 3), vec![0.0; 3]);
+    }
+
+    #[test]
+    fn add_per_row_adds_one_number_to_each_row() {
+        let mut y = vec![1.0f32; 6];
+        add_per_row(&mut y, &[0.5, -2.0]);
+        assert_eq!(y, [1.5, 1.5, 1.5, -1.0, -1.0, -1.0]);
+    }
 }

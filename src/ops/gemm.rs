@@ -24,6 +24,11 @@ impl<'a, T> Mat<'a, T> {
         Mat { data, rows, cols, rs: 1, cs: rows }
     }
 
+    /// The transpose of this view, without a copy.
+    pub fn transposed(self) -> Self {
+        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
     fn fits(&self) -> bool {
         self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
