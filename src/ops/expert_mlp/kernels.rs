@@ -57,10 +57,9 @@ fn matmul_for<T: Normal>(experts: usize) -> MatMul<T> {
 
 /// The experts whose hidden activations lie transposed, by their row count. Each product then
 /// packs the expert's few rows for gemm's microkernel instead of its H x C weights, which so few
-/// rows would re-read too rarely to repay the packing. One thread, 2-core Xeon, the six products
-/// of a GELU expert: 1.13x faster at 128 rows of 384 -> 1536 -> 384, 1.1x at 32-64 rows of
-/// 128 -> 168 -> 128, even at 16-24 rows and 256 rows, slower at 3 rows (0.8x: the microkernel's
-/// 16 lanes then run along the rows) and at 2048 (0.97x).
+/// rows would re-read too rarely to repay the packing. `scripts/bench_sgemm.sh` times both layouts
+/// (docs/performance.md): transposed was faster from 16 to 256 rows, slower at 3 rows (the
+/// microkernel's 16 lanes then run along the rows) and at 2048 rows.
 const TRANSPOSED_ROWS: std::ops::RangeInclusive<usize> = 16..=256;
 
 /// How one expert's hidden activations (U, G, the activation A and their gradients: n rows of H
@@ -79,11 +78,7 @@ impl Hidden {
 
     /// A hidden buffer as the (n, H) matrix.
     fn m<'a, T>(&self, d: &'a [T]) -> Mat<'a, T> {
-        if self.transposed {
-            Mat::t(d, self.n, self.h)
-        } else {
-            Mat::rows(d, self.n, self.h)
-        }
+        self.mt(d).transposed()
     }
 
     /// A hidden buffer as the (H, n) matrix.
