@@ -423,7 +423,7 @@ fn expert_mlp_gradient_matches_finite_differences() -> Result<()> {
     let (w1s, b1s, w2s, b2s) = (draw(&[h, c])?, draw(&[h])?, draw(&[c, h])?, draw(&[c])?);
     let (wgs, bgs) = (draw(&[h, c])?, draw(&[h])?);
     let w = randn(&mut rng, &[5, c], 1.0, DType::F64, &CPU)?;
-    for (gated, train) in [(false, false), (true, false), (true, true)] {
+    for (gated, train) in [(false, false), (false, true), (true, false), (true, true)] {
         let what = format!("expert_mlp gated={gated} training form={train}");
         // Expert 2's W1 and Wg may be replaced (the finite differences perturb them).
         let loss = |x: &Tensor, w1_2: Option<&Tensor>, wg_2: Option<&Tensor>| -> Result<Tensor> {

@@ -52,6 +52,15 @@ widest! {
 }
 
 widest! {
+    /// acc *= x, element by element.
+    pub(crate) fn mul_into<T: Float>(acc: &mut [T], x: &[T]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a = *a * v;
+        }
+    }
+}
+
+widest! {
     /// acc += x, element by element.
     pub(crate) fn add_into<T: Float>(acc: &mut [T], x: &[T]) {
         for (a, &v) in acc.iter_mut().zip(x) {

@@ -123,13 +123,15 @@ widest! {
 }
 
 widest! {
-    /// From the pre-activation z: a = gelu(z), and d = d gelu'(z) in place (one pass for an
-    /// MLP's backward, which needs both).
-    pub(crate) fn gelu_act_and_grad<T: Normal>(d: &mut [T], a: &mut [T], z: &[T]) {
-        for ((d, a), &z) in d.iter_mut().zip(a.iter_mut()).zip(z) {
+    /// In place over the pre-activation z: a = gelu(z), and d = gelu'(z) = Phi(z) + z phi(z), for
+    /// an MLP whose backward then needs no activation of its own (the bits of [`gelu_chunk`] and of
+    /// [`GeluBwd`]'s factor).
+    pub(crate) fn gelu_act_and_deriv<T: Normal>(a: &mut [T], d: &mut [T]) {
+        for (a, d) in a.iter_mut().zip(d.iter_mut()) {
+            let z = *a;
             let (cdf, pdf) = z.cdf_pdf();
             *a = z * cdf;
-            *d = *d * (cdf + z * pdf);
+            *d = cdf + z * pdf;
         }
     }
 }

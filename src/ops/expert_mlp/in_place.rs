@@ -2,9 +2,9 @@
 //! packed copy), and its backward writes each active expert's gradients into tensors of their own,
 //! handed out of band through [`ExpertGrads`] instead of through Candle's `GradStore` (which
 //! would zero-fill a buffer as large as all experts and add into it). Its work grows with the rows
-//! and the experts they reach, not with the number of experts. The forward keeps the
-//! pre-activations (N, H) for the backward, which the graph form recomputes. Same kernels and bits
-//! as the graph form [`expert_mlp`](super::expert_mlp).
+//! and the experts they reach, not with the number of experts. The forward keeps what the
+//! backward needs (N, 2H: GELU's activation and derivative, or SwiGLU's U and G), which the graph
+//! form recomputes. Same kernels and bits as the graph form [`expert_mlp`](super::expert_mlp).
 
 use super::kernels::{self, Grads, Weights};
 use super::{active, check_experts, per_expert, ExpertParams};
@@ -40,7 +40,7 @@ pub struct ExpertMlpInPlace {
     offsets: Arc<Vec<u32>>,
     params: Arc<Vec<[Option<Tensor>; 6]>>,
     out: ExpertGrads,
-    /// The forward's pre-activations, taken by the backward.
+    /// What the forward kept for the backward (N, 2H), taken by the backward.
     saved: Arc<Mutex<Option<CpuStorage>>>,
 }
 
@@ -105,9 +105,9 @@ impl ExpertMlpInPlace {
     /// dx of the rows, and every active expert's gradients into the [`ExpertGrads`] slot.
     fn bwd_cpu<T: Normal + WithDType>(&self, x: &[T], dy: &[T]) -> Result<Vec<T>> {
         let mut dx = out_vec::<T>(x.len());
-        let saved = self.saved.lock().expect("saved pre-activations").take();
+        let saved = self.saved.lock().expect("saved activations").take();
         let pre = match &saved {
-            Some(s) if s.dtype() == T::DTYPE => Some(T::slice(s, "pre-activations", "expert-mlp-in-place-bwd")?),
+            Some(s) if s.dtype() == T::DTYPE => Some(T::slice(s, "saved activations", "expert-mlp-in-place-bwd")?),
             _ => None,
         };
         let bufs = with_weights(&self.params, |ws: &[Weights<T>]| {
@@ -144,7 +144,7 @@ impl CustomOp1 for ExpertMlpInPlace {
                 let (y, pre) = with_weights(&self.params, |ws: &[Weights<$t>]| {
                     kernels::forward_all(&$x[a..z], ws, &self.offsets, self.c, self.h, true)
                 })?;
-                *self.saved.lock().expect("saved pre-activations") = pre.map(<$t>::storage);
+                *self.saved.lock().expect("saved activations") = pre.map(<$t>::storage);
                 <$t>::storage(y)
             }};
         }

@@ -2,13 +2,14 @@
 //! forward and backward, and every expert of a call in parallel (deterministic: each expert
 //! writes only its own rows and its own gradients). GELU experts: y = gelu(x W1^T + b1) W2^T + b2;
 //! SwiGLU experts (a gate Wg): y = (silu(x Wg^T + bg) (x W1^T + b1)) W2^T + b2. The forward can
-//! keep the pre-activations (U = x W1^T + b1, and G = x Wg^T + bg) for the backward, which
-//! otherwise recomputes them. An expert with tens of rows keeps its hidden activations transposed
-//! ([`Hidden`]).
+//! keep what the backward needs, which otherwise recomputes it: for GELU the activation
+//! A = gelu(U) and its derivative gelu'(U), U = x W1^T + b1 (so the backward computes no GELU);
+//! for SwiGLU the pre-activations U and G = x Wg^T + bg. An expert with tens of rows keeps its
+//! hidden activations transposed ([`Hidden`]).
 
 use super::super::backend::cpu::out_vec;
-use super::super::float::{add_per_row, add_rows, col_sum, row_sums};
-use super::super::gelu::{gelu_act_and_grad, gelu_chunk, Normal};
+use super::super::float::{add_per_row, add_rows, col_sum, mul_into, row_sums};
+use super::super::gelu::{gelu_act_and_deriv, Normal};
 use super::super::gemm::{matmul, matmul_par, Mat};
 use super::super::swiglu::{swiglu_act_and_grad, swiglu_chunk};
 use rayon::prelude::*;
@@ -112,13 +113,10 @@ impl Hidden {
     }
 }
 
-/// Pre-activations per row of one expert: H (GELU) or 2H (SwiGLU: U then G).
-fn pre_width(h: usize, gated: bool) -> usize {
-    if gated {
-        2 * h
-    } else {
-        h
-    }
+/// What the forward keeps per row of one expert, 2H: A then gelu'(U) for GELU, U then G for
+/// SwiGLU.
+fn kept_width(h: usize) -> usize {
+    2 * h
 }
 
 /// Pre-activations of one expert's n rows into `pre`, laid out as `hid` says: U (n, H) =
@@ -132,46 +130,59 @@ fn hidden_into<T: Normal>(mm: MatMul<T>, pre: &mut [T], x: &[T], w: &Weights<T>,
     }
 }
 
-/// y (n, C) = act W2^T + b2 of one expert's rows x (n, C), act = gelu(U) or silu(G) U, with the
-/// pre-activations written to `pre` (n x [`pre_width`]).
-fn forward<T: Normal>(mm: MatMul<T>, x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], pre: &mut [T]) {
+/// What the backward needs of one expert's n rows, into `kept` (n x [`kept_width`], laid out as
+/// `hid` says): for GELU A = gelu(U) then gelu'(U), for SwiGLU U then G.
+fn kept_into<T: Normal>(mm: MatMul<T>, kept: &mut [T], x: &[T], w: &Weights<T>, hid: Hidden, c: usize) {
+    hidden_into(mm, kept, x, w, hid, c);
+    if !w.gated() {
+        let (u, d) = kept.split_at_mut(hid.n * hid.h);
+        gelu_act_and_deriv(u, d);
+    }
+}
+
+/// y (n, C) = act W2^T + b2 of one expert's rows x (n, C), act = gelu(U) or silu(G) U, with what
+/// the backward needs written to `kept` (n x [`kept_width`], [`kept_into`]).
+fn forward<T: Normal>(mm: MatMul<T>, x: &[T], w: &Weights<T>, c: usize, h: usize, y: &mut [T], kept: &mut [T]) {
     let n = x.len() / c;
     if n == 0 {
         return;
     }
     let hid = Hidden::new(n, h);
-    hidden_into(mm, pre, x, w, hid, c);
-    let mut act = out_vec::<T>(n * h);
-    let (u, g) = pre.split_at(n * h);
-    if w.gated() {
-        swiglu_chunk(&mut act, g, u);
+    kept_into(mm, kept, x, w, hid, c);
+    let (k1, k2) = kept.split_at(n * h);
+    let swiglu_act;
+    let act = if w.gated() {
+        let mut a = out_vec::<T>(n * h);
+        swiglu_chunk(&mut a, k2, k1);
+        swiglu_act = a;
+        &swiglu_act[..]
     } else {
-        gelu_chunk(&mut act, u);
-    }
+        k1
+    };
     if hid.transposed {
         // y^T (C, n) = W2 A^T, then y its transpose: a copy of n x C instead of packing W2.
         let mut yt = out_vec::<T>(c * n);
-        mm(&mut yt, Mat::rows(w.w2, c, h), hid.mt(&act), false);
+        mm(&mut yt, Mat::rows(w.w2, c, h), hid.mt(act), false);
         for (i, row) in y.chunks_mut(c).enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = yt[j * n + i];
             }
         }
     } else {
-        mm(y, hid.m(&act), Mat::t(w.w2, h, c), false);
+        mm(y, hid.m(act), Mat::t(w.w2, h, c), false);
     }
     add_rows(y, w.b2);
 }
 
-/// One expert's backward from its rows x (n, C), dy (n, C) and, when the forward kept them, its
-/// pre-activations (n, H): writes dx (n, C) and every gradient of `g` (the biases' only when they
-/// are not empty).
+/// One expert's backward from its rows x (n, C), dy (n, C) and, when the forward kept it, what
+/// [`kept_into`] gives: writes dx (n, C) and every gradient of `g` (the biases' only when they are
+/// not empty).
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Normal>(
     mm: MatMul<T>,
     x: &[T],
     dy: &[T],
-    pre: Option<&[T]>,
+    kept: Option<&[T]>,
     w: &Weights<T>,
     c: usize,
     h: usize,
@@ -188,30 +199,34 @@ fn backward<T: Normal>(
     let gated = w.gated();
     let hid = Hidden::new(n, h);
     let recomputed;
-    let pre = match pre {
-        Some(p) => p,
+    let kept = match kept {
+        Some(k) => k,
         None => {
             recomputed = {
-                let mut p = out_vec::<T>(n * pre_width(h, gated));
-                hidden_into(mm, &mut p, x, w, hid, c);
-                p
+                let mut k = out_vec::<T>(n * kept_width(h));
+                kept_into(mm, &mut k, x, w, hid, c);
+                k
             };
             &recomputed
         }
     };
-    let (u, gp) = pre.split_at(n * h);
-    let mut act = out_vec::<T>(n * h);
+    let (k1, k2) = kept.split_at(n * h);
     let mut du = out_vec::<T>(n * h);
     let mut dg = out_vec::<T>(if gated { n * h } else { 0 });
     // dA = dY W2, then through the activation: dU = dA gelu'(U), or dU = dA silu(G) and
     // dG = dA U silu'(G).
     hid.product(mm, &mut du, Mat::rows(dy, n, c), Mat::t(w.w2, h, c), &[]);
-    if gated {
-        swiglu_act_and_grad(&mut du, &mut dg, &mut act, gp, u);
+    let swiglu_act;
+    let act = if gated {
+        let mut a = out_vec::<T>(n * h);
+        swiglu_act_and_grad(&mut du, &mut dg, &mut a, k2, k1);
+        swiglu_act = a;
+        &swiglu_act[..]
     } else {
-        gelu_act_and_grad(&mut du, &mut act, u);
-    }
-    mm(g.w2, Mat::t(dy, c, n), hid.m(&act), false); // dW2 = dY^T A
+        mul_into(&mut du, k2);
+        k1
+    };
+    mm(g.w2, Mat::t(dy, c, n), hid.m(act), false); // dW2 = dY^T A
     mm(g.w1, hid.mt(&du), Mat::rows(x, n, c), false); // dW1 = dU^T X
     if !g.b1.is_empty() {
         g.b1.copy_from_slice(&hid.sums(&du));
@@ -230,8 +245,8 @@ fn backward<T: Normal>(
 }
 
 /// The rows [offsets[e], offsets[e + 1]) of x (N, C) through expert e, for every expert, in
-/// parallel -> (y (N, C), with `keep` the pre-activations: each expert's block of
-/// n_e x [`pre_width`], in expert order).
+/// parallel -> (y (N, C), with `keep` what the backward needs: each expert's block of
+/// n_e x [`kept_width`] ([`kept_into`]), in expert order).
 pub(super) fn forward_all<T: Normal>(
     x: &[T],
     ws: &[Weights<T>],
@@ -241,31 +256,31 @@ pub(super) fn forward_all<T: Normal>(
     keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
     let rows = x.len() / c;
-    let hp = pre_width(h, ws.first().is_some_and(|w| w.gated()));
-    let (mut y, mut pre) = (out_vec::<T>(rows * c), out_vec::<T>(rows * hp));
+    let hp = kept_width(h);
+    let (mut y, mut kept) = (out_vec::<T>(rows * c), out_vec::<T>(rows * hp));
     let mut pieces = Vec::with_capacity(ws.len());
-    let (mut y_rest, mut pre_rest) = (&mut y[..], &mut pre[..]);
+    let (mut y_rest, mut kept_rest) = (&mut y[..], &mut kept[..]);
     for e in 0..ws.len() {
         let n = (offsets[e + 1] - offsets[e]) as usize;
         let (ye, r) = std::mem::take(&mut y_rest).split_at_mut(n * c);
-        let (pe, rp) = std::mem::take(&mut pre_rest).split_at_mut(n * hp);
-        (y_rest, pre_rest) = (r, rp);
+        let (pe, rp) = std::mem::take(&mut kept_rest).split_at_mut(n * hp);
+        (y_rest, kept_rest) = (r, rp);
         pieces.push((e, ye, pe));
     }
     let mm = matmul_for(ws.len());
     pieces.into_par_iter().for_each(|(e, ye, pe)| {
         forward(mm, &x[offsets[e] as usize * c..offsets[e + 1] as usize * c], &ws[e], c, h, ye, pe);
     });
-    (y, keep.then_some(pre))
+    (y, keep.then_some(kept))
 }
 
 /// The backward of [`forward_all`]: writes dx (N, C), and expert e's gradients into `gs[e]`;
-/// `pre`: the forward's pre-activations, or None to recompute them.
+/// `kept`: what the forward kept, or None to recompute it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_all<T: Normal>(
     x: &[T],
     dy: &[T],
-    pre: Option<&[T]>,
+    kept: Option<&[T]>,
     ws: &[Weights<T>],
     offsets: &[u32],
     c: usize,
@@ -274,7 +289,7 @@ pub(super) fn backward_all<T: Normal>(
     gs: Vec<Grads<T>>,
 ) {
     assert_eq!(gs.len(), ws.len(), "expert_mlp: {} gradient sets for {} experts", gs.len(), ws.len());
-    let hp = pre_width(h, ws.first().is_some_and(|w| w.gated()));
+    let hp = kept_width(h);
     let mut pieces = Vec::with_capacity(ws.len());
     let mut dx_rest = dx;
     for (e, g) in gs.into_iter().enumerate() {
@@ -286,7 +301,7 @@ pub(super) fn backward_all<T: Normal>(
     let mm = matmul_for(ws.len());
     pieces.into_par_iter().for_each(|(e, dxe, g)| {
         let (a, b) = (offsets[e] as usize, offsets[e + 1] as usize);
-        let pre = pre.map(|p| &p[a * hp..b * hp]);
-        backward(mm, &x[a * c..b * c], &dy[a * c..b * c], pre, &ws[e], c, h, dxe, g);
+        let kept = kept.map(|p| &p[a * hp..b * hp]);
+        backward(mm, &x[a * c..b * c], &dy[a * c..b * c], kept, &ws[e], c, h, dxe, g);
     });
 }
