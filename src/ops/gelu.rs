@@ -103,35 +103,38 @@ pub struct Gelu;
 #[derive(Clone, Copy, Debug)]
 pub struct GeluBwd;
 
+/// (gelu(x), gelu'(x)) = (x Phi(x), Phi(x) + x phi(x)): written once, so that the op, its backward
+/// and the MLP kernels' kept derivative have the same bits.
+#[inline(always)]
+fn act_and_deriv<T: Normal>(x: T) -> (T, T) {
+    let (cdf, pdf) = x.cdf_pdf();
+    (x * cdf, cdf + x * pdf)
+}
+
 widest! {
     /// y = x Phi(x), element by element.
-    pub(crate) fn gelu_chunk<T: Normal>(y: &mut [T], x: &[T]) {
+    fn gelu_chunk<T: Normal>(y: &mut [T], x: &[T]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * x.cdf_pdf().0;
+            *y = act_and_deriv(x).0;
         }
     }
 }
 
 widest! {
     /// dx = dy (Phi(x) + x phi(x)), element by element.
-    pub(crate) fn gelu_bwd_chunk<T: Normal>(dx: &mut [T], x: &[T], dy: &[T]) {
+    fn gelu_bwd_chunk<T: Normal>(dx: &mut [T], x: &[T], dy: &[T]) {
         for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-            let (cdf, pdf) = x.cdf_pdf();
-            *d = g * (cdf + x * pdf);
+            *d = g * act_and_deriv(x).1;
         }
     }
 }
 
 widest! {
-    /// In place over the pre-activation z: a = gelu(z), and d = gelu'(z) = Phi(z) + z phi(z), for
-    /// an MLP whose backward then needs no activation of its own (the bits of [`gelu_chunk`] and of
-    /// [`GeluBwd`]'s factor).
+    /// In place over the pre-activation z: a = gelu(z), and d = gelu'(z), for an MLP whose
+    /// backward then needs no activation of its own.
     pub(crate) fn gelu_act_and_deriv<T: Normal>(a: &mut [T], d: &mut [T]) {
         for (a, d) in a.iter_mut().zip(d.iter_mut()) {
-            let z = *a;
-            let (cdf, pdf) = z.cdf_pdf();
-            *a = z * cdf;
-            *d = cdf + z * pdf;
+            (*a, *d) = act_and_deriv(*a);
         }
     }
 }

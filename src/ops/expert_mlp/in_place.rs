@@ -106,7 +106,7 @@ impl ExpertMlpInPlace {
     fn bwd_cpu<T: Normal + WithDType>(&self, x: &[T], dy: &[T]) -> Result<Vec<T>> {
         let mut dx = out_vec::<T>(x.len());
         let saved = self.saved.lock().expect("saved activations").take();
-        let pre = match &saved {
+        let kept = match &saved {
             Some(s) if s.dtype() == T::DTYPE => Some(T::slice(s, "saved activations", "expert-mlp-in-place-bwd")?),
             _ => None,
         };
@@ -116,7 +116,7 @@ impl ExpertMlpInPlace {
                 .map(|w| [w.w1.len(), w.b1.len(), w.w2.len(), w.b2.len(), w.wg.len(), w.bg.len()].map(out_vec::<T>))
                 .collect();
             let gs = bufs.iter_mut().map(|[w1, b1, w2, b2, wg, bg]| Grads { w1, b1, w2, b2, wg, bg }).collect();
-            kernels::backward_all(x, dy, pre, ws, &self.offsets, self.c, self.h, &mut dx, gs);
+            kernels::backward_all(x, dy, kept, ws, &self.offsets, self.c, self.h, &mut dx, gs);
             bufs
         })?;
         let mut grads = Vec::with_capacity(4 * bufs.len());
@@ -141,10 +141,10 @@ impl CustomOp1 for ExpertMlpInPlace {
         let (a, z) = self.check(l, "expert-mlp-in-place")?;
         macro_rules! run {
             ($t:ty, $x:expr) => {{
-                let (y, pre) = with_weights(&self.params, |ws: &[Weights<$t>]| {
+                let (y, kept) = with_weights(&self.params, |ws: &[Weights<$t>]| {
                     kernels::forward_all(&$x[a..z], ws, &self.offsets, self.c, self.h, true)
                 })?;
-                *self.saved.lock().expect("saved activations") = pre.map(<$t>::storage);
+                *self.saved.lock().expect("saved activations") = kept.map(<$t>::storage);
                 <$t>::storage(y)
             }};
         }
